@@ -1,0 +1,117 @@
+"""Blob download: httpx streaming into the store's partial folder.
+
+The seam is :class:`Fetcher` (one method). :class:`HttpFetcher` hashes while it streams, stops
+as soon as more bytes arrive than the signed size, resumes an interrupted download with
+``Range``, retries with jittered backoff, and enforces a total-time limit against slow
+retrieval. It translates httpx and OS errors into :class:`~agent.errors.FetchFailed`; the store
+then checks size and hash once more before the blob becomes visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from agent.errors import BlobRejected, FetchFailed
+
+__all__ = ["Fetcher", "HttpFetcher"]
+
+
+class Fetcher(Protocol):
+    def fetch(self, url: str, dest: Path, *, size: int) -> None:
+        """Write the ``size`` bytes at ``url`` to ``dest`` (possibly resuming what is there)."""
+
+
+class HttpFetcher:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 15.0,
+        total_timeout: float = 300.0,
+        min_bytes_per_second: float = 1024.0,
+        attempts: int = 4,
+        backoff: float = 0.5,
+        verify: bool | str = True,
+        headers: dict[str, str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            verify=verify,
+            headers=headers,
+            follow_redirects=True,
+        )
+        self.total_timeout = total_timeout
+        self.min_rate = min_bytes_per_second
+        self.attempts = attempts
+        self.backoff = backoff
+        self._rng = rng or random.Random()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def fetch(self, url: str, dest: Path, *, size: int) -> None:
+        # Time allowed grows with the size, so a slow-drip server cannot hold us forever.
+        deadline = time.monotonic() + max(self.total_timeout, size / self.min_rate)
+        last: Exception | None = None
+        for attempt in range(self.attempts):
+            try:
+                self._fetch_once(url, dest, size=size, deadline=deadline)
+                return
+            except BlobRejected:
+                dest.unlink(missing_ok=True)
+                raise
+            except FetchFailed as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.backoff * (2**attempt) * (0.5 + self._rng.random()))
+        raise FetchFailed(f"download of {url} failed after {self.attempts} attempts: {last}")
+
+    def _fetch_once(self, url: str, dest: Path, *, size: int, deadline: float) -> None:
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > size:
+            dest.unlink()
+            have = 0
+        if have == size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with self._client.stream("GET", url, headers=headers) as resp:
+                if resp.status_code == 206 and have:
+                    mode = "ab"
+                elif resp.status_code == 200:
+                    mode, have = "wb", 0
+                else:
+                    raise FetchFailed(f"GET {url} answered HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length")
+                if declared is not None and declared.isdigit() and have + int(declared) > size:
+                    raise BlobRejected(
+                        f"{url} announces {have + int(declared)} bytes, the signed size is {size}",
+                        reason="size_mismatch",
+                    )
+                with dest.open(mode) as f:
+                    for chunk in resp.iter_bytes(64 * 1024):
+                        have += len(chunk)
+                        if have > size:
+                            raise BlobRejected(
+                                f"{url} sent more than the signed {size} bytes; download stopped",
+                                reason="size_mismatch",
+                            )
+                        f.write(chunk)
+                        if time.monotonic() > deadline:
+                            raise FetchFailed(f"{url} is too slow: time limit reached at {have} bytes")
+        except httpx.HTTPError as exc:
+            raise FetchFailed(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                dest.unlink()
+            raise FetchFailed(f"writing {dest}: {exc}") from exc
+        if have < size:
+            raise FetchFailed(f"{url} ended after {have} of {size} bytes")

@@ -1,0 +1,183 @@
+"""Open Inference Protocol v2 (KServe V2 REST) over HTTP/1.1 keep-alive, stdlib only.
+
+Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
+``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (also under
+``/versions/{version}/``). Responses name the model version that produced them and carry its
+sha256 prefix and the request id in ``parameters``. Bound to 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.serving import InferenceError, ModelServer, UnknownModel
+
+__all__ = ["OipServer"]
+
+TO_NUMPY = {
+    "FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
+    "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_, "BYTES": np.object_,
+}  # fmt: skip
+FROM_NUMPY = {
+    "float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+    "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
+}  # fmt: skip
+ORT_TO_OIP = {
+    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32", "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}  # fmt: skip
+MAX_BODY = 16 * 1024 * 1024
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _decode_inputs(body: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        req = json.loads(body)
+    except ValueError as exc:
+        raise _BadRequest(400, f"request body is not JSON: {exc}") from exc
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise _BadRequest(400, "expected a JSON object with an 'inputs' list (OIP v2 infer)")
+    feeds: dict[str, Any] = {}
+    for i, t in enumerate(req["inputs"]):
+        if not isinstance(t, dict) or not {"name", "shape", "datatype", "data"} <= set(t):
+            raise _BadRequest(400, f"inputs[{i}] needs name, shape, datatype and data")
+        dtype = TO_NUMPY.get(t["datatype"])
+        if dtype is None:
+            raise _BadRequest(400, f"inputs[{i}].datatype {t['datatype']!r} is not one of {sorted(TO_NUMPY)}")
+        try:
+            arr = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
+        except (TypeError, ValueError) as exc:
+            raise _BadRequest(400, f"inputs[{i}] ({t['name']}): data does not fit shape {t['shape']}: {exc}") from exc
+        feeds[str(t["name"])] = arr
+    rid = req.get("id")
+    return feeds, rid if isinstance(rid, str) and rid else None
+
+
+def _tensor_meta(specs: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": s.name, "datatype": ORT_TO_OIP.get(s.type, s.type), "shape": [d if isinstance(d, int) else -1 for d in s.shape]}
+        for s in specs
+    ]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def _send(self, status: int, obj: Any) -> None:
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _parts(self) -> list[str]:
+        return [p for p in self.path.split("?", 1)[0].split("/") if p]
+
+    def do_GET(self) -> None:
+        models = self.server.models
+        parts = self._parts()
+        try:
+            if parts == ["v2"]:
+                return self._send(200, {"name": "edgefleet-agent", "version": __version__, "extensions": []})
+            if parts == ["v2", "health", "live"]:
+                return self._send(200, {"live": True})
+            if parts == ["v2", "health", "ready"]:
+                ready = bool(models.models())
+                return self._send(200 if ready else 503, {"ready": ready})
+            if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
+                m = models.get(parts[2])
+                if len(parts) == 4 and parts[3] == "ready":
+                    return self._send(200, {"name": m.name, "ready": True})
+                if len(parts) == 3:
+                    return self._send(200, {
+                        "name": m.name,
+                        "versions": [m.version],
+                        "platform": "onnxruntime_onnx",
+                        "inputs": _tensor_meta(m.session.get_inputs()),
+                        "outputs": _tensor_meta(m.session.get_outputs()),
+                        "parameters": {"sha256": m.entry.sha256},
+                    })
+            return self._send(404, {"error": f"no such endpoint: GET {self.path}"})
+        except UnknownModel as exc:
+            return self._send(404, {"error": str(exc)})
+
+    def do_POST(self) -> None:
+        parts = self._parts()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.close_connection = True
+            return self._send(413, {"error": f"request body of {length} bytes exceeds {MAX_BODY}"})
+        body = self.rfile.read(length)
+        version = None
+        if len(parts) == 6 and parts[3] == "versions":
+            version, parts = parts[4], parts[:3] + parts[5:]
+        if not (len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "infer"):
+            return self._send(404, {"error": f"no such endpoint: POST {self.path}"})
+        try:
+            feeds, rid = _decode_inputs(body)
+            if version is not None and self.server.models.get(parts[2]).version != version:
+                raise UnknownModel(f"model {parts[2]} does not serve version {version!r} here")
+            res = self.server.models.infer(parts[2], feeds, request_id=rid)
+        except _BadRequest as exc:
+            return self._send(exc.status, {"error": str(exc)})
+        except UnknownModel as exc:
+            return self._send(404, {"error": str(exc)})
+        except InferenceError as exc:
+            return self._send(400, {"error": str(exc)})
+        outputs = []
+        for oname, arr in res.outputs.items():
+            a = np.asarray(arr)
+            dt = FROM_NUMPY.get(a.dtype.name, "BYTES")
+            data = a.reshape(-1).tolist() if dt != "BYTES" else [str(x) for x in a.reshape(-1)]
+            outputs.append({"name": oname, "datatype": dt, "shape": list(a.shape), "data": data})
+        return self._send(200, {
+            "model_name": res.model,
+            "model_version": res.version,
+            "id": res.request_id,
+            "parameters": {"sha256": res.sha256[:12], "request_id": res.request_id},
+            "outputs": outputs,
+        })
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    models: ModelServer
+
+
+class OipServer:
+    """The local inference endpoint. ``start`` binds (port 0 picks a free one)."""
+
+    def __init__(self, models: ModelServer, host: str = "127.0.0.1", port: int = 8500) -> None:
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.models = models
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="oip-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,195 @@
+"""Serving: one ONNX Runtime session per active model, and the in-process inference API.
+
+:class:`ModelServer` maps model names to :class:`LoadedModel`. Swapping a version replaces one
+dict entry; a request holds the object it started with, so in-flight requests finish on the old
+session and no request is dropped. Every answer names the version (and sha256) that produced it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from agent.config import DeviceProfile
+from agent.errors import EdgefleetError, ModelRejected, Refused
+from agent.guard import check_model_bytes
+from agent.telemetry import Recorder
+from agent.wire import ModelEntry
+
+__all__ = ["InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class UnknownModel(Refused):
+    reason = "unknown_model"
+
+
+class InferenceError(Refused):
+    """The request's inputs do not fit the model, or the model failed on them."""
+
+    reason = "inference_error"
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model: str
+    version: str
+    sha256: str
+    request_id: str
+    outputs: dict[str, npt.NDArray[Any]]
+
+
+def session_options(profile: DeviceProfile) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = profile.intra_op_threads
+    opts.inter_op_num_threads = profile.inter_op_threads
+    opts.graph_optimization_level = _LEVELS[profile.graph_optimization_level]
+    opts.log_severity_level = 3
+    return opts
+
+
+def providers_for(profile: DeviceProfile) -> tuple[list[Any], list[str]]:
+    """Providers the profile asks for that this build has, and the ones it lacks."""
+    available = set(ort.get_available_providers())
+    use: list[Any] = []
+    missing: list[str] = []
+    for name in profile.execution_providers:
+        if name in available:
+            opts = dict(profile.provider_options.get(name, {}))
+            use.append((name, opts) if opts else name)
+        else:
+            missing.append(name)
+    if not use:
+        use.append("CPUExecutionProvider")
+    return use, missing
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    entry: ModelEntry
+    session: ort.InferenceSession
+    recorder: Recorder
+    input_names: tuple[str, ...]
+    input_types: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    @property
+    def version(self) -> str:
+        return self.entry.version
+
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(string)": np.str_,
+    "tensor(bool)": np.bool_,
+}
+
+
+def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> LoadedModel:
+    """Check the blob's structure and open an ONNX Runtime session on it."""
+    data = path.read_bytes()
+    check_model_bytes(data)
+    providers, _missing = providers_for(profile)
+    try:
+        sess = ort.InferenceSession(data, sess_options=session_options(profile), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelRejected(
+            f"ONNX Runtime could not load {name} {entry.version}: {exc}", reason="model_load"
+        ) from exc
+    inputs = sess.get_inputs()
+    return LoadedModel(
+        name=name,
+        entry=entry,
+        session=sess,
+        recorder=Recorder(entry.version, max_rows=profile.max_sampled_rows),
+        input_names=tuple(i.name for i in inputs),
+        input_types=tuple(i.type for i in inputs),
+        output_names=tuple(o.name for o in sess.get_outputs()),
+    )
+
+
+class ModelServer:
+    """The in-process inference API that the HTTP endpoint and local applications share."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def install(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` serve its name; return the model it replaced."""
+        with self._lock:
+            old = self._models.get(model.name)
+            self._models = {**self._models, model.name: model}
+        return old
+
+    def remove(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            models = dict(self._models)
+            old = models.pop(name, None)
+            self._models = models
+        return old
+
+    def get(self, name: str) -> LoadedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise UnknownModel(
+                f"no model named {name!r} is serving here; serving: {sorted(self._models) or 'none'}"
+            )
+        return model
+
+    def models(self) -> dict[str, LoadedModel]:
+        return self._models
+
+    def infer(
+        self, name: str, inputs: Mapping[str, Any], *, request_id: str | None = None
+    ) -> InferResult:
+        """Run ``name`` on ``inputs`` (input name -> array-like); record telemetry."""
+        model = self.get(name)
+        feeds: dict[str, npt.NDArray[Any]] = {}
+        try:
+            for iname, itype in zip(model.input_names, model.input_types, strict=True):
+                if iname not in inputs:
+                    raise InferenceError(
+                        f"model {name} {model.version} expects inputs {list(model.input_names)}, "
+                        f"missing {iname!r}"
+                    )
+                feeds[iname] = np.asarray(inputs[iname], dtype=_ORT_TO_NUMPY.get(itype))
+        except (TypeError, ValueError) as exc:
+            raise InferenceError(f"inputs do not convert to the model's types: {exc}") from exc
+        first = feeds[model.input_names[0]] if feeds else None
+        t0 = time.perf_counter()
+        try:
+            values = model.session.run(None, feeds)
+        except Exception as exc:
+            model.recorder.record(time.perf_counter() - t0, error=True)
+            if isinstance(exc, EdgefleetError):
+                raise
+            raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
+        outputs = dict(zip(model.output_names, values, strict=True))
+        model.recorder.record(time.perf_counter() - t0, first, values[0] if values else None)
+        return InferResult(
+            model=name,
+            version=model.version,
+            sha256=model.entry.sha256,
+            request_id=request_id or uuid.uuid4().hex,
+            outputs=outputs,
+        )

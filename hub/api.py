@@ -1,0 +1,177 @@
+"""The hub's HTTP server: blob downloads (no secret needed: blobs are hashed and signed) and the
+authenticated admin API the CLI talks to.
+
+    GET  /healthz                     liveness (no auth)
+    GET  /blobs/{sha256}              a published blob; honours ``Range: bytes=N-`` (resume)
+    GET  /api/v1/status               devices, what they run, status, last telemetry
+    GET  /api/v1/events?device=&limit=
+    GET  /api/v1/models
+    POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
+    POST /api/v1/devices              register {device, profile}
+    POST /api/v1/deploy               {model, version, devices: [...]}
+
+Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
+``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from agent.errors import EdgefleetError
+from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
+
+if TYPE_CHECKING:
+    from hub.daemon import Hub
+
+__all__ = ["HubHttpServer"]
+
+MAX_BODY = 1024 * 1024 * 1024
+RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def _json(self, status: int, obj: Any) -> None:
+        body = json.dumps(obj, indent=1).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, exc: EdgefleetError) -> None:
+        status = exc.status if isinstance(exc, HubRefused) else (400 if isinstance(exc, EdgefleetError) else 500)
+        self._json(status, {"error": str(exc), "reason": exc.reason})
+
+    def _auth(self) -> None:
+        got = self.headers.get("Authorization", "")
+        want = f"Bearer {self.server.token}"
+        if not hmac.compare_digest(got.encode(), want.encode()):
+            raise NotAuthorized("missing or wrong admin token (Authorization: Bearer <DIR/admin.token>)")
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise BadRequest(f"request body of {length} bytes exceeds {MAX_BODY}")
+        try:
+            obj = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError as exc:
+            raise BadRequest(f"request body is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise BadRequest("request body must be a JSON object")
+        return obj
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        hub = self.server.hub
+        try:
+            if url.path == "/healthz":
+                return self._json(200, {"ok": True, "fleet": hub.config.fleet})
+            if url.path.startswith("/blobs/"):
+                return self._blob(url.path[len("/blobs/"):])
+            self._auth()
+            q = parse_qs(url.query)
+            if url.path == "/api/v1/status":
+                return self._json(200, hub.status())
+            if url.path == "/api/v1/events":
+                limit = int(q.get("limit", ["100"])[0])
+                return self._json(200, {"events": hub.events(q.get("device", [None])[0], limit)})
+            if url.path == "/api/v1/models":
+                return self._json(200, {"models": hub.models()})
+            raise NotFound(f"no such endpoint: GET {url.path}")
+        except EdgefleetError as exc:
+            self._error(exc)
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        hub = self.server.hub
+        try:
+            self._auth()
+            body = self._body()
+            actor = str(body.pop("actor", "") or "admin")
+            if url.path == "/api/v1/models":
+                return self._json(201, hub.publish(body, actor))
+            if url.path == "/api/v1/devices":
+                return self._json(201, hub.add_device(body, actor))
+            if url.path == "/api/v1/deploy":
+                return self._json(200, hub.deploy(body, actor))
+            raise NotFound(f"no such endpoint: POST {url.path}")
+        except EdgefleetError as exc:
+            self._error(exc)
+
+    def _blob(self, sha256: str) -> None:
+        path = self.server.hub.blob_path(sha256)
+        if path is None:
+            raise NotFound(f"no blob {sha256[:64]!r}")
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        status = 200
+        if rng:
+            m = RANGE_RE.match(rng.strip())
+            if m and int(m.group(1)) < size:
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+                status = 206
+            else:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        with path.open("rb") as f:
+            f.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    hub: Hub
+    token: str
+
+
+class HubHttpServer:
+    def __init__(self, hub: Hub, host: str, port: int) -> None:
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.hub = hub
+        self._httpd.token = hub.home.token()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,311 @@
+"""``edgefleet-hub``: keys, publish, deploy, status, devices, serve, demo.
+
+Every command but ``init``, ``serve`` and ``demo`` talks to the running hub over its admin API
+(address and token from the hub home), never to the database behind the daemon's back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.errors import EdgefleetError
+from agent.wire import check_name
+from hub.client import HubClient
+from hub.errors import BadRequest
+from hub.home import HubHome
+
+__all__ = ["main"]
+
+DEFAULT_HOME = os.environ.get("EDGEFLEET_HUB_HOME", str(Path.home() / ".edgefleet" / "hub"))
+
+
+def profiles_dir(explicit: str | None = None) -> Path:
+    """Where device profiles are looked up: --profiles-dir, $EDGEFLEET_PROFILES, the source tree."""
+    for cand in (explicit, os.environ.get("EDGEFLEET_PROFILES")):
+        if cand:
+            return Path(cand)
+    for cand_path in (Path(__file__).resolve().parent.parent / "device-profiles",
+                      Path("/usr/share/edgefleet/device-profiles")):
+        if cand_path.is_dir():
+            return cand_path
+    return Path("device-profiles")
+
+
+def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else text)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "")
+    print(f"hub home ready in {home.path} (fleet {args.fleet})")
+    print(f"  root key:  {home.keys / 'root.pem'}  (keep it safe: it is the fleet's trust anchor)")
+    print(f"  token:     {home.token_path}")
+    print(f"next: edgefleet-hub serve --home {home.path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hub.daemon import Hub
+
+    hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    hub.start()
+    stop.wait()
+    hub.stop()
+    return 0
+
+
+def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, convert and describe a model on the publisher's machine; the hub validates again."""
+    from hub.modelfile import compute_reference, load_model_file, load_reference_data, run_first_output
+
+    data = None
+    digest = None
+    if args.reference:
+        _progress(f"reading reference data {args.reference}")
+        data, digest = load_reference_data(Path(args.reference))
+    _progress(f"loading model {args.model}")
+    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None)
+    reference = None
+    if data is not None:
+        outputs = None
+        try:
+            outputs = run_first_output(onnx_bytes, data)
+        except Exception as exc:  # reference output distribution is optional
+            _progress(f"warning: could not run the model on the reference data: {exc}")
+        reference = compute_reference(data, bins=args.bins, outputs=outputs).to_dict()
+    import base64
+
+    return {
+        "name": args.name,
+        "version": args.version,
+        "model_b64": base64.b64encode(onnx_bytes).decode(),
+        "reference": reference,
+        "lineage": {
+            "source": args.source or "",
+            "converted_from": source_kind,
+            "training_data_sha256": digest,
+            "training_rows": int(data.shape[0]) if data is not None else None,
+            "author": args.author or getpass.getuser(),
+        },
+        "actor": args.author or getpass.getuser(),
+    }
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    check_name(args.name, "model name")
+    req = build_publish_request(args)
+    _progress(f"uploading {args.name} {args.version} to the hub")
+    res = HubClient.for_home(home, args.hub).publish(req)
+    note = " (already published: same bytes, nothing changed)" if res.get("already_published") else ""
+    _out(args, res, f"published {res['name']} {res['version']} sha256 {res['sha256'][:16]}… "
+                    f"{res['size']} bytes{note}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    res = HubClient.for_home(home, args.hub).deploy(args.model, args.version, args.device)
+    lines = [f"deployed {args.model} {args.version}:"]
+    lines += [f"  {d}: seq {v['seq']} (was {v['previous'] or 'none'})" for d, v in res["devices"].items()]
+    _out(args, res, "\n".join(lines))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    st = HubClient.for_home(home, args.hub).status()
+    lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
+    lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} LAST WINDOW")
+    for d in st["devices"]:
+        runs = ", ".join(f"{k} {v}" for k, v in d["models"].items()) or "-"
+        want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
+        reqs = sum(t["requests"] for t in d["telemetry_totals"])
+        last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
+        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last}")
+    _out(args, st, "\n".join(lines))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    evs = HubClient.for_home(home, args.hub).events(args.device, args.limit)
+    lines = [f"{e['time']} {e['device']:16} {e['type']:14} {e['reason'] or '-':18} {e['message']}" for e in evs]
+    _out(args, {"events": evs}, "\n".join(lines) or "no events")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    ms = HubClient.for_home(home, args.hub).models()
+    lines = [f"{m['name']:20} {m['version']:12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}" for m in ms]
+    _out(args, {"models": ms}, "\n".join(lines) or "no models")
+    return 0
+
+
+def write_agent_bundle(
+    out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(profile_path, out / "profile.toml")
+    (out / "root.pub").write_text(info["root_public_key"] + "\n")
+    lines = [
+        "# edgefleet agent configuration, written by `edgefleet-hub device add`",
+        f'fleet = "{info["fleet"]}"',
+        f'device = "{info["device"]}"',
+        f'broker_url = "{info["broker_url"]}"',
+        f'blob_url = "{info["blob_url"]}"',
+        "# the fleet root public key (Ed25519, base64): the device's trust anchor",
+        f'root_public_key = "{info["root_public_key"]}"',
+        f"state_dir = {json.dumps(state_dir)}",
+        f'listen = "{listen}"',
+        'profile = "profile.toml"',
+    ]
+    for section, values in (overrides or {}).items():
+        lines.append(f"\n[overrides.{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = out / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    check_name(args.id, "device id")
+    profile_path = profiles_dir(args.profiles_dir) / f"{args.profile}.toml"
+    if not profile_path.is_file():
+        raise BadRequest(f"no device profile {args.profile!r} at {profile_path}; "
+                         f"available: {sorted(p.stem for p in profile_path.parent.glob('*.toml'))}")
+    from agent.config import load_profile
+
+    load_profile(profile_path)  # refuse a broken profile before registering anything
+    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile)
+    overrides = {"telemetry": {"window_seconds": args.window}} if args.window else None
+    path = write_agent_bundle(Path(args.out), info, profile_path=profile_path, listen=args.listen,
+                              state_dir=args.state_dir or "state", overrides=overrides)
+    _out(args, {**info, "config": str(path)},
+         f"device {args.id} registered; agent config in {path}\n"
+         f"run it with: edgefleet-agent run --config {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hub.demo import run_demo
+
+    return run_demo(seconds=args.seconds, broker_url=args.broker, home=args.home)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefleet-hub", description="edgefleet hub: publish, deploy, watch")
+    p.add_argument("--version", action="version", version=f"edgefleet-hub {__version__}")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, func: Any, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        sp.add_argument("--home", default=DEFAULT_HOME, help=f"hub home folder (default {DEFAULT_HOME})")
+        return sp
+
+    def client(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--hub", help="admin API URL (default: the hub serving from --home)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = cmd("init", cmd_init, "create a hub home: keys, database, config, admin token")
+    sp.add_argument("--fleet", default="default", help="fleet name (default 'default')")
+    sp.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    sp.add_argument("--http", default="127.0.0.1:8400", help="HTTP listen address HOST:PORT")
+    sp.add_argument("--public-url", help="URL agents use to reach this hub (default http://<--http>)")
+
+    sp = cmd("serve", cmd_serve, "run the hub daemon (HTTP blob server + admin API, MQTT link)")
+    sp.add_argument("--broker", help="MQTT broker URL (overrides hub.toml)")
+    sp.add_argument("--http", help="HTTP listen address HOST:PORT (overrides hub.toml; port 0 = any)")
+
+    sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx or sklearn pickle/joblib)")
+    client(sp)
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--version", required=True, dest="version")
+    sp.add_argument("model", help="model file: .onnx, or a scikit-learn estimator .pkl/.joblib")
+    sp.add_argument("--reference", help="training inputs (.npy or .csv) for the reference distribution")
+    sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
+    sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
+    sp.add_argument("--author", help="who publishes (default: the current user)")
+
+    sp = cmd("deploy", cmd_deploy, "set the version devices should run (signs a new desired state)")
+    client(sp)
+    sp.add_argument("model")
+    sp.add_argument("version")
+    sp.add_argument("--device", action="append", required=True, help="device id (repeatable)")
+
+    client(cmd("status", cmd_status, "devices, what they run, online/offline, last telemetry"))
+    sp = cmd("events", cmd_events, "recent device events (updates, refusals, errors)")
+    client(sp)
+    sp.add_argument("--device")
+    sp.add_argument("--limit", type=int, default=50)
+    client(cmd("models", cmd_models, "published model versions"))
+
+    dev = sub.add_parser("device", help="device enrolment").add_subparsers(dest="device_command", required=True)
+    sp = cmd("add", cmd_device_add, "register a device and write its agent.toml", dev)
+    client(sp)
+    sp.add_argument("id", help="device id: 1-64 of A-Z a-z 0-9 _ . -")
+    sp.add_argument("--out", required=True, help="folder for agent.toml, profile.toml, root.pub")
+    sp.add_argument("--profile", default="generic-x86_64", help="device profile name")
+    sp.add_argument("--profiles-dir", help="where device profiles live")
+    sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
+    sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")
+    sp.add_argument("--window", type=float, help="override the profile's telemetry window (seconds)")
+
+    sp = cmd("demo", cmd_demo, "run hub, embedded broker and two agents on this machine")
+    sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")
+    sp.add_argument("--broker", help="use this broker instead of the embedded one")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Daemons log to stdout (journald); client commands keep stdout for their results.
+    stream = sys.stdout if args.command in ("serve", "demo") else sys.stderr
+    logging.basicConfig(level=args.log_level.upper(), stream=stream,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except EdgefleetError as exc:
+        print(f"edgefleet-hub: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Admin API client used by the CLI (and usable from a laptop against a remote hub)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from hub.errors import BY_STATUS, HubNotRunning, HubRefused
+from hub.home import HubHome
+
+__all__ = ["HubClient"]
+
+
+class HubClient:
+    def __init__(self, url: str, token: str, *, timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    @classmethod
+    def for_home(cls, home: HubHome, url: str | None = None) -> HubClient:
+        return cls(url or home.api_url(), home.token())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise HubNotRunning(
+                f"no hub answers at {self.url} ({type(exc).__name__}); start it with "
+                "`edgefleet-hub serve --home DIR`"
+            ) from exc
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": resp.text[:300]}
+        if resp.status_code >= 400:
+            cls = BY_STATUS.get(resp.status_code, HubRefused)
+            raise cls(f"hub answered {resp.status_code}: {body.get('error', body)}")
+        return body
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/status")
+        return result
+
+    def events(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/events", params=params)["events"]
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/models")["models"]
+        return result
+
+    def publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
+        return result
+
+    def add_device(self, device: str, profile: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/devices", json={"device": device, "profile": profile})
+        return result
+
+    def deploy(self, model: str, version: str, devices: list[str]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/deploy", json={"model": model, "version": version, "devices": devices}
+        )
+        return result

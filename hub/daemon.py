@@ -1,0 +1,425 @@
+"""The hub daemon: owns the database, signs and publishes, ingests what devices report.
+
+Threads: ``hub-http`` (admin API and blob server), paho's network thread (enqueues only),
+``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
+(re-signs desired states before they expire). Every write goes through :mod:`hub.db`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import EdgefleetError, MalformedMessage
+from agent.mqttlink import MqttLink
+from agent.store import atomic_write
+from agent.wire import (
+    Event,
+    ModelEntry,
+    Reference,
+    Reported,
+    Status,
+    TelemetryWindow,
+    Topics,
+    check_name,
+    format_time,
+    parse_json_object,
+)
+from hub.core import build_desired, build_keyring, model_entry
+from hub.db import Database
+from hub.errors import BadRequest, Conflict, NotFound
+from hub.home import HubHome, keyring_path
+from hub.modelfile import validate_onnx
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("edgefleet.hub")
+Clock = Callable[[], float]
+INGEST_BATCH = 1000
+
+
+class Hub:
+    def __init__(
+        self,
+        home: HubHome,
+        *,
+        broker_url: str | None = None,
+        http_listen: str | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.home = home
+        self.config = home.config()
+        self.broker_url = broker_url or self.config.broker_url
+        self.http_listen = http_listen or self.config.http_listen
+        self.clock = clock
+        self.topics = Topics(self.config.fleet)
+        self.db = Database(home.db_path)
+        self.signing_key = home.signing_key()
+        self._keyring = self._load_keyring()
+        self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.counters = {"ingested": 0, "duplicates": 0, "malformed": 0, "unknown_device": 0}
+        self.link: MqttLink | None = None
+        self.http: Any = None
+        self.public_url = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _load_keyring(self) -> bytes:
+        path = keyring_path(self.home)
+        if path.exists():
+            return path.read_bytes()
+        raw = build_keyring(self.config.fleet, 1, [self.signing_key], self.home.root_key(), self.clock())
+        atomic_write(path, raw, mode=0o644)
+        return raw
+
+    def start(self) -> None:
+        from hub.api import HubHttpServer
+
+        host, _, port = self.http_listen.rpartition(":")
+        self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
+        bound_host, bound_port = self.http.address
+        self.public_url = self.config.public_url or f"http://{bound_host}:{bound_port}"
+        self.link = MqttLink(
+            url=self.broker_url,
+            client_id=f"edgefleet-hub-{self.config.fleet}",
+            subscriptions=[(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+        )
+        self.link.start()
+        self.http.start()
+        for name, target in (("hub-ingest", self._ingest_loop), ("hub-main", self._main_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.home.write_run({"http": f"http://{bound_host}:{bound_port}", "broker": self.broker_url,
+                             "public_url": self.public_url})
+        log.info("hub for fleet %s: http://%s:%d, broker %s", self.config.fleet, bound_host, bound_port, self.broker_url)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("", "", b""))
+        for t in self._threads:
+            t.join(10)
+        if self.http is not None:
+            self.http.stop()
+        if self.link is not None:
+            self.link.stop()
+        self.home.clear_run()
+        self.db.close()
+
+    # -- MQTT ------------------------------------------------------------------------------------
+
+    def _on_connect(self) -> None:
+        """Publish retained keyring and every current desired state: a broker that lost its
+        retained messages (restart without persistence) gets them back."""
+        assert self.link is not None
+        self.link.publish(self.topics.keyring, self._keyring, qos=1, retain=True)
+        for row in self.db.query("SELECT device, envelope FROM desired"):
+            self.link.publish(self.topics.desired(row["device"]), row["envelope"].encode(), qos=1, retain=True)
+
+    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is not None:
+            self._inbox.put((parsed[0], parsed[1], payload))
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.is_set():
+            batch = [self._inbox.get()]
+            while len(batch) < INGEST_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.ingest([b for b in batch if b[0]])
+            except Exception:
+                log.exception("ingest of a batch of %d messages failed", len(batch))
+
+    def ingest(self, batch: list[tuple[str, str, bytes]]) -> None:
+        """Store a batch of device messages in one transaction; bad ones are counted, dropped."""
+        if not batch:
+            return
+        now = self.clock()
+        known = self.db.device_ids()
+        with self.db.tx() as conn:
+            for device, channel, payload in batch:
+                if device not in known:
+                    self.counters["unknown_device"] += 1
+                    continue
+                if not payload:
+                    continue  # a cleared retained message
+                try:
+                    self._ingest_one(conn, now, device, channel, payload)
+                except (EdgefleetError, ValueError) as exc:
+                    self.counters["malformed"] += 1
+                    log.warning("dropped %s message from %s: %s", channel, device, exc)
+
+    def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes) -> None:
+        obj = parse_json_object(payload)
+        if obj.get("device") != device or obj.get("fleet") != self.config.fleet:
+            raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
+        if channel == "telemetry":
+            tw = TelemetryWindow.from_dict(obj)
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?)",
+                (device, tw.seq, tw.window_start, tw.window_end, now, json.dumps(dict(tw.metrics)),
+                 json.dumps(dict(tw.system))),
+            )
+            if cur.rowcount == 0:
+                self.counters["duplicates"] += 1
+                return
+            conn.executemany(
+                "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
+                  json.dumps(dict(w.latency_ms)), json.dumps([dict(x) for x in w.inputs]),
+                  json.dumps(dict(w.outputs)) if w.outputs is not None else None)
+                 for name, w in tw.models.items()],
+            )
+            self.counters["ingested"] += 1
+        elif channel == "reported":
+            rep = Reported.from_dict(obj)
+            conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
+                         (json.dumps(rep.to_dict()), now, device))
+        elif channel == "status":
+            st = Status.from_dict(obj)
+            conn.execute("UPDATE devices SET status=?, status_at=? WHERE id=?", (st.state, now, device))
+        elif channel == "events":
+            ev = Event.from_dict(obj)
+            conn.execute(
+                "INSERT INTO events (device, time, type, reason, message, model, version, seq, received_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
+            )
+
+    def _main_loop(self) -> None:
+        while not self._stop.wait(60):
+            try:
+                self.refresh_expiring()
+            except Exception:
+                log.exception("re-signing desired states failed")
+
+    # -- operations (called by the admin API) ----------------------------------------------------
+
+    def publish(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        name = _name(req.get("name"), "name")
+        version = req.get("version")
+        if not isinstance(version, str) or not version or len(version) > 128:
+            raise BadRequest(f"version must be a non-empty string of at most 128 characters, got {version!r}")
+        try:
+            data = base64.b64decode(str(req.get("model_b64", "")), validate=True)
+        except binascii.Error as exc:
+            raise BadRequest(f"model_b64 is not base64: {exc}") from exc
+        if not data:
+            raise BadRequest("model_b64 is empty: expected the ONNX model bytes")
+        inputs, outputs = validate_onnx(data)
+        reference = req.get("reference")
+        if reference is not None:
+            try:
+                reference = Reference.from_dict(reference).to_dict()
+            except EdgefleetError as exc:
+                raise BadRequest(f"reference: {exc}") from exc
+        sha = hashlib.sha256(data).hexdigest()
+        existing = self.db.get_model(name, version)
+        if existing is not None:
+            if existing["sha256"] == sha:
+                return {**_public_model(existing), "already_published": True}
+            raise Conflict(
+                f"{name} {version} is already published with sha256 {existing['sha256'][:16]}…, "
+                f"these bytes hash to {sha[:16]}…; versions are immutable, publish a new version"
+            )
+        blob = self.home.blobs / sha
+        if not blob.exists():
+            atomic_write(blob, data, mode=0o644)
+        lineage = req.get("lineage") if isinstance(req.get("lineage"), dict) else {}
+        model = {
+            "name": name, "version": version, "sha256": sha, "size": len(data),
+            "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
+            "reference": reference, "lineage": {**lineage, "published_by": actor},
+            "created_at": self.clock(),
+        }
+        with self.db.tx() as conn:
+            self.db.insert_model(conn, model)
+            self.db.audit(conn, model["created_at"], actor, "publish",
+                          {"model": name, "version": version, "sha256": sha, "size": len(data)})
+        log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
+        return {**_public_model(model), "already_published": False}
+
+    def add_device(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        device = _name(req.get("device"), "device id")
+        profile = req.get("profile", "generic-x86_64")
+        if not isinstance(profile, str) or not profile:
+            raise BadRequest(f"profile must be a profile name, got {profile!r}")
+        now = self.clock()
+        with self.db.tx() as conn:
+            if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
+                raise Conflict(f"device {device!r} is already registered")
+            conn.execute("INSERT INTO devices (id, profile, created_at) VALUES (?,?,?)", (device, profile, now))
+            self.db.audit(conn, now, actor, "device_add", {"device": device, "profile": profile})
+        return {
+            "fleet": self.config.fleet,
+            "device": device,
+            "broker_url": self.broker_url,
+            "blob_url": self.public_url,
+            "root_public_key": self.home.root_public_b64(),
+        }
+
+    def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        name = _name(req.get("model"), "model name")
+        version = req.get("version")
+        devices = req.get("devices")
+        if not isinstance(devices, list) or not devices:
+            raise BadRequest("devices must be a non-empty list of device ids")
+        if self.db.get_model(name, str(version)) is None:
+            versions = [m["version"] for m in self.db.list_models() if m["name"] == name]
+            raise NotFound(f"model {name} has no version {version!r}; published: {versions or 'none'}")
+        known = self.db.device_ids()
+        missing = [d for d in devices if d not in known]
+        if missing:
+            raise NotFound(f"unknown device(s) {missing}; add them with `edgefleet-hub device add`")
+        out = {}
+        for device in devices:
+            out[device] = self._assign(device, name, str(version), actor)
+        return {"model": name, "version": version, "devices": out}
+
+    def _assign(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
+        now = self.clock()
+        with self.db.tx() as conn:
+            row = conn.execute("SELECT version FROM assignments WHERE device=? AND model=?", (device, name)).fetchone()
+            previous = row["version"] if row else None
+            if previous != version:
+                conn.execute(
+                    "INSERT INTO assignments VALUES (?,?,?,?) ON CONFLICT(device, model) DO UPDATE "
+                    "SET version=excluded.version, previous=excluded.previous",
+                    (device, name, version, previous),
+                )
+            seq = self._sign_and_store(conn, device, now)
+            self.db.audit(conn, now, actor, "deploy",
+                          {"device": device, "model": name, "version": version, "previous": previous, "seq": seq})
+        self._publish_desired(device)
+        return {"seq": seq, "previous": previous}
+
+    def _sign_and_store(self, conn: Any, device: str, now: float) -> int:
+        rows = conn.execute(
+            "SELECT a.model, a.previous, m.* FROM assignments a JOIN models m "
+            "ON m.name = a.model AND m.version = a.version WHERE a.device=?", (device,)
+        ).fetchall()
+        entries: dict[str, ModelEntry] = {}
+        for r in rows:
+            m = {**dict(r), "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"]),
+                 "reference": json.loads(r["reference"]) if r["reference"] else None}
+            entries[r["model"]] = model_entry(m, self.public_url, r["previous"])
+        cur = conn.execute("SELECT seq FROM desired WHERE device=?", (device,)).fetchone()
+        seq = (cur["seq"] if cur else 0) + 1
+        _state, raw = build_desired(
+            fleet=self.config.fleet, device=device, seq=seq, now=now,
+            ttl=self.config.desired_ttl_seconds, models=entries, signing_key=self.signing_key,
+        )
+        conn.execute(
+            "INSERT INTO desired VALUES (?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET "
+            "seq=excluded.seq, envelope=excluded.envelope, issued_at=excluded.issued_at, "
+            "expires_at=excluded.expires_at",
+            (device, seq, raw.decode(), now, now + self.config.desired_ttl_seconds),
+        )
+        return seq
+
+    def _publish_desired(self, device: str) -> None:
+        rows = self.db.query("SELECT envelope FROM desired WHERE device=?", (device,))
+        if rows and self.link is not None:
+            self.link.publish(self.topics.desired(device), rows[0]["envelope"].encode(), qos=1, retain=True)
+
+    def refresh_expiring(self) -> list[str]:
+        """Re-sign (with a new seq) every desired state past half its lifetime."""
+        now = self.clock()
+        half = self.config.desired_ttl_seconds / 2
+        due = [r["device"] for r in self.db.query("SELECT device FROM desired WHERE expires_at - ? < ?", (now, half))]
+        for device in due:
+            with self.db.tx() as conn:
+                self._sign_and_store(conn, device, now)
+            self._publish_desired(device)
+        return due
+
+    def status(self) -> dict[str, Any]:
+        devices = []
+        for d in self.db.query("SELECT * FROM devices ORDER BY id"):
+            reported = json.loads(d["reported"]) if d["reported"] else None
+            desired = self.db.query("SELECT seq FROM desired WHERE device=?", (d["id"],))
+            last = self.db.query(
+                "SELECT seq, window_start, window_end, received_at, metrics FROM telemetry "
+                "WHERE device=? ORDER BY seq DESC LIMIT 1", (d["id"],))
+            totals = self.db.query(
+                "SELECT model, version, SUM(requests) AS requests, SUM(errors) AS errors, COUNT(*) AS windows "
+                "FROM telemetry_models WHERE device=? GROUP BY model, version ORDER BY model, version", (d["id"],))
+            assigned = self.db.query("SELECT model, version FROM assignments WHERE device=?", (d["id"],))
+            devices.append({
+                "device": d["id"],
+                "profile": d["profile"],
+                "status": d["status"] or "never seen",
+                "status_at": format_time(d["status_at"]) if d["status_at"] else None,
+                "desired": {a["model"]: a["version"] for a in assigned},
+                "desired_seq": desired[0]["seq"] if desired else 0,
+                "reported_seq": reported["seq"] if reported else None,
+                "models": {n: m["version"] for n, m in (reported or {}).get("models", {}).items()},
+                "last_telemetry": {
+                    "seq": last[0]["seq"],
+                    "window_start": format_time(last[0]["window_start"]),
+                    "window_end": format_time(last[0]["window_end"]),
+                    "metrics": json.loads(last[0]["metrics"]),
+                } if last else None,
+                "telemetry_totals": totals,
+            })
+        return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
+                "counters": dict(self.counters)}
+
+    def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events"
+        args: list[Any] = []
+        if device:
+            sql += " WHERE device=?"
+            args.append(device)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        rows = self.db.query(sql, args)
+        for r in rows:
+            r["time"] = format_time(r["time"])
+            r["received_at"] = format_time(r["received_at"])
+        return rows
+
+    def models(self) -> list[dict[str, Any]]:
+        return [_public_model(m) for m in self.db.list_models()]
+
+    def blob_path(self, sha256: str) -> Path | None:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            return None
+        p = self.home.blobs / sha256
+        return p if p.is_file() else None
+
+
+def _name(value: object, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except MalformedMessage as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def _public_model(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": m["name"], "version": m["version"], "sha256": m["sha256"], "size": m["size"],
+        "inputs": m["inputs"], "outputs": m["outputs"],
+        "has_reference": bool(m.get("reference")), "lineage": m["lineage"],
+        "created_at": format_time(m["created_at"]),
+    }
+
+

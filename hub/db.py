@@ -1,0 +1,127 @@
+"""The hub database: the one module that writes it.
+
+SQLite in WAL mode, one connection shared under a lock by the daemon's threads (HTTP handlers and
+the ingest thread). Only the running daemon opens it; the CLI goes through the admin API.
+
+Tables: ``models`` (immutable versions with signature, reference and lineage), ``devices``,
+``assignments`` (what each device should run), ``desired`` (the last signed state per device,
+with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
+``events``, ``audit``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Database"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    inputs TEXT NOT NULL, outputs TEXT NOT NULL, reference TEXT, lineage TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, profile TEXT NOT NULL, created_at REAL NOT NULL,
+    status TEXT, status_at REAL, reported TEXT, reported_at REAL);
+CREATE TABLE IF NOT EXISTS assignments (
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, previous TEXT,
+    PRIMARY KEY (device, model));
+CREATE TABLE IF NOT EXISTS desired (
+    device TEXT PRIMARY KEY, seq INTEGER NOT NULL, envelope TEXT NOT NULL,
+    issued_at REAL NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, window_start REAL NOT NULL,
+    window_end REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL,
+    system TEXT NOT NULL, PRIMARY KEY (device, seq));
+CREATE TABLE IF NOT EXISTS telemetry_models (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, rows INTEGER NOT NULL,
+    latency TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT,
+    PRIMARY KEY (device, seq, model));
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, time REAL NOT NULL,
+    type TEXT NOT NULL, reason TEXT, message TEXT, model TEXT, version TEXT, seq INTEGER,
+    received_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, details TEXT NOT NULL);
+"""
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; commits on success, rolls back on any error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(sql, tuple(args)).fetchall()]
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def get_model(self, name: str, version: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM models WHERE name=? AND version=?", (name, version))
+        return _decode_model(rows[0]) if rows else None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [_decode_model(r) for r in self.query("SELECT * FROM models ORDER BY name, created_at")]
+
+    def insert_model(self, conn: sqlite3.Connection, m: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?)",
+            (m["name"], m["version"], m["sha256"], m["size"], json.dumps(m["inputs"]),
+             json.dumps(m["outputs"]), json.dumps(m["reference"]) if m.get("reference") else None,
+             json.dumps(m["lineage"]), m["created_at"]),
+        )
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def get_device(self, device: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM devices WHERE id=?", (device,))
+        return rows[0] if rows else None
+
+    def device_ids(self) -> set[str]:
+        return {r["id"] for r in self.query("SELECT id FROM devices")}
+
+    def audit(self, conn: sqlite3.Connection, now: float, actor: str, action: str, details: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO audit (time, actor, action, details) VALUES (?,?,?,?)",
+            (now, actor, action, json.dumps(details, sort_keys=True)),
+        )
+
+
+def _decode_model(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **r,
+        "inputs": json.loads(r["inputs"]),
+        "outputs": json.loads(r["outputs"]),
+        "reference": json.loads(r["reference"]) if r["reference"] else None,
+        "lineage": json.loads(r["lineage"]),
+    }
