@@ -6,6 +6,8 @@ authenticated admin API the CLI talks to.
     GET  /api/v1/status               devices, what they run, status, last telemetry
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
+    GET  /api/v1/audit?since=EPOCH    the hash-chained audit log
+    GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     POST /api/v1/devices              register {device, profile}
     POST /api/v1/deploy               {model, version, devices: [...]}
@@ -90,6 +92,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"events": hub.events(q.get("device", [None])[0], limit)})
             if url.path == "/api/v1/models":
                 return self._json(200, {"models": hub.models()})
+            if url.path == "/api/v1/audit":
+                since = q.get("since", [None])[0]
+                return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
+            if url.path == "/api/v1/audit/verify":
+                problems = hub.db.verify_audit()
+                return self._json(200, {"ok": not problems, "problems": problems})
             raise NotFound(f"no such endpoint: GET {url.path}")
         except EdgefleetError as exc:
             self._error(exc)

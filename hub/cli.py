@@ -21,7 +21,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import EdgefleetError
-from agent.wire import check_name
+from agent.wire import check_name, format_time
 from hub.client import HubClient
 from hub.errors import BadRequest
 from hub.home import HubHome
@@ -170,6 +170,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    client = HubClient.for_home(home, args.hub)
+    if args.action == "verify":
+        res = client.audit_verify()
+        _out(args, res, "audit chain intact" if res["ok"] else "audit chain BROKEN:\n  " + "\n  ".join(res["problems"]))
+        return 0 if res["ok"] else 1
+    since = None
+    if args.since:
+        from agent.wire import parse_time
+
+        since = parse_time(args.since, "--since")
+    entries = client.audit(since)
+    if args.action == "export":
+        for e in entries:
+            print(json.dumps(e, sort_keys=True))
+        return 0
+    lines = [f"{format_time(e['time'])} #{e['id']:<5} {e['actor']:12} {e['action']:16} "
+             f"{json.dumps(e['details'], sort_keys=True)}" for e in entries]
+    _out(args, {"entries": entries}, "\n".join(lines) or "audit log is empty")
+    return 0
+
+
 def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
     overrides: dict[str, Any] | None = None,
@@ -275,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device")
     sp.add_argument("--limit", type=int, default=50)
     client(cmd("models", cmd_models, "published model versions"))
+    sp = cmd("audit", cmd_audit, "the hash-chained audit log: show, export (JSON Lines), verify")
+    client(sp)
+    sp.add_argument("action", nargs="?", choices=["show", "export", "verify"], default="show")
+    sp.add_argument("--since", help="RFC 3339 time, e.g. 2026-11-28T00:00:00Z")
 
     dev = sub.add_parser("device", help="device enrolment").add_subparsers(dest="device_command", required=True)
     sp = cmd("add", cmd_device_add, "register a device and write its agent.toml", dev)

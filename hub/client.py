@@ -71,3 +71,12 @@ class HubClient:
             "POST", "/api/v1/deploy", json={"model": model, "version": version, "devices": devices}
         )
         return result
+
+    def audit(self, since: float | None = None) -> list[dict[str, Any]]:
+        params = {"since": since} if since is not None else {}
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/audit", params=params)["entries"]
+        return result
+
+    def audit_verify(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/audit/verify")
+        return result

@@ -11,6 +11,7 @@ with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
     received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
-    action TEXT NOT NULL, details TEXT NOT NULL);
+    action TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
 
 
@@ -110,11 +111,56 @@ class Database:
     def device_ids(self) -> set[str]:
         return {r["id"] for r in self.query("SELECT id FROM devices")}
 
-    def audit(self, conn: sqlite3.Connection, now: float, actor: str, action: str, details: dict[str, Any]) -> None:
+    # -- audit (append-only, hash-chained) -------------------------------------------------------
+
+    def audit(self, conn: sqlite3.Connection, now: float, actor: str, action: str, details: dict[str, Any]) -> int:
+        """Append one audit entry inside the caller's transaction; return its id.
+
+        Each entry stores the hash of the previous one, so editing or deleting any row breaks the
+        chain at that row (:func:`verify_audit`).
+        """
+        last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        prev_hash = last["hash"] if last else GENESIS
+        entry_id = (last["id"] if last else 0) + 1
+        text = json.dumps(details, sort_keys=True, separators=(",", ":"))
+        digest = audit_hash(prev_hash, entry_id, now, actor, action, text)
         conn.execute(
-            "INSERT INTO audit (time, actor, action, details) VALUES (?,?,?,?)",
-            (now, actor, action, json.dumps(details, sort_keys=True)),
+            "INSERT INTO audit (id, time, actor, action, details, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
+            (entry_id, now, actor, action, text, prev_hash, digest),
         )
+        return entry_id
+
+    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM audit", []
+        if since is not None:
+            sql += " WHERE time >= ?"
+            args.append(since)
+        rows = self.query(sql + " ORDER BY id", args)
+        for r in rows:
+            r["details"] = json.loads(r["details"])
+        return rows
+
+    def verify_audit(self) -> list[str]:
+        """Problems found walking the chain (empty when intact), each naming the row."""
+        problems: list[str] = []
+        prev_hash, expected_id = GENESIS, 1
+        for r in self.query("SELECT * FROM audit ORDER BY id"):
+            if r["id"] != expected_id:
+                problems.append(f"row {expected_id}..{r['id'] - 1} missing (deleted)")
+            if r["prev_hash"] != prev_hash:
+                problems.append(f"row {r['id']}: does not follow the previous entry (a row before it was changed or deleted)")
+            if audit_hash(r["prev_hash"], r["id"], r["time"], r["actor"], r["action"], r["details"]) != r["hash"]:
+                problems.append(f"row {r['id']} ({r['action']}): content does not match its hash (modified)")
+            prev_hash, expected_id = r["hash"], r["id"] + 1
+        return problems
+
+
+GENESIS = "0" * 64
+
+
+def audit_hash(prev_hash: str, entry_id: int, time: float, actor: str, action: str, details: str) -> str:
+    body = json.dumps([prev_hash, entry_id, repr(float(time)), actor, action, details], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _decode_model(r: dict[str, Any]) -> dict[str, Any]:
