@@ -94,8 +94,9 @@ def _profile_values(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _build_profile(values: Mapping[str, Any], where: str) -> DeviceProfile:
     types = {f.name: f.type for f in fields(DeviceProfile)}
     clean: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, raw in values.items():
         kind = types[key]
+        value = raw
         if kind == "tuple[str, ...]":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                 raise ConfigError(f"{where}: {key} must be a non-empty list of strings, got {value!r}")

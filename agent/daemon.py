@@ -26,6 +26,7 @@ from agent.envelope import public_key_from_b64
 from agent.errors import EdgefleetError, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
+from agent.oip import OipServer
 from agent.serving import LoadedModel, ModelServer, load, providers_for
 from agent.store import Store
 from agent.telemetry import fold
@@ -40,7 +41,6 @@ from agent.wire import (
     TelemetryWindow,
     Topics,
 )
-from agent.oip import OipServer
 
 __all__ = ["Agent", "AgentState"]
 
@@ -344,7 +344,7 @@ class Agent:
             seq=seq,
             extra=extra,
         )
-        (log.warning if exc else log.info)("%s %s %s", type_, ev.reason, ev.message)
+        (log.warning if exc else log.info)("%s%s: %s", type_, f" [{ev.reason}]" if ev.reason else "", ev.message)
         self._publish("events", ev.to_json())
 
     def _close_window(self) -> None:

@@ -11,6 +11,7 @@ else) and paho receives faster on it than on 5.0 here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 __all__ = ["BrokerAddress", "MqttLink", "parse_broker_url"]
 
@@ -76,7 +78,7 @@ class MqttLink:
         self._keepalive = keepalive
         self.connected = threading.Event()
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=clean_session,
@@ -115,7 +117,7 @@ class MqttLink:
 
     def _handle_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._on_message(msg.topic, msg.payload, bool(msg.retain))
+            self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:
             log.exception("error handling a message on %s", msg.topic)
 
@@ -132,9 +134,7 @@ class MqttLink:
         if last is not None and self.connected.is_set():
             topic, payload, qos, retain = last
             info = self.client.publish(topic, payload, qos=qos, retain=retain)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
         self.client.disconnect()
         self.client.loop_stop()

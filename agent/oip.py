@@ -56,7 +56,7 @@ def _decode_inputs(body: bytes) -> tuple[dict[str, Any], str | None]:
         if dtype is None:
             raise _BadRequest(400, f"inputs[{i}].datatype {t['datatype']!r} is not one of {sorted(TO_NUMPY)}")
         try:
-            arr = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
+            arr: Any = np.asarray(t["data"], dtype=dtype).reshape(t["shape"])
         except (TypeError, ValueError) as exc:
             raise _BadRequest(400, f"inputs[{i}] ({t['name']}): data does not fit shape {t['shape']}: {exc}") from exc
         feeds[str(t["name"])] = arr
@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _send(self, status: int, obj: Any) -> None:

@@ -6,6 +6,7 @@ No-op when the variable is unset (not running under ``Type=notify``). Abstract-n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -23,7 +24,5 @@ class Notifier:
     def __call__(self, message: str) -> None:
         if self._sock is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # systemd went away; nothing useful to do
             self._sock.sendto(message.encode(), self._addr)
-        except OSError:
-            pass  # systemd went away; nothing useful to do

@@ -12,6 +12,7 @@ expected and what came.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -235,7 +236,7 @@ class FeatureReference:
                 f"{ctx}: expected len(edges) == len(freqs) + 1 >= 2, "
                 f"got {len(edges)} edges and {len(freqs)} freqs"
             )
-        if any(b < a for a, b in zip(edges, edges[1:], strict=False)):
+        if any(b < a for a, b in itertools.pairwise(edges)):
             raise MalformedMessage(f"{ctx}: edges must be non-decreasing")
         return cls(
             name=_get(d, "name", str, ctx), edges=edges, freqs=freqs, extra=_extra(d, cls._known)

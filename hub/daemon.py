@@ -243,16 +243,18 @@ class Hub:
         blob = self.home.blobs / sha
         if not blob.exists():
             atomic_write(blob, data, mode=0o644)
-        lineage = req.get("lineage") if isinstance(req.get("lineage"), dict) else {}
-        model = {
+        raw_lineage = req.get("lineage")
+        lineage: dict[str, Any] = dict(raw_lineage) if isinstance(raw_lineage, dict) else {}
+        now = self.clock()
+        model: dict[str, Any] = {
             "name": name, "version": version, "sha256": sha, "size": len(data),
             "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
             "reference": reference, "lineage": {**lineage, "published_by": actor},
-            "created_at": self.clock(),
+            "created_at": now,
         }
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
-            self.db.audit(conn, model["created_at"], actor, "publish",
+            self.db.audit(conn, now, actor, "publish",
                           {"model": name, "version": version, "sha256": sha, "size": len(data)})
         log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
         return {**_public_model(model), "already_published": False}

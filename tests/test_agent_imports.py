@@ -1,0 +1,26 @@
+"""A device installs only the base dependencies: no agent module may pull in the hub,
+skl2onnx or scikit-learn. Checked in a fresh interpreter, importing every module of `agent`."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import agent
+from tests.conftest import REPO
+
+FORBIDDEN = ("hub", "skl2onnx", "sklearn", "amqtt")
+
+
+def test_importing_every_agent_module_loads_no_hub_code() -> None:
+    modules = sorted(m.name for m in pkgutil.iter_modules(agent.__path__, "agent."))
+    assert "agent.daemon" in modules and "agent.wire" in modules
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in {FORBIDDEN!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(out.stdout) == []
