@@ -234,6 +234,7 @@ class Updater:
     # -- trust inputs ----------------------------------------------------------------------------
 
     def handle_roots(self, raw: bytes, *, now: float) -> list[Note]:
+        trusted_before = self.trust.keyring_raw
         try:
             adopted = self.trust.update_roots(raw)
         except Refused as exc:
@@ -243,7 +244,8 @@ class Updater:
         self.persist()
         notes = [Note("root_rotated", "", f"trusting root version {r.version}",
                       extra={"root_version": r.version}) for r in adopted]
-        if self.trust.keyring is None and self.last_keyring is not None:
+        if self.trust.keyring is None and self.last_keyring not in (None, trusted_before):
+            assert self.last_keyring is not None
             notes += self.handle_keyring(self.last_keyring, now=now)
         return notes
 

@@ -259,8 +259,8 @@ class HubSimulator:
         return ModelEntry(
             version=version, sha256=hashlib.sha256(data).hexdigest(), size=size or len(data),
             url=self.server.url(path),
-            inputs=(TensorSpec(name="x", datatype="FP32", shape=(-1, 2)),),
-            outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 2)),),
+            inputs=(TensorSpec(name="x", dtype="float32", shape=(None, 2)),),
+            outputs=(TensorSpec(name="y", dtype="float32", shape=(None, 2)),),
         )
 
     def desired(self, models: dict[str, ModelEntry], *, seq: int | None = None,
