@@ -74,26 +74,6 @@ def external_data_model() -> bytes:
     return model.SerializeToString()
 
 
-def memory_bomb_model(n: int = 40_000) -> bytes:
-    """Tiny on disk, but opening a session constant-folds an ``n x n`` float tensor."""
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [n, n])
-    nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["big"], name="cos",
-                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-        helper.make_node("ReduceSum", ["big"], ["s"], name="sum", keepdims=0),
-        helper.make_node("Mul", ["x", "s"], ["y"], name="mul"),
-    ]
-    graph = helper.make_graph(
-        nodes, "bomb",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
-        [shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 # --- blob server ------------------------------------------------------------------------------
 
 
@@ -315,3 +295,21 @@ def simulator() -> Iterator[HubSimulator]:
         yield sim
     finally:
         sim.server.close()
+
+
+def heavy_model(mib: int = 16) -> bytes:
+    """A valid model with a ``mib`` MiB initializer: its session needs at least that much memory."""
+    from onnx import numpy_helper
+
+    c = numpy_helper.from_array(np.ones(mib * 2**18, dtype=np.float32), "c")
+    nodes = [helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Mul", ["x", "s"], ["y"], name="mul")]
+    graph = helper.make_graph(
+        nodes, "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [c],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
