@@ -263,8 +263,10 @@ PROFILE = DeviceProfile(name="sim", max_blob_mb=1, memory_budget_mb=256, intra_o
 
 
 def make_updater(sim: HubSimulator, state_dir: Path, *, fetcher: HttpFetcher | None = None,
-                 guard: Any = None, profile: DeviceProfile = PROFILE, **kw: Any) -> Updater:
-    """A fresh agent update core on ``state_dir`` (a second call is a restart), restored."""
+                 guard: Any = None, profile: DeviceProfile = PROFILE, restore: bool = True,
+                 **kw: Any) -> Updater:
+    """A fresh agent update core on ``state_dir`` (a second call is a restart), restored
+    unless ``restore=False`` (then the caller calls ``restore()`` and reads its notes)."""
     from agent.envelope import public_key_from_b64
 
     trust = TrustedState(root=public_key_from_b64(sim.provisioned_root), fleet=sim.fleet,
@@ -272,7 +274,8 @@ def make_updater(sim: HubSimulator, state_dir: Path, *, fetcher: HttpFetcher | N
     up = Updater(store=Store(state_dir), trust=trust,
                  fetcher=fetcher or HttpFetcher(attempts=2, backoff=0.01, read_timeout=2.0),
                  profile=profile, server=ModelServer(), guard=guard, **kw)
-    up.restore()
+    if restore:
+        up.restore()
     return up
 
 
