@@ -26,10 +26,10 @@ from agent.envelope import public_key_from_b64
 from agent.errors import EdgefleetError
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
+from agent.sandbox import SessionGuard
 from agent.serving import ModelServer, providers_for
 from agent.store import Store
 from agent.telemetry import fold
-from agent.sandbox import SessionGuard
 from agent.trust import TrustedState
 from agent.updater import Note, Updater, pause_hook_from_env
 from agent.wire import (

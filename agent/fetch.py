@@ -5,7 +5,8 @@ as soon as more bytes arrive than the signed size, resumes an interrupted downlo
 ``Range``, retries with jittered backoff, and refuses slow retrieval two ways: a total-time
 limit that grows with the size, and a minimum average throughput per attempt once a short grace
 period has passed (a server dripping a byte per second never trips a read timeout). Slow
-downloads fail with reason ``slow_retrieval``. It translates httpx and OS errors into :class:`~agent.errors.FetchFailed`; the store
+downloads fail with reason ``slow_retrieval``. It translates httpx and OS errors into
+:class:`~agent.errors.FetchFailed`; the store
 then checks size and hash once more before the blob becomes visible.
 """
 

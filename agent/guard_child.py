@@ -13,8 +13,13 @@ import argparse
 import json
 import resource
 import sys
+from pathlib import Path
 
+import onnxruntime as ort
 import psutil
+
+from agent.errors import EdgefleetError
+from agent.guard import check_model_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,18 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opt-level", default="all")
     args = parser.parse_args(argv)
 
-    import onnxruntime as ort
-
-    from agent.errors import EdgefleetError
-    from agent.guard import check_model_bytes
-
     def answer(obj: dict[str, object]) -> int:
         print(json.dumps(obj), flush=True)
         return 0 if obj.get("ok") else 3
 
     try:
-        with open(args.path, "rb") as f:
-            data = f.read()
+        data = Path(args.path).read_bytes()
         check_model_bytes(data)
     except EdgefleetError as exc:
         return answer({"ok": False, "reason": exc.reason, "message": str(exc)})

@@ -45,14 +45,30 @@ class SessionGuard:
         self.command = list(command) if command else [sys.executable, "-m", "agent.guard_child"]
 
     def __call__(self, path: Path) -> None:
-        argv = [*self.command, str(path), "--budget-mb", str(self.budget_mb),
-                "--threads", str(self.threads), "--opt-level", self.opt_level]
+        argv = [
+            *self.command,
+            str(path),
+            "--budget-mb",
+            str(self.budget_mb),
+            "--threads",
+            str(self.threads),
+            "--opt-level",
+            self.opt_level,
+        ]
         repo = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+        }
         try:
-            res = subprocess.run(argv, capture_output=True, timeout=self.timeout, env=env,
-                                 stdin=subprocess.DEVNULL, check=False)
+            res = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=self.timeout,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise ModelRejected(
                 f"ONNX Runtime did not finish opening {path.name[:16]}… within {self.timeout:g} s "
@@ -61,7 +77,9 @@ class SessionGuard:
                 reason="guard_timeout",
             ) from exc
         except OSError as exc:
-            raise ModelRejected(f"could not start the guard process: {exc}", reason="guard_crash") from exc
+            raise ModelRejected(
+                f"could not start the guard process: {exc}", reason="guard_crash"
+            ) from exc
         answer: dict[str, object] = {}
         for line in reversed(res.stdout.decode(errors="replace").splitlines()):
             try:

@@ -36,9 +36,10 @@ Desired state (``{root}devices/{device}/desired``, retained)
      keyring signatures than the threshold, including one key repeated), ``bad_signature``.
   3. The payload is an ``edgefleet.desired/v1`` naming this fleet and this device.
   4. ``seq`` is strictly above the last applied ``seq``, checked *before* expiry, so an old state
-     is refused as ``stale_seq`` even when the stored one has expired. The very state already
-     applied (same seq, same bytes) is recognised and yields ``None``: retained messages are
-     redelivered on every reconnect. The same ``seq`` with other content is refused
+     is refused as ``stale_seq`` even when the stored one has expired. The very payload already
+     applied (same bytes) is recognised first and yields ``None``: retained messages are
+     redelivered on every reconnect, and a signing-key rotation must not turn that redelivery
+     into a refusal. The same ``seq`` with other content is refused
      (``seq_conflict``) and nothing is stored.
   5. ``expires_at`` lies after the reference time ``now``, one value the caller takes at the
      start of a cycle and passes to every check of that cycle.
@@ -68,7 +69,15 @@ from agent.errors import (
 )
 from agent.wire import DesiredState, Keyring, check_name, format_time, parse_json_object
 
-__all__ = ["ROOT_KIND", "ROOTS_KIND", "NoKeyring", "RootRotation", "TrustedState", "VerifiedDesired"]
+__all__ = [
+    "ROOTS_KIND",
+    "ROOT_KIND",
+    "NoKeyring",
+    "RootRotation",
+    "TrustedState",
+    "VerifiedDesired",
+    "roots_message",
+]
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 ROOT_KIND = "edgefleet.root/v1"
@@ -143,7 +152,9 @@ class TrustedState:
         env = open_envelope(raw)
         rot = RootRotation.from_dict(parse_json_object(env.payload, "root payload"))
         if rot.fleet != self.fleet:
-            raise WrongTarget(f"root rotation is for fleet {rot.fleet!r}, this device is in {self.fleet!r}")
+            raise WrongTarget(
+                f"root rotation is for fleet {rot.fleet!r}, this device is in {self.fleet!r}"
+            )
         if rot.version <= self.root_version:
             return None
         if rot.version != self.root_version + 1:
@@ -168,9 +179,10 @@ class TrustedState:
         if rot.reset_seq:
             self.last_seq, self.last_digest = 0, None
             self._drop_keyring()
-        elif self.keyring_raw is not None:
-            if not valid_signers(open_envelope(self.keyring_raw), {new_id: new}):
-                self._drop_keyring()
+        elif self.keyring_raw is not None and not valid_signers(
+            open_envelope(self.keyring_raw), {new_id: new}
+        ):
+            self._drop_keyring()
         return rot
 
     def update_roots(self, raw: bytes) -> list[RootRotation]:
@@ -255,6 +267,10 @@ class TrustedState:
         ``last_seq``: call :meth:`mark_applied` once the state has been applied.
         """
         env = open_envelope(raw)
+        if self.last_digest is not None and env.digest() == self.last_digest:
+            # The very payload already verified and applied (a retained redelivery): nothing to
+            # do, even if the key that signed it has since been rotated out.
+            return None
         if self.keyring is None:
             raise NoKeyring("no verified keyring yet; the desired state waits for one")
         self._check_signatures(env)
@@ -265,8 +281,6 @@ class TrustedState:
                 f"this device is {self.fleet}/{self.device}"
             )
         digest = env.digest()
-        if state.seq == self.last_seq and digest == self.last_digest:
-            return None
         if state.seq <= self.last_seq:
             same = state.seq == self.last_seq
             what = "the same seq with other content" if same else "older"
@@ -299,8 +313,9 @@ class TrustedState:
             raise BadSignature("desired state carries no signature", reason="unsigned")
         revoked = sorted({k for k, _ in env.signatures if k in self._revoked})
         if revoked:
+            names = ", ".join(k[:16] + "…" for k in revoked)
             raise UnknownKey(
-                f"desired state is signed by revoked key(s) {', '.join(k[:16] + '…' for k in revoked)} "
+                f"desired state is signed by revoked key(s) {names} "
                 f"(keyring v{self.keyring.version}) and lacks {self.keyring.threshold} valid "
                 "signature(s) by current keys; re-sign it with a current key",
                 reason="revoked_key",
@@ -316,7 +331,9 @@ class TrustedState:
             f"desired state has {len(good)} valid signature(s) by distinct keyring keys, "
             f"keyring v{self.keyring.version} requires {self.keyring.threshold}"
             + ("; a key listed more than once counts once" if dup else ""),
-            reason="below_threshold" if good or dup or self.keyring.threshold > 1 else "bad_signature",
+            reason=(
+                "below_threshold" if good or dup or self.keyring.threshold > 1 else "bad_signature"
+            ),
         )
 
     def _check_model(self, name: str, version: str, sha256: str, size: int, url: str) -> None:

@@ -142,23 +142,34 @@ class Updater:
 
     def persist(self) -> None:
         t = self.trust
-        self.store.write_state({
-            **self.extra,
-            "keyring": t.keyring_raw.decode() if t.keyring_raw else None,
-            "roots": [r.decode() for r in t.root_chain],
-            "last_seq": t.last_seq,
-            "last_digest": t.last_digest,
-            "models": self.models,
-            "update": self.update,
-            "failed": self.failed,
-        })
+        self.store.write_state(
+            {
+                **self.extra,
+                "keyring": t.keyring_raw.decode() if t.keyring_raw else None,
+                "roots": [r.decode() for r in t.root_chain],
+                "last_seq": t.last_seq,
+                "last_digest": t.last_digest,
+                "models": self.models,
+                "update": self.update,
+                "failed": self.failed,
+            }
+        )
 
     def restore(self) -> list[Note]:
         """Read the state file, re-verify trust, serve the stable models; resume or abandon an
         update that was in progress when the agent died."""
         notes: list[Note] = []
         state = self.store.read_state()
-        known = {"kind", "keyring", "roots", "last_seq", "last_digest", "models", "update", "failed"}
+        known = {
+            "kind",
+            "keyring",
+            "roots",
+            "last_seq",
+            "last_digest",
+            "models",
+            "update",
+            "failed",
+        }
         self.extra = {k: v for k, v in state.items() if k not in known}
         for link in state.get("roots") or []:
             try:
@@ -184,8 +195,12 @@ class Updater:
                 notes += self._abandon_crash_loop()
             else:
                 self.pending = base64.b64decode(self.update["raw"])
-                log.warning("resuming the update to seq %s (restart %d of %d)",
-                            self.update["seq"], self.update["restarts"], self.max_restarts)
+                log.warning(
+                    "resuming the update to seq %s (restart %d of %d)",
+                    self.update["seq"],
+                    self.update["restarts"],
+                    self.max_restarts,
+                )
         self.persist()
         self._gc()
         return notes
@@ -206,17 +221,32 @@ class Updater:
                 log.error("installed blob for %s %s is missing or corrupt", name, entry.version)
                 continue
             try:
-                self.server.install(load(name, entry, self.store.blob_path(entry.sha256), self.profile))
+                self.server.install(
+                    load(name, entry, self.store.blob_path(entry.sha256), self.profile)
+                )
             except EdgefleetError as exc:
                 log.error("cannot load installed %s %s: %s", name, entry.version, exc)
                 continue
             if which == "fallback":
                 rec["entry"], rec["fallback"], rec["state"] = raw, None, Phase.ROLLED_BACK.value
-                return [Note("rollback", "stable_unusable", f"{name}: stable blob unusable, "
-                             f"serving fallback {entry.version}", model=name, version=entry.version)]
+                return [
+                    Note(
+                        "rollback",
+                        "stable_unusable",
+                        f"{name}: stable blob unusable, serving fallback {entry.version}",
+                        model=name,
+                        version=entry.version,
+                    )
+                ]
             return []
-        return [Note("update_failed", "no_verified_model",
-                     f"{name}: neither the stable nor the fallback blob verifies", model=name)]
+        return [
+            Note(
+                "update_failed",
+                "no_verified_model",
+                f"{name}: neither the stable nor the fallback blob verifies",
+                model=name,
+            )
+        ]
 
     def _abandon_crash_loop(self) -> list[Note]:
         assert self.update is not None
@@ -224,10 +254,16 @@ class Updater:
         self.failed = {"digest": up["digest"], "seq": up["seq"], "reason": "crash_loop"}
         for rec in self.models.values():
             if rec.get("candidate") is not None:
-                rec["state"], rec["reason"], rec["candidate"] = Phase.FAILED.value, "crash_loop", None
-        msg = (f"the update to seq {up['seq']} was interrupted by {up['restarts'] - 1} restarts; "
-               "it is abandoned and the previous models keep serving. Publish a new desired "
-               "state (higher seq) after fixing the cause")
+                rec["state"], rec["reason"], rec["candidate"] = (
+                    Phase.FAILED.value,
+                    "crash_loop",
+                    None,
+                )
+        msg = (
+            f"the update to seq {up['seq']} was interrupted by {up['restarts'] - 1} restarts; "
+            "it is abandoned and the previous models keep serving. Publish a new desired "
+            "state (higher seq) after fixing the cause"
+        )
         log.error(msg)
         return [Note("update_failed", "crash_loop", msg, seq=up["seq"])]
 
@@ -242,8 +278,15 @@ class Updater:
         if not adopted:
             return []
         self.persist()
-        notes = [Note("root_rotated", "", f"trusting root version {r.version}",
-                      extra={"root_version": r.version}) for r in adopted]
+        notes = [
+            Note(
+                "root_rotated",
+                "",
+                f"trusting root version {r.version}",
+                extra={"root_version": r.version},
+            )
+            for r in adopted
+        ]
         if self.trust.keyring is None and self.last_keyring not in (None, trusted_before):
             assert self.last_keyring is not None
             notes += self.handle_keyring(self.last_keyring, now=now)
@@ -268,7 +311,7 @@ class Updater:
         self.pending = raw
         return self.retry(now=now)
 
-    def retry(self, *, now: float) -> list[Note]:
+    def retry(self, *, now: float) -> list[Note]:  # noqa: PLR0911 - one exit per outcome
         raw = self.pending
         if raw is None:
             return []
@@ -297,18 +340,30 @@ class Updater:
         desired = verified.state
         seq = desired.seq
         if self.update is None or self.update.get("digest") != verified.digest:
-            self.update = {"seq": seq, "digest": verified.digest, "restarts": 0,
-                           "raw": base64.b64encode(verified.raw).decode()}
-        changed = {n: e for n, e in desired.models.items()
-                   if (self.models.get(n) or {}).get("entry", {}).get("sha256") != e.sha256}
+            self.update = {
+                "seq": seq,
+                "digest": verified.digest,
+                "restarts": 0,
+                "raw": base64.b64encode(verified.raw).decode(),
+            }
+        changed = {
+            n: e
+            for n, e in desired.models.items()
+            if (self.models.get(n) or {}).get("entry", {}).get("sha256") != e.sha256
+        }
         removed = [n for n in self.models if n not in desired.models]
         if not changed and not removed:
             self.trust.mark_applied(verified)
             self.update, self.pending = None, None
             self.persist()
-            return [Note("noop", "already_installed",
-                         f"seq {seq}: every model is already installed at the desired version",
-                         seq=seq)]
+            return [
+                Note(
+                    "noop",
+                    "already_installed",
+                    f"seq {seq}: every model is already installed at the desired version",
+                    seq=seq,
+                )
+            ]
         staged: dict[str, LoadedModel] = {}
         for name, entry in changed.items():
             try:
@@ -340,8 +395,10 @@ class Updater:
                 self.on_step("verify")
                 if not self.store.verify_blob(entry.sha256, entry.size):
                     self.store.blob_path(entry.sha256).unlink(missing_ok=True)
-                    raise StoreFailed(f"stored blob {entry.sha256[:16]}… was corrupt; removed, "
-                                      "it is downloaded again on retry")
+                    raise StoreFailed(
+                        f"stored blob {entry.sha256[:16]}… was corrupt; removed, "
+                        "it is downloaded again on retry"
+                    )
             path = self.store.blob_path(entry.sha256)
             check_model_bytes(path.read_bytes())
             self.on_step("guard")
@@ -360,8 +417,9 @@ class Updater:
             del self.models[name]
         self.persist()
 
-    def _refuse(self, name: str, entry: ModelEntry, verified: VerifiedDesired,
-                exc: Refused) -> list[Note]:
+    def _refuse(
+        self, name: str, entry: ModelEntry, verified: VerifiedDesired, exc: Refused
+    ) -> list[Note]:
         self._transition(name, Phase.FAILED, entry, reason=exc.reason)
         for other in self.models.values():  # models staged before this one are dropped too
             if other.get("candidate") is not None:
@@ -372,8 +430,9 @@ class Updater:
         self._gc()
         return [Note.of("refused", exc, model=name, version=entry.version, seq=verified.state.seq)]
 
-    def _switch_and_commit(self, verified: VerifiedDesired, staged: dict[str, LoadedModel],
-                           removed: list[str]) -> list[Note]:
+    def _switch_and_commit(
+        self, verified: VerifiedDesired, staged: dict[str, LoadedModel], removed: list[str]
+    ) -> list[Note]:
         desired = verified.state
         self.on_step("switch")
         before = dict(self.server.models())
@@ -387,8 +446,13 @@ class Updater:
         for name, entry in desired.models.items():
             prev = self.models.get(name) or {}
             if name in staged:
-                models[name] = {"entry": entry.to_dict(), "fallback": prev.get("entry"),
-                                "state": Phase.ACTIVE.value, "candidate": None, "reason": ""}
+                models[name] = {
+                    "entry": entry.to_dict(),
+                    "fallback": prev.get("entry"),
+                    "state": Phase.ACTIVE.value,
+                    "candidate": None,
+                    "reason": "",
+                }
             else:
                 models[name] = {**prev, "entry": entry.to_dict()}
         self.models = models
@@ -407,8 +471,12 @@ class Updater:
                 self.server.install(model)
             raise
         self._gc()
-        notes = [Note("update", "", f"{n} {m.version} active", model=n, version=m.version,
-                      seq=desired.seq) for n, m in staged.items()]
+        notes = [
+            Note(
+                "update", "", f"{n} {m.version} active", model=n, version=m.version, seq=desired.seq
+            )
+            for n, m in staged.items()
+        ]
         notes += [Note("removed", "", f"{n} removed", model=n, seq=desired.seq) for n in removed]
         return notes
 
@@ -418,18 +486,35 @@ class Updater:
         """Serve the fallback of ``name`` now (no download, no hub); persisted as rolled-back."""
         rec = self.models.get(name)
         if not rec or not rec.get("fallback"):
-            return [Note("rollback_failed", "no_fallback", f"{name} has no fallback on disk", model=name)]
+            return [
+                Note(
+                    "rollback_failed", "no_fallback", f"{name} has no fallback on disk", model=name
+                )
+            ]
         entry = ModelEntry.from_dict(rec["fallback"])
         if not self.store.verify_blob(entry.sha256, entry.size):
-            return [Note("rollback_failed", "fallback_corrupt",
-                         f"{name}: fallback {entry.version} blob is missing or corrupt", model=name)]
+            return [
+                Note(
+                    "rollback_failed",
+                    "fallback_corrupt",
+                    f"{name}: fallback {entry.version} blob is missing or corrupt",
+                    model=name,
+                )
+            ]
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
         self.server.install(model)
         rec["entry"], rec["fallback"] = rec["fallback"], rec["entry"]
         rec["state"], rec["reason"] = Phase.ROLLED_BACK.value, reason
         self.persist()
-        return [Note("rollback", reason, f"{name} rolled back to {entry.version}", model=name,
-                     version=entry.version)]
+        return [
+            Note(
+                "rollback",
+                reason,
+                f"{name} rolled back to {entry.version}",
+                model=name,
+                version=entry.version,
+            )
+        ]
 
     # -- queries and housekeeping ----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ No hub code is used: the simulator builds messages with the wire contract (``age
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -29,10 +30,10 @@ from typing import Any
 import numpy as np
 import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from agent.config import DeviceProfile
-from agent.envelope import key_id, public_key_to_b64, sign_envelope
+from agent.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
 from agent.fetch import HttpFetcher
 from agent.serving import ModelServer
 from agent.store import Store
@@ -52,7 +53,8 @@ def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | No
         node = helper.make_node(domain_op[1], ["x", "c"], ["y"], name="custom", domain=domain_op[0])
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(domain_op[0], 1)]
     graph = helper.make_graph(
-        [node], "tiny",
+        [node],
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
         [c],
@@ -104,16 +106,15 @@ class BlobServer:
                 if blob is None or blob.mode == "error":
                     self.send_error(404 if blob is None else 500)
                     return
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     server._serve(self, blob)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="blob-server",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, name="blob-server", daemon=True
+        )
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -136,7 +137,7 @@ class BlobServer:
         start = 0
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes=") and rng.endswith("-") and blob.mode != "endless":
-            start = int(rng[len("bytes="):-1])
+            start = int(rng[len("bytes=") : -1])
             h.send_response(206)
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -200,10 +201,15 @@ class HubSimulator:
 
     def keyring(self, *, sign_with: Ed25519PrivateKey | None = None) -> bytes:
         ring = Keyring(
-            fleet=self.fleet, version=self.keyring_version, threshold=self.threshold,
-            keys=tuple(KeyEntry(keyid=key_id(k.public_key()), public=public_key_to_b64(k.public_key()))
-                       for k in self.signers),
-            issued_at=self.now, extra={"revoked": list(self.revoked)} if self.revoked else {},
+            fleet=self.fleet,
+            version=self.keyring_version,
+            threshold=self.threshold,
+            keys=tuple(
+                KeyEntry(keyid=key_id(k.public_key()), public=public_key_to_b64(k.public_key()))
+                for k in self.signers
+            ),
+            issued_at=self.now,
+            extra={"revoked": list(self.revoked)} if self.revoked else {},
         )
         return sign_envelope(ring.to_dict(), [sign_with or self.root])
 
@@ -216,12 +222,22 @@ class HubSimulator:
         self.keyring_version += 1
         return new
 
-    def rotate_root(self, *, reset_seq: bool = False, sign_old: bool = True,
-                    sign_new: bool = True, version: int | None = None) -> bytes:
+    def rotate_root(
+        self,
+        *,
+        reset_seq: bool = False,
+        sign_old: bool = True,
+        sign_new: bool = True,
+        version: int | None = None,
+    ) -> bytes:
         """A rotation envelope for root N+1 (also appended to :attr:`chain` and adopted)."""
         new = Ed25519PrivateKey.generate()
-        rot = RootRotation(fleet=self.fleet, version=version or self.root_version + 1,
-                           public=public_key_to_b64(new.public_key()), reset_seq=reset_seq)
+        rot = RootRotation(
+            fleet=self.fleet,
+            version=version or self.root_version + 1,
+            public=public_key_to_b64(new.public_key()),
+            reset_seq=reset_seq,
+        )
         keys = [k for k, use in ((self.root, sign_old), (new, sign_new)) if use]
         raw = sign_envelope(rot.to_dict(), keys)
         if sign_old and sign_new and version is None:
@@ -234,24 +250,38 @@ class HubSimulator:
 
     # -- desired states --
 
-    def entry(self, version: str, data: bytes, *, size: int | None = None, **behaviour: Any) -> ModelEntry:
+    def entry(
+        self, version: str, data: bytes, *, size: int | None = None, **behaviour: Any
+    ) -> ModelEntry:
         path = self.server.put(data, **behaviour)
         return ModelEntry(
-            version=version, sha256=hashlib.sha256(data).hexdigest(), size=size or len(data),
+            version=version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=size or len(data),
             url=self.server.url(path),
             inputs=(TensorSpec(name="x", dtype="float32", shape=(None, 2)),),
             outputs=(TensorSpec(name="y", dtype="float32", shape=(None, 2)),),
         )
 
-    def desired(self, models: dict[str, ModelEntry], *, seq: int | None = None,
-                keys: Iterable[Ed25519PrivateKey] | None = None, device: str | None = None,
-                expires_at: float | None = None) -> bytes:
+    def desired(
+        self,
+        models: dict[str, ModelEntry],
+        *,
+        seq: int | None = None,
+        keys: Iterable[Ed25519PrivateKey] | None = None,
+        device: str | None = None,
+        expires_at: float | None = None,
+    ) -> bytes:
         if seq is None:
             self.seq += 1
             seq = self.seq
         state = DesiredState(
-            fleet=self.fleet, device=device or self.device, seq=seq, issued_at=self.now,
-            expires_at=self.now + self.ttl if expires_at is None else expires_at, models=models,
+            fleet=self.fleet,
+            device=device or self.device,
+            seq=seq,
+            issued_at=self.now,
+            expires_at=self.now + self.ttl if expires_at is None else expires_at,
+            models=models,
         )
         return sign_envelope(state.to_dict(), list(self.signers if keys is None else keys))
 
@@ -262,18 +292,33 @@ class HubSimulator:
 PROFILE = DeviceProfile(name="sim", max_blob_mb=1, memory_budget_mb=256, intra_op_threads=1)
 
 
-def make_updater(sim: HubSimulator, state_dir: Path, *, fetcher: HttpFetcher | None = None,
-                 guard: Any = None, profile: DeviceProfile = PROFILE, restore: bool = True,
-                 **kw: Any) -> Updater:
+def make_updater(
+    sim: HubSimulator,
+    state_dir: Path,
+    *,
+    fetcher: HttpFetcher | None = None,
+    guard: Any = None,
+    profile: DeviceProfile = PROFILE,
+    restore: bool = True,
+    **kw: Any,
+) -> Updater:
     """A fresh agent update core on ``state_dir`` (a second call is a restart), restored
     unless ``restore=False`` (then the caller calls ``restore()`` and reads its notes)."""
-    from agent.envelope import public_key_from_b64
-
-    trust = TrustedState(root=public_key_from_b64(sim.provisioned_root), fleet=sim.fleet,
-                         device=sim.device, max_blob_bytes=profile.max_blob_bytes)
-    up = Updater(store=Store(state_dir), trust=trust,
-                 fetcher=fetcher or HttpFetcher(attempts=2, backoff=0.01, read_timeout=2.0),
-                 profile=profile, server=ModelServer(), guard=guard, **kw)
+    trust = TrustedState(
+        root=public_key_from_b64(sim.provisioned_root),
+        fleet=sim.fleet,
+        device=sim.device,
+        max_blob_bytes=profile.max_blob_bytes,
+    )
+    up = Updater(
+        store=Store(state_dir),
+        trust=trust,
+        fetcher=fetcher or HttpFetcher(attempts=2, backoff=0.01, read_timeout=2.0),
+        profile=profile,
+        server=ModelServer(),
+        guard=guard,
+        **kw,
+    )
     if restore:
         up.restore()
     return up
@@ -302,13 +347,14 @@ def simulator() -> Iterator[HubSimulator]:
 
 def heavy_model(mib: int = 16) -> bytes:
     """A valid model with a ``mib`` MiB initializer: its session needs at least that much memory."""
-    from onnx import numpy_helper
-
     c = numpy_helper.from_array(np.ones(mib * 2**18, dtype=np.float32), "c")
-    nodes = [helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
-             helper.make_node("Mul", ["x", "s"], ["y"], name="mul")]
+    nodes = [
+        helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Mul", ["x", "s"], ["y"], name="mul"),
+    ]
     graph = helper.make_graph(
-        nodes, "heavy",
+        nodes,
+        "heavy",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
         [c],

@@ -74,7 +74,9 @@ def test_below_threshold_is_refused(sim: HubSimulator, up: Updater) -> None:
     sim.signers, sim.threshold, sim.keyring_version = [k1, k2], 2, 2
     up.handle_keyring(sim.keyring(), now=sim.now)
     assert refused(up, sim.desired(v2(sim), keys=[k1]), sim.now) == "below_threshold"
-    assert [n.type for n in up.offer(sim.desired(v2(sim), keys=[k1, k2]), now=sim.now)] == ["update"]
+    assert [n.type for n in up.offer(sim.desired(v2(sim), keys=[k1, k2]), now=sim.now)] == [
+        "update"
+    ]
 
 
 def test_same_key_twice_counts_once(sim: HubSimulator, up: Updater) -> None:
@@ -145,7 +147,9 @@ def test_fast_forward_is_recovered_only_by_root_rotation(sim: HubSimulator, up: 
     assert [n.type for n in notes] == ["root_rotated"]
     assert up.trust.last_seq == 0 and up.trust.keyring is None
     up.handle_keyring(sim.keyring(), now=sim.now)
-    assert refused(up, sim.desired(v2(sim), keys=[stolen], seq=10**12 + 1), sim.now) == "revoked_key"
+    assert (
+        refused(up, sim.desired(v2(sim), keys=[stolen], seq=10**12 + 1), sim.now) == "revoked_key"
+    )
     assert [n.type for n in up.offer(sim.desired(v2(sim)), now=sim.now)] == ["update"]
     assert serving(up) == ("2", 2.0)
 
@@ -175,8 +179,13 @@ def test_blob_over_profile_cap_is_refused_before_download(sim: HubSimulator, up:
 
 
 def test_slow_retrieval_is_abandoned(sim: HubSimulator, tmp_path: Path) -> None:
-    fetcher = HttpFetcher(attempts=1, read_timeout=2.0, min_bytes_per_second=1024.0,
-                          grace_seconds=0.3, total_timeout=1.5)
+    fetcher = HttpFetcher(
+        attempts=1,
+        read_timeout=2.0,
+        min_bytes_per_second=1024.0,
+        grace_seconds=0.3,
+        total_timeout=1.5,
+    )
     up = make_updater(sim, tmp_path / "slow", fetcher=fetcher)
     up.handle_keyring(sim.keyring(), now=sim.now)
     up.offer(sim.desired({"m": sim.entry("1", tiny_model(1.0))}), now=sim.now)
@@ -200,8 +209,9 @@ def test_interrupted_download_resumes_with_range(sim: HubSimulator, up: Updater)
 # -- rotations done right ---------------------------------------------------------------------
 
 
-def test_root_rotation_is_accepted_and_survives_restart(sim: HubSimulator, up: Updater,
-                                                       tmp_path: Path) -> None:
+def test_root_rotation_is_accepted_and_survives_restart(
+    sim: HubSimulator, up: Updater, tmp_path: Path
+) -> None:
     sim.rotate_root()
     sim.rotate_root()  # the device walks 1 -> 2 -> 3
     sim.keyring_version += 1
@@ -222,10 +232,15 @@ def test_bad_root_rotations_are_refused(sim: HubSimulator, up: Updater) -> None:
     only_new = sim.rotate_root(sign_old=False)
     only_old = sim.rotate_root(sign_new=False)
     gap = sim.rotate_root(version=3)
-    for raw, reason in ((only_new, "root_signature"), (only_old, "root_signature"),
-                        (gap, "root_gap")):
-        notes = up.handle_roots(json.dumps({"kind": "edgefleet.roots/v1",
-                                            "chain": [raw.decode()]}).encode(), now=sim.now)
+    for raw, reason in (
+        (only_new, "root_signature"),
+        (only_old, "root_signature"),
+        (gap, "root_gap"),
+    ):
+        notes = up.handle_roots(
+            json.dumps({"kind": "edgefleet.roots/v1", "chain": [raw.decode()]}).encode(),
+            now=sim.now,
+        )
         assert reasons(notes) == [reason]
     assert up.trust.root_version == 1 and up.trust.keyring is not None
     assert serving(up) == V1

@@ -63,8 +63,9 @@ class Device:
 
     def start(self, pause_at: str | None = None) -> None:
         env = {"EDGEFLEET_TEST_PAUSE_AT": pause_at} if pause_at else {"EDGEFLEET_TEST_PAUSE_AT": ""}
-        self.proc = self.procs.start("agent", "agent.cli", "run", "--config", str(self.config),
-                                     env=env)
+        self.proc = self.procs.start(
+            "agent", "agent.cli", "run", "--config", str(self.config), env=env
+        )
 
     def kill_when_paused(self, step: str) -> None:
         marker = self.state / f"paused-{step}"
@@ -78,9 +79,13 @@ class Device:
     def answer(self) -> tuple[str, float] | None:
         try:
             r = httpx.post(
-                f"http://127.0.0.1:{self.port}/v2/models/m/infer", timeout=2,
-                json={"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
-                                  "data": [1.0, 1.0]}]},
+                f"http://127.0.0.1:{self.port}/v2/models/m/infer",
+                timeout=2,
+                json={
+                    "inputs": [
+                        {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 1.0]}
+                    ]
+                },
             )
         except httpx.HTTPError:
             return None

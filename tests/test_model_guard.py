@@ -66,20 +66,23 @@ def offer_bad(sim: HubSimulator, up: Updater, data: bytes) -> tuple[str, str]:
     ],
     ids=["truncated", "bit-flipped", "external-data", "custom-domain", "opset-too-new"],
 )
-def test_malformed_model_is_refused(sim: HubSimulator, tmp_path: Path, data: bytes, reason: str,
-                                    words: str) -> None:
+def test_malformed_model_is_refused(
+    sim: HubSimulator, tmp_path: Path, data: bytes, reason: str, words: str
+) -> None:
     up = agent_with(sim, tmp_path / "s", SessionGuard(timeout=30))
     got, message = offer_bad(sim, up, data)
     assert got == reason
     assert words in message
     # The agent is still up and takes the next good state.
-    assert [n.type for n in up.offer(sim.desired({"m": sim.entry("3", tiny_model(3.0))}),
-                                     now=sim.now)] == ["update"]
+    assert [
+        n.type for n in up.offer(sim.desired({"m": sim.entry("3", tiny_model(3.0))}), now=sim.now)
+    ] == ["update"]
     assert serving(up) == ("3", 3.0)
 
 
-def test_model_over_the_memory_budget_is_refused_in_the_child(sim: HubSimulator,
-                                                              tmp_path: Path) -> None:
+def test_model_over_the_memory_budget_is_refused_in_the_child(
+    sim: HubSimulator, tmp_path: Path
+) -> None:
     up = agent_with(sim, tmp_path / "s", SessionGuard(budget_mb=8, timeout=30))
     reason, message = offer_bad(sim, up, heavy_model(16))
     assert reason == "guard_memory", message

@@ -37,6 +37,7 @@ def crash_at(step: str):  # type: ignore[no-untyped-def]
     def hook(at: str) -> None:
         if at == step:
             raise Crash(step)
+
     return hook
 
 
@@ -52,10 +53,17 @@ def test_each_transition_is_persisted_before_its_step(sim: HubSimulator, tmp_pat
     seen: list[tuple[str, str]] = []
     up = installed(sim, tmp_path / "s")
     up.on_step = lambda step: seen.append(
-        (step, json.loads(up.store.state_path.read_text())["models"]["m"]["state"]))
+        (step, json.loads(up.store.state_path.read_text())["models"]["m"]["state"])
+    )
     up.offer(sim.desired({"m": sim.entry("2", tiny_model(2.0))}), now=sim.now)
-    assert seen == [("download", "downloading"), ("verify", "verifying"), ("guard", "verifying"),
-                    ("stage", "staged"), ("switch", "staged"), ("commit", "staged")]
+    assert seen == [
+        ("download", "downloading"),
+        ("verify", "verifying"),
+        ("guard", "verifying"),
+        ("stage", "staged"),
+        ("switch", "staged"),
+        ("commit", "staged"),
+    ]
     assert up.model_state("m") == "active"
     doc = json.loads(up.store.state_path.read_text())
     assert doc["models"]["m"]["entry"]["version"] == "2"
@@ -64,8 +72,9 @@ def test_each_transition_is_persisted_before_its_step(sim: HubSimulator, tmp_pat
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_crash_at_any_step_serves_a_verified_model(sim: HubSimulator, tmp_path: Path,
-                                                   step: str) -> None:
+def test_crash_at_any_step_serves_a_verified_model(
+    sim: HubSimulator, tmp_path: Path, step: str
+) -> None:
     state = tmp_path / "s"
     up = installed(sim, state)
     up.on_step = crash_at(step)
@@ -99,8 +108,9 @@ def test_crash_loop_ends_in_a_reported_failure(sim: HubSimulator, tmp_path: Path
     assert up2.pending is None
     assert serving(up2) == ("1", 1.0)
     assert up2.offer(desired, now=sim.now) == []  # the retained redelivery is not retried
-    assert [n.type for n in up2.offer(sim.desired({"m": sim.entry("3", tiny_model(3.0))}),
-                                      now=sim.now)] == ["update"]
+    assert [
+        n.type for n in up2.offer(sim.desired({"m": sim.entry("3", tiny_model(3.0))}), now=sim.now)
+    ] == ["update"]
 
 
 def test_redeploying_the_installed_version_is_a_noop(sim: HubSimulator, tmp_path: Path) -> None:
