@@ -73,12 +73,13 @@ def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = No
     ring = _current_ring(home) if keyring_path(home).exists() else None
     old = home.signing_key()
     new = Ed25519PrivateKey.generate()
+    entry = KeyEntry(keyid=key_id(new.public_key()), public=public_key_to_b64(new.public_key()))
     revoked = list(ring.extra.get("revoked", [])) if ring else []
     if revoke:
         revoked.append(key_id(old.public_key()))
     new_ring = Keyring(
         fleet=fleet, version=(ring.version if ring else 0) + 1, threshold=1,
-        keys=(KeyEntry(keyid=key_id(new.public_key()), public=public_key_to_b64(new.public_key())),),
+        keys=(entry,),
         issued_at=time.time() if now is None else now,
         extra={"revoked": revoked} if revoked else {},
     )
