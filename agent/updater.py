@@ -24,7 +24,8 @@ The steps of one update, with the names a test hook can pause at (``EDGEFLEET_TE
 A kill before ``commit`` leaves the old stable entries in the state file, and their blobs are
 kept until a commit no longer references them, so a restart serves the old, verified model and
 resumes the update. A kill after ``commit`` serves the new one. Every start that finds an update
-in progress counts one restart; after ``max_restarts`` the update is abandoned as
+in progress counts one restart (unless it was waiting to retry a download the network refused);
+after ``max_restarts`` the update is abandoned as
 ``crash_loop``: reported, remembered by digest (a redelivery is not retried) and the previous
 models keep serving. Redeploying what is installed is a no-op (``already_installed``).
 """
@@ -190,7 +191,9 @@ class Updater:
         for name, rec in self.models.items():
             notes += self._serve_stable(name, rec)
         if self.update is not None:
-            self.update["restarts"] = int(self.update.get("restarts", 0)) + 1
+            # A restart while the update waited for the network is no sign of a crash loop.
+            if not self.update.pop("waiting", False):
+                self.update["restarts"] = int(self.update.get("restarts", 0)) + 1
             if self.update["restarts"] > self.max_restarts:
                 notes += self._abandon_crash_loop()
             else:
@@ -334,6 +337,10 @@ class Updater:
         try:
             return self._apply(verified)
         except Unavailable as exc:
+            if self.update is not None:
+                self.update["waiting"] = True
+                with contextlib.suppress(StoreFailed):
+                    self.persist()
             return [Note.of("update_failed", exc, seq=verified.state.seq, extra={"retrying": True})]
 
     def _apply(self, verified: VerifiedDesired) -> list[Note]:
@@ -346,6 +353,7 @@ class Updater:
                 "restarts": 0,
                 "raw": base64.b64encode(verified.raw).decode(),
             }
+        self.update["waiting"] = False
         changed = {
             n: e
             for n, e in desired.models.items()

@@ -153,3 +153,20 @@ def test_unreferenced_blobs_are_collected(sim: HubSimulator, tmp_path: Path) -> 
     up.offer(sim.desired({}), now=sim.now)
     assert "m" not in up.server.models()
     assert [p for p in up.store.blobs.iterdir() if p.is_file()] == []
+
+
+def test_restarts_while_waiting_for_the_network_are_not_a_crash_loop(
+    sim: HubSimulator, tmp_path: Path
+) -> None:
+    state = tmp_path / "s"
+    up = installed(sim, state)
+    entry = sim.entry("2", tiny_model(2.0), mode="error")
+    notes = up.offer(sim.desired({"m": entry}), now=sim.now)
+    assert [(n.type, n.reason) for n in notes] == [("update_failed", "fetch_failed")]
+    for _ in range(5):  # the device reboots again and again while the blob server is down
+        up = make_updater(sim, state, restore=False)
+        assert reasons(up.restore()) == []
+        assert reasons(up.retry(now=sim.now)) == ["fetch_failed"]
+    sim.server.blobs[entry.url.split(str(sim.server.port))[1]].mode = "ok"
+    assert [n.type for n in up.retry(now=sim.now)] == ["update"]
+    assert serving(up) == ("2", 2.0)
