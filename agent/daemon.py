@@ -23,17 +23,18 @@ import psutil
 from agent import __version__
 from agent.config import AgentConfig
 from agent.envelope import public_key_from_b64
-from agent.errors import EdgefleetError, Refused, StoreFailed, Unavailable
+from agent.errors import EdgefleetError
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
 from agent.oip import OipServer
-from agent.serving import LoadedModel, ModelServer, load, providers_for
+from agent.sandbox import SessionGuard
+from agent.serving import ModelServer, providers_for
 from agent.store import Store
 from agent.telemetry import fold
-from agent.trust import NoKeyring, TrustedState, VerifiedDesired
+from agent.trust import TrustedState
+from agent.updater import Note, Updater, pause_hook_from_env
 from agent.wire import (
     Event,
-    ModelEntry,
     ModelReport,
     ModelWindow,
     Reported,
@@ -81,14 +82,24 @@ class Agent:
             device=config.device,
             max_blob_bytes=config.profile.max_blob_bytes,
         )
+        profile = config.profile
+        self.updater = Updater(
+            store=self.store,
+            trust=self.trust,
+            fetcher=self.fetcher,
+            profile=profile,
+            server=self.models,
+            guard=SessionGuard(budget_mb=profile.memory_budget_mb,
+                               threads=profile.intra_op_threads,
+                               opt_level=profile.graph_optimization_level),
+            on_step=pause_hook_from_env(config.state_dir),
+        )
+        self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
-        self._pending: bytes | None = None  # desired state waiting for a keyring or a retry
-        self._failed_digest: str | None = None
         self._retry_at: float | None = None
         self._telemetry_seq = 0
         self._window_start = clock()
-        self._entries: dict[str, dict[str, Any]] = {}
         self._proc = psutil.Process(os.getpid())
         self._proc.cpu_percent(None)
         psutil.cpu_percent(None)
@@ -109,12 +120,17 @@ class Agent:
         self.link = MqttLink(
             url=self.config.broker_url,
             client_id=f"edgefleet-agent-{self.config.fleet}-{self.config.device}",
-            subscriptions=[(self.topics.keyring, 1), (self.topics.desired(self.config.device), 1)],
+            subscriptions=[(self.topics.roots, 1), (self.topics.keyring, 1),
+                           (self.topics.desired(self.config.device), 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
         )
         self.link.start()
+        for note in self._startup_notes:
+            self._emit(note)
+        if self.updater.pending is not None:
+            self._inbox.put(("resume", b""))
         self._thread = threading.Thread(target=self._main, name="agent-main", daemon=True)
         self._thread.start()
         log.info(
@@ -144,40 +160,20 @@ class Agent:
     # -- restore ---------------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        state = self.store.read_state()
-        if state.get("keyring"):
-            try:
-                self.trust.update_keyring(state["keyring"].encode())
-            except EdgefleetError as exc:
-                log.error("stored keyring no longer verifies (%s); waiting for the hub's", exc)
-        self.trust.last_seq = int(state.get("last_seq", 0))
-        self.trust.last_digest = state.get("last_digest")
-        self._telemetry_seq = int(state.get("telemetry_seq", 0))
-        for name, rec in state.get("models", {}).items():
-            entry = ModelEntry.from_dict(rec["entry"])
-            if not self.store.verify_blob(entry.sha256, entry.size):
-                log.error("installed blob for %s %s is missing or corrupt", name, entry.version)
-                continue
-            try:
-                self.models.install(load(name, entry, self.store.blob_path(entry.sha256), self.config.profile))
-                self._entries[name] = rec
-            except EdgefleetError as exc:
-                log.error("cannot load installed %s %s: %s", name, entry.version, exc)
+        self._startup_notes = self.updater.restore()
+        self._telemetry_seq = int(self.updater.extra.get("telemetry_seq", 0))
 
     def _persist(self) -> None:
-        self.store.write_state({
-            "keyring": self.trust.keyring_raw.decode() if self.trust.keyring_raw else None,
-            "last_seq": self.trust.last_seq,
-            "last_digest": self.trust.last_digest,
-            "telemetry_seq": self._telemetry_seq,
-            "models": self._entries,
-        })
+        self.updater.extra["telemetry_seq"] = self._telemetry_seq
+        self.updater.persist()
 
     # -- MQTT (network thread: enqueue only) -----------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if topic == self.topics.keyring:
             self._inbox.put(("keyring", payload))
+        elif topic == self.topics.roots and payload:
+            self._inbox.put(("roots", payload))
         elif topic == self.topics.desired(self.config.device) and payload:
             self._inbox.put(("desired", payload))
 
@@ -200,9 +196,11 @@ class Agent:
             try:
                 if kind == "keyring":
                     self._handle_keyring(payload)
+                elif kind == "roots":
+                    self._emit_all(self.updater.handle_roots(payload, now=self.clock()))
                 elif kind == "desired":
-                    self._pending = payload
-                    self._failed_digest = None
+                    self._emit_all(self.updater.offer(payload, now=self.clock()))
+                elif kind == "resume":
                     self._try_desired()
                 elif kind == "connected":
                     self._publish_presence()
@@ -217,89 +215,29 @@ class Agent:
                 log.exception("unexpected error in the agent main loop")
 
     def _handle_keyring(self, raw: bytes) -> None:
-        try:
-            ring = self.trust.update_keyring(raw)
-        except Refused as exc:
-            self._event("refused", exc, detail="keyring")
-            return
-        if ring is not None:
-            log.info("trusting keyring v%d (%d keys)", ring.version, len(ring.keys))
-            self._persist()
-            if self._pending is not None:
-                self._try_desired()
+        self._emit_all(self.updater.handle_keyring(raw, now=self.clock()))
 
     def _try_desired(self) -> None:
-        raw = self._pending
-        if raw is None:
-            return
-        try:
-            verified = self.trust.check_desired(raw, now=self.clock())
-        except NoKeyring:
-            return  # waits for the keyring
-        except Refused as exc:
-            self._pending = None
-            self._event("refused", exc)
-            return
-        if verified is None:
-            self._pending = None
-            return
-        try:
-            self._apply(verified)
-        except Unavailable as exc:
-            self._retry_at = time.monotonic() + RETRY_SECONDS
-            self._event("update_failed", exc, seq=verified.state.seq, retrying=True)
-            return
-        except Refused as exc:
-            self._pending = None
-            self._event("refused", exc, seq=verified.state.seq)
-            return
-        self._pending = None
+        self._emit_all(self.updater.retry(now=self.clock()))
 
-    def _apply(self, verified: VerifiedDesired) -> None:
-        """Fetch, check and load every changed model, then switch all at once and commit."""
-        desired = verified.state
-        staged: dict[str, LoadedModel] = {}
-        for name, entry in desired.models.items():
-            current = self.models.models().get(name)
-            if current is not None and current.entry.sha256 == entry.sha256:
-                continue
-            if not self.store.has_blob(entry.sha256, entry.size):
-                part = self.store.partial_path(entry.sha256)
-                self.fetcher.fetch(entry.url, part, size=entry.size)
-                self.store.commit_blob(part, entry.sha256, entry.size)
-            staged[name] = load(name, entry, self.store.blob_path(entry.sha256), self.config.profile)
-            _, missing = providers_for(self.config.profile)
-            if missing:
-                self._event("provider_fallback", None, model=name, message=f"execution providers not available here: {missing}")
-        entries: dict[str, dict[str, Any]] = {}
-        for name, entry in desired.models.items():
-            prev = self._entries.get(name)
-            if name in staged:
-                fallback = prev["entry"] if prev else None
-                entries[name] = {"entry": entry.to_dict(), "fallback": fallback}
-            else:
-                entries[name] = {**(prev or {}), "entry": entry.to_dict()}
-        old_entries = self._entries
-        self.trust.mark_applied(verified)
-        self._entries = entries
-        try:
-            self._persist()
-        except StoreFailed:
-            self._entries = old_entries
-            raise
-        for name, model in staged.items():
-            self.models.install(model)
-            self._event("update", None, model=name, version=model.version, seq=desired.seq,
-                        message=f"{name} {model.version} active")
-        for name in list(self.models.models()):
-            if name not in desired.models:
-                self.models.remove(name)
-                self._event("removed", None, model=name, seq=desired.seq, message=f"{name} removed")
-        keep = {r["entry"]["sha256"] for r in entries.values()}
-        keep |= {r["fallback"]["sha256"] for r in entries.values() if r.get("fallback")}
-        self.store.gc(keep)
-        self._publish_reported()
-        self._notify(f"STATUS={self.status_line()}")
+    def _emit_all(self, notes: list[Note]) -> None:
+        """Publish what the updater reports; schedule a retry when a download was unavailable."""
+        for note in notes:
+            self._emit(note)
+            if note.model and note.type == "update":
+                _, missing = providers_for(self.config.profile)
+                if missing:
+                    self._event("provider_fallback", None, model=note.model,
+                                message=f"execution providers not available here: {missing}")
+        if any(n.extra.get("retrying") for n in notes):
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+        if any(n.type in ("update", "removed", "rollback", "noop") for n in notes):
+            self._publish_reported()
+            self._notify(f"STATUS={self.status_line()}")
+
+    def _emit(self, note: Note) -> None:
+        self._event(note.type, None, model=note.model, version=note.version, seq=note.seq,
+                    message=note.message, reason=note.reason, **note.extra)
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -322,7 +260,8 @@ class Agent:
             seq=self.trust.last_seq,
             time=self.clock(),
             models={
-                n: ModelReport(version=m.version, sha256=m.entry.sha256, state="active")
+                n: ModelReport(version=m.version, sha256=m.entry.sha256,
+                               state=self.updater.model_state(n))
                 for n, m in self.models.models().items()
             },
             agent_version=__version__,
@@ -331,20 +270,22 @@ class Agent:
 
     def _event(self, type_: str, exc: EdgefleetError | None, *, model: str | None = None,
                version: str | None = None, seq: int | None = None, message: str = "",
-               **extra: Any) -> None:
+               reason: str = "", **extra: Any) -> None:
         ev = Event(
             fleet=self.config.fleet,
             device=self.config.device,
             time=self.clock(),
             type=type_,
-            reason=exc.reason if exc else "",
+            reason=exc.reason if exc else reason,
             message=str(exc) if exc else message,
             model=model,
             version=version,
             seq=seq,
             extra=extra,
         )
-        (log.warning if exc else log.info)("%s%s: %s", type_, f" [{ev.reason}]" if ev.reason else "", ev.message)
+        (log.warning if exc or reason else log.info)(
+            "%s%s: %s", type_, f" [{ev.reason}]" if ev.reason else "", ev.message
+        )
         self._publish("events", ev.to_json())
 
     def _close_window(self) -> None:

@@ -2,8 +2,11 @@
 
 The seam is :class:`Fetcher` (one method). :class:`HttpFetcher` hashes while it streams, stops
 as soon as more bytes arrive than the signed size, resumes an interrupted download with
-``Range``, retries with jittered backoff, and enforces a total-time limit against slow
-retrieval. It translates httpx and OS errors into :class:`~agent.errors.FetchFailed`; the store
+``Range``, retries with jittered backoff, and refuses slow retrieval two ways: a total-time
+limit that grows with the size, and a minimum average throughput per attempt once a short grace
+period has passed (a server dripping a byte per second never trips a read timeout). Slow
+downloads fail with reason ``slow_retrieval``. It translates httpx and OS errors into
+:class:`~agent.errors.FetchFailed`; the store
 then checks size and hash once more before the blob becomes visible.
 """
 
@@ -35,6 +38,7 @@ class HttpFetcher:
         read_timeout: float = 15.0,
         total_timeout: float = 300.0,
         min_bytes_per_second: float = 1024.0,
+        grace_seconds: float = 5.0,
         attempts: int = 4,
         backoff: float = 0.5,
         verify: bool | str = True,
@@ -49,6 +53,7 @@ class HttpFetcher:
         )
         self.total_timeout = total_timeout
         self.min_rate = min_bytes_per_second
+        self.grace = grace_seconds
         self.attempts = attempts
         self.backoff = backoff
         self._rng = rng or random.Random()
@@ -72,7 +77,10 @@ class HttpFetcher:
             if time.monotonic() >= deadline:
                 break
             time.sleep(self.backoff * (2**attempt) * (0.5 + self._rng.random()))
-        raise FetchFailed(f"download of {url} failed after {self.attempts} attempts: {last}")
+        raise FetchFailed(
+            f"download of {url} failed after {attempt + 1} attempt(s): {last}",
+            reason=getattr(last, "reason", None),
+        )
 
     def _fetch_once(self, url: str, dest: Path, *, size: int, deadline: float) -> None:
         have = dest.stat().st_size if dest.exists() else 0
@@ -96,8 +104,10 @@ class HttpFetcher:
                         f"{url} announces {have + int(declared)} bytes, the signed size is {size}",
                         reason="size_mismatch",
                     )
+                started, got = time.monotonic(), 0
                 with dest.open(mode) as f:
-                    for chunk in resp.iter_bytes(64 * 1024):
+                    for chunk in resp.iter_bytes():
+                        got += len(chunk)
                         have += len(chunk)
                         if have > size:
                             raise BlobRejected(
@@ -105,8 +115,19 @@ class HttpFetcher:
                                 reason="size_mismatch",
                             )
                         f.write(chunk)
-                        if time.monotonic() > deadline:
-                            raise FetchFailed(f"{url} is too slow: time limit reached at {have} bytes")
+                        now = time.monotonic()
+                        if now > deadline:
+                            raise FetchFailed(
+                                f"{url} is too slow: time limit reached at {have} of {size} bytes",
+                                reason="slow_retrieval",
+                            )
+                        elapsed = now - started
+                        if elapsed > self.grace and got / elapsed < self.min_rate and have < size:
+                            raise FetchFailed(
+                                f"{url} is too slow: {got / elapsed:.0f} B/s over {elapsed:.1f} s, "
+                                f"the minimum is {self.min_rate:.0f} B/s",
+                                reason="slow_retrieval",
+                            )
         except httpx.HTTPError as exc:
             raise FetchFailed(f"GET {url}: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:

@@ -788,6 +788,11 @@ class Topics:
         return f"{self.root}keyring"
 
     @property
+    def roots(self) -> str:
+        """Retained ``edgefleet.roots/v1`` chain of root rotations (see :mod:`agent.trust`)."""
+        return f"{self.root}roots"
+
+    @property
     def alerts(self) -> str:
         return f"{self.root}hub/alerts"
 

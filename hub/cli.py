@@ -251,6 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hub.keys import add_keys_commands
+
     p = argparse.ArgumentParser(prog="edgefleet-hub", description="edgefleet hub: publish, deploy, watch")
     p.add_argument("--version", action="version", version=f"edgefleet-hub {__version__}")
     p.add_argument("--log-level", default="INFO")
@@ -317,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("demo", cmd_demo, "run hub, embedded broker and two agents on this machine")
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")
     sp.add_argument("--broker", help="use this broker instead of the embedded one")
+    add_keys_commands(sub, cmd)
     return p
 
 

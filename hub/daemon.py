@@ -39,6 +39,7 @@ from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
+from hub.keys import roots_path
 from hub.modelfile import validate_onnx
 
 __all__ = ["Hub"]
@@ -126,6 +127,9 @@ class Hub:
         """Publish retained keyring and every current desired state: a broker that lost its
         retained messages (restart without persistence) gets them back."""
         assert self.link is not None
+        roots = roots_path(self.home)
+        if roots.exists():  # root rotations first: the keyring may be signed by the newest root
+            self.link.publish(self.topics.roots, roots.read_bytes(), qos=1, retain=True)
         self.link.publish(self.topics.keyring, self._keyring, qos=1, retain=True)
         for row in self.db.query("SELECT device, envelope FROM desired"):
             self.link.publish(self.topics.desired(row["device"]), row["envelope"].encode(), qos=1, retain=True)

@@ -1,0 +1,75 @@
+"""Hub key ceremonies (``edgefleet-hub keys ...``) produce what a device accepts: a rotated and
+revoked signing key, a rotated root (N -> N+1, signed by both), a seq reset by root rotation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.envelope import public_key_from_b64, sign_envelope
+from agent.errors import UnknownKey
+from agent.trust import TrustedState
+from agent.wire import DesiredState
+from hub.core import build_keyring
+from hub.home import HubHome, keyring_path
+from hub.keys import roots_path, rotate_root, rotate_signing
+from tests.conftest import run_cli
+
+NOW = 1_800_000_000.0
+
+
+def desired(home: HubHome, seq: int, key: object = None) -> bytes:
+    state = DesiredState(fleet="f1", device="d1", seq=seq, issued_at=NOW, expires_at=NOW + 60,
+                         models={})
+    return sign_envelope(state.to_dict(), [key or home.signing_key()])
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> HubHome:
+    h = HubHome(tmp_path / "hub")
+    h.init(fleet="f1", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    keyring_path(h).write_bytes(build_keyring("f1", 1, [h.signing_key()], h.root_key(), NOW))
+    return h
+
+
+def device(home: HubHome) -> TrustedState:
+    t = TrustedState(root=public_key_from_b64(home.root_public_b64()), fleet="f1", device="d1")
+    t.update_keyring(keyring_path(home).read_bytes())
+    return t
+
+
+def test_signing_rotation_revokes_the_old_key(home: HubHome) -> None:
+    dev = device(home)
+    old = home.signing_key()
+    ring = rotate_signing(home, now=NOW)
+    assert ring.version == 2
+    assert dev.update_keyring(keyring_path(home).read_bytes()) is not None
+    with pytest.raises(UnknownKey) as exc:
+        dev.check_desired(desired(home, 1, old), now=NOW)
+    assert exc.value.reason == "revoked_key"
+    assert dev.check_desired(desired(home, 1), now=NOW) is not None
+
+
+def test_root_rotation_is_accepted_and_resets_seq_only_when_asked(home: HubHome) -> None:
+    dev = device(home)
+    dev.mark_applied(dev.check_desired(desired(home, 7), now=NOW))  # type: ignore[arg-type]
+    assert rotate_root(home, now=NOW) == 2
+    assert [r.version for r in dev.update_roots(roots_path(home).read_bytes())] == [2]
+    assert dev.keyring is None  # signed by root 1: the device waits for the re-signed one
+    dev.update_keyring(keyring_path(home).read_bytes())
+    assert dev.last_seq == 7
+    assert rotate_root(home, reset_seq=True, now=NOW) == 3
+    assert [r.version for r in dev.update_roots(roots_path(home).read_bytes())] == [3]
+    assert dev.last_seq == 0
+    dev.update_keyring(keyring_path(home).read_bytes())
+    assert dev.check_desired(desired(home, 1), now=NOW) is not None
+
+
+def test_keys_cli(home: HubHome) -> None:
+    run_cli("hub.cli", "keys", "rotate-signing", "--home", str(home.path))
+    run_cli("hub.cli", "keys", "rotate-root", "--home", str(home.path))
+    info = json.loads(run_cli("hub.cli", "keys", "show", "--home", str(home.path), "--json").stdout)
+    assert info["root_version"] == 2 and info["keyring_version"] == 3
+    assert len(info["revoked"]) == 1 and len(info["signing_keys"]) == 1
