@@ -72,6 +72,10 @@ def canonical_json(obj: Any) -> bytes:
         raise MalformedMessage(f"cannot encode as canonical JSON: {exc}") from exc
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json_object(data: bytes | str, what: str = "message") -> dict[str, Any]:
     """Parse bytes as one JSON object, with a size cap, or raise MalformedMessage."""
     if len(data) > MAX_MESSAGE_BYTES:
@@ -79,7 +83,8 @@ def parse_json_object(data: bytes | str, what: str = "message") -> dict[str, Any
             f"{what} is {len(data)} bytes, more than the {MAX_MESSAGE_BYTES} allowed"
         )
     try:
-        obj = json.loads(data)
+        # NaN and Infinity are not JSON (RFC 8259) and canonical_json cannot write them back.
+        obj = json.loads(data, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedMessage(f"{what} is not UTF-8 JSON: {exc}") from exc
     if not isinstance(obj, dict):
