@@ -27,8 +27,9 @@ from agent.errors import EdgefleetError, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
 from agent.serving import LoadedModel, ModelServer, load, providers_for
+from agent.spool import Outbox, Spool
 from agent.store import Store
-from agent.telemetry import fold
+from agent.telemetry import fold, temperature_c
 from agent.trust import NoKeyring, TrustedState, VerifiedDesired
 from agent.wire import (
     Event,
@@ -89,6 +90,9 @@ class Agent:
         self._telemetry_seq = 0
         self._window_start = clock()
         self._entries: dict[str, dict[str, Any]] = {}
+        # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
+        self.spool = Spool(config.state_dir / "spool", max_bytes=max(1, int(config.profile.spool_mb * 2**20)))
+        self.outbox = Outbox()
         self._proc = psutil.Process(os.getpid())
         self._proc.cpu_percent(None)
         psutil.cpu_percent(None)
@@ -112,6 +116,7 @@ class Agent:
             subscriptions=[(self.topics.keyring, 1), (self.topics.desired(self.config.device), 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
+            on_publish=self._on_publish,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
         )
         self.link.start()
@@ -152,7 +157,7 @@ class Agent:
                 log.error("stored keyring no longer verifies (%s); waiting for the hub's", exc)
         self.trust.last_seq = int(state.get("last_seq", 0))
         self.trust.last_digest = state.get("last_digest")
-        self._telemetry_seq = int(state.get("telemetry_seq", 0))
+        self._telemetry_seq = max(int(state.get("telemetry_seq", 0)), self.spool.max_seq())
         for name, rec in state.get("models", {}).items():
             entry = ModelEntry.from_dict(rec["entry"])
             if not self.store.verify_blob(entry.sha256, entry.size):
@@ -184,6 +189,9 @@ class Agent:
     def _on_connect(self) -> None:
         self._inbox.put(("connected", b""))
 
+    def _on_publish(self, mid: int) -> None:
+        self._inbox.put(("acked", str(mid).encode()))
+
     # -- main loop -------------------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -206,12 +214,15 @@ class Agent:
                     self._try_desired()
                 elif kind == "connected":
                     self._publish_presence()
+                elif kind == "acked":
+                    self._spool_acked(int(payload))
                 if self._retry_at is not None and time.monotonic() >= self._retry_at:
                     self._retry_at = None
                     self._try_desired()
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()
+                self._pump_spool()
                 self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
@@ -366,6 +377,9 @@ class Agent:
             "memory_available_bytes": float(mem.available),
             "disk_free_bytes": float(disk_free),
         }
+        temp = temperature_c()
+        if temp is not None:
+            system["temperature_c"] = temp
         requests = sum(w.requests for w in windows.values())
         p95 = max((float(w.latency_ms.get("p95", 0.0)) for w in windows.values()), default=0.0)
         tw = TelemetryWindow(
@@ -382,8 +396,51 @@ class Agent:
                 "latency_p95_ms": p95,
                 "rss_mb": round(system["rss_bytes"] / 2**20, 2),
                 "cpu_percent": system["process_cpu_percent"],
+                "spool_dropped_total": self.spool.dropped_total,
+                "spool_pending": len(self.spool),
             },
             agent_version=__version__,
+            extra={
+                "active_versions": {n: m.version for n, m in self.models.models().items()},
+                "spool": {"dropped_total": self.spool.dropped_total, "pending": len(self.spool),
+                          "bytes": self.spool.bytes, "max_bytes": self.spool.max_bytes},
+            },
         )
         self._window_start = now
-        self._publish("telemetry", tw.to_json())
+        self._spool_window(tw.seq, tw.to_json())
+
+    # -- telemetry store-and-forward (agent.spool) -----------------------------------------------
+
+    def _spool_window(self, seq: int, payload: bytes) -> None:
+        try:
+            dropped = self.spool.put(seq, payload, keep=self.outbox.in_flight())
+        except StoreFailed as exc:  # a full or broken disk: send it unspooled rather than lose it
+            log.error("cannot spool telemetry window %d (%s); sending it without a copy", seq, exc)
+            self._publish("telemetry", payload)
+            return
+        if dropped:
+            self.outbox.forget(dropped)
+            log.warning("telemetry spool full (%d bytes): dropped windows %s (%d dropped in all)",
+                        self.spool.max_bytes, dropped, self.spool.dropped_total)
+        self._pump_spool()
+
+    def _pump_spool(self) -> None:
+        """Publish spooled windows, oldest first, while the broker is there."""
+        if self.link is None or not self.link.connected.is_set() or not len(self.spool):
+            return
+        now = time.monotonic()
+        topic = self.topics.device(self.config.device, "telemetry")
+        for seq in self.outbox.due(self.spool.seqs(), now):
+            try:
+                payload = self.spool.read(seq)
+            except OSError as exc:
+                log.error("spooled window %d is unreadable (%s); dropping it", seq, exc)
+                self.spool.remove(seq)
+                continue
+            info = self.link.publish(topic, payload, qos=1)
+            self.outbox.sent(seq, info.mid, now)
+
+    def _spool_acked(self, mid: int) -> None:
+        seq = self.outbox.acked(mid)
+        if seq is not None:
+            self.spool.remove(seq)
