@@ -364,7 +364,6 @@ class Agent:
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
         self._telemetry_seq += 1
-        self._persist()
         mem = psutil.virtual_memory()
         try:
             disk_free = psutil.disk_usage(str(self.config.state_dir)).free
@@ -403,11 +402,14 @@ class Agent:
             extra={
                 "active_versions": {n: m.version for n, m in self.models.models().items()},
                 "spool": {"dropped_total": self.spool.dropped_total, "pending": len(self.spool),
-                          "bytes": self.spool.bytes, "max_bytes": self.spool.max_bytes},
+                          "bytes": self.spool.size_bytes, "max_bytes": self.spool.max_bytes},
             },
         )
         self._window_start = now
         self._spool_window(tw.seq, tw.to_json())
+        # Persisted after the window is on disk: a kill in between is healed by _restore taking the
+        # spool's highest seq, so a seq is never skipped (a gap means a window lost) nor reused.
+        self._persist()
 
     # -- telemetry store-and-forward (agent.spool) -----------------------------------------------
 

@@ -24,7 +24,6 @@ classes; paho's network thread only enqueues acknowledged message ids.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,7 @@ class Spool:
         return sorted(self._sizes)
 
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         return sum(self._sizes.values())
 
     def __len__(self) -> int:
@@ -97,7 +96,7 @@ class Spool:
         self._sizes[seq] = len(payload)
         protected = {seq, *keep}
         dropped: list[int] = []
-        total = self.bytes
+        total = self.size_bytes
         for old in self.seqs():
             if total <= self.max_bytes:
                 break
@@ -118,8 +117,7 @@ class Spool:
 
     def _remove(self, seq: int) -> None:
         self._sizes.pop(seq, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(seq))
+        self.path(seq).unlink(missing_ok=True)
 
 
 @dataclass

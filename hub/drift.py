@@ -106,7 +106,7 @@ def merge_feature_lists(windows: Iterable[Sequence[Mapping[str, Any]]]) -> dict[
     for inputs in windows:
         for h in inputs:
             by_name.setdefault(str(h.get("name")), []).append(h)
-    return {name: merge_histograms(hs) for name, hs in by_name.items()}
+    return {name: {**merge_histograms(hs), "name": name} for name, hs in by_name.items()}
 
 
 def merge_classes(outputs: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
