@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from agent.wire import Topics
+from agent.wire import Topics, parse_time
 from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -230,12 +230,15 @@ def test_training_traffic_never_alarms_and_a_shifted_feature_alarms_within_two_w
     assert inputs_named == ["f2"], alarm
     # Windows ending after the switch, up to the data the alarm was computed on: the one that
     # straddles the switch plus at most two full ones.
-    alarm_end = env.db("SELECT MAX(last_end) FROM telemetry_agg WHERE model='drift'")[0][0]
+    alarm_end = parse_time(alarm["window_end"])
     late = env.db("SELECT COUNT(*) FROM telemetry WHERE device='d-drift' AND window_end > ? AND window_end <= ?",
                   switched, alarm_end)[0][0]
     assert late <= 3, f"alarm came after {late} windows with shifted data"
 
     wait_for(env.hook_out.exists, 15, "the on_drift hook to run")
+    table = run_cli("hub.cli", "drift", "--home", str(env.home), "--model", "drift").stdout
+    f2_row = next(line for line in table.splitlines() if " f2 " in line and "fleet" in line)
+    assert f2_row.split()[-1] == "alarm", table
     n = len(env.seqs("d-drift"))
     wait_for(lambda: len(env.seqs("d-drift")) >= n + 4, 20, "more shifted windows")
     lines = env.hook_out.read_text().splitlines()
