@@ -48,13 +48,15 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreFailed(f"cannot create the telemetry spool {directory}: {exc}") from exc
-        self._sizes: dict[int, int] = {}
+        found: dict[int, int] = {}
         for p in directory.iterdir():
             if p.suffix == SUFFIX and p.stem.isdigit():
-                self._sizes[int(p.stem)] = p.stat().st_size
+                found[int(p.stem)] = p.stat().st_size
             elif p.name.startswith("."):  # a temp file left by a kill during a write
                 with contextlib.suppress(OSError):
                     p.unlink()
+        # Kept in ascending seq order (windows are put with growing seqs), so seqs() needs no sort.
+        self._sizes: dict[int, int] = dict(sorted(found.items()))
         self._dropped_path = directory / "dropped"
         try:
             self.dropped_total = int(self._dropped_path.read_text().strip() or 0)
@@ -65,7 +67,7 @@ class Spool:
 
     def seqs(self) -> list[int]:
         """Spooled window seqs, oldest first."""
-        return sorted(self._sizes)
+        return list(self._sizes)
 
     @property
     def size_bytes(self) -> int:
@@ -93,7 +95,10 @@ class Spool:
         Raises :class:`StoreFailed` if the disk refuses the write.
         """
         atomic_write(self.path(seq), payload, mode=0o600)
+        in_order = not self._sizes or seq > next(reversed(self._sizes))
         self._sizes[seq] = len(payload)
+        if not in_order:
+            self._sizes = dict(sorted(self._sizes.items()))
         protected = {seq, *keep}
         dropped: list[int] = []
         total = self.size_bytes
@@ -140,15 +145,19 @@ class Outbox:
     def due(self, spooled: list[int], now: float) -> list[int]:
         out: list[int] = []
         budget = self.max_inflight - len(self._sent_at)
+        unseen = len(self._sent_at)  # in-flight seqs not met yet: until then we cannot stop early
         for seq in spooled:
+            if budget <= 0 and unseen <= 0:
+                break  # a long backlog costs O(in flight), not O(spool), per call
             sent = self._sent_at.get(seq)
             if sent is None:
-                if budget <= 0:
-                    continue
-                budget -= 1
-                out.append(seq)
-            elif now - sent >= self.resend_after:
-                out.append(seq)
+                if budget > 0:
+                    budget -= 1
+                    out.append(seq)
+            else:
+                unseen -= 1
+                if now - sent >= self.resend_after:
+                    out.append(seq)
         return out
 
     def sent(self, seq: int, mid: int, now: float) -> None:

@@ -11,6 +11,7 @@ def test_windows_survive_reopen_in_order_and_ack_removes_them(tmp_path: Path) ->
     s = Spool(tmp_path / "spool", max_bytes=10_000)
     for seq in (3, 1, 2):
         assert s.put(seq, f"window {seq}".encode()) == []
+    assert s.seqs() == [1, 2, 3]
     again = Spool(tmp_path / "spool", max_bytes=10_000)  # as after kill -9
     assert again.seqs() == [1, 2, 3]
     assert again.read(2) == b"window 2"
@@ -51,6 +52,7 @@ def test_outbox_limits_in_flight_resends_late_ones_and_maps_acks() -> None:
     box.sent(1, mid=11, now=0.0)
     box.sent(2, mid=12, now=0.0)
     assert box.due([1, 2, 3], now=1.0) == []
+    assert box.due(list(range(1, 100_000)), now=1.0) == []  # stops after the in-flight ones
     assert box.acked(11) == 1
     assert box.acked(99) is None
     assert box.due([2, 3], now=1.0) == [3]
