@@ -79,7 +79,7 @@ def main() -> None:
     print(f"hub ingest, {DEVICES} devices, batches of {BATCH} windows:")
     print(f"  with aggregation + drift scoring  {ours:8.0f} windows/s")
     print(f"  baseline: ingest without drift    {base:8.0f} windows/s")
-    print(f"  a fleet of 10,000 devices at 10 s windows sends 1,000 windows/s")
+    print("  a fleet of 10,000 devices at 10 s windows sends 1,000 windows/s")
 
 
 if __name__ == "__main__":
