@@ -40,7 +40,7 @@ class DeviceProfile:
     latency_slo_ms: float = 100.0
     # [telemetry]
     window_seconds: float = 10.0
-    spool_mb: int = 32
+    spool_mb: float = 32.0  # may be fractional (0.05 = 50 KiB) for small devices and tests
     max_sampled_rows: int = 4096
 
     @property

@@ -23,14 +23,15 @@ import psutil
 from agent import __version__
 from agent.config import AgentConfig
 from agent.envelope import public_key_from_b64
-from agent.errors import EdgefleetError
+from agent.errors import EdgefleetError, StoreFailed
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
 from agent.oip import OipServer
 from agent.sandbox import SessionGuard
 from agent.serving import ModelServer, providers_for
+from agent.spool import Outbox, Spool
 from agent.store import Store
-from agent.telemetry import fold
+from agent.telemetry import fold, temperature_c
 from agent.trust import TrustedState
 from agent.updater import Note, Updater, pause_hook_from_env
 from agent.wire import (
@@ -100,6 +101,9 @@ class Agent:
         self._retry_at: float | None = None
         self._telemetry_seq = 0
         self._window_start = clock()
+        # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
+        self.spool = Spool(config.state_dir / "spool", max_bytes=max(1, int(config.profile.spool_mb * 2**20)))
+        self.outbox = Outbox()
         self._proc = psutil.Process(os.getpid())
         self._proc.cpu_percent(None)
         psutil.cpu_percent(None)
@@ -124,6 +128,7 @@ class Agent:
                            (self.topics.desired(self.config.device), 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
+            on_publish=self._on_publish,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
         )
         self.link.start()
@@ -161,7 +166,7 @@ class Agent:
 
     def _restore(self) -> None:
         self._startup_notes = self.updater.restore()
-        self._telemetry_seq = int(self.updater.extra.get("telemetry_seq", 0))
+        self._telemetry_seq = max(int(self.updater.extra.get("telemetry_seq", 0)), self.spool.max_seq())
 
     def _persist(self) -> None:
         self.updater.extra["telemetry_seq"] = self._telemetry_seq
@@ -179,6 +184,9 @@ class Agent:
 
     def _on_connect(self) -> None:
         self._inbox.put(("connected", b""))
+
+    def _on_publish(self, mid: int) -> None:
+        self._inbox.put(("acked", str(mid).encode()))
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -204,12 +212,15 @@ class Agent:
                     self._try_desired()
                 elif kind == "connected":
                     self._publish_presence()
+                elif kind == "acked":
+                    self._spool_acked(int(payload))
                 if self._retry_at is not None and time.monotonic() >= self._retry_at:
                     self._retry_at = None
                     self._try_desired()
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()
+                self._pump_spool()
                 self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
@@ -294,7 +305,6 @@ class Agent:
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
         self._telemetry_seq += 1
-        self._persist()
         mem = psutil.virtual_memory()
         try:
             disk_free = psutil.disk_usage(str(self.config.state_dir)).free
@@ -307,6 +317,9 @@ class Agent:
             "memory_available_bytes": float(mem.available),
             "disk_free_bytes": float(disk_free),
         }
+        temp = temperature_c()
+        if temp is not None:
+            system["temperature_c"] = temp
         requests = sum(w.requests for w in windows.values())
         p95 = max((float(w.latency_ms.get("p95", 0.0)) for w in windows.values()), default=0.0)
         tw = TelemetryWindow(
@@ -323,8 +336,54 @@ class Agent:
                 "latency_p95_ms": p95,
                 "rss_mb": round(system["rss_bytes"] / 2**20, 2),
                 "cpu_percent": system["process_cpu_percent"],
+                "spool_dropped_total": self.spool.dropped_total,
+                "spool_pending": len(self.spool),
             },
             agent_version=__version__,
+            extra={
+                "active_versions": {n: m.version for n, m in self.models.models().items()},
+                "spool": {"dropped_total": self.spool.dropped_total, "pending": len(self.spool),
+                          "bytes": self.spool.size_bytes, "max_bytes": self.spool.max_bytes},
+            },
         )
         self._window_start = now
-        self._publish("telemetry", tw.to_json())
+        self._spool_window(tw.seq, tw.to_json())
+        # Persisted after the window is on disk: a kill in between is healed by _restore taking the
+        # spool's highest seq, so a seq is never skipped (a gap means a window lost) nor reused.
+        self._persist()
+
+    # -- telemetry store-and-forward (agent.spool) -----------------------------------------------
+
+    def _spool_window(self, seq: int, payload: bytes) -> None:
+        try:
+            dropped = self.spool.put(seq, payload, keep=self.outbox.in_flight())
+        except StoreFailed as exc:  # a full or broken disk: send it unspooled rather than lose it
+            log.error("cannot spool telemetry window %d (%s); sending it without a copy", seq, exc)
+            self._publish("telemetry", payload)
+            return
+        if dropped:
+            self.outbox.forget(dropped)
+            log.warning("telemetry spool full (%d bytes): dropped windows %s (%d dropped in all)",
+                        self.spool.max_bytes, dropped, self.spool.dropped_total)
+        self._pump_spool()
+
+    def _pump_spool(self) -> None:
+        """Publish spooled windows, oldest first, while the broker is there."""
+        if self.link is None or not self.link.connected.is_set() or not len(self.spool):
+            return
+        now = time.monotonic()
+        topic = self.topics.device(self.config.device, "telemetry")
+        for seq in self.outbox.due(self.spool.seqs(), now):
+            try:
+                payload = self.spool.read(seq)
+            except OSError as exc:
+                log.error("spooled window %d is unreadable (%s); dropping it", seq, exc)
+                self.spool.remove(seq)
+                continue
+            info = self.link.publish(topic, payload, qos=1)
+            self.outbox.sent(seq, info.mid, now)
+
+    def _spool_acked(self, mid: int) -> None:
+        seq = self.outbox.acked(mid)
+        if seq is not None:
+            self.spool.remove(seq)

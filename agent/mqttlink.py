@@ -63,6 +63,7 @@ class MqttLink:
         subscriptions: Sequence[tuple[str, int]],
         on_message: Handler,
         on_connect: Callable[[], None] | None = None,
+        on_publish: Callable[[int], None] | None = None,
         will: tuple[str, bytes, int, bool] | None = None,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -75,6 +76,7 @@ class MqttLink:
         self._subs = list(subscriptions)
         self._on_message = on_message
         self._on_connect_cb = on_connect
+        self._on_publish_cb = on_publish
         self._keepalive = keepalive
         self.connected = threading.Event()
         c = mqtt.Client(
@@ -96,6 +98,8 @@ class MqttLink:
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
+        if on_publish is not None:
+            c.on_publish = self._handle_publish
         self.client = c
 
     # paho callbacks: never raise, never block.
@@ -120,6 +124,14 @@ class MqttLink:
             self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:
             log.exception("error handling a message on %s", msg.topic)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: object = None, props: object = None) -> None:
+        # For QoS 1 paho calls this when the broker's PUBACK arrives: the message is the broker's.
+        try:
+            if self._on_publish_cb is not None:
+                self._on_publish_cb(mid)
+        except Exception:
+            log.exception("error in on_publish handler")
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting while the broker is away."""

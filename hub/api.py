@@ -2,12 +2,14 @@
 authenticated admin API the CLI talks to.
 
     GET  /healthz                     liveness (no auth)
+    GET  /metrics                     fleet metrics, Prometheus text format (no auth; hub.metrics)
     GET  /blobs/{sha256}              a published blob; honours ``Range: bytes=N-`` (resume)
     GET  /api/v1/status               devices, what they run, status, last telemetry
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
     GET  /api/v1/audit?since=EPOCH    the hash-chained audit log
     GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
+    GET  /api/v1/drift?model=NAME     drift scores per model version, fleet and device
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     POST /api/v1/devices              register {device, profile}
     POST /api/v1/deploy               {model, version, devices: [...]}
@@ -28,6 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from agent.errors import EdgefleetError
 from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
+from hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from hub.metrics import render as render_metrics
 
 if TYPE_CHECKING:
     from hub.daemon import Hub
@@ -49,6 +53,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps(obj, indent=1).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _text(self, status: int, text: str, content_type: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -83,6 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
+            if url.path == "/metrics":
+                return self._text(200, render_metrics(hub), METRICS_CONTENT_TYPE)
             self._auth()
             q = parse_qs(url.query)
             if url.path == "/api/v1/status":
@@ -95,6 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/audit":
                 since = q.get("since", [None])[0]
                 return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
+            if url.path == "/api/v1/drift":
+                return self._json(200, hub.drift.snapshot(q.get("model", [None])[0]))
             if url.path == "/api/v1/audit/verify":
                 problems = hub.db.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})

@@ -193,6 +193,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    res = HubClient.for_home(home, args.hub).drift(args.model)
+    lines = [f"{'MODEL':14} {'VERSION':10} {'SCOPE':18} {'FEATURE':12} {'ROWS':>7} {'PSI':>8} {'JS':>6} "
+             f"{'KS':>6} STATE"]
+    for rep in res["reports"]:
+        alarm = f" (alert state: {rep['alarm_state']})" if rep.get("alarm_state") else ""
+        for f in rep["features"]:
+            lines.append(f"{rep['model']:14} {rep['version']:10} {rep['scope']:18} {f['feature']:12} "
+                         f"{f['rows']:>7} {f['psi']:>8.4f} {f['js']:>6.3f} {f['ks']:>6.3f} {f['state']}")
+        lines.append(f"{'':14} {'':10} {rep['scope']:18} => {rep['state']}{alarm} over {rep['windows']} "
+                     f"window(s) {rep['window_start']} .. {rep['window_end']}")
+        lines += [f"  problem: {p}" for p in rep["problems"]]
+    _out(args, res, "\n".join(lines) if res["reports"] else "no telemetry with inputs yet")
+    return 0
+
+
 def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
     overrides: dict[str, Any] | None = None,
@@ -304,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     client(sp)
     sp.add_argument("action", nargs="?", choices=["show", "export", "verify"], default="show")
     sp.add_argument("--since", help="RFC 3339 time, e.g. 2026-11-28T00:00:00Z")
+
+    sp = cmd("drift", cmd_drift, "drift per feature (PSI, Jensen-Shannon, KS) against the reference")
+    client(sp)
+    sp.add_argument("--model", help="only this model")
 
     dev = sub.add_parser("device", help="device enrolment").add_subparsers(dest="device_command", required=True)
     sp = cmd("add", cmd_device_add, "register a device and write its agent.toml", dev)

@@ -77,6 +77,10 @@ class HubClient:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/audit", params=params)["entries"]
         return result
 
+    def drift(self, model: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/drift", params={"model": model} if model else {})
+        return result
+
     def audit_verify(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/api/v1/audit/verify")
         return result

@@ -37,6 +37,7 @@ from agent.wire import (
 )
 from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
+from hub.drift_monitor import DriftMonitor
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
@@ -74,6 +75,7 @@ class Hub:
         self.link: MqttLink | None = None
         self.http: Any = None
         self.public_url = ""
+        self.drift = DriftMonitor.attach(self)  # telemetry aggregation, drift scores and alerts
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -98,6 +100,9 @@ class Hub:
             subscriptions=[(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")],
             on_message=self._on_message,
             on_connect=self._on_connect,
+            # A persistent session: with a persistent broker, telemetry published while the hub is
+            # away (or the broker restarts) is queued for it instead of dropped.
+            clean_session=False,
         )
         self.link.start()
         self.http.start()
@@ -170,6 +175,8 @@ class Hub:
                 except (EdgefleetError, ValueError) as exc:
                     self.counters["malformed"] += 1
                     log.warning("dropped %s message from %s: %s", channel, device, exc)
+            self.drift.flush(conn)
+        self.drift.after_batch()
 
     def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes) -> None:
         obj = parse_json_object(payload)
@@ -193,6 +200,7 @@ class Hub:
                  for name, w in tw.models.items()],
             )
             self.counters["ingested"] += 1
+            self.drift.add(device, tw)
         elif channel == "reported":
             rep = Reported.from_dict(obj)
             conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",

@@ -6,7 +6,8 @@ the ingest thread). Only the running daemon opens it; the CLI goes through the a
 Tables: ``models`` (immutable versions with signature, reference and lineage), ``devices``,
 ``assignments`` (what each device should run), ``desired`` (the last signed state per device,
 with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
-``events``, ``audit``.
+``events``, ``audit``, and ``telemetry_agg`` (mergeable sums per model version, device and time
+bucket; its rows are written by :mod:`hub.drift_monitor` inside the ingest transaction).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, time REAL NOT NULL,
     type TEXT NOT NULL, reason TEXT, message TEXT, model TEXT, version TEXT, seq INTEGER,
     received_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry_agg (
+    model TEXT NOT NULL, version TEXT NOT NULL, device TEXT NOT NULL, bucket REAL NOT NULL,
+    windows INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
+    rows INTEGER NOT NULL, latency TEXT NOT NULL, inputs TEXT NOT NULL, classes TEXT NOT NULL,
+    last_end REAL NOT NULL, PRIMARY KEY (model, version, device, bucket));
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);

@@ -1,0 +1,111 @@
+"""The hub's aggregation and drift adapter on a real SQLite database, with functions as the MQTT
+publisher and the assignment path (no broker)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.errors import ConfigError
+from agent.telemetry import feature_histogram
+from agent.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow, Topics
+from hub.db import Database
+from hub.drift_monitor import DriftConfig, DriftMonitor
+
+EDGES = (0.0, 1.0, 2.0, 3.0, 4.0)
+REF = Reference(features=(FeatureReference(name="x", edges=EDGES, freqs=(0.25, 0.25, 0.25, 0.25)),
+                          FeatureReference(name="y", edges=EDGES, freqs=(0.25, 0.25, 0.25, 0.25))))
+
+
+class World:
+    def __init__(self, tmp: Path, config: DriftConfig) -> None:
+        self.db = Database(tmp / "hub.db")
+        self.now = 1000.0
+        self.published: list[tuple[str, dict[str, Any], bool]] = []
+        self.assigned: list[tuple[str, str, str, str]] = []
+        for version in ("1", "2"):
+            with self.db.tx() as conn:
+                self.db.insert_model(conn, {"name": "m", "version": version, "sha256": "0" * 64, "size": 1,
+                                            "inputs": [], "outputs": [], "reference": REF.to_dict(),
+                                            "lineage": {}, "created_at": 0.0})
+        with self.db.tx() as conn:
+            conn.execute("INSERT INTO assignments VALUES ('dev', 'm', '2', '1')")
+            self.db.audit(conn, 990.0, "admin", "deploy", {"device": "dev", "model": "m", "version": "2"})
+        self.mon = DriftMonitor(db=self.db, config=config, topics=Topics("f"), clock=lambda: self.now,
+                                publish=lambda t, p, r: self.published.append((t, json.loads(p), r)),
+                                assign=lambda *a: self.assigned.append(a))
+        self.seq = 0
+
+    def window(self, start: float, x: np.ndarray, y: np.ndarray, device: str = "dev") -> None:
+        self.seq += 1
+        inputs = ({"name": "x", **feature_histogram(x, EDGES)}, {"name": "y", **feature_histogram(y, EDGES)})
+        tw = TelemetryWindow(fleet="f", device=device, seq=self.seq, window_start=start, window_end=start + 1,
+                             models={"m": ModelWindow(version="2", requests=1, errors=0, rows=len(x),
+                                                      latency_ms={}, inputs=inputs)})
+        self.mon.add(device, tw)
+        with self.db.tx() as conn:
+            self.mon.flush(conn)
+        self.mon.after_batch()
+
+
+def _uniform(rng: np.random.Generator, n: int = 400) -> np.ndarray:
+    return rng.uniform(0, 4, n)
+
+
+def test_late_windows_merge_into_their_own_time_bucket(tmp_path: Path) -> None:
+    w = World(tmp_path, DriftConfig(window_seconds=10, bucket_seconds=10))
+    rng = np.random.default_rng(1)
+    w.window(100.0, _uniform(rng), _uniform(rng))
+    w.window(125.0, _uniform(rng), _uniform(rng))
+    w.window(103.0, _uniform(rng), _uniform(rng))  # arrives late, after an outage
+    rows = w.db.query("SELECT bucket, windows, rows FROM telemetry_agg ORDER BY bucket")
+    assert [(r["bucket"], r["windows"], r["rows"]) for r in rows] == [(100.0, 2, 800), (120.0, 1, 400)]
+    merged = json.loads(w.db.query("SELECT inputs FROM telemetry_agg WHERE bucket=100")[0]["inputs"])
+    assert sum(merged["x"]["counts"]) == 800
+
+
+def test_alarm_publishes_retained_per_model_audits_and_rolls_back_to_predecessor(tmp_path: Path) -> None:
+    cfg = DriftConfig.from_dict({"window_seconds": 5, "bucket_seconds": 1, "min_rows": 100,
+                                 "models": {"m": {"on_drift": "rollback", "watch_seconds": 60}}})
+    w = World(tmp_path, cfg)
+    rng = np.random.default_rng(2)
+    for t in range(5):
+        w.window(100.0 + t, _uniform(rng), _uniform(rng))
+    assert w.published == []
+    w.window(106.0, _uniform(rng), _uniform(rng) + 10)  # y out of range entirely
+    topics = [(t, r) for t, _, r in w.published]
+    assert topics == [("edgefleet/v1/f/hub/alerts", False), ("edgefleet/v1/f/hub/alerts/m", True)]
+    alert = w.published[0][1]
+    assert alert["state"] == "alarm" and alert["features"] == ["y"]
+    assert w.assigned == [("dev", "m", "1", "drift-rollback")]
+    assert alert["rollback"]["devices"] == {"dev": "1"}
+    actions = [e["action"] for e in w.db.audit_entries()]
+    assert actions[-2:] == ["drift_rollback", "drift_alarm"]
+    assert w.db.verify_audit() == []
+    w.window(107.0, _uniform(rng), _uniform(rng) + 10)
+    assert len(w.published) == 2  # still in alarm: nothing new
+
+
+def test_rollback_outside_the_watch_period_only_alerts(tmp_path: Path) -> None:
+    cfg = DriftConfig.from_dict({"window_seconds": 5, "bucket_seconds": 1, "min_rows": 100,
+                                 "on_drift": "rollback", "watch_seconds": 5})
+    w = World(tmp_path, cfg)  # deployed at 990, now 1000: 10 s ago
+    rng = np.random.default_rng(3)
+    w.window(100.0, _uniform(rng), _uniform(rng) + 10)
+    assert w.assigned == []
+    assert w.published[0][1]["rollback"]["done"] is False
+    assert "watch period" in w.published[0][1]["rollback"]["why"]
+
+
+def test_config_is_checked_and_per_model_values_inherit_the_top_level() -> None:
+    cfg = DriftConfig.from_dict({"warn": 0.05, "alarm": 0.5, "models": {"m": {"alarm": 0.3}}})
+    assert cfg.policy("m").warn == 0.05 and cfg.policy("m").alarm == 0.3
+    assert cfg.policy("other").alarm == 0.5
+    with pytest.raises(ConfigError, match="unknown key"):
+        DriftConfig.from_dict({"alarms": 1})
+    with pytest.raises(ConfigError, match="hook"):
+        DriftConfig.from_dict({"models": {"m": {"on_drift": "hook"}}})
