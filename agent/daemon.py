@@ -113,6 +113,7 @@ class Agent:
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
+            **self.config.mqtt_options(),
         )
         self.link.start()
         self._thread = threading.Thread(target=self._main, name="agent-main", daemon=True)
@@ -194,7 +195,7 @@ class Agent:
             if self._retry_at is not None:
                 timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
             try:
-                kind, payload = self._inbox.get(timeout=min(timeout, 1.0))
+                kind, payload = self._inbox.get(timeout=min(timeout, self._turn_seconds()))
             except queue.Empty:
                 kind, payload = "", b""
             try:
@@ -215,6 +216,11 @@ class Agent:
                 self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
+
+    def _turn_seconds(self) -> float:
+        """Longest wait per loop turn: 1 s, or less when systemd's watchdog wants pings sooner."""
+        interval = getattr(self._notify, "watchdog_interval", None)
+        return min(1.0, interval) if interval else 1.0
 
     def _handle_keyring(self, raw: bytes) -> None:
         try:
