@@ -254,7 +254,9 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     dropin = write_systemd_dropin(out, profile)
     _out(args, {**info, "config": str(path), "credentials": creds["kind"], "systemd_dropin": str(dropin)},
          f"device {args.id} registered (broker credentials: {creds['kind']}); agent config in {path}\n"
-         f"run it with: edgefleet-agent run --config {path}")
+         + ("password added to the broker's password file: reload the broker (kill -HUP <mosquitto pid>)\n"
+            if creds.get("password") else "")
+         + f"run it with: edgefleet-agent run --config {path}")
     return 0
 
 
