@@ -188,7 +188,7 @@ def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str,
             raise ConfigError(f"{path}: {key} must be a file path, got {value!r}")
         file = base / value
         if not file.is_file():
-            raise ConfigError(f"{path}: {key} = {value!r} but {file} does not exist (or is not a file)")
+            raise ConfigError(f"{path}: {key} = {value!r} but {file} is not an existing file")
         files[key] = file
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(f"{path}: cert_file and key_file go together; set both or neither")

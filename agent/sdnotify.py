@@ -9,6 +9,7 @@ systemd watches nothing and keep-alives are not sent at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -47,10 +48,8 @@ class Notifier:
             if self.watchdog_interval is None or now < self._next_watchdog:
                 return
             self._next_watchdog = now + self.watchdog_interval
-        try:
+        with contextlib.suppress(OSError):  # systemd went away; nothing useful to do
             self._sock.sendto(message.encode(), self._addr)
-        except OSError:
-            pass  # systemd went away; nothing useful to do
 
     def close(self) -> None:
         if self._sock is not None:

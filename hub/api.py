@@ -10,7 +10,8 @@ authenticated admin API the CLI talks to.
     GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     GET  /api/v1/devices              enrolled devices with their credentials' state
-    POST /api/v1/devices              register {device, profile, credentials?} (cert|password|both|none|auto)
+    POST /api/v1/devices              register {device, profile, credentials?}
+                                      (credentials: cert | password | both | none | auto)
     POST /api/v1/devices/revoke       {device}: revoke its certificates and password (CRL, passwd)
     POST /api/v1/deploy               {model, version, devices: [...]}
 

@@ -38,7 +38,7 @@ DEVICE_WRITES = ("reported", "telemetry", "events", "status")
 @dataclass(frozen=True)
 class BrokerLayout:
     folder: Path
-    bind: str = "0.0.0.0"
+    bind: str = "0.0.0.0"  # noqa: S104 - a broker serves devices on the network
     device_port: int = 8883
     password_port: int = 8884
     run_as: str | None = None  # Mosquitto's `user`; None keeps its default ("mosquitto")
@@ -92,7 +92,12 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "",
     ]
     if layout.persistence:
-        lines += ["persistence true", f"persistence_location {d / 'data'}/", "autosave_interval 60", ""]
+        lines += [
+            "persistence true",
+            f"persistence_location {d / 'data'}/",
+            "autosave_interval 60",
+            "",
+        ]
     else:
         lines += ["persistence false", ""]
     if layout.run_as:
@@ -123,7 +128,12 @@ def default_hostnames() -> list[str]:
 
 
 def write_broker_config(
-    pki: DevicePki, layout: BrokerLayout, *, hostnames: Sequence[str], now: float, prefix: str = TOPIC_PREFIX,
+    pki: DevicePki,
+    layout: BrokerLayout,
+    *,
+    hostnames: Sequence[str],
+    now: float,
+    prefix: str = TOPIC_PREFIX,
 ) -> dict[str, str]:
     """Write everything Mosquitto needs into ``layout.folder``; return the paths written."""
     folder = layout.folder

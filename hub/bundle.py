@@ -29,13 +29,18 @@ def write_credentials(out: Path, creds: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     if creds.get("ca_pem"):
         atomic_write(out / "ca.pem", str(creds["ca_pem"]).encode(), mode=0o644)
-        lines += ["# the broker's certificate must chain to this CA (the hub's device CA)",
-                  'ca_file = "ca.pem"']
+        lines += [
+            "# the broker's certificate must chain to this CA (the hub's device CA)",
+            'ca_file = "ca.pem"',
+        ]
     if creds.get("cert_pem"):
         atomic_write(out / "client.pem", str(creds["cert_pem"]).encode(), mode=0o644)
         atomic_write(out / "client.key", str(creds["key_pem"]).encode(), mode=0o600)
-        lines += [f"# client certificate serial {creds.get('serial')} (CN = device id)",
-                  'cert_file = "client.pem"', 'key_file = "client.key"']
+        lines += [
+            f"# client certificate serial {creds.get('serial')} (CN = device id)",
+            'cert_file = "client.pem"',
+            'key_file = "client.key"',
+        ]
     if creds.get("password"):
         atomic_write(out / "mqtt.password", (str(creds["password"]) + "\n").encode(), mode=0o600)
         lines += ["# MQTT password (username = device id)", 'password_file = "mqtt.password"']
@@ -49,7 +54,8 @@ def systemd_dropin(profile: DeviceProfile) -> str:
         f"# Sized from device profile {json.dumps(profile.name)}: memory_budget_mb = "
         f"{profile.memory_budget_mb} for models\n"
         f"# plus {RUNTIME_OVERHEAD_MB} MiB for the runtime. Install as\n"
-        "# /etc/systemd/system/edgefleet-agent.service.d/50-profile.conf, then systemctl daemon-reload.\n"
+        "# /etc/systemd/system/edgefleet-agent.service.d/50-profile.conf,\n"
+        "# then systemctl daemon-reload.\n"
         "[Service]\n"
         f"MemoryHigh={high}M\n"
         f"MemoryMax={top}M\n"

@@ -252,68 +252,12 @@ def cmd_device_add(args: argparse.Namespace) -> int:
                               extra_lines=write_credentials(out, creds))
     path.chmod(0o600 if creds["kind"] != "none" else 0o644)
     dropin = write_systemd_dropin(out, profile)
-    _out(args, {**info, "config": str(path), "credentials": creds["kind"], "systemd_dropin": str(dropin)},
-         f"device {args.id} registered (broker credentials: {creds['kind']}); agent config in {path}\n"
-         + ("password added to the broker's password file: reload the broker (kill -HUP <mosquitto pid>)\n"
-            if creds.get("password") else "")
+    reload = "new password: reload the broker (kill -HUP <mosquitto pid>)\n"
+    _out(args, {**info, "config": str(path), "credentials": creds["kind"],
+                "systemd_dropin": str(dropin)},
+         f"device {args.id} registered (broker credentials: {creds['kind']}); config in {path}\n"
+         + (reload if creds.get("password") else "")
          + f"run it with: edgefleet-agent run --config {path}")
-    return 0
-
-
-def cmd_device_revoke(args: argparse.Namespace) -> int:
-    home = HubHome(Path(args.home))
-    check_name(args.id, "device id")
-    res = HubClient.for_home(home, args.hub).revoke_device(args.id)
-    where = ", ".join(res["broker_folders"]) or "(no broker folder registered: copy pki/crl.pem and pki/passwd)"
-    _out(args, res, f"device {args.id} revoked: {len(res['revoked_serials'])} certificate(s) on the CRL, "
-                    f"password {'removed' if res['password_removed'] else 'none'}\n"
-                    f"updated crl.pem and passwd in {where}; now reload the broker "
-                    "(kill -HUP <mosquitto pid>, or systemctl reload mosquitto)")
-    return 0
-
-
-def cmd_device_list(args: argparse.Namespace) -> int:
-    home = HubHome(Path(args.home))
-    devs = HubClient.for_home(home, args.hub).devices()
-    lines = [f"{'DEVICE':20} {'PROFILE':18} {'STATUS':11} {'CREDENTIALS':22} CERT EXPIRES"]
-    for d in devs:
-        kinds = [k for k, on in (("cert", d["cert_not_after"] is not None), ("password", d["password"])) if on]
-        cred = "REVOKED" if d["revoked"] else ("+".join(kinds) or "none")
-        exp = format_time(d["cert_not_after"]) if d["cert_not_after"] else "-"
-        lines.append(f"{d['device']:20} {d['profile']:18} {d['status']:11} {cred:22} {exp}")
-    _out(args, {"devices": devs}, "\n".join(lines) if devs else "no devices enrolled")
-    return 0
-
-
-def cmd_broker_config(args: argparse.Namespace) -> int:
-    import time
-
-    from hub.brokerconf import BrokerLayout, default_hostnames, write_broker_config
-    from hub.enrol import pki_for
-    from hub.pki import hub_username
-
-    home = HubHome(Path(args.home))
-    cfg = home.config()
-    layout = BrokerLayout(folder=Path(args.out), bind=args.bind, device_port=args.port,
-                          password_port=args.password_port, run_as=args.run_as,
-                          persistence=not args.no_persistence)
-    hosts = args.hostname or default_hostnames()
-    pki = pki_for(home, cfg.fleet)
-    files = write_broker_config(pki, layout, hostnames=hosts, now=time.time())
-    host = args.public_host or hosts[0]
-    hub_url = f"mqtts://{host}:{args.password_port}"
-    device_url = f"mqtts://{host}:{args.port}"
-    if not args.no_hub_config:
-        home.update_config(broker_url=hub_url, device_broker_url=device_url,
-                           broker_ca_file="pki/ca.pem", broker_username=hub_username(cfg.fleet),
-                           broker_password_file="pki/hub.password")
-    _out(args, {"files": files, "hub_broker_url": hub_url, "device_broker_url": device_url},
-         f"broker configuration for fleet {cfg.fleet} in {layout.folder}\n"
-         f"  start it:   mosquitto -c {files['mosquitto.conf']}\n"
-         f"  devices:    {device_url} (client certificate, CN = device id)\n"
-         f"  hub:        {hub_url} as {hub_username(cfg.fleet)} (password in {pki.hub_password_path})\n"
-         + ("" if args.no_hub_config else f"  {home.config_path} updated; restart `edgefleet-hub serve`\n")
-         + "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)")
     return 0
 
 
@@ -389,26 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
     sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")
     sp.add_argument("--window", type=float, help="override the profile's telemetry window (seconds)")
-    sp.add_argument("--credentials", default="auto", choices=["auto", "cert", "password", "both", "none"],
-                    help="broker credentials to issue (default auto: a certificate once broker-config ran)")
-    sp = cmd("revoke", cmd_device_revoke, "revoke a device's certificates (CRL) and password", dev)
-    client(sp)
-    sp.add_argument("id")
-    client(cmd("list", cmd_device_list, "enrolled devices and the state of their credentials", dev))
+    sp.add_argument("--credentials", default="auto",
+                    choices=["auto", "cert", "password", "both", "none"],
+                    help="broker credentials to issue (auto: a certificate once broker-config ran)")
+    from hub.cli_security import add_security_commands
 
-    sp = cmd("broker-config", cmd_broker_config,
-             "write a Mosquitto config (TLS, client certificates, CRL, passwords, ACL) for this fleet")
-    sp.add_argument("--out", required=True, help="folder for mosquitto.conf, acl, certificates, CRL, passwd")
-    sp.add_argument("--hostname", action="append",
-                    help="name or IP agents use for the broker (repeatable; default localhost, 127.0.0.1, FQDN)")
-    sp.add_argument("--public-host", help="host to put in the broker URLs (default: the first --hostname)")
-    sp.add_argument("--bind", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    sp.add_argument("--port", type=int, default=8883, help="device listener, client certificates (default 8883)")
-    sp.add_argument("--password-port", type=int, default=8884, help="hub/password listener (default 8884)")
-    sp.add_argument("--run-as", help="Mosquitto's `user` option (default: Mosquitto's own, 'mosquitto')")
-    sp.add_argument("--no-persistence", action="store_true", help="no on-disk broker persistence")
-    sp.add_argument("--no-hub-config", action="store_true", help="leave hub.toml as it is")
-    sp.add_argument("--json", action="store_true")
+    add_security_commands(sub, dev, cmd, client)
 
     sp = cmd("demo", cmd_demo, "run hub, embedded broker and two agents on this machine")
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")

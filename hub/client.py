@@ -64,7 +64,8 @@ class HubClient:
 
     def add_device(self, device: str, profile: str, credentials: str = "auto") -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            "POST", "/api/v1/devices", json={"device": device, "profile": profile, "credentials": credentials}
+            "POST", "/api/v1/devices",
+            json={"device": device, "profile": profile, "credentials": credentials},
         )
         return result
 
@@ -73,7 +74,9 @@ class HubClient:
         return result
 
     def revoke_device(self, device: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/devices/revoke", json={"device": device})
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices/revoke", json={"device": device}
+        )
         return result
 
     def deploy(self, model: str, version: str, devices: list[str]) -> dict[str, Any]:

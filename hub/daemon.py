@@ -270,8 +270,9 @@ class Hub:
                 raise Conflict(f"device {device!r} is already registered")
             creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
             conn.execute("INSERT INTO devices (id, profile, created_at) VALUES (?,?,?)", (device, profile, now))
-            self.db.audit(conn, now, actor, "device_add", {"device": device, "profile": profile,
-                                                           "credentials": creds["kind"], "serial": creds.get("serial")})
+            self.db.audit(conn, now, actor, "device_add",
+                          {"device": device, "profile": profile, "credentials": creds["kind"],
+                           "serial": creds.get("serial")})
         return {
             "fleet": self.config.fleet,
             "device": device,

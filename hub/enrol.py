@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.errors import ConfigError
 from hub.errors import BadRequest, NotFound
 from hub.home import HubConfig, HubHome
 from hub.pki import DevicePki
@@ -23,7 +24,14 @@ from hub.pki import DevicePki
 if TYPE_CHECKING:
     from hub.daemon import Hub
 
-__all__ = ["CREDENTIAL_KINDS", "hub_link_options", "issue_credentials", "list_devices", "pki_for", "revoke_device"]
+__all__ = [
+    "CREDENTIAL_KINDS",
+    "hub_link_options",
+    "issue_credentials",
+    "list_devices",
+    "pki_for",
+    "revoke_device",
+]
 
 CREDENTIAL_KINDS = ("cert", "password", "both", "none", "auto")
 
@@ -33,14 +41,20 @@ def pki_for(home: HubHome, fleet: str) -> DevicePki:
 
 
 def hub_link_options(home: HubHome, config: HubConfig) -> dict[str, Any]:
-    """Keyword arguments for the hub's :class:`~agent.mqttlink.MqttLink`: pinned CA, user, password."""
+    """Keyword arguments for the hub's :class:`~agent.mqttlink.MqttLink`: CA, user, password."""
     opts: dict[str, Any] = {}
     if config.broker_ca_file:
         opts["ca_file"] = config.broker_ca_file
     if config.broker_username:
         opts["username"] = config.broker_username
         if config.broker_password_file:
-            opts["password"] = Path(config.broker_password_file).read_text().strip()
+            try:
+                opts["password"] = Path(config.broker_password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"hub.toml: broker_password_file {config.broker_password_file} cannot be read "
+                    f"({exc}); rerun `edgefleet-hub broker-config` or fix the path"
+                ) from exc
     return opts
 
 
@@ -58,15 +72,23 @@ def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[s
     out["ca_pem"] = pki.ca_pem().decode()
     if kind in ("cert", "both"):
         issued = pki.issue_client(device, now)
-        out.update(cert_pem=issued.cert_pem.decode(), key_pem=issued.key_pem.decode(),
-                   serial=format(issued.serial, "x"), not_after=issued.not_after)
+        out.update(
+            cert_pem=issued.cert_pem.decode(),
+            key_pem=issued.key_pem.decode(),
+            serial=format(issued.serial, "x"),
+            not_after=issued.not_after,
+        )
     if kind in ("password", "both"):
         out.update(username=device, password=pki.set_password(device))
     return out
 
 
 def device_broker_url(hub: Hub, kind: str) -> str:
-    return hub.config.device_broker_url if kind in ("cert", "both") and hub.config.device_broker_url else hub.broker_url
+    return (
+        hub.config.device_broker_url
+        if kind in ("cert", "both") and hub.config.device_broker_url
+        else hub.broker_url
+    )
 
 
 def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
@@ -85,11 +107,17 @@ def list_devices(hub: Hub) -> list[dict[str, Any]]:
     for d in hub.db.query("SELECT id, profile, created_at, status FROM devices ORDER BY id"):
         c = creds.get(d["id"], {"certs": [], "password": False, "revoked_at": None})
         live = [x for x in c["certs"] if not x["revoked_at"]]
-        out.append({
-            "device": d["id"], "profile": d["profile"], "created_at": d["created_at"],
-            "status": d["status"] or "never seen",
-            "revoked": c["revoked_at"] is not None, "revoked_at": c["revoked_at"],
-            "certificates": c["certs"], "cert_not_after": max((x["not_after"] for x in live), default=None),
-            "password": c["password"],
-        })
+        out.append(
+            {
+                "device": d["id"],
+                "profile": d["profile"],
+                "created_at": d["created_at"],
+                "status": d["status"] or "never seen",
+                "revoked": c["revoked_at"] is not None,
+                "revoked_at": c["revoked_at"],
+                "certificates": c["certs"],
+                "cert_not_after": max((x["not_after"] for x in live), default=None),
+                "password": c["password"],
+            }
+        )
     return out

@@ -40,7 +40,7 @@ class HubConfig:
     http_listen: str
     public_url: str
     desired_ttl_seconds: int
-    # Broker security (written by `edgefleet-hub broker-config`; empty = plain MQTT as in broker_url)
+    # Broker security, written by `edgefleet-hub broker-config` (empty: plain MQTT, broker_url)
     device_broker_url: str = ""  # what enrolled agents connect to; empty = broker_url
     broker_ca_file: str = ""  # CA the hub pins for the broker's certificate
     broker_username: str = ""
@@ -97,7 +97,8 @@ class HubHome:
             raise ConfigError(
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
-        known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds", *_SECURITY_KEYS}
+        known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
+                 *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")

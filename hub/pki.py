@@ -66,7 +66,9 @@ def hub_username(fleet: str) -> str:
     return f"hub@{fleet}"
 
 
-def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+def hash_password(
+    password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
+) -> str:
     """Mosquitto 2.x password hash: ``$7$iterations$base64(salt)$base64(pbkdf2_sha512)``."""
     salt = salt if salt is not None else secrets.token_bytes(12)
     dk = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
@@ -102,8 +104,9 @@ def _utc(ts: float) -> dt.datetime:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class DevicePki:
@@ -133,7 +136,11 @@ class DevicePki:
                 before = json.dumps(index, sort_keys=True)
                 yield index
                 if json.dumps(index, sort_keys=True) != before:
-                    atomic_write(self.index_path, json.dumps(index, indent=1, sort_keys=True).encode(), mode=0o600)
+                    atomic_write(
+                        self.index_path,
+                        json.dumps(index, indent=1, sort_keys=True).encode(),
+                        mode=0o600,
+                    )
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -158,22 +165,36 @@ class DevicePki:
             if self.ca_key_path.exists():
                 return
             key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"edgefleet device CA {self.fleet}"),
-            ])
+            name = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, f"edgefleet device CA {self.fleet}"),
+                ]
+            )
             ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
             cert = (
                 x509.CertificateBuilder()
-                .subject_name(name).issuer_name(name).public_key(key.public_key())
+                .subject_name(name)
+                .issuer_name(name)
+                .public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(_utc(now) - SKEW)
                 .not_valid_after(_utc(now) + dt.timedelta(days=CA_DAYS))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(
+                    x509.KeyUsage(
+                        digital_signature=False,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=True,
+                        crl_sign=True,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    critical=True,
+                )
                 .add_extension(ski, critical=False)
                 .sign(key, hashes.SHA256())
             )
@@ -186,8 +207,10 @@ class DevicePki:
             key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
         except FileNotFoundError as exc:
-            raise ConfigError(f"no device CA in {self.path}; run `edgefleet-hub broker-config` "
-                              "(or enrol a device) to create it") from exc
+            raise ConfigError(
+                f"no device CA in {self.path}; run `edgefleet-hub broker-config` "
+                "(or enrol a device) to create it"
+            ) from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{self.ca_key_path} is not an EC private key")
         return key, cert
@@ -195,28 +218,52 @@ class DevicePki:
     def ca_pem(self) -> bytes:
         return self.ca_path.read_bytes()
 
-    def _issue(self, cn: str, now: float, days: int, *, server_names: Iterable[str] = ()) -> tuple[x509.Certificate, bytes]:
+    def _issue(
+        self, cn: str, now: float, days: int, *, server_names: Iterable[str] = ()
+    ) -> tuple[x509.Certificate, bytes]:
         ca_key, ca_cert = self._ca()
         key = ec.generate_private_key(ec.SECP256R1())
         names = list(server_names)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"edgefleet {self.fleet}"),
-                x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            ]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"edgefleet {self.fleet}"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                    ]
+                )
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_utc(now) - SKEW)
             .not_valid_after(min(_utc(now) + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if names else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if names else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
         )
         if names:
             alts: list[x509.GeneralName] = []
@@ -237,11 +284,22 @@ class DevicePki:
             cert, key_pem = self._issue(device, now, days)
             not_after = cert.not_valid_after_utc.timestamp()
             index["certs"][format(cert.serial_number, "x")] = {
-                "device": device, "issued_at": now, "not_after": not_after, "revoked_at": None,
+                "device": device,
+                "issued_at": now,
+                "not_after": not_after,
+                "revoked_at": None,
             }
-        return IssuedCert(device, cert.serial_number, cert.public_bytes(serialization.Encoding.PEM), key_pem, not_after)
+        return IssuedCert(
+            device,
+            cert.serial_number,
+            cert.public_bytes(serialization.Encoding.PEM),
+            key_pem,
+            not_after,
+        )
 
-    def issue_server(self, hostnames: Iterable[str], now: float, *, days: int = SERVER_DAYS) -> tuple[bytes, bytes]:
+    def issue_server(
+        self, hostnames: Iterable[str], now: float, *, days: int = SERVER_DAYS
+    ) -> tuple[bytes, bytes]:
         """The broker's certificate, valid for every name in ``hostnames`` (DNS names or IPs)."""
         names = list(hostnames)
         if not names:
@@ -249,8 +307,11 @@ class DevicePki:
         with self._locked() as index:
             cert, key_pem = self._issue(names[0], now, days, server_names=names)
             index["certs"][format(cert.serial_number, "x")] = {
-                "device": None, "server": names, "issued_at": now,
-                "not_after": cert.not_valid_after_utc.timestamp(), "revoked_at": None,
+                "device": None,
+                "server": names,
+                "issued_at": now,
+                "not_after": cert.not_valid_after_utc.timestamp(),
+                "revoked_at": None,
             }
         return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
@@ -285,7 +346,11 @@ class DevicePki:
         """Revoke every certificate of ``device`` and drop its password; rewrite CRL and exports."""
         check_name(device, "device id")
         with self._locked() as index:
-            serials = [s for s, c in index["certs"].items() if c.get("device") == device and not c["revoked_at"]]
+            serials = [
+                s
+                for s, c in index["certs"].items()
+                if c.get("device") == device and not c["revoked_at"]
+            ]
             for s in serials:
                 index["certs"][s]["revoked_at"] = now
             had_password = index["passwords"].pop(device, None) is not None
@@ -304,8 +369,10 @@ class DevicePki:
         for serial, c in sorted(self.index()["certs"].items()):
             if c["revoked_at"]:
                 builder = builder.add_revoked_certificate(
-                    x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
-                    .revocation_date(_utc(c["revoked_at"])).build()
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(int(serial, 16))
+                    .revocation_date(_utc(c["revoked_at"]))
+                    .build()
                 )
         pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
         atomic_write(self.crl_path, pem, mode=0o644)
@@ -342,16 +409,27 @@ class DevicePki:
                 atomic_write(folder / "crl.pem", crl, mode=0o644)
 
     def device_credentials(self) -> dict[str, dict[str, Any]]:
-        """Per device: certificate serials (with expiry and revocation) and whether it has a password."""
+        """Per device: certificate serials (expiry, revocation) and whether it has a password."""
         index = self.index()
         out: dict[str, dict[str, Any]] = {}
         for serial, c in index["certs"].items():
             if c.get("device"):
-                d = out.setdefault(c["device"], {"certs": [], "password": False, "revoked_at": None})
-                d["certs"].append({"serial": serial, **{k: c[k] for k in ("issued_at", "not_after", "revoked_at")}})
+                d = out.setdefault(
+                    c["device"], {"certs": [], "password": False, "revoked_at": None}
+                )
+                d["certs"].append(
+                    {
+                        "serial": serial,
+                        **{k: c[k] for k in ("issued_at", "not_after", "revoked_at")},
+                    }
+                )
         for user in index["passwords"]:
             if "@" not in user:
-                out.setdefault(user, {"certs": [], "password": False, "revoked_at": None})["password"] = True
+                out.setdefault(user, {"certs": [], "password": False, "revoked_at": None})[
+                    "password"
+                ] = True
         for device, when in index["revoked_devices"].items():
-            out.setdefault(device, {"certs": [], "password": False, "revoked_at": None})["revoked_at"] = when
+            out.setdefault(device, {"certs": [], "password": False, "revoked_at": None})[
+                "revoked_at"
+            ] = when
         return out

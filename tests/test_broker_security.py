@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import onnx
+import onnxruntime as ort
 import paho.mqtt.client as mqtt
 import pytest
 from onnx import TensorProto, helper
@@ -59,7 +60,9 @@ class Secure:
         return dict(next(d for d in st["devices"] if d["device"] == dev))
 
     def events(self, dev: str) -> list[dict[str, Any]]:
-        out = run_cli("hub.cli", "events", "--home", str(self.home), "--device", dev, "--json").stdout
+        out = run_cli(
+            "hub.cli", "events", "--home", str(self.home), "--device", dev, "--json"
+        ).stdout
         return list(json.loads(out)["events"])
 
     def cert(self, dev: str) -> tuple[str, str]:
@@ -72,15 +75,31 @@ class Secure:
 class Probe:
     """A paho client for one attempt: connect, then optionally subscribe / publish."""
 
-    def __init__(self, env: Secure, *, port: int, cert: tuple[str, str] | None = None,
-                 user: str | None = None, password: str | None = None, ca: str | None = None) -> None:
+    def __init__(
+        self,
+        env: Secure,
+        *,
+        port: int,
+        cert: tuple[str, str] | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+    ) -> None:
         self.connack = threading.Event()
         self.result = "no answer"
         self.suback: list[Any] = []
         self.messages: list[tuple[str, bytes]] = []
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{os.getpid()}", protocol=mqtt.MQTTv311)
-        c.tls_set(ca_certs=ca or env.ca, certfile=cert[0] if cert else None, keyfile=cert[1] if cert else None,
-                  tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"probe-{os.getpid()}",
+            protocol=mqtt.MQTTv311,
+        )
+        c.tls_set(
+            ca_certs=ca or env.ca,
+            certfile=cert[0] if cert else None,
+            keyfile=cert[1] if cert else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
         if user:
             c.username_pw_set(user, password)
         c.on_connect = self._on_connect
@@ -124,9 +143,11 @@ def attempt(env: Secure, **kw: Any) -> str:
 def _tiny_model(path: Path) -> None:
     w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3], [2.0, 2.0, 2.0])
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["input", "w"], ["y"])], "double",
+        [helper.make_node("Mul", ["input", "w"], ["y"])],
+        "double",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -157,25 +178,49 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     fleet = f"sec{int(time.time() * 1000) % 10**9}"
     home = tmp / "hub"
     http_port, device_port, password_port = free_port(), free_port(), free_port()
-    run_cli("hub.cli", "init", "--home", str(home), "--fleet", fleet, "--http", f"127.0.0.1:{http_port}")
+    run_cli(
+        "hub.cli", "init", "--home", str(home), "--fleet", fleet, "--http", f"127.0.0.1:{http_port}"
+    )
     broker_dir = tmp / "broker"
-    run_cli("hub.cli", "broker-config", "--home", str(home), "--out", str(broker_dir),
-            "--hostname", "127.0.0.1", "--hostname", "localhost", "--bind", "127.0.0.1",
-            "--port", str(device_port), "--password-port", str(password_port),
-            "--run-as", os.environ.get("USER", "root") if os.geteuid() == 0 else "",
-            "--no-persistence")
+    run_cli(
+        "hub.cli",
+        "broker-config",
+        "--home",
+        str(home),
+        "--out",
+        str(broker_dir),
+        "--hostname",
+        "127.0.0.1",
+        "--hostname",
+        "localhost",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(device_port),
+        "--password-port",
+        str(password_port),
+        "--run-as",
+        os.environ.get("USER", "root") if os.geteuid() == 0 else "",
+        "--no-persistence",
+    )
     log = (tmp / "mosquitto.log").open("wb")
-    mosq = subprocess.Popen([binary, "-c", str(broker_dir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT)
+    mosq = subprocess.Popen(
+        [binary, "-c", str(broker_dir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+    )
     procs = Procs(tmp)
     hub_sock, hub_sock_path = _notify_socket()
     hub_sock.settimeout(30)
     bundles: dict[str, Path] = {}
     agent_ports: dict[str, int] = {}
-    s = Secure(tmp, home, fleet, broker_dir, device_port, password_port, mosq, procs, bundles, agent_ports)
+    s = Secure(
+        tmp, home, fleet, broker_dir, device_port, password_port, mosq, procs, bundles, agent_ports
+    )
     try:
         wait_port(device_port)
         wait_port(password_port)
-        procs.start("hub", "hub.cli", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path})
+        procs.start(
+            "hub", "hub.cli", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path}
+        )
         s.hub_notes.append(hub_sock.recv(4096).decode())  # READY=1 once it serves
         wait_for(lambda: _healthy(http_port), 20, "hub HTTP")
         enrol = {
@@ -187,17 +232,55 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         for dev, extra in enrol.items():
             agent_ports[dev] = free_port()
             bundles[dev] = tmp / dev
-            run_cli("hub.cli", "device", "add", dev, "--home", str(home), "--out", str(bundles[dev]),
-                    "--listen", f"127.0.0.1:{agent_ports[dev]}", "--window", "1", *extra)
+            run_cli(
+                "hub.cli",
+                "device",
+                "add",
+                dev,
+                "--home",
+                str(home),
+                "--out",
+                str(bundles[dev]),
+                "--listen",
+                f"127.0.0.1:{agent_ports[dev]}",
+                "--window",
+                "1",
+                *extra,
+            )
         mosq.send_signal(signal.SIGHUP)  # new passwords: the broker rereads its password file
         for dev in ("dev-a", "dev-b"):
-            procs.start(f"agent-{dev}", "agent.cli", "run", "--config", str(bundles[dev] / "agent.toml"))
+            procs.start(
+                f"agent-{dev}", "agent.cli", "run", "--config", str(bundles[dev] / "agent.toml")
+            )
         _tiny_model(tmp / "double.onnx")
-        run_cli("hub.cli", "publish", "--home", str(home), "--name", "clf", "--version", "1.0.0",
-                str(tmp / "double.onnx"))
-        run_cli("hub.cli", "deploy", "--home", str(home), "clf", "1.0.0", "--device", "dev-a", "--device", "dev-b")
-        wait_for(lambda: all(s.status(d)["models"].get("clf") == "1.0.0" for d in ("dev-a", "dev-b")), 40,
-                 "both agents to report clf 1.0.0 over TLS")
+        run_cli(
+            "hub.cli",
+            "publish",
+            "--home",
+            str(home),
+            "--name",
+            "clf",
+            "--version",
+            "1.0.0",
+            str(tmp / "double.onnx"),
+        )
+        run_cli(
+            "hub.cli",
+            "deploy",
+            "--home",
+            str(home),
+            "clf",
+            "1.0.0",
+            "--device",
+            "dev-a",
+            "--device",
+            "dev-b",
+        )
+        wait_for(
+            lambda: all(s.status(d)["models"].get("clf") == "1.0.0" for d in ("dev-a", "dev-b")),
+            40,
+            "both agents to report clf 1.0.0 over TLS",
+        )
         yield s
     except BaseException:
         print(procs.logs())
@@ -212,16 +295,25 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
 
 
 def infer(port: int) -> dict[str, Any]:
-    body = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]
+    }
     r = httpx.post(f"http://127.0.0.1:{port}/v2/models/clf/infer", json=body, timeout=10)
     assert r.status_code == 200, r.text
     return dict(r.json())
 
 
-def test_generated_config_is_tls_only_with_client_certificates_crl_and_no_anonymous(env: Secure) -> None:
+def test_generated_config_is_tls_only_with_client_certificates_crl_and_no_anonymous(
+    env: Secure,
+) -> None:
     conf = (env.broker_dir / "mosquitto.conf").read_text()
-    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
-                 f"crlfile {env.broker_dir.resolve() / 'crl.pem'}", "max_queued_messages 1000000"):
+    for line in (
+        "allow_anonymous false",
+        "require_certificate true",
+        "use_identity_as_username true",
+        f"crlfile {env.broker_dir.resolve() / 'crl.pem'}",
+        "max_queued_messages 1000000",
+    ):
         assert line in conf
     assert "listener" in conf and "certfile" in conf
 
@@ -242,34 +334,51 @@ def test_enrolled_agents_connect_over_tls_and_update(env: Secure) -> None:
 
 
 def test_missing_execution_provider_falls_back_with_an_event(env: Secure) -> None:
-    import onnxruntime as ort
-
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this ONNX Runtime has TensorRT: nothing to fall back from")
-    events = wait_for(lambda: [e for e in env.events("dev-a") if e["type"] == "provider_fallback"], 15,
-                      "a provider_fallback event from dev-a (Jetson profile, no GPU here)")
+    events = wait_for(
+        lambda: [e for e in env.events("dev-a") if e["type"] == "provider_fallback"],
+        15,
+        "a provider_fallback event from dev-a (Jetson profile, no GPU here)",
+    )
     assert "TensorrtExecutionProvider" in events[0]["message"]  # type: ignore[index]
-    assert infer(env.agent_ports["dev-a"])["model_version"] == "1.0.0"  # served on the next provider
+    assert (
+        infer(env.agent_ports["dev-a"])["model_version"] == "1.0.0"
+    )  # served on the next provider
 
 
 def test_device_cannot_subscribe_to_another_devices_desired_state(env: Secure) -> None:
     topics = Topics(env.fleet)
-    for kw in ({"port": env.device_port, "cert": env.cert("dev-x")},
-               {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")}):
+    for kw in (
+        {"port": env.device_port, "cert": env.cert("dev-x")},
+        {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")},
+    ):
         p = Probe(env, **kw)
         try:
             assert p.connect() == "connected"
-            p.client.subscribe([(topics.desired("dev-a"), 1), (topics.device("dev-b", "telemetry"), 1),
-                                (topics.keyring, 1)])
+            p.client.subscribe(
+                [
+                    (topics.desired("dev-a"), 1),
+                    (topics.device("dev-b", "telemetry"), 1),
+                    (topics.keyring, 1),
+                ]
+            )
             # The keyring is retained and readable by every device: it arriving proves the
             # subscription round trip is done, so a missing desired state is a real refusal.
-            wait_for(lambda: any(t == topics.keyring for t, _ in p.messages), 10, "the retained keyring")
+            wait_for(
+                lambda got=p.messages: any(t == topics.keyring for t, _ in got),
+                10,
+                "the retained keyring",
+            )
             # Mosquitto 2.0 grants the SUBACK and applies read ACLs per message; what counts is
             # that nothing arrives. dev-b keeps publishing telemetry: wait until the hub has seen
             # two more windows, which the probe would have got too.
             seen = env.status("dev-b")["last_telemetry"]["seq"]
-            wait_for(lambda s=seen: env.status("dev-b")["last_telemetry"]["seq"] >= s + 2, 15,  # type: ignore[misc]
-                     "two more telemetry windows from dev-b at the hub")
+            wait_for(
+                lambda s=seen: env.status("dev-b")["last_telemetry"]["seq"] >= s + 2,
+                15,
+                "two more telemetry windows from dev-b at the hub",
+            )
             assert [t for t, _ in p.messages] == [topics.keyring]
         finally:
             p.close()
@@ -278,10 +387,22 @@ def test_device_cannot_subscribe_to_another_devices_desired_state(env: Secure) -
 def test_device_cannot_publish_to_another_devices_telemetry(env: Secure) -> None:
     topics = Topics(env.fleet)
     forged_seq = 900_000
-    forged = TelemetryWindow(fleet=env.fleet, device="dev-b", seq=forged_seq, window_start=time.time() - 1,
-                             window_end=time.time(), models={}, system={}, metrics={"requests": 1}).to_json()
-    for n, kw in enumerate(({"port": env.device_port, "cert": env.cert("dev-x")},
-                            {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")})):
+    forged = TelemetryWindow(
+        fleet=env.fleet,
+        device="dev-b",
+        seq=forged_seq,
+        window_start=time.time() - 1,
+        window_end=time.time(),
+        models={},
+        system={},
+        metrics={"requests": 1},
+    ).to_json()
+    for n, kw in enumerate(
+        (
+            {"port": env.device_port, "cert": env.cert("dev-x")},
+            {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")},
+        )
+    ):
         p = Probe(env, **kw)
         try:
             assert p.connect() == "connected"
@@ -291,12 +412,17 @@ def test_device_cannot_publish_to_another_devices_telemetry(env: Secure) -> None
             # A message dev-x may send, published after the forgery: once the hub has it, it
             # would have had the forgery too (one publisher, one subscriber: order is kept).
             marker = f"marker-{n}-{time.time()}"
-            ev = Event(fleet=env.fleet, device="dev-x", time=time.time(), type="note", message=marker).to_json()
+            ev = Event(
+                fleet=env.fleet, device="dev-x", time=time.time(), type="note", message=marker
+            ).to_json()
             p.client.publish(topics.device("dev-x", "events"), ev, qos=1).wait_for_publish(5)
         finally:
             p.close()
-        wait_for(lambda m=marker: any(e["message"] == m for e in env.events("dev-x")), 15,  # type: ignore[misc]
-                 "the hub to receive dev-x's own event")
+        wait_for(
+            lambda m=marker: any(e["message"] == m for e in env.events("dev-x")),
+            15,
+            "the hub to receive dev-x's own event",
+        )
     b = env.status("dev-b")
     assert b["last_telemetry"]["seq"] < forged_seq
     assert b["status"] == "online"
@@ -304,11 +430,19 @@ def test_device_cannot_publish_to_another_devices_telemetry(env: Secure) -> None
 
 def test_anonymous_and_wrong_password_clients_are_refused(env: Secure) -> None:
     assert attempt(env, port=env.password_port).startswith("refused")
-    assert attempt(env, port=env.password_port, user="dev-x", password="not-it").startswith("refused")
+    assert attempt(env, port=env.password_port, user="dev-x", password="not-it").startswith(
+        "refused"
+    )
     assert attempt(env, port=env.password_port, user="dev-a", password="").startswith("refused")
     assert attempt(env, port=env.device_port) != "connected"  # no client certificate at all
-    assert attempt(env, port=env.device_port, user="dev-x", password=env.password("dev-x")) != "connected"
-    assert attempt(env, port=env.password_port, user="dev-x", password=env.password("dev-x")) == "connected"
+    assert (
+        attempt(env, port=env.device_port, user="dev-x", password=env.password("dev-x"))
+        != "connected"
+    )
+    assert (
+        attempt(env, port=env.password_port, user="dev-x", password=env.password("dev-x"))
+        == "connected"
+    )
 
 
 def test_certificate_from_another_ca_is_refused(env: Secure) -> None:
@@ -332,19 +466,41 @@ def test_revoked_device_is_refused(env: Secure) -> None:
     assert "1 certificate(s) on the CRL" in out and "password removed" in out
     env.mosquitto.send_signal(signal.SIGHUP)  # what `systemctl reload mosquitto` does
 
-    wait_for(lambda: attempt(env, **cert_kw) != "connected", 10, "the revoked certificate to be refused")
-    wait_for(lambda: attempt(env, **pw_kw).startswith("refused"), 10, "the revoked password to be refused")
-    assert attempt(env, port=env.device_port, cert=env.cert("dev-x")) == "connected"  # others unaffected
-    listed = json.loads(run_cli("hub.cli", "device", "list", "--home", str(env.home), "--json").stdout)
+    wait_for(
+        lambda: attempt(env, **cert_kw) != "connected", 10, "the revoked certificate to be refused"
+    )
+    wait_for(
+        lambda: attempt(env, **pw_kw).startswith("refused"),
+        10,
+        "the revoked password to be refused",
+    )
+    assert (
+        attempt(env, port=env.device_port, cert=env.cert("dev-x")) == "connected"
+    )  # others unaffected
+    listed = json.loads(
+        run_cli("hub.cli", "device", "list", "--home", str(env.home), "--json").stdout
+    )
     by_id = {d["device"]: d for d in listed["devices"]}
     assert by_id["dev-r"]["revoked"] and not by_id["dev-x"]["revoked"]
     assert by_id["dev-a"]["cert_not_after"] and by_id["dev-b"]["password"]
+    text = run_cli("hub.cli", "device", "list", "--home", str(env.home)).stdout
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "REVOKED" in rows["dev-r"] and "cert+password" in rows["dev-x"]
 
 
 def test_device_ids_with_mqtt_wildcards_are_refused_at_enrolment(env: Secure) -> None:
     for bad in ("a+b", "a#", "a/b"):
-        res = run_cli("hub.cli", "device", "add", bad, "--home", str(env.home), "--out", str(env.tmp / "bad"),
-                      check=False)
+        res = run_cli(
+            "hub.cli",
+            "device",
+            "add",
+            bad,
+            "--home",
+            str(env.home),
+            "--out",
+            str(env.tmp / "bad"),
+            check=False,
+        )
         assert res.returncode == 2 and "device id" in res.stderr
     assert not (env.tmp / "bad").exists()
 
@@ -359,14 +515,21 @@ def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None
     sock.settimeout(30)
     port = env.agent_ports["dev-a"]
     try:
-        proc = env.procs.start("agent-dev-a-notify", "agent.cli", "run", "--config",
-                               str(env.bundles["dev-a"] / "agent.toml"),
-                               env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        proc = env.procs.start(
+            "agent-dev-a-notify",
+            "agent.cli",
+            "run",
+            "--config",
+            str(env.bundles["dev-a"] / "agent.toml"),
+            env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+        )
         first = sock.recv(4096).decode()
         assert first.startswith("READY=1\nSTATUS=")
         assert "clf 1.0.0" in first
         # At READY the installed model already answers.
-        assert httpx.get(f"http://127.0.0.1:{port}/v2/models/clf/ready", timeout=5).status_code == 200
+        assert (
+            httpx.get(f"http://127.0.0.1:{port}/v2/models/clf/ready", timeout=5).status_code == 200
+        )
         got: list[str] = []
         while got.count("WATCHDOG=1") < 3:
             got.append(sock.recv(4096).decode())

@@ -27,7 +27,9 @@ def pki(tmp_path: Path) -> DevicePki:
 
 
 @pytest.mark.parametrize("bad", ["a+b", "a#", "a/b", "+", "#", "", "x" * 65, "dév", "a b"])
-def test_device_ids_with_wildcards_slashes_or_odd_characters_are_refused(pki: DevicePki, bad: str) -> None:
+def test_device_ids_with_wildcards_slashes_or_odd_characters_are_refused(
+    pki: DevicePki, bad: str
+) -> None:
     with pytest.raises(MalformedMessage, match="device id"):
         pki.issue_client(bad, NOW)
     with pytest.raises(MalformedMessage, match="device id"):
@@ -55,7 +57,9 @@ def test_certificate_from_another_ca_does_not_chain(pki: DevicePki, tmp_path: Pa
         forged.verify_directly_issued_by(x509.load_pem_x509_certificate(pki.ca_pem()))
 
 
-def test_revoke_lists_every_certificate_on_the_crl_and_drops_the_password(pki: DevicePki, tmp_path: Path) -> None:
+def test_revoke_lists_every_certificate_on_the_crl_and_drops_the_password(
+    pki: DevicePki, tmp_path: Path
+) -> None:
     broker = tmp_path / "broker"
     broker.mkdir()
     pki.add_export(broker)
@@ -92,28 +96,38 @@ def test_password_hashes_are_mosquitto_pbkdf2_sha512() -> None:
     assert not verify_password("s3cret", "$6$not-a-mosquitto-hash")
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed")
+@pytest.mark.skipif(
+    shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed"
+)
 def test_hashes_written_by_mosquitto_passwd_verify_with_ours(tmp_path: Path) -> None:
     f = tmp_path / "pw"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(f), "alice", "s3cret"], check=True, capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(f), "alice", "s3cret"], check=True, capture_output=True
+    )
     user, encoded = f.read_text().strip().split(":", 1)
     assert user == "alice"
     assert verify_password("s3cret", encoded) and not verify_password("wrong", encoded)
 
 
-def test_hub_user_is_outside_the_device_id_namespace_and_owns_the_fleet_root(pki: DevicePki) -> None:
+def test_hub_user_is_outside_the_device_id_namespace_and_owns_the_fleet_root(
+    pki: DevicePki,
+) -> None:
     with pytest.raises(MalformedMessage):
         check_name(hub_username("plant1"), "device id")
     with pytest.raises(MalformedMessage):
-        pki.issue_client(hub_username("plant1"), NOW)  # no device certificate can carry the hub's name
+        pki.issue_client(
+            hub_username("plant1"), NOW
+        )  # no device certificate can carry the hub's name
     acl = acl_text("plant1")
     assert f"user {hub_username('plant1')}\ntopic readwrite edgefleet/v1/plant1/#" in acl
     patterns = [line for line in acl.splitlines() if line.startswith("pattern")]
-    assert sorted(patterns) == sorted([
-        "pattern read edgefleet/v1/plant1/devices/%u/desired",
-        "pattern read edgefleet/v1/plant1/keyring",
-        "pattern write edgefleet/v1/plant1/devices/%u/reported",
-        "pattern write edgefleet/v1/plant1/devices/%u/telemetry",
-        "pattern write edgefleet/v1/plant1/devices/%u/events",
-        "pattern write edgefleet/v1/plant1/devices/%u/status",
-    ])
+    assert sorted(patterns) == sorted(
+        [
+            "pattern read edgefleet/v1/plant1/devices/%u/desired",
+            "pattern read edgefleet/v1/plant1/keyring",
+            "pattern write edgefleet/v1/plant1/devices/%u/reported",
+            "pattern write edgefleet/v1/plant1/devices/%u/telemetry",
+            "pattern write edgefleet/v1/plant1/devices/%u/events",
+            "pattern write edgefleet/v1/plant1/devices/%u/status",
+        ]
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from agent.config import load_agent_config, load_profile
@@ -18,7 +19,13 @@ SHIPPED = sorted(PROFILES.glob("*.toml"))
 
 def test_the_promised_device_classes_have_profiles() -> None:
     names = {p.stem for p in SHIPPED}
-    assert {"raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "generic-x86_64", "tiny-arm-512mb"} <= names
+    assert {
+        "raspberry-pi-4",
+        "raspberry-pi-5",
+        "jetson-orin-nano",
+        "generic-x86_64",
+        "tiny-arm-512mb",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -40,10 +47,12 @@ def test_tiny_board_profile_fits_one_core_and_512_mb() -> None:
 
 def test_jetson_asks_for_tensorrt_then_cuda_and_falls_back_to_cpu_without_them() -> None:
     jetson = load_profile(PROFILES / "jetson-orin-nano.toml")
-    assert jetson.execution_providers == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert jetson.execution_providers == (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
     assert jetson.provider_options["TensorrtExecutionProvider"]["trt_fp16_enable"] is True
-    import onnxruntime as ort
-
     available = set(ort.get_available_providers())
     use, missing = providers_for(jetson)
     names = [u if isinstance(u, str) else u[0] for u in use]
@@ -88,9 +97,16 @@ def test_broker_credentials_in_agent_toml_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cert_file and key_file"):
         load_agent_config(_agent_toml(tmp_path, 'cert_file = "c.pem"\n', url="mqtts://h:8883"))
     (tmp_path / "pw").write_text("hunter2\n")
-    cfg = load_agent_config(_agent_toml(tmp_path, 'ca_file = "ca.pem"\npassword_file = "pw"\n', url="mqtts://h:8883"))
-    assert cfg.mqtt_options() == {"ca_file": str(tmp_path / "ca.pem"), "cert_file": None, "key_file": None,
-                                  "username": "d1", "password": "hunter2"}
+    cfg = load_agent_config(
+        _agent_toml(tmp_path, 'ca_file = "ca.pem"\npassword_file = "pw"\n', url="mqtts://h:8883")
+    )
+    assert cfg.mqtt_options() == {
+        "ca_file": str(tmp_path / "ca.pem"),
+        "cert_file": None,
+        "key_file": None,
+        "username": "d1",
+        "password": "hunter2",
+    }
 
 
 def test_systemd_dropin_sizes_memory_from_the_profile() -> None:

@@ -44,7 +44,9 @@ def drain(sock: socket.socket) -> list[str]:
         return out
 
 
-def test_ready_status_and_stopping_are_sent_as_datagrams(listener: tuple[str, socket.socket]) -> None:
+def test_ready_status_and_stopping_are_sent_as_datagrams(
+    listener: tuple[str, socket.socket],
+) -> None:
     path, sock = listener
     n = Notifier(env={"NOTIFY_SOCKET": path})
     n("READY=1\nSTATUS=clf 1.0.0")
@@ -67,7 +69,9 @@ def test_watchdog_is_paced_to_half_of_watchdog_usec(listener: tuple[str, socket.
     assert sent_at == [0.0, 1.0, 2.2]
 
 
-@pytest.mark.parametrize("env", [{}, {"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}])
+@pytest.mark.parametrize(
+    "env", [{}, {"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}]
+)
 def test_no_watchdog_pings_when_systemd_watches_nothing_or_another_process(
     listener: tuple[str, socket.socket], env: dict[str, str]
 ) -> None:
@@ -94,6 +98,14 @@ def test_unit_files_exist_with_notify_and_watchdog() -> None:
     deploy = Path(__file__).resolve().parent.parent / "deploy"
     for unit in ("edgefleet-agent.service", "edgefleet-hub.service"):
         text = (deploy / unit).read_text()
-        for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=",
-                          "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes"):
+        for directive in (
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "StateDirectory=",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "ProtectHome=yes",
+        ):
             assert directive in text, f"{unit} lacks {directive}"
