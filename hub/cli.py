@@ -247,6 +247,8 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     creds = info.pop("credentials", None) or {"kind": "none"}
+    if not str(info["broker_url"]).startswith("mqtts://"):
+        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker
     path = write_agent_bundle(out, info, profile_path=profile_path, listen=args.listen,
                               state_dir=args.state_dir or "state", overrides=overrides,
                               extra_lines=write_credentials(out, creds))

@@ -68,6 +68,12 @@ def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[s
     out: dict[str, Any] = {"kind": kind}
     if kind == "none":
         return out
+    if kind in ("cert", "both") and not device_broker_url(hub, kind).startswith("mqtts://"):
+        raise BadRequest(
+            f"a client certificate needs a TLS broker, but devices would connect to "
+            f"{device_broker_url(hub, kind)!r}; run `edgefleet-hub broker-config` first "
+            "(or enrol with --credentials password / none)"
+        )
     pki.ensure_ca(now)
     out["ca_pem"] = pki.ca_pem().decode()
     if kind in ("cert", "both"):

@@ -140,8 +140,8 @@ def attempt(env: Secure, **kw: Any) -> str:
         p.close()
 
 
-def _tiny_model(path: Path) -> None:
-    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3], [2.0, 2.0, 2.0])
+def _tiny_model(path: Path, factor: float = 2.0) -> None:
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3], [factor] * 3)
     graph = helper.make_graph(
         [helper.make_node("Mul", ["input", "w"], ["y"])],
         "double",
@@ -507,7 +507,7 @@ def test_device_ids_with_mqtt_wildcards_are_refused_at_enrolment(env: Secure) ->
 
 def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None:
     """Restart dev-a under a test NOTIFY_SOCKET: READY only once its model serves, WATCHDOG
-    repeated at the pace WATCHDOG_USEC asks, STOPPING on SIGTERM."""
+    repeated at the pace WATCHDOG_USEC asks, STATUS after an update, STOPPING on SIGTERM."""
     old = next(p for p, log in env.procs.procs if "agent-dev-a" in log.name)
     old.send_signal(signal.SIGTERM)
     assert old.wait(15) == 0
@@ -533,6 +533,23 @@ def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None
         got: list[str] = []
         while got.count("WATCHDOG=1") < 3:
             got.append(sock.recv(4096).decode())
+        # An update changes what it runs: STATUS= says so.
+        _tiny_model(env.tmp / "triple.onnx", 3.0)
+        run_cli(
+            "hub.cli",
+            "publish",
+            "--home",
+            str(env.home),
+            "--name",
+            "clf",
+            "--version",
+            "1.1.0",
+            str(env.tmp / "triple.onnx"),
+        )
+        run_cli("hub.cli", "deploy", "--home", str(env.home), "clf", "1.1.0", "--device", "dev-a")
+        while "STATUS=clf 1.1.0" not in got:
+            got.append(sock.recv(4096).decode())
+        assert infer(port)["model_version"] == "1.1.0"
         proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in got:
             got.append(sock.recv(4096).decode())

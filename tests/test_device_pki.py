@@ -14,6 +14,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.errors import ConfigError, MalformedMessage
 from agent.wire import check_name
 from hub.brokerconf import acl_text
+from hub.daemon import Hub
+from hub.errors import BadRequest
+from hub.home import HubHome
 from hub.pki import DevicePki, hash_password, hub_username, verify_password
 
 NOW = 1_790_000_000.0
@@ -131,3 +134,21 @@ def test_hub_user_is_outside_the_device_id_namespace_and_owns_the_fleet_root(
             "pattern write edgefleet/v1/plant1/devices/%u/status",
         ]
     )
+
+
+def test_certificate_enrolment_is_refused_until_the_broker_speaks_tls(tmp_path: Path) -> None:
+    """Without broker-config the hub's broker is plain MQTT: a certificate would be useless
+    there, so the hub refuses it (and names the fix) instead of writing a bundle that fails."""
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f1", broker_url="mqtt://127.0.0.1:1883", http_listen="127.0.0.1:0")
+    hub = Hub(home, clock=lambda: NOW)
+    try:
+        with pytest.raises(BadRequest, match="broker-config"):
+            hub.add_device({"device": "d1", "credentials": "cert"}, "test")
+        assert hub.db.device_ids() == set()
+        res = hub.add_device({"device": "d2", "credentials": "auto"}, "test")
+        assert res["credentials"] == {"kind": "none"}
+        res = hub.add_device({"device": "d3", "credentials": "password"}, "test")
+        assert res["credentials"]["username"] == "d3" and len(res["credentials"]["password"]) >= 24
+    finally:
+        hub.db.close()
