@@ -164,7 +164,10 @@ class AgentConfig:
         }
         if self.password_file is not None:
             opts["username"] = self.device
-            opts["password"] = self.password_file.read_text(encoding="utf-8").strip()
+            try:
+                opts["password"] = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password_file {self.password_file}: {exc}") from exc
         return opts
 
     def with_profile(self, **changes: Any) -> AgentConfig:
@@ -192,7 +195,8 @@ def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str,
         files[key] = file
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(f"{path}: cert_file and key_file go together; set both or neither")
-    if any(files[k] for k in ("ca_file", "cert_file")) and not str(doc["broker_url"]).startswith("mqtts://"):
+    tls = str(doc["broker_url"]).startswith("mqtts://")
+    if any(files[k] for k in ("ca_file", "cert_file")) and not tls:
         raise ConfigError(f"{path}: ca_file/cert_file need a TLS broker URL (mqtts://HOST:PORT), "
                           f"got broker_url = {doc['broker_url']!r}")
     return files

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import load_profile
+from hub.bundle import write_systemd_dropin
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ANALYZE = shutil.which("systemd-analyze")
 
@@ -51,3 +54,18 @@ def test_unit_file_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> N
 def test_verify_does_report_a_mistyped_directive(tmp_path: Path) -> None:
     res = _verify(_installed_copy("edgefleet-agent.service", tmp_path, edit="WatchdogSecs=30s"))
     assert "WatchdogSecs" in res.stdout + res.stderr
+
+
+def test_profile_dropins_written_at_enrolment_pass_verify_with_the_agent_unit(
+    tmp_path: Path,
+) -> None:
+    if not shutil.which("edgefleet-agent"):
+        pytest.skip("console script edgefleet-agent is not installed")
+    unit = _installed_copy("edgefleet-agent.service", tmp_path)
+    for profile in sorted((DEPLOY.parent / "device-profiles").glob("*.toml")):
+        write_systemd_dropin(tmp_path, load_profile(profile))
+        res = _verify(unit)
+        assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), (
+            profile.name,
+            res.stdout + res.stderr,
+        )
