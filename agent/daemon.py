@@ -213,7 +213,9 @@ class Agent:
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()
-                self._notify("WATCHDOG=1")
+                # Keep-alives only while inference is served: otherwise systemd restarts us.
+                if self.http is not None and self.http.alive:
+                    self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
 

@@ -9,8 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.config import load_agent_config
+from agent.daemon import Agent
+from agent.envelope import public_key_to_b64
 from agent.sdnotify import Notifier
+from tests.conftest import free_port
 
 
 class FakeClock:
@@ -109,3 +114,35 @@ def test_unit_files_exist_with_notify_and_watchdog() -> None:
             "ProtectHome=yes",
         ):
             assert directive in text, f"{unit} lacks {directive}"
+
+
+def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
+    listener: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    """READY once serving, WATCHDOG while healthy; when the inference endpoint is gone the
+    pings stop, so systemd's WatchdogSec restarts the agent."""
+    path, sock = listener
+    profiles = Path(__file__).resolve().parent.parent / "device-profiles"
+    (tmp_path / "profile.toml").write_text((profiles / "generic-x86_64.toml").read_text())
+    root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
+    (tmp_path / "agent.toml").write_text(
+        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root}"\nprofile = "profile.toml"\n'
+        f'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
+    )
+    notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+    agent = Agent(load_agent_config(tmp_path / "agent.toml"), notify=notifier)
+    agent.start()
+    try:
+        sock.settimeout(10)
+        assert sock.recv(4096).decode() == "READY=1\nSTATUS=no model installed"
+        assert [sock.recv(4096).decode() for _ in range(3)] == ["WATCHDOG=1"] * 3
+        assert agent.http is not None
+        agent.http.stop()
+        drain(sock)
+        sock.settimeout(0.5)  # ten watchdog intervals
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    finally:
+        agent.stop()
+    assert drain(sock) == ["STOPPING=1"]
