@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -403,10 +404,9 @@ class DevicePki:
             folder = Path(target)
             if not folder.is_dir():
                 continue
-            # Mosquitto drops privileges after reading its config; it must still read these.
-            atomic_write(folder / "passwd", passwd, mode=0o640)
+            _write_keeping_group(folder / "passwd", passwd, 0o640)
             if crl is not None:
-                atomic_write(folder / "crl.pem", crl, mode=0o644)
+                _write_keeping_group(folder / "crl.pem", crl, 0o644)
 
     def device_credentials(self) -> dict[str, dict[str, Any]]:
         """Per device: certificate serials (expiry, revocation) and whether it has a password."""
@@ -433,3 +433,16 @@ class DevicePki:
                 "revoked_at"
             ] = when
         return out
+
+
+def _write_keeping_group(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically, keeping its group: the broker (user ``mosquitto``) reads
+    these files through their group, and the replacement is created by the hub's user."""
+    try:
+        gid = path.stat().st_gid
+    except FileNotFoundError:
+        gid = None
+    atomic_write(path, data, mode=mode)
+    if gid is not None and gid != path.stat().st_gid:
+        with contextlib.suppress(PermissionError):
+            os.chown(path, -1, gid)

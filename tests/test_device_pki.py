@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,3 +153,20 @@ def test_certificate_enrolment_is_refused_until_the_broker_speaks_tls(tmp_path: 
         assert res["credentials"]["username"] == "d3" and len(res["credentials"]["password"]) >= 24
     finally:
         hub.db.close()
+
+
+def test_rewritten_broker_files_keep_the_group_the_broker_reads_them_by(
+    pki: DevicePki, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's group to another group needs root here")
+    broker = tmp_path / "broker"
+    broker.mkdir()
+    pki.add_export(broker)
+    os.chown(broker / "passwd", -1, 12345)
+    os.chown(broker / "crl.pem", -1, 12345)
+    pki.set_password("pump-9")
+    pki.revoke("pump-9", NOW)
+    assert (broker / "passwd").stat().st_gid == 12345
+    assert (broker / "crl.pem").stat().st_gid == 12345
+    assert "pump-9" not in (broker / "passwd").read_text()
