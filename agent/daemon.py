@@ -26,7 +26,7 @@ from agent.envelope import public_key_from_b64
 from agent.errors import EdgefleetError, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
-from agent.serving import LoadedModel, ModelServer, load, providers_for
+from agent.serving import LoadedModel, ModelServer, load
 from agent.store import Store
 from agent.telemetry import fold
 from agent.trust import NoKeyring, TrustedState, VerifiedDesired
@@ -276,7 +276,7 @@ class Agent:
                 self.fetcher.fetch(entry.url, part, size=entry.size)
                 self.store.commit_blob(part, entry.sha256, entry.size)
             staged[name] = load(name, entry, self.store.blob_path(entry.sha256), self.config.profile)
-            _, missing = providers_for(self.config.profile)
+            missing = list(staged[name].missing_providers)
             if missing:
                 self._event("provider_fallback", None, model=name, message=f"execution providers not available here: {missing}")
         entries: dict[str, dict[str, Any]] = {}

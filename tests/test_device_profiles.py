@@ -3,14 +3,18 @@ are named, per-device overrides apply, missing execution providers fall back to 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from agent.config import load_agent_config, load_profile
 from agent.errors import ConfigError
-from agent.serving import providers_for
+from agent.serving import load, providers_for
+from agent.wire import ModelEntry
 from hub.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
 
 PROFILES = Path(__file__).resolve().parent.parent / "device-profiles"
@@ -114,3 +118,33 @@ def test_systemd_dropin_sizes_memory_from_the_profile() -> None:
     text = systemd_dropin(pi4)
     assert "[Service]\n" in text
     assert f"MemoryMax={pi4.memory_budget_mb + RUNTIME_OVERHEAD_MB}M" in text
+
+
+def test_a_session_reports_the_providers_it_fell_back_from(tmp_path: Path) -> None:
+    """What the daemon's `provider_fallback` event is built from: the providers the profile
+    asked for that the real session does not use."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [3.0, 3.0])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "w"], ["y"])],
+        "triple",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    (tmp_path / "m.onnx").write_bytes(data)
+    entry = ModelEntry(
+        version="1", sha256=hashlib.sha256(data).hexdigest(), size=len(data), url="x"
+    )
+    jetson = load_profile(PROFILES / "jetson-orin-nano.toml")
+    loaded = load("m", entry, tmp_path / "m.onnx", jetson)
+    used = loaded.session.get_providers()
+    assert loaded.missing_providers == tuple(p for p in jetson.execution_providers if p not in used)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert loaded.missing_providers == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    out = loaded.session.run(None, {"input": np.ones((1, 2), dtype=np.float32)})
+    assert out[0].tolist() == [[3.0, 3.0]]
+    plain = load("m", entry, tmp_path / "m.onnx", load_profile(PROFILES / "generic-x86_64.toml"))
+    assert plain.missing_providers == ()
