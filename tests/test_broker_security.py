@@ -456,6 +456,21 @@ def test_certificate_from_another_ca_is_refused(env: Secure) -> None:
     assert attempt(env, port=env.device_port, cert=env.cert("dev-x")) == "connected"
 
 
+def test_expired_certificate_from_the_device_ca_is_refused(env: Secure) -> None:
+    pki = DevicePki(env.home / "pki", env.fleet)
+    long_ago = time.time() - 10 * 86400
+    issued = pki.issue_client("dev-old", long_ago, days=1)
+    (env.tmp / "old.pem").write_bytes(issued.cert_pem)
+    (env.tmp / "old.key").write_bytes(issued.key_pem)
+    old = (str(env.tmp / "old.pem"), str(env.tmp / "old.key"))
+    assert attempt(env, port=env.device_port, cert=old) != "connected"
+    fresh = pki.issue_client("dev-old", time.time())
+    (env.tmp / "fresh.pem").write_bytes(fresh.cert_pem)
+    (env.tmp / "fresh.key").write_bytes(fresh.key_pem)
+    fresh_pair = (str(env.tmp / "fresh.pem"), str(env.tmp / "fresh.key"))
+    assert attempt(env, port=env.device_port, cert=fresh_pair) == "connected"
+
+
 def test_revoked_device_is_refused(env: Secure) -> None:
     cert_kw = {"port": env.device_port, "cert": env.cert("dev-r")}
     pw_kw = {"port": env.password_port, "user": "dev-r", "password": env.password("dev-r")}
