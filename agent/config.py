@@ -149,6 +149,27 @@ class AgentConfig:
     profile: DeviceProfile
     config_path: Path | None = None
     topic_prefix: str = "edgefleet/v1/"
+    # Broker transport security: the CA pinned for the broker's certificate, the device's client
+    # certificate and key, and/or a file holding its MQTT password (username = device id).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    password_file: Path | None = None
+
+    def mqtt_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~agent.mqttlink.MqttLink`."""
+        opts: dict[str, Any] = {
+            "ca_file": str(self.ca_file) if self.ca_file else None,
+            "cert_file": str(self.cert_file) if self.cert_file else None,
+            "key_file": str(self.key_file) if self.key_file else None,
+        }
+        if self.password_file is not None:
+            opts["username"] = self.device
+            try:
+                opts["password"] = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password_file {self.password_file}: {exc}") from exc
+        return opts
 
     def with_profile(self, **changes: Any) -> AgentConfig:
         return replace(self, profile=replace(self.profile, **changes))
@@ -156,8 +177,30 @@ class AgentConfig:
 
 _AGENT_KEYS = {
     "fleet", "device", "broker_url", "blob_url", "root_public_key", "state_dir", "listen",
-    "profile", "overrides", "topic_prefix",
+    "profile", "overrides", "topic_prefix", "ca_file", "cert_file", "key_file", "password_file",
 }  # fmt: skip
+
+
+def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str, Path | None]:
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = doc.get(key)
+        if value is None:
+            files[key] = None
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key} must be a file path, got {value!r}")
+        file = base / value
+        if not file.is_file():
+            raise ConfigError(f"{path}: {key} = {value!r} but {file} is not an existing file")
+        files[key] = file
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError(f"{path}: cert_file and key_file go together; set both or neither")
+    tls = str(doc["broker_url"]).startswith("mqtts://")
+    if any(files[k] for k in ("ca_file", "cert_file")) and not tls:
+        raise ConfigError(f"{path}: ca_file/cert_file need a TLS broker URL (mqtts://HOST:PORT), "
+                          f"got broker_url = {doc['broker_url']!r}")
+    return files
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -193,4 +236,5 @@ def load_agent_config(path: Path) -> AgentConfig:
         profile=profile,
         config_path=path,
         topic_prefix=str(doc.get("topic_prefix", "edgefleet/v1/")),
+        **_security_files(doc, base, path),
     )

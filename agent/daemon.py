@@ -28,7 +28,7 @@ from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
 from agent.oip import OipServer
 from agent.sandbox import SessionGuard
-from agent.serving import ModelServer, providers_for
+from agent.serving import ModelServer
 from agent.spool import Outbox, Spool
 from agent.store import Store
 from agent.telemetry import fold, temperature_c
@@ -130,6 +130,7 @@ class Agent:
             on_connect=self._on_connect,
             on_publish=self._on_publish,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
+            **self.config.mqtt_options(),
         )
         self.link.start()
         for note in self._startup_notes:
@@ -198,7 +199,7 @@ class Agent:
             if self._retry_at is not None:
                 timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
             try:
-                kind, payload = self._inbox.get(timeout=min(timeout, 1.0))
+                kind, payload = self._inbox.get(timeout=min(timeout, self._turn_seconds()))
             except queue.Empty:
                 kind, payload = "", b""
             try:
@@ -221,9 +222,16 @@ class Agent:
                     next_window += window
                     self._close_window()
                 self._pump_spool()
-                self._notify("WATCHDOG=1")
+                # Keep-alives only while inference is served: otherwise systemd restarts us.
+                if self.http is not None and self.http.alive:
+                    self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
+
+    def _turn_seconds(self) -> float:
+        """Longest wait per loop turn: 1 s, or less when systemd's watchdog wants pings sooner."""
+        interval = getattr(self._notify, "watchdog_interval", None)
+        return min(1.0, interval) if interval else 1.0
 
     def _handle_keyring(self, raw: bytes) -> None:
         self._emit_all(self.updater.handle_keyring(raw, now=self.clock()))
@@ -236,7 +244,8 @@ class Agent:
         for note in notes:
             self._emit(note)
             if note.model and note.type == "update":
-                _, missing = providers_for(self.config.profile)
+                served = self.models.models().get(note.model)
+                missing = list(served.missing_providers) if served is not None else []
                 if missing:
                     self._event("provider_fallback", None, model=note.model,
                                 message=f"execution providers not available here: {missing}")

@@ -178,6 +178,13 @@ class OipServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="oip-http", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Serving: started, and its thread has not ended (stopped or crashed)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)

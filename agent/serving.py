@@ -88,6 +88,10 @@ class LoadedModel:
     input_names: tuple[str, ...]
     input_types: tuple[str, ...]
     output_names: tuple[str, ...]
+    # Execution providers the profile asked for that the session does not use: absent from this
+    # ONNX Runtime build, or present but failed to initialise (e.g. CUDA without a GPU), in
+    # which case ONNX Runtime quietly continues on the next one.
+    missing_providers: tuple[str, ...] = ()
 
     @property
     def version(self) -> str:
@@ -116,6 +120,8 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
             f"ONNX Runtime could not load {name} {entry.version}: {exc}", reason="model_load"
         ) from exc
     inputs = sess.get_inputs()
+    used = set(sess.get_providers())
+    missing = tuple(p for p in profile.execution_providers if p not in used)
     return LoadedModel(
         name=name,
         entry=entry,
@@ -124,6 +130,7 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
         input_names=tuple(i.name for i in inputs),
         input_types=tuple(i.type for i in inputs),
         output_names=tuple(o.name for o in sess.get_outputs()),
+        missing_providers=missing,
     )
 
 

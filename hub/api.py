@@ -11,7 +11,10 @@ authenticated admin API the CLI talks to.
     GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
     GET  /api/v1/drift?model=NAME     drift scores per model version, fleet and device
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
-    POST /api/v1/devices              register {device, profile}
+    GET  /api/v1/devices              enrolled devices with their credentials' state
+    POST /api/v1/devices              register {device, profile, credentials?}
+                                      (credentials: cert | password | both | none | auto)
+    POST /api/v1/devices/revoke       {device}: revoke its certificates and password (CRL, passwd)
     POST /api/v1/deploy               {model, version, devices: [...]}
 
 Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from agent.errors import EdgefleetError
+from hub.enrol import list_devices, revoke_device
 from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
 from hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hub.metrics import render as render_metrics
@@ -106,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"events": hub.events(q.get("device", [None])[0], limit)})
             if url.path == "/api/v1/models":
                 return self._json(200, {"models": hub.models()})
+            if url.path == "/api/v1/devices":
+                return self._json(200, {"devices": list_devices(hub)})
             if url.path == "/api/v1/audit":
                 since = q.get("since", [None])[0]
                 return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
@@ -129,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(201, hub.publish(body, actor))
             if url.path == "/api/v1/devices":
                 return self._json(201, hub.add_device(body, actor))
+            if url.path == "/api/v1/devices/revoke":
+                return self._json(200, revoke_device(hub, str(body.get("device")), actor))
             if url.path == "/api/v1/deploy":
                 return self._json(200, hub.deploy(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")

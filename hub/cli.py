@@ -75,8 +75,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from agent.sdnotify import Notifier
+
+    notify = Notifier()
     hub.start()
-    stop.wait()
+    notify(f"READY=1\nSTATUS=fleet {hub.config.fleet}, admin API and blobs on {hub.public_url}")
+    # systemd's watchdog sees the hub alive only while its worker threads are.
+    while not stop.wait(min(1.0, notify.watchdog_interval or 1.0)):
+        if all(t.is_alive() for t in hub._threads):
+            notify("WATCHDOG=1")
+    notify("STOPPING=1")
     hub.stop()
     return 0
 
@@ -212,7 +220,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
 ) -> Path:
     """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +237,7 @@ def write_agent_bundle(
         f"state_dir = {json.dumps(state_dir)}",
         f'listen = "{listen}"',
         'profile = "profile.toml"',
+        *(extra_lines or []),
     ]
     for section, values in (overrides or {}).items():
         lines.append(f"\n[overrides.{section}]")
@@ -247,14 +256,27 @@ def cmd_device_add(args: argparse.Namespace) -> int:
                          f"available: {sorted(p.stem for p in profile_path.parent.glob('*.toml'))}")
     from agent.config import load_profile
 
-    load_profile(profile_path)  # refuse a broken profile before registering anything
-    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile)
+    profile = load_profile(profile_path)  # refuse a broken profile before registering anything
+    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials)
     overrides = {"telemetry": {"window_seconds": args.window}} if args.window else None
-    path = write_agent_bundle(Path(args.out), info, profile_path=profile_path, listen=args.listen,
-                              state_dir=args.state_dir or "state", overrides=overrides)
-    _out(args, {**info, "config": str(path)},
-         f"device {args.id} registered; agent config in {path}\n"
-         f"run it with: edgefleet-agent run --config {path}")
+    from hub.bundle import write_credentials, write_systemd_dropin
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    creds = info.pop("credentials", None) or {"kind": "none"}
+    if not str(info["broker_url"]).startswith("mqtts://"):
+        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker
+    path = write_agent_bundle(out, info, profile_path=profile_path, listen=args.listen,
+                              state_dir=args.state_dir or "state", overrides=overrides,
+                              extra_lines=write_credentials(out, creds))
+    path.chmod(0o600 if creds["kind"] != "none" else 0o644)
+    dropin = write_systemd_dropin(out, profile)
+    reload = "new password: reload the broker (kill -HUP <mosquitto pid>)\n"
+    _out(args, {**info, "config": str(path), "credentials": creds["kind"],
+                "systemd_dropin": str(dropin)},
+         f"device {args.id} registered (broker credentials: {creds['kind']}); config in {path}\n"
+         + (reload if creds.get("password") else "")
+         + f"run it with: edgefleet-agent run --config {path}")
     return 0
 
 
@@ -336,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
     sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")
     sp.add_argument("--window", type=float, help="override the profile's telemetry window (seconds)")
+    sp.add_argument("--credentials", default="auto",
+                    choices=["auto", "cert", "password", "both", "none"],
+                    help="broker credentials to issue (auto: a certificate once broker-config ran)")
+    from hub.cli_security import add_security_commands
+
+    add_security_commands(sub, dev, cmd, client)
 
     sp = cmd("demo", cmd_demo, "run hub, embedded broker and two agents on this machine")
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")

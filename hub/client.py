@@ -62,8 +62,21 @@ class HubClient:
         result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
         return result
 
-    def add_device(self, device: str, profile: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/devices", json={"device": device, "profile": profile})
+    def add_device(self, device: str, profile: str, credentials: str = "auto") -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices",
+            json={"device": device, "profile": profile, "credentials": credentials},
+        )
+        return result
+
+    def devices(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/devices")["devices"]
+        return result
+
+    def revoke_device(self, device: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices/revoke", json={"device": device}
+        )
         return result
 
     def deploy(self, model: str, version: str, devices: list[str]) -> dict[str, Any]:

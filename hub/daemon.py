@@ -38,6 +38,7 @@ from agent.wire import (
 from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
 from hub.drift_monitor import DriftMonitor
+from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
@@ -103,6 +104,7 @@ class Hub:
             # A persistent session: with a persistent broker, telemetry published while the hub is
             # away (or the broker restarts) is queued for it instead of dropped.
             clean_session=False,
+            **hub_link_options(self.home, self.config),
         )
         self.link.start()
         self.http.start()
@@ -280,14 +282,18 @@ class Hub:
         with self.db.tx() as conn:
             if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
                 raise Conflict(f"device {device!r} is already registered")
+            creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
             conn.execute("INSERT INTO devices (id, profile, created_at) VALUES (?,?,?)", (device, profile, now))
-            self.db.audit(conn, now, actor, "device_add", {"device": device, "profile": profile})
+            self.db.audit(conn, now, actor, "device_add",
+                          {"device": device, "profile": profile, "credentials": creds["kind"],
+                           "serial": creds.get("serial")})
         return {
             "fleet": self.config.fleet,
             "device": device,
-            "broker_url": self.broker_url,
+            "broker_url": device_broker_url(self, creds["kind"]),
             "blob_url": self.public_url,
             "root_public_key": self.home.root_public_b64(),
+            "credentials": creds,
         }
 
     def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
