@@ -103,7 +103,8 @@ class SimAgent:
                     self.pending = payload
                     self._try_desired()
                 elif kind == "connected":
-                    self.outbox(self.topics.device(self.device, "status"), self.status("online"), True)
+                    status_topic = self.topics.device(self.device, "status")
+                    self.outbox(status_topic, self.status("online"), True)
                     self._publish_reported()
             except EdgefleetError as exc:
                 self.refusals.append(f"{exc.reason}: {exc}")
@@ -140,9 +141,13 @@ class SimAgent:
             entries[name] = {"entry": entry.to_dict(), "fallback": fallback}
         self.trust.mark_applied(verified)
         self.entries = entries
-        self.store.write_state({"keyring": (self.trust.keyring_raw or b"").decode() or None,
-                                "last_seq": self.trust.last_seq, "last_digest": self.trust.last_digest,
-                                "telemetry_seq": 0, "models": entries})
+        self.store.write_state({  # the real agent's state format: a real agent can take over
+            "keyring": (self.trust.keyring_raw or b"").decode() or None,
+            "last_seq": self.trust.last_seq,
+            "last_digest": self.trust.last_digest,
+            "telemetry_seq": 0,
+            "models": entries,
+        })
         self.active = dict(desired.models)
         keep = {r["entry"]["sha256"] for r in entries.values()}
         keep |= {r["fallback"]["sha256"] for r in entries.values() if r.get("fallback")}
@@ -154,7 +159,8 @@ class SimAgent:
                       agent_version=f"{__version__}-sim").to_json()
 
     def _publish_reported(self) -> None:
-        rep = Reported(fleet=self.fleet, device=self.device, seq=self.trust.last_seq, time=self.clock(),
+        rep = Reported(fleet=self.fleet, device=self.device, seq=self.trust.last_seq,
+                       time=self.clock(),
                        models={n: ModelReport(version=e.version, sha256=e.sha256, state="active")
                                for n, e in self.active.items()},
                        agent_version=f"{__version__}-sim")
@@ -183,10 +189,15 @@ class SimFleet:
         self._lock = threading.Lock()
 
     def _client(self, agent: SimAgent) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgefleet-agent-{agent.fleet}-{agent.device}",
-                        protocol=mqtt.MQTTv311, clean_session=True)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+            client_id=f"edgefleet-agent-{agent.fleet}-{agent.device}",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
         c.max_inflight_messages_set(100)
-        c.will_set(agent.topics.device(agent.device, "status"), agent.status("offline"), qos=1, retain=True)
+        status_topic = agent.topics.device(agent.device, "status")
+        c.will_set(status_topic, agent.status("offline"), qos=1, retain=True)
 
         def on_connect(cl: mqtt.Client, u: object, f: object, rc: object, p: object = None) -> None:
             if getattr(rc, "is_failure", False):
@@ -200,7 +211,7 @@ class SimFleet:
             if not msg.payload:
                 return
             kind = "keyring" if msg.topic == agent.topics.keyring else "desired"
-            self._pool.submit(agent.handle, kind, msg.payload)
+            self._pool.submit(agent.handle, kind, bytes(msg.payload))
 
         c.on_connect = on_connect
         c.on_message = on_message

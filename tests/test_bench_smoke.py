@@ -22,7 +22,7 @@ def test_every_benchmark_runs_in_smoke_mode_and_writes_its_figures(tmp_path: Pat
     out, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
     res = subprocess.run(
         [sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(out), "--json", str(figures)],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = json.loads(figures.read_text())
