@@ -35,8 +35,10 @@ from bench.common import Result, Row, percentile, train_models, us
 class _Shadow:
     """Sampled, bounded, off-path replay on the candidate with label comparison."""
 
-    def __init__(self, candidate: ort.InferenceSession, fraction: float, maxsize: int = 256) -> None:
+    def __init__(self, candidate: ort.InferenceSession, fraction: float, maxsize: int = 256,
+                 batched: bool = False) -> None:
         self.candidate = candidate
+        self.batched = batched
         self.fraction = fraction
         self.q: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize)
         self.rng = random.Random(1)
@@ -55,10 +57,32 @@ class _Shadow:
 
     def _run(self) -> None:
         while (item := self.q.get()) is not None:
-            x, label = item
-            out = self.candidate.run(None, {self.in_name: x})[0]
-            self.compared += 1
-            self.agreed += int(np.array_equal(out, label))
+            if not self.batched:
+                x, label = item
+                out = self.candidate.run(None, {self.in_name: x})[0]
+                self.compared += 1
+                self.agreed += int(np.array_equal(out, label))
+                continue
+            # Batched replay: wake less often, one ORT call (which releases the GIL) per batch.
+            time.sleep(0.002)
+            items = [item]
+            stop = False
+            while len(items) < 128:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            xs = np.concatenate([x for x, _ in items])
+            labels = np.concatenate([lab for _, lab in items])
+            out = self.candidate.run(None, {self.in_name: xs})[0]
+            self.compared += len(items)
+            self.agreed += int(np.count_nonzero(out == labels))
+            if stop:
+                return
 
     def close(self) -> None:
         self.q.put(None)
@@ -86,11 +110,13 @@ def run(smoke: bool = False) -> Result:
         cand = ort.InferenceSession(cand_bytes, sess_options=session_options(profile),
                                     providers=["CPUExecutionProvider"])
         xs = [np.ascontiguousarray(x_all[i:i + 1]) for i in range(256)]
-        lat: dict[str, list[float]] = {"off": [], "10 %": [], "100 %": []}
+        settings = (("off", 0.0, False), ("10 %", 0.1, False), ("100 %", 1.0, False),
+                    ("100 %, batched replay", 1.0, True))
+        lat: dict[str, list[float]] = {s[0]: [] for s in settings}
         stats: dict[str, tuple[int, int, int]] = {}
         for _ in range(rounds):  # interleaved: load drift hits all alike
-            for label, frac in (("off", 0.0), ("10 %", 0.1), ("100 %", 1.0)):
-                shadow = _Shadow(cand, frac) if frac else None
+            for label, frac, batched in settings:
+                shadow = _Shadow(cand, frac, batched=batched) if frac else None
                 out = lat[label]
                 for i in range(n):
                     x = xs[i & 255]
@@ -104,7 +130,7 @@ def run(smoke: bool = False) -> Result:
                     s = stats.get(label, (0, 0, 0))
                     stats[label] = (s[0] + shadow.compared, s[1] + shadow.skipped, s[2] + shadow.agreed)
         off50, off99 = percentile(lat["off"], 50), percentile(lat["off"], 99)
-        for label in ("10 %", "100 %"):
+        for label in ("10 %", "100 %", "100 %, batched replay"):
             p50, p99 = percentile(lat[label], 50), percentile(lat[label], 99)
             compared, skipped, agreed = stats[label]
             res.figures[label] = {"p50_s": p50, "p99_s": p99, "off_p50_s": off50, "off_p99_s": off99,
@@ -115,6 +141,9 @@ def run(smoke: bool = False) -> Result:
             res.notes.append(f"shadow {label}: {compared} replayed and compared "
                              f"({100 * agreed / max(compared, 1):.1f} % label agreement), {skipped} skipped "
                              "because the queue was full.")
+    res.notes.append("'batched replay': the shadow thread wakes at most every 2 ms and replays what "
+                     "is queued in one ONNX Runtime call (fewer GIL hand-overs to the request thread); "
+                     "offered to issue 4 as a way to keep the stable p99 flat.")
     res.notes.append(f"stable = random forest, candidate = gradient boosting, batch 1, {rounds} interleaved "
                      f"rounds × {n} requests per setting, one request thread.")
     res.notes.append("agent.canary is present but not yet wired into this benchmark: figures are from the "
