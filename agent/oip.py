@@ -73,6 +73,12 @@ def _tensor_meta(specs: Any) -> list[dict[str, Any]]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The stdlib handler writes headers and body in two unbuffered sends; on a keep-alive
+    # connection Nagle's algorithm then holds the body until the client's delayed ACK, ~40 ms
+    # per request. Buffer the response (http.server flushes it after each request) and set
+    # TCP_NODELAY so each response leaves in one send, at once.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -67,7 +67,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.daemon import Hub
 
-    hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http)
+    hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http,
+              share_group=args.share, ingest_workers=args.ingest_workers)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -316,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("serve", cmd_serve, "run the hub daemon (HTTP blob server + admin API, MQTT link)")
     sp.add_argument("--broker", help="MQTT broker URL (overrides hub.toml)")
     sp.add_argument("--http", help="HTTP listen address HOST:PORT (overrides hub.toml; port 0 = any)")
+    sp.add_argument("--share", metavar="GROUP",
+                    help="subscribe to device channels via MQTT shared subscription $share/GROUP/... "
+                         "(hub replicas split the telemetry load)")
+    sp.add_argument("--ingest-workers", type=int, default=1, metavar="N",
+                    help="MQTT connections + ingest threads sharing the load (N>1 implies --share)")
 
     sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx or sklearn pickle/joblib)")
     client(sp)

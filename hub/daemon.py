@@ -59,7 +59,19 @@ class Hub:
         broker_url: str | None = None,
         http_listen: str | None = None,
         clock: Clock = time.time,
+        share_group: str | None = None,
+        ingest_workers: int = 1,
     ) -> None:
+        """``share_group`` subscribes to device channels through the MQTT shared subscription
+        ``$share/{group}/...`` so that hub replicas (and this hub's ``ingest_workers`` links,
+        each its own MQTT connection and ingest thread) split the telemetry load."""
+        if ingest_workers < 1:
+            raise ValueError(f"ingest_workers must be at least 1, got {ingest_workers}")
+        if ingest_workers > 1 and not share_group:
+            share_group = "edgefleet-hub"  # without $share every link would get every message
+        self.share_group = share_group
+        self.ingest_workers = ingest_workers
+        self._extra_links: list[MqttLink] = []
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -95,10 +107,13 @@ class Hub:
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
         bound_host, bound_port = self.http.address
         self.public_url = self.config.public_url or f"http://{bound_host}:{bound_port}"
+        subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
+        if self.share_group:
+            subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
         self.link = MqttLink(
             url=self.broker_url,
             client_id=f"edgefleet-hub-{self.config.fleet}",
-            subscriptions=[(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")],
+            subscriptions=subs,
             on_message=self._on_message,
             on_connect=self._on_connect,
             # A persistent session: with a persistent broker, telemetry published while the hub is
@@ -107,8 +122,14 @@ class Hub:
             **hub_link_options(self.home, self.config),
         )
         self.link.start()
+        for i in range(1, self.ingest_workers):
+            extra = MqttLink(url=self.broker_url, client_id=f"edgefleet-hub-{self.config.fleet}-ingest{i}",
+                             subscriptions=subs, on_message=self._on_message)
+            extra.start()
+            self._extra_links.append(extra)
         self.http.start()
-        for name, target in (("hub-ingest", self._ingest_loop), ("hub-main", self._main_loop)):
+        workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
+        for name, target in (*workers, ("hub-main", self._main_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -118,13 +139,16 @@ class Hub:
 
     def stop(self) -> None:
         self._stop.set()
-        self._inbox.put(("", "", b""))
+        for _ in range(self.ingest_workers):
+            self._inbox.put(("", "", b""))
         for t in self._threads:
             t.join(10)
         if self.http is not None:
             self.http.stop()
         if self.link is not None:
             self.link.stop()
+        for extra in self._extra_links:
+            extra.stop()
         self.home.clear_run()
         self.db.close()
 
