@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from agent.capture import Capture
 from agent.config import DeviceProfile
 from agent.errors import EdgefleetError, ModelRejected, Refused
 from agent.guard import check_model_bytes
@@ -133,6 +134,7 @@ class ModelServer:
     def __init__(self) -> None:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        self.capture: Capture | None = None  # set by the agent when its profile enables capture
 
     def install(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` serve its name; return the model it replaced."""
@@ -186,10 +188,14 @@ class ModelServer:
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
         outputs = dict(zip(model.output_names, values, strict=True))
         model.recorder.record(time.perf_counter() - t0, first, values[0] if values else None)
+        rid = request_id or uuid.uuid4().hex
+        capture = self.capture
+        if capture is not None and capture.sample():
+            capture.add(name, model.version, model.entry.sha256, rid, feeds, outputs)
         return InferResult(
             model=name,
             version=model.version,
             sha256=model.entry.sha256,
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=rid,
             outputs=outputs,
         )
