@@ -249,7 +249,7 @@ class Hub:
         if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
             raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
                            f"published: {self._versions(name) or 'none'}")
-        model = {
+        model: dict[str, Any] = {
             "name": name, "version": version, "sha256": sha, "size": len(data),
             "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
             "reference": reference, "lineage": {**lineage, "published_by": actor},

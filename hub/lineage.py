@@ -65,8 +65,8 @@ def _clean_map(obj: object, what: str, *, numeric: bool) -> dict[str, Any]:
     if len(obj) > MAX_ITEMS:
         raise BadRequest(f"at most {MAX_ITEMS} {what}s, got {len(obj)}")
     out: dict[str, Any] = {}
-    for k, v in obj.items():
-        k = _key(k, what)
+    for raw_key, v in obj.items():
+        k = _key(raw_key, what)
         if numeric:
             try:
                 f = float(v) if not isinstance(v, bool) else math.nan

@@ -143,3 +143,17 @@ def test_wire_check_refuses_wrong_kind_and_empty_batch() -> None:
         parse_batch({**_batch(), "kind": "x"})
     with pytest.raises(MalformedMessage, match="records"):
         parse_batch({**_batch(), "records": []})
+
+
+def test_profile_capture_section_defaults_off_and_checks_the_rate(tmp_path: Path) -> None:
+    from agent.config import load_profile
+    from agent.errors import ConfigError
+    from tests.conftest import REPO
+
+    generic = load_profile(REPO / "device-profiles" / "generic-x86_64.toml")
+    assert generic.capture_sample_rate == 0.0
+    on = load_profile(REPO / "device-profiles" / "generic-x86_64.toml",
+                      {"capture": {"sample_rate": 0.25, "spool_kb": 64}})
+    assert (on.capture_sample_rate, on.capture_spool_kb) == (0.25, 64)
+    with pytest.raises(ConfigError, match="sample_rate must be a number from 0 to 1"):
+        load_profile(REPO / "device-profiles" / "generic-x86_64.toml", {"capture": {"sample_rate": 1.5}})

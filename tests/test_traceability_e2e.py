@@ -36,8 +36,7 @@ class Env:
     digest_a: str
 
     def hub(self, *argv: str, check: bool = True) -> Any:
-        res = run_cli("hub.cli", *argv, "--home", str(self.home), check=check)
-        return res
+        return run_cli("hub.cli", *argv, "--home", str(self.home), check=check)
 
     def json(self, *argv: str) -> Any:
         return json.loads(self.hub(*argv, "--json").stdout)
