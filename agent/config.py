@@ -42,6 +42,11 @@ class DeviceProfile:
     window_seconds: float = 10.0
     spool_mb: float = 32.0  # may be fractional (0.05 = 50 KiB) for small devices and tests
     max_sampled_rows: int = 4096
+    # [capture] sampled inputs/outputs uploaded to the hub for tracing (agent/capture.py); off at 0
+    capture_sample_rate: float = 0.0
+    capture_spool_kb: int = 4096
+    capture_upload_seconds: float = 10.0
+    capture_batch_records: int = 200
 
     @property
     def max_blob_bytes(self) -> int:
@@ -66,6 +71,12 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "window_seconds": "window_seconds",
         "spool_mb": "spool_mb",
         "max_sampled_rows": "max_sampled_rows",
+    },
+    "capture": {
+        "sample_rate": "capture_sample_rate",
+        "spool_kb": "capture_spool_kb",
+        "upload_seconds": "capture_upload_seconds",
+        "batch_records": "capture_batch_records",
     },
 }
 
@@ -97,7 +108,11 @@ def _build_profile(values: Mapping[str, Any], where: str) -> DeviceProfile:
     for key, raw in values.items():
         kind = types[key]
         value = raw
-        if kind == "tuple[str, ...]":
+        if key == "capture_sample_rate":  # a fraction, where 0 (off) is allowed
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigError(f"{where}: [capture] sample_rate must be a number from 0 to 1, got {value!r}")
+            value = float(value)
+        elif kind == "tuple[str, ...]":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                 raise ConfigError(f"{where}: {key} must be a non-empty list of strings, got {value!r}")
             value = tuple(value)

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.capture import make_capture
 from agent.config import AgentConfig
 from agent.envelope import public_key_from_b64
 from agent.errors import EdgefleetError, StoreFailed
@@ -110,6 +111,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self.http: OipServer | None = None
         self.link: MqttLink | None = None
+        self.capture = make_capture(config, clock)
+        self.models.capture = self.capture
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -119,6 +122,8 @@ class Agent:
         host, _, port = self.config.listen.rpartition(":")
         self.http = OipServer(self.models, host or "127.0.0.1", int(port))
         self.http.start()
+        if self.capture is not None:
+            self.capture.start()
         self.state = AgentState.SERVING
         self._notify(f"READY=1\nSTATUS={self.status_line()}")
         self.link = MqttLink(
@@ -155,6 +160,8 @@ class Agent:
             self.link.stop(last=(status, self._status("offline"), 1, True))
         if self.http is not None:
             self.http.stop()
+        if self.capture is not None:
+            self.capture.stop()
         self.state = AgentState.STOPPED
 
     def status_line(self) -> str:

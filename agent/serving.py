@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from agent.capture import Capture
 from agent.config import DeviceProfile
 from agent.errors import EdgefleetError, ModelRejected, Refused
 from agent.guard import check_model_bytes
@@ -152,6 +153,7 @@ class ModelServer:
         # ~1.7 µs (an os.urandom call), more than half the in-process serving overhead.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
+        self.capture: Capture | None = None  # set by the agent when its profile enables capture
 
     def install(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` serve its name; return the model it replaced."""
@@ -216,10 +218,15 @@ class ModelServer:
                 raise
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
         model.recorder.record(time.perf_counter() - t0, first, values[0] if values else None)
+        rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
+        outputs = dict(zip(model.output_names, values))  # noqa: B905 - ORT returns one per name
+        capture = self.capture
+        if capture is not None and capture.sample():
+            capture.add(name, model.version, model.entry.sha256, rid, feeds, outputs)
         return InferResult(
             model=name,
             version=model.entry.version,
             sha256=model.entry.sha256,
-            request_id=request_id or f"{self._id_prefix}-{next(self._ids):x}",
-            outputs=dict(zip(model.output_names, values)),  # noqa: B905 - ORT returns one per name
+            request_id=rid,
+            outputs=outputs,
         )

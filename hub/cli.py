@@ -122,9 +122,27 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "training_data_sha256": digest,
             "training_rows": int(data.shape[0]) if data is not None else None,
             "author": args.author or getpass.getuser(),
+            **lineage_options(args),
         },
         "actor": args.author or getpass.getuser(),
     }
+
+
+def lineage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """metrics (--metrics FILE.json, then each --metric NAME=VALUE), tags, parent, as the hub
+    checks them (hub.lineage)."""
+    from hub.lineage import clean_lineage, parse_pairs
+
+    metrics: dict[str, Any] = {}
+    if getattr(args, "metrics", None):
+        try:
+            metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"--metrics {args.metrics}: expected a JSON object of name -> number: {exc}") from exc
+    metrics = {**clean_lineage({"metrics": metrics})["metrics"],
+               **parse_pairs(getattr(args, "metric", None) or [], "metric", numeric=True)}
+    tags = parse_pairs(getattr(args, "tag", None) or [], "tag", numeric=False)
+    return {"metrics": metrics, "tags": tags, "parent": getattr(args, "parent", None)}
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -173,9 +191,97 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
+    if args.action == "show":
+        return _models_show(args, HubClient.for_home(home, args.hub))
+    if args.action == "diff":
+        return _models_diff(args, HubClient.for_home(home, args.hub))
+    if args.args:
+        raise BadRequest(f"models list takes no arguments, got {args.args}")
     ms = HubClient.for_home(home, args.hub).models()
     lines = [f"{m['name']:20} {m['version']:12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}" for m in ms]
     _out(args, {"models": ms}, "\n".join(lines) or "no models")
+    return 0
+
+
+def _models_show(args: argparse.Namespace, client: HubClient) -> int:
+    if len(args.args) != 1:
+        raise BadRequest("usage: edgefleet-hub models show NAME[:VERSION]")
+    name, _, version = args.args[0].partition(":")
+    m = client.model(name, version or None)
+    lin = m["lineage"]
+    lines = [f"{m['name']} {m['version']}  sha256 {m['sha256']}  {m['size']} bytes  created {m['created_at']}",
+             f"  parent:   {lin.get('parent') or '-'}",
+             f"  source:   {lin.get('source') or '-'}  ({lin.get('converted_from') or '?'})",
+             f"  author:   {lin.get('author') or '-'}  published by {lin.get('published_by') or '-'}",
+             f"  training: sha256 {lin.get('training_data_sha256') or '-'}  rows {lin.get('training_rows') or '-'}",
+             "  inputs:   " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
+             "  outputs:  " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
+             "  metrics:  " + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"),
+             "  tags:     " + (", ".join(f"{k}={v}" for k, v in sorted(lin.get("tags", {}).items())) or "-")]
+    ref = m.get("reference")
+    if ref:
+        lines.append(f"  reference: {ref.get('rows')} rows, features "
+                     + ", ".join(f"{f['name']}({len(f['freqs'])} bins)" for f in ref["features"]))
+    _out(args, m, "\n".join(lines))
+    return 0
+
+
+def _models_diff(args: argparse.Namespace, client: HubClient) -> int:
+    if len(args.args) != 3:
+        raise BadRequest("usage: edgefleet-hub models diff NAME A B")
+    d = client.model_diff(*args.args)
+    sig = d["signature"]
+    lines = [f"{d['name']}: {d['a']} -> {d['b']}",
+             f"signature: {'same' if sig['same'] else 'DIFFERENT'}"]
+    if not sig["same"]:
+        for side in ("a", "b"):
+            lines.append(f"  {d[side]}: inputs " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}"
+                         for t in sig[side]["inputs"]) + "; outputs " + ", ".join(
+                         f"{t['name']} {t['dtype']}{t['shape']}" for t in sig[side]["outputs"]))
+    lines.append("metrics:" if d["metrics"] else "metrics: none")
+    for k, v in d["metrics"].items():
+        delta = f"{v['delta']:+g}" if v["delta"] is not None else ""
+        lines.append(f"  {k:24} {v['a'] if v['a'] is not None else '-'!s:>12} {v['b'] if v['b'] is not None else '-'!s:>12} {delta}")
+    for k, v in d["lineage"].items():
+        lines.append(f"lineage {k}: {v['a']!r} -> {v['b']!r}")
+    ref = d["reference"]
+    if ref["available"]:
+        lines.append(f"reference PSI of {d['b']} against {d['a']} (rows {ref['rows'][0]} / {ref['rows'][1]}):")
+        for f in ref["features"]:
+            level = "alarm" if f["psi"] >= 0.25 else "warn" if f["psi"] >= 0.1 else "ok"
+            lines.append(f"  {f['feature']:24} {f['psi']:10.4f}  {level}")
+        if "output_psi" in ref:
+            lines.append(f"  {'(output classes)':24} {ref['output_psi']:10.4f}")
+    else:
+        lines.append(f"reference: {ref['reason']}")
+    _out(args, d, "\n".join(lines))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    t = HubClient.for_home(home, args.hub).trace(args.device, args.request)
+    lines = [f"request {t['request_id']} on device {t['device']}"]
+    for tr in t["traces"]:
+        r, m, dec = tr["record"], tr["model"], tr["decision"]
+        lines.append(f"  at {r['time']}: {r['model']} {r['version']} (sha256 {r['sha256'][:12]})")
+        lines.append("    inputs:  " + json.dumps(r["inputs"])[:400])
+        lines.append("    outputs: " + json.dumps(r["outputs"])[:400])
+        if m:
+            lin = m["lineage"]
+            lines.append(f"    model:   published {m['created_at']} by {lin.get('published_by')}, source "
+                         f"{lin.get('source') or '-'}, parent {lin.get('parent') or '-'}")
+            lines.append(f"    trained on sha256 {lin.get('training_data_sha256') or '-'} "
+                         f"({lin.get('training_rows') or '?'} rows); metrics "
+                         + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"))
+        if dec:
+            lines.append(f"    put there by audit #{dec['id']} {dec['action']} at {dec['time']} by {dec['actor']}: "
+                         + json.dumps(dec["details"], sort_keys=True))
+        else:
+            lines.append("    no deploy or rollout decision found in the audit log")
+    lines.append("audit chain intact" if t["audit_chain_ok"] else
+                 "audit chain BROKEN: " + "; ".join(t["audit_problems"]))
+    _out(args, t, "\n".join(lines))
     return 0
 
 
@@ -258,8 +364,12 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     from agent.config import load_profile
 
     profile = load_profile(profile_path)  # refuse a broken profile before registering anything
+    overrides: dict[str, Any] | None = {"telemetry": {"window_seconds": args.window}} if args.window else None
+    if args.capture is not None:
+        if not 0 <= args.capture <= 1:
+            raise BadRequest(f"--capture is a sampling fraction from 0 to 1, got {args.capture}")
+        overrides = {**(overrides or {}), "capture": {"sample_rate": args.capture}}
     info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials)
-    overrides = {"telemetry": {"window_seconds": args.window}} if args.window else None
     from hub.bundle import write_credentials, write_systemd_dropin
 
     out = Path(args.out)
@@ -332,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
     sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
     sp.add_argument("--author", help="who publishes (default: the current user)")
+    sp.add_argument("--metric", action="append", metavar="NAME=VALUE", help="a metric (repeatable)")
+    sp.add_argument("--metrics", metavar="FILE.json", help="metrics as a JSON object of name -> number")
+    sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a free tag (repeatable)")
+    sp.add_argument("--parent", metavar="VERSION", help="the version this one was derived from")
 
     sp = cmd("deploy", cmd_deploy, "set the version devices should run (signs a new desired state)")
     client(sp)
@@ -344,7 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     client(sp)
     sp.add_argument("--device")
     sp.add_argument("--limit", type=int, default=50)
-    client(cmd("models", cmd_models, "published model versions"))
+    sp = cmd("models", cmd_models, "the registry: list | show NAME[:VERSION] | diff NAME A B")
+    client(sp)
+    sp.add_argument("action", nargs="?", choices=["list", "show", "diff"], default="list")
+    sp.add_argument("args", nargs="*", help="show: NAME[:VERSION]; diff: NAME A B")
+    sp = cmd("trace", cmd_trace, "a captured prediction: its model, lineage and the decision behind it")
+    client(sp)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--request", required=True, help="the request id from the inference response")
     sp = cmd("audit", cmd_audit, "the hash-chained audit log: show, export (JSON Lines), verify")
     client(sp)
     sp.add_argument("action", nargs="?", choices=["show", "export", "verify"], default="show")
@@ -364,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
     sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")
     sp.add_argument("--window", type=float, help="override the profile's telemetry window (seconds)")
+    sp.add_argument("--capture", type=float, metavar="RATE",
+                    help="override the profile's data-capture sampling rate (0 = off, 1 = every request)")
     sp.add_argument("--credentials", default="auto",
                     choices=["auto", "cert", "password", "both", "none"],
                     help="broker credentials to issue (auto: a certificate once broker-config ran)")

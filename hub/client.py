@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -56,6 +57,23 @@ class HubClient:
 
     def models(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/models")["models"]
+        return result
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        path = f"/api/v1/models/{quote(name, safe='')}"
+        if version is not None:
+            path += f"/versions/{quote(version, safe='')}"
+        result: dict[str, Any] = self.request("GET", path)
+        return result
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/api/v1/models/{quote(name, safe='')}/diff",
+                                              params={"a": a, "b": b})
+        return result
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/trace",
+                                              params={"device": device, "request": request_id})
         return result
 
     def publish(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.capture import parse_batch
 from agent.errors import EdgefleetError, MalformedMessage
 from agent.mqttlink import MqttLink
 from agent.store import atomic_write
@@ -42,6 +43,7 @@ from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
+from hub.lineage import clean_lineage, diff_versions, find_decision
 from hub.modelfile import validate_onnx
 
 __all__ = ["Hub"]
@@ -281,8 +283,10 @@ class Hub:
         blob = self.home.blobs / sha
         if not blob.exists():
             atomic_write(blob, data, mode=0o644)
-        raw_lineage = req.get("lineage")
-        lineage: dict[str, Any] = dict(raw_lineage) if isinstance(raw_lineage, dict) else {}
+        lineage = clean_lineage(req.get("lineage"))
+        if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
+            raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
+                           f"published: {self._versions(name) or 'none'}")
         now = self.clock()
         model: dict[str, Any] = {
             "name": name, "version": version, "sha256": sha, "size": len(data),
@@ -292,8 +296,10 @@ class Hub:
         }
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
-            self.db.audit(conn, now, actor, "publish",
-                          {"model": name, "version": version, "sha256": sha, "size": len(data)})
+            self.db.audit(conn, model["created_at"], actor, "publish",
+                          {"model": name, "version": version, "sha256": sha, "size": len(data),
+                           "parent": lineage["parent"], "source": lineage.get("source"),
+                           "training_data_sha256": lineage.get("training_data_sha256")})
         log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
         return {**_public_model(model), "already_published": False}
 
@@ -443,6 +449,68 @@ class Hub:
 
     def models(self) -> list[dict[str, Any]]:
         return [_public_model(m) for m in self.db.list_models()]
+
+    # -- registry lineage and tracing (hub.lineage) ----------------------------------------------
+
+    def _versions(self, name: str) -> list[str]:
+        return [m["version"] for m in self.db.list_models() if m["name"] == name]
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """One version with its reference and lineage; the newest when ``version`` is None."""
+        if version is None:
+            versions = self._versions(name)
+            if not versions:
+                raise NotFound(f"no model named {name!r} is published")
+            version = versions[-1]
+        m = self.db.get_model(name, version)
+        if m is None:
+            raise NotFound(f"model {name} has no version {version!r}; published: {self._versions(name) or 'none'}")
+        return {**_public_model(m), "reference": m["reference"]}
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
+        return diff_versions(self.model(name, a), self.model(name, b))
+
+    def ingest_capture(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a device's capture batch. No admin token: the batch must name this fleet, a
+        registered device, and published model versions with their exact sha256 (see
+        docs/traceability.md for what this does not protect against)."""
+        try:
+            fleet, device, records = parse_batch(body)
+        except MalformedMessage as exc:
+            raise BadRequest(f"capture batch: {exc}") from exc
+        if fleet != self.config.fleet:
+            raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
+        if device not in self.db.device_ids():
+            raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
+        shas = {(m["name"], m["version"]): m["sha256"] for m in self.db.list_models()}
+        bad = [r for r in records if shas.get((r["model"], r["version"])) != r["sha256"]]
+        if bad:
+            r = bad[0]
+            raise BadRequest(f"capture record {r['request_id']}: {r['model']} {r['version']} with sha256 "
+                             f"{r['sha256'][:12]}… is not a published version")
+        with self.db.tx() as conn:
+            stored = self.db.insert_captures(conn, device, records, self.clock())
+        return {"received": len(records), "stored": stored}
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]:
+        """A captured prediction with its model's lineage and the decision that put it there."""
+        caps = self.db.get_captures(device, request_id)
+        if not caps:
+            raise NotFound(f"no captured request {request_id!r} from device {device!r} (is capture on "
+                           "in its profile, sampled, and uploaded yet?)")
+        out = []
+        entries = self.db.audit_entries()
+        for c in caps:
+            m = self.db.get_model(c["model"], c["version"])
+            decision = find_decision(entries, device, c["model"], c["version"], c["time"])
+            out.append({
+                "record": {**c, "time": format_time(c["time"]), "received_at": format_time(c["received_at"])},
+                "model": {**_public_model(m), "reference": m["reference"]} if m else None,
+                "decision": {**decision, "time": format_time(decision["time"])} if decision else None,
+            })
+        problems = self.db.verify_audit()
+        return {"device": device, "request_id": request_id, "traces": out,
+                "audit_chain_ok": not problems, "audit_problems": problems}
 
     def blob_path(self, sha256: str) -> Path | None:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
