@@ -28,6 +28,7 @@ from agent.errors import FetchFailed
 from agent.fetch import HttpFetcher
 from hub.client import HubClient
 from hub.errors import HubTlsFailed
+from hub.home import HubHome
 from hub.pki import DevicePki
 from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
 
@@ -183,7 +184,7 @@ def test_server_certificate_from_another_ca_is_refused(
     assert not (tmp_path / "x").exists()
     fetcher.close()
     # the CLI's client refuses it too, naming the TLS failure instead of "no hub answers"
-    client = HubClient.for_home(__import__("hub.home", fromlist=["HubHome"]).HubHome(env.home), url)
+    client = HubClient.for_home(HubHome(env.home), url)
     with pytest.raises(HubTlsFailed, match="TLS certificate verification failed"):
         client.status()
     client.close()
