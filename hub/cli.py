@@ -175,14 +175,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     st = HubClient.for_home(home, args.hub).status()
     lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
-    lines.append(f"{'DEVICE':20} {'GROUP':12} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} LAST WINDOW")
+    lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
         runs = ", ".join(f"{k} {v}" for k, v in d["models"].items()) or "-"
         want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
         reqs = sum(t["requests"] for t in d["telemetry_totals"])
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
-        lines.append(f"{d['device']:20} {d.get('group') or '-':12} {d['status']:10} {runs:28} {want:28} "
-                     f"{reqs:>7} {last}")
+        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last:24} "
+                     f"{d.get('group') or '-'}")
     _out(args, st, "\n".join(lines))
     return 0
 

@@ -228,7 +228,10 @@ def test_groups_in_device_list_status_and_deploy(env: Env) -> None:
     assert any(line.split()[:2] == ["g-a1", "line-b"] for line in table.splitlines())
     groups = {d["device"]: d["group"] for d in env.status()["devices"]}
     assert groups["g-a2"] == "line-b" and groups["g-c"] is None
-    assert any(line.split()[:2] == ["g-c", "-"] for line in env.cli("status").stdout.splitlines())
+    status_lines = env.cli("status").stdout.splitlines()
+    assert status_lines[1].split()[-1] == "GROUP"
+    last = {line.split()[0]: line.split()[-1] for line in status_lines[2:]}
+    assert last["g-a1"] == "line-b" and last["g-c"] == "-"
 
     res = json.loads(env.cli("deploy", "clf", "1.0.0", "--group", "line-b", "--device", "g-c",
                              "--json").stdout)
