@@ -27,7 +27,7 @@ import httpx
 
 from agent.errors import BlobRejected, FetchFailed
 
-__all__ = ["Fetcher", "HttpFetcher"]
+__all__ = ["Fetcher", "HttpFetcher", "is_tls_verify_error"]
 
 
 class Fetcher(Protocol):
@@ -173,7 +173,7 @@ class HttpFetcher:
                                 reason="slow_retrieval",
                             )
         except httpx.HTTPError as exc:
-            if _tls_verify_error(exc):
+            if is_tls_verify_error(exc):
                 trusted = f"the pinned CA {self.pinned_ca}" if self._is_pinned(url) else "the system CAs"
                 raise FetchFailed(
                     f"GET {url}: TLS certificate verification failed ({exc}): the server's "
@@ -188,7 +188,8 @@ class HttpFetcher:
             raise FetchFailed(f"{url} ended after {have} of {size} bytes")
 
 
-def _tls_verify_error(exc: BaseException) -> bool:
+def is_tls_verify_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a certificate verification failure."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):

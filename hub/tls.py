@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.fetch import is_tls_verify_error
 from agent.store import atomic_write
 from hub.home import HubConfig, HubHome
 from hub.pki import DevicePki
@@ -80,16 +81,6 @@ def client_verify(home: HubHome, url: str) -> ssl.SSLContext | bool:
     if not ca.is_file():
         return True
     return ssl.create_default_context(cafile=str(ca))
-
-
-def is_tls_verify_error(exc: BaseException) -> bool:
-    """True when ``exc`` (or what caused it) is a certificate verification failure."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def http_hostnames(config: HubConfig, extra: list[str] | None = None) -> list[str]:

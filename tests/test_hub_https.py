@@ -24,7 +24,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.errors import FetchFailed
+from agent.config import load_agent_config
+from agent.errors import ConfigError, FetchFailed
 from agent.fetch import HttpFetcher
 from hub.client import HubClient
 from hub.errors import HubTlsFailed
@@ -245,3 +246,24 @@ def test_groups_in_device_list_status_and_deploy(env: Env) -> None:
     assert bad.returncode == 2 and "group id must be 1-64 characters" in bad.stderr
     bad = env.cli("deploy", "clf", "1.0.0", check=False)
     assert bad.returncode == 2 and "--device ID and/or --group G" in bad.stderr
+
+
+def test_agent_toml_pins_ca_file_for_the_hubs_https_blobs(tmp_path: Path) -> None:
+    profile = Path(__file__).resolve().parent.parent / "device-profiles" / "raspberry-pi-5.toml"
+    (tmp_path / "profile.toml").write_text(profile.read_text())
+    (tmp_path / "ca.pem").write_text("x")
+
+    def conf(blob_url: str, extra: str = 'ca_file = "ca.pem"\n') -> Path:
+        path = tmp_path / "agent.toml"
+        path.write_text(f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://broker.lan:1883"\n'
+                        f'blob_url = "{blob_url}"\nroot_public_key = "AAAA"\nprofile = "profile.toml"\n{extra}')
+        return path
+
+    cfg = load_agent_config(conf("https://Hub.lan:8400"))  # plain MQTT, https blobs: allowed
+    assert cfg.fetch_options() == {"pinned_ca": tmp_path / "ca.pem", "pinned_hosts": ["broker.lan", "hub.lan"]}
+    assert load_agent_config(conf("https://hub.lan:8400", "")).fetch_options() == {}  # system CAs
+    with pytest.raises(ConfigError, match=r"need a TLS broker URL .* or an https blob_url"):
+        load_agent_config(conf("http://hub.lan:8400"))  # a CA pinned for nothing
+    fetcher = HttpFetcher(**cfg.fetch_options())
+    assert fetcher._is_pinned("https://hub.lan:8400/blobs/x")
+    assert not fetcher._is_pinned("https://bucket.s3.example/x") and not fetcher._is_pinned("http://hub.lan/x")
