@@ -174,7 +174,11 @@ class Hub:
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            batch = [self._inbox.get()]
+            try:
+                batch = [self._inbox.get(timeout=max(0.05, self.drift.config.evaluate_seconds))]
+            except queue.Empty:  # idle: score what arrived since the last (rate-limited) scoring
+                self._score_drift()
+                continue
             while len(batch) < INGEST_BATCH:
                 try:
                     batch.append(self._inbox.get_nowait())
@@ -184,6 +188,12 @@ class Hub:
                 self.ingest([b for b in batch if b[0]])
             except Exception:
                 log.exception("ingest of a batch of %d messages failed", len(batch))
+
+    def _score_drift(self) -> None:
+        try:
+            self.drift.after_batch()
+        except Exception:
+            log.exception("drift scoring failed")
 
     def ingest(self, batch: list[tuple[str, str, bytes]]) -> None:
         """Store a batch of device messages in one transaction; bad ones are counted, dropped."""

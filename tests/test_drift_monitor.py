@@ -49,7 +49,7 @@ class World:
         self.mon.add(device, tw)
         with self.db.tx() as conn:
             self.mon.flush(conn)
-        self.mon.after_batch()
+        self.mon.after_batch(force=True)
 
 
 def _uniform(rng: np.random.Generator, n: int = 400) -> np.ndarray:
