@@ -145,6 +145,7 @@ class Hub:
             self._inbox.put(("", "", b""))
         for t in self._threads:
             t.join(10)
+        self._score_drift()  # the last interval's sums
         if self.http is not None:
             self.http.stop()
         if self.link is not None:
@@ -191,6 +192,9 @@ class Hub:
 
     def _score_drift(self) -> None:
         try:
+            if self.drift.has_pending():
+                with self.db.tx() as conn:
+                    self.drift.flush(conn, force=True)
             self.drift.after_batch()
         except Exception:
             log.exception("drift scoring failed")

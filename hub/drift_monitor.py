@@ -162,6 +162,7 @@ class DriftMonitor:
         self._pending: dict[tuple[str, str, str, float], _Acc] = {}
         self._touched: set[tuple[str, str]] = set()
         self._next_evaluation = 0.0  # time.monotonic() of the next due scoring
+        self._next_flush = 0.0  # ... and of the next write of pending sums to telemetry_agg
         self._refs: dict[tuple[str, str], Reference | None] = {}
         self._lock = threading.Lock()
 
@@ -194,8 +195,23 @@ class DriftMonitor:
             acc.classes.append(w.outputs)
             acc.last_end = max(acc.last_end, tw.window_end)
 
-    def flush(self, conn: Any) -> None:
-        """Merge the pending windows into ``telemetry_agg`` inside the caller's transaction."""
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self, conn: Any, force: bool = False) -> None:
+        """Merge the pending windows into ``telemetry_agg`` inside the caller's transaction.
+
+        Under load this runs at most every ``evaluate_seconds`` (or when ``force``): pending sums
+        merge in memory, so each (model, version, device, bucket) row is read and rewritten once
+        per interval instead of once per ingest batch. Windows are stored in ``telemetry`` as they
+        arrive either way; what a hub crash can lose is at most one interval of these sums.
+        """
+        if not self._pending:
+            return
+        mono = time.monotonic()
+        if not force and mono < self._next_flush:
+            return
+        self._next_flush = mono + self.config.evaluate_seconds
         pending, self._pending = self._pending, {}
         for (model, version, device, bucket), acc in pending.items():
             row = conn.execute(

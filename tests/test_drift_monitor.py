@@ -48,7 +48,7 @@ class World:
                                                       latency_ms={}, inputs=inputs)})
         self.mon.add(device, tw)
         with self.db.tx() as conn:
-            self.mon.flush(conn)
+            self.mon.flush(conn, force=True)
         self.mon.after_batch(force=True)
 
 
