@@ -23,7 +23,6 @@ import onnxruntime as ort
 from agent.capture import Capture
 from agent.config import DeviceProfile
 from agent.errors import EdgefleetError, ModelRejected, Refused
-from agent.guard import check_model_bytes
 from agent.telemetry import Recorder
 from agent.wire import ModelEntry
 
@@ -118,9 +117,13 @@ _ORT_TO_NUMPY = {
 
 
 def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> LoadedModel:
-    """Check the blob's structure and open an ONNX Runtime session on it."""
+    """Open an ONNX Runtime session on a blob that passed :func:`agent.guard.check_model_bytes`.
+
+    The agent checks every blob's structure once, before it is installed (in the guard child);
+    a blob is only loaded again after its sha256 matched the signed entry, so the bytes are the
+    ones that were checked.
+    """
     data = path.read_bytes()
-    check_model_bytes(data)
     providers, _missing = providers_for(profile)
     try:
         sess = ort.InferenceSession(data, sess_options=session_options(profile), providers=providers)

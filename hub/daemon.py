@@ -147,6 +147,7 @@ class Hub:
             self._inbox.put(("", "", b""))
         for t in self._threads:
             t.join(10)
+        self._score_drift()  # the last interval's sums
         if self.http is not None:
             self.http.stop()
         if self.link is not None:
@@ -176,7 +177,11 @@ class Hub:
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            batch = [self._inbox.get()]
+            try:
+                batch = [self._inbox.get(timeout=max(0.05, self.drift.config.evaluate_seconds))]
+            except queue.Empty:  # idle: score what arrived since the last (rate-limited) scoring
+                self._score_drift()
+                continue
             while len(batch) < INGEST_BATCH:
                 try:
                     batch.append(self._inbox.get_nowait())
@@ -186,6 +191,15 @@ class Hub:
                 self.ingest([b for b in batch if b[0]])
             except Exception:
                 log.exception("ingest of a batch of %d messages failed", len(batch))
+
+    def _score_drift(self) -> None:
+        try:
+            if self.drift.has_pending():
+                with self.db.tx() as conn:
+                    self.drift.flush(conn, force=True)
+            self.drift.after_batch()
+        except Exception:
+            log.exception("drift scoring failed")
 
     def ingest(self, batch: list[tuple[str, str, bytes]]) -> None:
         """Store a batch of device messages in one transaction; bad ones are counted, dropped."""
