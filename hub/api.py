@@ -21,7 +21,8 @@ authenticated admin API the CLI talks to.
     POST /api/v1/deploy               {model, version, devices: [...]}
     POST /api/v1/capture              device data capture batch (no admin token; see hub.daemon)
 
-Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
+Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
+(a certificate from the device CA; :mod:`hub.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
 """
 

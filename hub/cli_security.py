@@ -99,7 +99,8 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         f"  devices:    {device_url} (client certificate, CN = device id)\n"
         f"  hub:        {hub_url} as {user} (password in {pki.hub_password_path})\n"
         f"{updated}"
-        "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)",
+        "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)\n"
+        "  blobs over HTTPS with the same CA: edgefleet-hub https-config",
     )
     return 0
 
