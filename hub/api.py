@@ -13,6 +13,11 @@ authenticated admin API the CLI talks to.
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     POST /api/v1/devices              register {device, profile}
     POST /api/v1/deploy               {model, version, devices: [...]}
+    GET  /api/v1/rollouts?id=ID|NAME  rollouts (newest first) with progress and the current gate view
+    POST /api/v1/rollouts             start {model, version, steps?, mode?, fraction?, policy?, devices?,
+                                      dry_run?}
+    POST /api/v1/rollouts/action      {action: pause|resume|abort|promote, rollout?: ID or model name}
+    POST /api/v1/rollback             fleet rollback {model, to?}
 
 Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
@@ -111,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
             if url.path == "/api/v1/drift":
                 return self._json(200, hub.drift.snapshot(q.get("model", [None])[0]))
+            if url.path == "/api/v1/rollouts":
+                return self._json(200, {"rollouts": hub.rollouts.status(q.get("id", [None])[0])})
             if url.path == "/api/v1/audit/verify":
                 problems = hub.db.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
@@ -131,6 +138,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(201, hub.add_device(body, actor))
             if url.path == "/api/v1/deploy":
                 return self._json(200, hub.deploy(body, actor))
+            if url.path == "/api/v1/rollouts":
+                return self._json(201, hub.rollouts.start_rollout(body, actor))
+            if url.path == "/api/v1/rollouts/action":
+                return self._json(200, hub.rollouts.act(str(body.get("action")), body.get("rollout"), actor,
+                                                        str(body.get("reason") or "")))
+            if url.path == "/api/v1/rollback":
+                return self._json(200, hub.rollouts.fleet_rollback(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
         except EdgefleetError as exc:
             self._error(exc)

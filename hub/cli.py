@@ -269,6 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hub.keys import add_keys_commands
+    from hub.rollout_cli import add_rollout_commands
 
     p = argparse.ArgumentParser(prog="edgefleet-hub", description="edgefleet hub: publish, deploy, watch")
     p.add_argument("--version", action="version", version=f"edgefleet-hub {__version__}")
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")
     sp.add_argument("--broker", help="use this broker instead of the embedded one")
     add_keys_commands(sub, cmd)
+    add_rollout_commands(sub, cmd)
     return p
 
 

@@ -84,3 +84,21 @@ class HubClient:
     def audit_verify(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/api/v1/audit/verify")
         return result
+
+    def rollouts(self, key: str | None = None) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/rollouts",
+                                                    params={"id": key} if key else {})["rollouts"]
+        return result
+
+    def rollout_start(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts", json=body)
+        return result
+
+    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "") -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/rollouts/action", json={"action": action, "rollout": rollout, "reason": reason})
+        return result
+
+    def rollback(self, model: str, to: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json={"model": model, "to": to})
+        return result

@@ -42,6 +42,7 @@ from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
 from hub.modelfile import validate_onnx
+from hub.rollouts import RolloutManager
 
 __all__ = ["Hub"]
 
@@ -76,6 +77,7 @@ class Hub:
         self.http: Any = None
         self.public_url = ""
         self.drift = DriftMonitor.attach(self)  # telemetry aggregation, drift scores and alerts
+        self.rollouts = RolloutManager.attach(self)  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class Hub:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self.rollouts.start()
         self.home.write_run({"http": f"http://{bound_host}:{bound_port}", "broker": self.broker_url,
                              "public_url": self.public_url})
         log.info("hub for fleet %s: http://%s:%d, broker %s", self.config.fleet, bound_host, bound_port, self.broker_url)
@@ -117,6 +120,7 @@ class Hub:
     def stop(self) -> None:
         self._stop.set()
         self._inbox.put(("", "", b""))
+        self.rollouts.stop()
         for t in self._threads:
             t.join(10)
         if self.http is not None:
@@ -201,6 +205,7 @@ class Hub:
             )
             self.counters["ingested"] += 1
             self.drift.add(device, tw)
+            self.rollouts.add_window(conn, device, tw, now)
         elif channel == "reported":
             rep = Reported.from_dict(obj)
             conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
@@ -215,6 +220,7 @@ class Hub:
                 " VALUES (?,?,?,?,?,?,?,?,?)",
                 (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
             )
+            self.rollouts.add_event(conn, device, ev, now)
 
     def _main_loop(self) -> None:
         while not self._stop.wait(60):
@@ -335,6 +341,7 @@ class Hub:
             m = {**dict(r), "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"]),
                  "reference": json.loads(r["reference"]) if r["reference"] else None}
             entries[r["model"]] = model_entry(m, self.public_url, r["previous"])
+        entries = self.rollouts.adjust(conn, device, entries, now)
         cur = conn.execute("SELECT seq FROM desired WHERE device=?", (device,)).fetchone()
         seq = (cur["seq"] if cur else 0) + 1
         _state, raw = build_desired(

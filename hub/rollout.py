@@ -486,10 +486,10 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
 def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None) -> Decision:
     """Judge the current step of a running rollout on ``ev`` at time ``now``."""
     evd = ev.to_dict()
-    if r.state != "running":
-        return Decision("wait", "wait", f"rollout is {r.state}", evidence=evd)
     p = r.policy
     gates = gate_results(r, ev, reference_classes)
+    if r.state != "running":
+        return Decision("wait", "wait", f"rollout is {r.state}", gates, evd)
     failed = [g for g in gates if not g.passed and g.value is not None]
     age = now - r.step_started_at
     enough = (ev.requests >= p.min_inferences and ev.windows >= p.min_device_windows
