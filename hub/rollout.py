@@ -144,7 +144,7 @@ class Policy:
                 if not isinstance(v, Mapping) or not all(
                         isinstance(x, int | float) and not isinstance(x, bool) for x in v.values()):
                     raise RolloutError(f"{where}: [limits] must be a table of numbers, got {v!r}")
-                v = {**cls().limits, **{str(k): float(x) for k, x in v.items()}}
+                v = {**cls().limits, **{str(k): int(x) if k == "min_samples" else float(x) for k, x in v.items()}}
             elif f.name in ("min_inferences", "min_device_windows", "max_failures"):
                 if not isinstance(v, int) or isinstance(v, bool):
                     raise RolloutError(f"{where}: {f.name} must be an integer, got {v!r}")
