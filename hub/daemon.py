@@ -42,6 +42,7 @@ from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
 from hub.modelfile import validate_onnx
+from hub.preflight import accept as accept_preflight
 from hub.rollouts import RolloutManager
 
 __all__ = ["Hub"]
@@ -249,6 +250,7 @@ class Hub:
                 reference = Reference.from_dict(reference).to_dict()
             except EdgefleetError as exc:
                 raise BadRequest(f"reference: {exc}") from exc
+        preflight = accept_preflight(req.get("preflight"), data)  # the model must pass its own set
         sha = hashlib.sha256(data).hexdigest()
         existing = self.db.get_model(name, version)
         if existing is not None:
@@ -261,6 +263,8 @@ class Hub:
         blob = self.home.blobs / sha
         if not blob.exists():
             atomic_write(blob, data, mode=0o644)
+        if preflight is not None and not (self.home.blobs / preflight[1]["sha256"]).exists():
+            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o644)
         raw_lineage = req.get("lineage")
         lineage: dict[str, Any] = dict(raw_lineage) if isinstance(raw_lineage, dict) else {}
         now = self.clock()
@@ -272,10 +276,13 @@ class Hub:
         }
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
+            if preflight is not None:
+                conn.execute("INSERT INTO model_preflight VALUES (?,?,?)", (name, version, json.dumps(preflight[1])))
             self.db.audit(conn, now, actor, "publish",
                           {"model": name, "version": version, "sha256": sha, "size": len(data)})
         log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
-        return {**_public_model(model), "already_published": False}
+        return {**_public_model(model), "already_published": False,
+                "preflight": preflight[1] if preflight is not None else None}
 
     def add_device(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
         device = _name(req.get("device"), "device id")
