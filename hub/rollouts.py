@@ -412,16 +412,29 @@ class RolloutManager:
             if not devices:
                 raise BadRequest(f"nothing to roll back for {name}: "
                                  + "; ".join(f"{d} {why}" for d, why in sorted(skipped.items())))
+            # the rollout that promoted what the devices run now is rolled back with them
+            done = next((x for x in self.status_rows(name) if x.state == "promoted"), None)
+            if done is not None and not any(c["from"] == done.to_version for c in devices.values()):
+                done = None
             with self.db.tx() as conn:
                 for device, change in devices.items():
                     conn.execute("UPDATE assignments SET version=?, previous=? WHERE device=? AND model=?",
                                  (change["to"], change["from"], device, name))
                     change["seq"] = self.hub._sign_and_store(conn, device, now)
+                if done is not None:
+                    self._save(conn, rollback(done, now, f"fleet rollback by {actor}"), now)
                 self.db.audit(conn, now, actor, "rollback", {"model": name, "to": to, "devices": devices,
-                                                             "skipped": skipped, "by": "human"})
+                                                             "skipped": skipped, "by": "human",
+                                                             "rollout": done.id if done else None})
             for device in devices:
                 self.hub._publish_desired(device)
-        return {"model": name, "to": to, "devices": devices, "skipped": skipped, "rollout": None}
+        return {"model": name, "to": to, "devices": devices, "skipped": skipped,
+                "rollout": done.id if done else None}
+
+    def status_rows(self, model: str) -> list[Rollout]:
+        """The model's rollouts, newest first."""
+        rows = self.db.query("SELECT spec FROM rollouts WHERE model=? ORDER BY created_at DESC, rowid DESC", (model,))
+        return [Rollout.from_dict(json.loads(x["spec"])) for x in rows]
 
     # -- views -----------------------------------------------------------------------------------
 

@@ -130,7 +130,8 @@ def test_promotion_through_the_steps_then_fleet_rollback(hub: tuple[Hub, Clock])
         m = desired(h, f"d{i:02d}").models["m"]
         assert (m.version, m.fallback, m.canary) == ("2", "1", None)
     res = h.rollouts.fleet_rollback({"model": "m"}, "bob")
-    assert set(res["devices"]) == {f"d{i:02d}" for i in range(11)}
+    assert set(res["devices"]) == {f"d{i:02d}" for i in range(11)} and res["rollout"] == r["id"]
+    assert h.rollouts.get(r["id"]).state == "rolled_back"
     assert all(desired(h, f"d{i:02d}").models["m"].version == "1" for i in range(11))
     actions = [e["action"] for e in h.db.audit_entries()]
     assert actions[-4:] == ["rollout_start", "rollout_promote", "rollout_promote", "rollback"]
