@@ -176,8 +176,10 @@ class RolloutManager:
                 row = conn.execute("SELECT profile FROM devices WHERE id=?", (device,)).fetchone()
                 r = r.add_target(device, row["profile"] if row else "")
                 self._save(conn, r, now)
+                runs = r.runs(device)
                 self.db.audit(conn, now, "rollout", "rollout_join", {
-                    "rollout": r.id, "model": r.model, "device": device, "runs": r.runs(device)})
+                    "rollout": r.id, "model": r.model, "device": device, "runs": runs,
+                    "version": r.to_version if runs == "candidate" else r.from_version})
             if r.runs(device) == "candidate":
                 out[name] = self._candidate_entry(r, entry)
         return out
@@ -259,7 +261,10 @@ class RolloutManager:
                         with self.db.tx() as conn:
                             self.db.audit(conn, now, "rollout-gate", "rollout_dry_run", self._details(r, d))
                     continue
-                self._transition(r, apply(r, d, now), now, "rollout-gate", f"rollout_{d.outcome}", d)
+                new = apply(r, d, now)
+                action = {"promote": "rollout_step" if new.state == "running" else "rollout_promote",
+                          "rollback": "rollout_rollback", "pause": "rollout_pause"}[d.outcome]
+                self._transition(r, new, now, "rollout-gate", action, d)
         return out
 
     def _details(self, r: Rollout, d: Decision | None, **extra: Any) -> dict[str, Any]:
@@ -311,7 +316,10 @@ class RolloutManager:
             for device in changed:
                 seqs[device] = self.hub._sign_and_store(conn, device, now)
             details = self._details(new, d, state=new.state, previous_state=old.state, **extra)
-            details["devices"] = seqs
+            # what lineage (hub.lineage.find_decision) looks for: the version put on these devices
+            details["version"] = new.from_version if new.state in ("rolled_back", "aborted") else new.to_version
+            details["devices"] = sorted(seqs)
+            details["seqs"] = seqs
             self.db.audit(conn, now, actor, action, details)
 
     # -- operations (admin API) ------------------------------------------------------------------
@@ -395,7 +403,8 @@ class RolloutManager:
                 new = rollback(r, now, f"fleet rollback by {actor}")
                 seqs = self._transition(r, new, now, actor, "rollback", self.decide(r, now), by="human")
                 return {"model": name, "to": r.from_version, "rollout": r.id, "skipped": {},
-                        "devices": {d: {"to": r.from_version, "seq": s} for d, s in seqs.items()}}
+                        "devices": {d: {"from": r.to_version if d in r.members else r.from_version,
+                                        "to": r.from_version, "seq": s} for d, s in seqs.items()}}
             rows = self.db.query("SELECT device, version, previous FROM assignments WHERE model=?", (name,))
             if not rows:
                 raise NotFound(f"no device runs {name}")
@@ -423,9 +432,11 @@ class RolloutManager:
                     change["seq"] = self.hub._sign_and_store(conn, device, now)
                 if done is not None:
                     self._save(conn, rollback(done, now, f"fleet rollback by {actor}"), now)
-                self.db.audit(conn, now, actor, "rollback", {"model": name, "to": to, "devices": devices,
-                                                             "skipped": skipped, "by": "human",
-                                                             "rollout": done.id if done else None})
+                for target in sorted({c["to"] for c in devices.values()}):  # one entry per version put
+                    group = {dev: c for dev, c in devices.items() if c["to"] == target}
+                    self.db.audit(conn, now, actor, "rollback", {
+                        "model": name, "version": target, "devices": sorted(group), "changes": group,
+                        "skipped": skipped, "by": "human", "rollout": done.id if done else None})
             for device in devices:
                 self.hub._publish_desired(device)
         return {"model": name, "to": to, "devices": devices, "skipped": skipped,

@@ -82,7 +82,7 @@ class CanaryStats:
                "compared": self.compared, "agreed": self.agreed, "output_distance_sum": self.distance,
                "latency_ms": lat(self.cand_ms), "stable_latency_ms": lat(self.stable_ms),
                "outputs": {"classes": dict(self.classes)}}
-        fresh = CanaryStats(self.rollout, self.mode, self.version)
+        fresh = CanaryStats(rollout=self.rollout, mode=self.mode, version=self.version)
         self.__dict__.update(fresh.__dict__)
         return out
 
@@ -139,7 +139,7 @@ class AgentCore:
             self.stats = None
             return None
         if self.stats is None or self.stats.rollout != rollout.id:
-            self.stats = CanaryStats(rollout.id, rollout.mode, rollout.to_version)
+            self.stats = CanaryStats(rollout=rollout.id, mode=rollout.mode, version=rollout.to_version)
         stable, cand = self.models.sessions["stable"], self.models.sessions[candidate]
         for _ in range(requests):
             idx = self.rng.integers(0, len(self.models.x), size=8)

@@ -134,7 +134,9 @@ def test_promotion_through_the_steps_then_fleet_rollback(hub: tuple[Hub, Clock])
     assert h.rollouts.get(r["id"]).state == "rolled_back"
     assert all(desired(h, f"d{i:02d}").models["m"].version == "1" for i in range(11))
     actions = [e["action"] for e in h.db.audit_entries()]
-    assert actions[-4:] == ["rollout_start", "rollout_promote", "rollout_promote", "rollback"]
+    assert actions[-4:] == ["rollout_start", "rollout_step", "rollout_promote", "rollback"]
+    last = h.db.audit_entries()[-1]["details"]
+    assert (last["model"], last["version"], len(last["devices"])) == ("m", "1", 11)
 
 
 def test_failure_event_missing_evidence_and_human_actions(hub: tuple[Hub, Clock]) -> None:
