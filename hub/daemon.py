@@ -2,7 +2,8 @@
 
 Threads: ``hub-http`` (admin API and blob server), paho's network thread (enqueues only),
 ``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
-(re-signs desired states before they expire). Every write goes through :mod:`hub.db`.
+(re-signs desired states before they expire), ``hub-rollouts`` (judges running rollouts, see
+:mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
 """
 
 from __future__ import annotations
