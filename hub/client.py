@@ -94,11 +94,13 @@ class HubClient:
         result: dict[str, Any] = self.request("POST", "/api/v1/rollouts", json=body)
         return result
 
-    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "") -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", "/api/v1/rollouts/action", json={"action": action, "rollout": rollout, "reason": reason})
+    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "",
+                       actor: str | None = None) -> dict[str, Any]:
+        body = {"action": action, "rollout": rollout, "reason": reason, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts/action", json=body)
         return result
 
-    def rollback(self, model: str, to: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json={"model": model, "to": to})
+    def rollback(self, model: str, to: str | None = None, actor: str | None = None) -> dict[str, Any]:
+        body = {"model": model, "to": to, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json=body)
         return result

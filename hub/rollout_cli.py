@@ -8,6 +8,7 @@ sent (the hub validates again).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import tomllib
 from collections.abc import Callable
@@ -42,7 +43,7 @@ def format_rollout(r: dict[str, Any]) -> str:
                      f"{ev['windows']} windows from {ev['devices']} device(s)")
         for g in d["gates"]:
             value = "-" if g["value"] is None else f"{g['value']:.4g}"
-            mark = "ok  " if g["passed"] else "FAIL"
+            mark = "ok  " if g["passed"] else ("FAIL" if g["value"] is not None else "n/a ")
             dry = " (dry-run)" if g["dry_run"] else ""
             lines.append(f"  {mark} {g['name']:18} {value:>10} vs {g['threshold']:<8} {g['detail']}{dry}")
         lines.append(f"  gate now: {d['outcome']} — {d['reason']}")
@@ -50,7 +51,8 @@ def format_rollout(r: dict[str, Any]) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"model": args.name, "version": args.version, "steps": list(parse_steps(args.steps)),
+    body: dict[str, Any] = {"actor": getpass.getuser(), "model": args.name, "version": args.version,
+                            "steps": list(parse_steps(args.steps)),
                             "mode": args.mode, "fraction": args.fraction, "dry_run": args.dry_run}
     if args.policy:
         load_policy(Path(args.policy))  # refuse a bad file with the file's name in the message
@@ -70,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _action(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        r = _client(args).rollout_action(action, args.rollout, args.reason or "")
+        r = _client(args).rollout_action(action, args.rollout, args.reason or "", getpass.getuser())
         _out(args, r, format_rollout(r))
         return 0
 
@@ -78,7 +80,7 @@ def _action(action: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    res = _client(args).rollback(args.name, args.to)
+    res = _client(args).rollback(args.name, args.to, getpass.getuser())
     lines = [f"rolled back {args.name}" + (f" (rollout {res['rollout']})" if res.get("rollout") else "") + ":"]
     lines += [f"  {d}: {c.get('from', '?')} -> {c['to']} seq {c['seq']}" for d, c in sorted(res["devices"].items())]
     lines += [f"  {d}: skipped, {why}" for d, why in sorted(res["skipped"].items())]

@@ -18,7 +18,8 @@ Decisions are made by the pure core :mod:`hub.rollout`; this module does the I/O
   (``DIR/rollout.toml``) on the evidence of its current step. Every decision that changes
   something, by a gate or a human, and every first dry-run "would roll back" of a step, is
   appended to the hash-chained audit log with its gates (value, threshold, passed, dry-run) and
-  evidence.
+  evidence; and published as an ``edgefleet.alert/v1`` of ``type: "rollout"`` on
+  ``{root}hub/alerts``.
 
 ``DIR/rollout.toml`` (optional)::
 
@@ -39,8 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError
-from agent.wire import Event, ModelEntry, TelemetryWindow, format_time
+from agent.wire import Event, ModelEntry, TelemetryWindow, canonical_json, format_time
 from hub.core import model_entry
+from hub.drift_monitor import ALERT_KIND
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.rollout import (
     FAILURE_EVENTS,
@@ -293,9 +295,22 @@ class RolloutManager:
             raise
         for device in changed:
             self.hub._publish_desired(device)
+        self._alert(new, old, now, actor, action, d)
         log.info("rollout %s (%s %s -> %s): %s by %s; %s", new.id, new.model, new.from_version, new.to_version,
                  action, actor, d.reason if d else new.reason)
         return seqs
+
+    def _alert(self, new: Rollout, old: Rollout, now: float, actor: str, action: str, d: Decision | None) -> None:
+        """Publish the decision on ``{root}hub/alerts`` (the stream; not retained)."""
+        if self.hub.link is None:
+            return
+        alert = {"kind": ALERT_KIND, "fleet": self.hub.config.fleet, "time": format_time(now), "type": "rollout",
+                 "action": action, "actor": actor, "rollout": new.id, "model": new.model,
+                 "from_version": new.from_version, "to_version": new.to_version, "state": new.state,
+                 "previous_state": old.state, "step": new.step + 1, "percent": new.percent,
+                 "reason": d.reason if d else new.reason,
+                 "gates": [g.to_dict() for g in d.gates] if d else []}
+        self.hub.link.publish(self.hub.topics.alerts, canonical_json(alert), qos=1, retain=False)
 
     def _write(self, new: Rollout, old: Rollout, now: float, actor: str, action: str, d: Decision | None,
                changed: list[str], version: str | None, previous: str | None, seqs: dict[str, int],

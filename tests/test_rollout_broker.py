@@ -71,9 +71,12 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         entry = desired(broker, topics, d).models["m"]
         assert entry.version == "2" and entry.canary is not None and entry.canary["rollout"] == ro["id"]
 
+    alerts: list[dict[str, Any]] = []
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.on_message = lambda cl, u, m: alerts.append(json.loads(m.payload))
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
+    client.subscribe(topics.alerts, 1)
     try:
         for seq, d in enumerate(cohort, start=1):
             canary = {"rollout": ro["id"], "mode": "shadow", "version": "2", "state": "running", "reason": None,
@@ -84,6 +87,7 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
                                  models={"m": ModelWindow(version="1", requests=60, errors=0, rows=60,
                                                           latency_ms=LAT, extra={"canary": canary})})
             client.publish(topics.device(d, "telemetry"), json.dumps(tw.to_dict()).encode(), qos=1).wait_for_publish(5)
+        wait_for(lambda: alerts, 20, "a rollout alert on hub/alerts", interval=0.2)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -92,6 +96,9 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         return dict(json.loads(run_cli("hub.cli", "rollout", "status", ro["id"], "--json", *h).stdout)["rollouts"][0])
 
     wait_for(lambda: state()["state"] == "rolled_back", 20, "the hub to roll the rollout back", interval=0.5)
+    (alert,) = alerts
+    assert (alert["kind"], alert["type"], alert["action"], alert["state"]) == (
+        "edgefleet.alert/v1", "rollout", "rollout_rollback", "rolled_back")
     for d in devices:  # dev-* never connected: they find the retained rollback on connect
         ds = desired(broker, topics, d)
         assert ds.models["m"].version == "1" and ds.models["m"].canary is None, d

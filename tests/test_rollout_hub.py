@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +88,9 @@ def test_rollout_cohort_gets_the_candidate_and_a_bad_one_is_rolled_back_everywhe
 
     # a device that gets the stable version during the rollout joins the targets
     h.deploy({"model": "m", "version": "1", "devices": ["d11"]}, "alice")
-    assert "d11" in h.rollouts.get(r["id"]).targets
+    joined = h.rollouts.get(r["id"])
+    assert "d11" in joined.targets and joined.members == members | ({"d11"} & joined.members)
+    assert desired(h, "d11").models["m"].version == ("2" if "d11" in joined.members else "1")
 
     # some cohort devices report shuffled-label agreement; one cohort device never reports
     silent = sorted(members)[-1]
@@ -185,6 +188,6 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         audit = json.loads(run_cli("hub.cli", "audit", "--json", *base).stdout)["entries"]
         acts = [e["action"] for e in audit]
         assert acts[-3:] == ["rollout_start", "rollout_pause", "rollout_abort"]
-        assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == "admin"
+        assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == getpass.getuser()
     finally:
         http.stop()
