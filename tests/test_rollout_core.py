@@ -192,3 +192,25 @@ def test_transitions_refuse_the_wrong_state() -> None:
     with pytest.raises(RolloutError, match="nothing to roll out"):
         Rollout.start(id="r-2", model="m", from_version="1", to_version="1", targets=fleet(3), now=0.0)
     assert pause(started(), 1.0).state == "paused"
+
+
+def test_split_mode_judges_without_pairs_and_falls_back_to_the_stable_window_latency() -> None:
+    r = Rollout.start(id="r-1", model="m", from_version="1", to_version="2", targets=fleet(12), now=0.0,
+                      mode="split", policy=Policy.from_dict({"min_inferences": 100, "min_device_windows": 2}))
+    split = window(mode="split", compared=0, agreed=0, latency_ms={"p95": 4.0})
+    del split["stable_latency_ms"]
+    ev = Evidence.collect([("dev-000", split, {"p95": 1.0}), ("dev-001", split, {"p95": 1.0})])
+    d = evaluate(r, ev, 10.0)
+    assert d.outcome == "rollback" and "latency p95 ratio 4.00 > max 2.0" in d.reason
+    assert {g.name: g.value for g in d.gates}["agreement"] is None
+    ok = Evidence.collect([("dev-000", split, {"p95": 3.0}), ("dev-001", split, {"p95": 3.0})])
+    assert evaluate(r, ok, 10.0).outcome == "promote"
+
+
+def test_a_drop_repeated_in_every_window_and_as_an_event_counts_once() -> None:
+    dropped = window(state="dropped", reason="error_rate", requests=0, compared=0, agreed=0)
+    ev = Evidence.collect([("dev-001", dropped, None)] * 3, [("dev-001", "canary_dropped", "error_rate"),
+                                                           ("dev-002", "canary_ended", "rollback")])
+    assert ev.failures == (("dev-001", "canary_dropped", "error_rate"),)
+    d = evaluate(started(max_failures=1), ev, 10.0)
+    assert d.outcome == "wait" and {g.name: g.passed for g in d.gates}["failures"] is True
