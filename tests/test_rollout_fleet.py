@@ -5,9 +5,9 @@ contract's canary dicts; the hub core sums them into evidence, decides, and move
 Models (scikit-learn random forests, converted with skl2onnx): ``stable``; ``good`` (same recipe,
 another seed); ``bad`` (trained on shuffled labels); ``slow`` (far more and deeper trees).
 
-The agent side's canary accumulator (``agent.canary.CanaryStats`` / ``compare_outputs``) is built
-by the other half of issue 4; until it is merged this file uses the small stand-in below, written
-against the signatures in the issue-4 contract (swap the import when ``agent/canary.py`` lands).
+The agent cores use the agent's canary accumulator, ``agent.canary.CanaryStats`` (built by the
+other half of issue 4). Where that module is not there yet, a small stand-in below, written against
+the signatures in the issue-4 contract, takes its place.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from hub.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
 # -- stand-in for agent.canary (contract "Agent APIs the hub-side in-memory fleet test may use") --
 
 
-def compare_outputs(stable: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]) -> tuple[int, int, float]:
+def _stand_in_compare(stable: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]) -> tuple[int, int, float]:
     """(agreed, n, distance_sum): top-1 label agreement and total variation between probabilities."""
     a, b = np.asarray(stable["label"]).reshape(-1), np.asarray(cand["label"]).reshape(-1)
     tv = 0.5 * np.abs(np.asarray(stable["probabilities"]) - np.asarray(cand["probabilities"])).sum(axis=1)
@@ -38,7 +38,7 @@ def compare_outputs(stable: Mapping[str, np.ndarray], cand: Mapping[str, np.ndar
 
 
 @dataclass
-class CanaryStats:
+class _StandInStats:
     rollout: str
     mode: str
     version: str
@@ -54,7 +54,7 @@ class CanaryStats:
 
     def record_pair(self, stable_out: Mapping[str, np.ndarray], cand_out: Mapping[str, np.ndarray],
                     stable_ms: float, cand_ms: float) -> None:
-        agreed, n, dist = compare_outputs(stable_out, cand_out)
+        agreed, n, dist = _stand_in_compare(stable_out, cand_out)
         self.compared += n
         self.agreed += agreed
         self.distance += dist
@@ -82,9 +82,15 @@ class CanaryStats:
                "compared": self.compared, "agreed": self.agreed, "output_distance_sum": self.distance,
                "latency_ms": lat(self.cand_ms), "stable_latency_ms": lat(self.stable_ms),
                "outputs": {"classes": dict(self.classes)}}
-        fresh = CanaryStats(rollout=self.rollout, mode=self.mode, version=self.version)
+        fresh = _StandInStats(rollout=self.rollout, mode=self.mode, version=self.version)
         self.__dict__.update(fresh.__dict__)
         return out
+
+
+try:
+    from agent.canary import CanaryStats
+except ModuleNotFoundError:  # the agent half of issue 4 is not merged here yet
+    CanaryStats = _StandInStats  # type: ignore[misc,assignment]
 
 
 # -- models trained here -------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class AgentCore:
         self.device = device
         self.models = models
         self.rng = np.random.default_rng(seed)
-        self.stats: CanaryStats | None = None
+        self.stats: Any = None
         self.online = True
 
     def window(self, runs: str, rollout: Rollout, candidate: str, requests: int = 40) -> dict[str, Any] | None:
