@@ -408,10 +408,11 @@ class Updater:
                         "it is downloaded again on retry"
                     )
             path = self.store.blob_path(entry.sha256)
-            check_model_bytes(path.read_bytes())
             self.on_step("guard")
             if self.guard is not None:
-                self.guard(path)
+                self.guard(path)  # structural checks and the first session, in a child process
+            else:
+                check_model_bytes(path.read_bytes())
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
         self._transition(name, Phase.STAGED, entry)
         self.on_step("stage")
