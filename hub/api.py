@@ -19,6 +19,11 @@ authenticated admin API the CLI talks to.
                                       (credentials: cert | password | both | none | auto)
     POST /api/v1/devices/revoke       {device}: revoke its certificates and password (CRL, passwd)
     POST /api/v1/deploy               {model, version, devices: [...]}
+    GET  /api/v1/rollouts?id=ID|NAME  rollouts (newest first) with progress and the current gate view
+    POST /api/v1/rollouts             start {model, version, steps?, mode?, fraction?, policy?, devices?,
+                                      dry_run?}
+    POST /api/v1/rollouts/action      {action: pause|resume|abort|promote, rollout?: ID or model name}
+    POST /api/v1/rollback             fleet rollback {model, to?}
     POST /api/v1/capture              device data capture batch (no admin token; see hub.daemon)
 
 Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
@@ -135,6 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._json(200, hub.model_diff(parts[0], q["a"][0], q["b"][0]))
             if url.path == "/api/v1/trace" and "device" in q and "request" in q:
                 return self._json(200, hub.trace(q["device"][0], q["request"][0]))
+            if url.path == "/api/v1/rollouts":
+                return self._json(200, {"rollouts": hub.rollouts.status(q.get("id", [None])[0])})
             if url.path == "/api/v1/audit/verify":
                 problems = hub.db.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
@@ -159,6 +166,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, revoke_device(hub, str(body.get("device")), actor))
             if url.path == "/api/v1/deploy":
                 return self._json(200, hub.deploy(body, actor))
+            if url.path == "/api/v1/rollouts":
+                return self._json(201, hub.rollouts.start_rollout(body, actor))
+            if url.path == "/api/v1/rollouts/action":
+                return self._json(200, hub.rollouts.act(str(body.get("action")), body.get("rollout"), actor,
+                                                        str(body.get("reason") or "")))
+            if url.path == "/api/v1/rollback":
+                return self._json(200, hub.rollouts.fleet_rollback(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
         except EdgefleetError as exc:
             self._error(exc)

@@ -111,7 +111,17 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
         reference = compute_reference(data, bins=args.bins, outputs=outputs).to_dict()
     import base64
 
+    preflight = None
+    if getattr(args, "preflight", None):
+        from hub.preflight import build_preflight, load_estimator
+
+        _progress(f"building the preflight set from {args.preflight}")
+        pf_data, _ = load_reference_data(Path(args.preflight))
+        blob = build_preflight(onnx_bytes, pf_data, load_estimator(Path(args.model)), rows=args.preflight_rows)
+        preflight = {"blob_b64": base64.b64encode(blob).decode(), "atol": args.atol, "rtol": args.rtol,
+                     "label_agreement": args.label_agreement}
     return {
+        "preflight": preflight,
         "name": args.name,
         "version": args.version,
         "model_b64": base64.b64encode(onnx_bytes).decode(),
@@ -410,6 +420,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hub.keys import add_keys_commands
+    from hub.rollout_cli import add_rollout_commands
 
     p = argparse.ArgumentParser(prog="edgefleet-hub", description="edgefleet hub: publish, deploy, watch")
     p.add_argument("--version", action="version", version=f"edgefleet-hub {__version__}")
@@ -450,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
     sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
     sp.add_argument("--author", help="who publishes (default: the current user)")
+    sp.add_argument("--preflight", metavar="DATA", help="inputs (.npy or .csv) for the preflight set a "
+                    "candidate must reproduce on each device (expected outputs from the sklearn source if given)")
+    sp.add_argument("--preflight-rows", type=int, default=64, help="rows of DATA in the preflight set (default 64)")
+    sp.add_argument("--atol", type=float, default=1e-4, help="preflight absolute tolerance (default 1e-4)")
+    sp.add_argument("--rtol", type=float, default=1e-3, help="preflight relative tolerance (default 1e-3)")
+    sp.add_argument("--label-agreement", type=float, default=1.0,
+                    help="preflight: share of rows whose label must match (default 1.0)")
     sp.add_argument("--metric", action="append", metavar="NAME=VALUE", help="a metric (repeatable)")
     sp.add_argument("--metrics", metavar="FILE.json", help="metrics as a JSON object of name -> number")
     sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a free tag (repeatable)")
@@ -509,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")
     sp.add_argument("--broker", help="use this broker instead of the embedded one")
     add_keys_commands(sub, cmd)
+    add_rollout_commands(sub, cmd)
     return p
 
 

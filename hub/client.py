@@ -130,3 +130,23 @@ class HubClient:
     def audit_verify(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/api/v1/audit/verify")
         return result
+
+    def rollouts(self, key: str | None = None) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/rollouts",
+                                                    params={"id": key} if key else {})["rollouts"]
+        return result
+
+    def rollout_start(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts", json=body)
+        return result
+
+    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "",
+                       actor: str | None = None) -> dict[str, Any]:
+        body = {"action": action, "rollout": rollout, "reason": reason, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts/action", json=body)
+        return result
+
+    def rollback(self, model: str, to: str | None = None, actor: str | None = None) -> dict[str, Any]:
+        body = {"model": model, "to": to, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json=body)
+        return result

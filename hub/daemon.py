@@ -2,7 +2,8 @@
 
 Threads: ``hub-http`` (admin API and blob server), paho's network thread (enqueues only),
 ``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
-(re-signs desired states before they expire). Every write goes through :mod:`hub.db`.
+(re-signs desired states before they expire), ``hub-rollouts`` (judges running rollouts, see
+:mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
 from hub.lineage import clean_lineage, diff_versions, find_decision
 from hub.modelfile import validate_onnx
+from hub.preflight import accept as accept_preflight
+from hub.rollouts import RolloutManager
 
 __all__ = ["Hub"]
 
@@ -92,6 +95,7 @@ class Hub:
         self.http: Any = None
         self.public_url = ""
         self.drift = DriftMonitor.attach(self)  # telemetry aggregation, drift scores and alerts
+        self.rollouts = RolloutManager.attach(self)  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -136,6 +140,7 @@ class Hub:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self.rollouts.start()
         self.home.write_run({"http": self.http.url, "broker": self.broker_url,
                              "public_url": self.public_url})
         log.info("hub for fleet %s: %s://%s:%d, broker %s", self.config.fleet, self.http.scheme, bound_host,
@@ -145,6 +150,7 @@ class Hub:
         self._stop.set()
         for _ in range(self.ingest_workers):
             self._inbox.put(("", "", b""))
+        self.rollouts.stop()
         for t in self._threads:
             t.join(10)
         self._score_drift()  # the last interval's sums
@@ -245,6 +251,7 @@ class Hub:
             )
             self.counters["ingested"] += 1
             self.drift.add(device, tw)
+            self.rollouts.add_window(conn, device, tw, now)
         elif channel == "reported":
             rep = Reported.from_dict(obj)
             conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
@@ -259,6 +266,7 @@ class Hub:
                 " VALUES (?,?,?,?,?,?,?,?,?)",
                 (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
             )
+            self.rollouts.add_event(conn, device, ev, now)
 
     def _main_loop(self) -> None:
         while not self._stop.wait(60):
@@ -287,6 +295,7 @@ class Hub:
                 reference = Reference.from_dict(reference).to_dict()
             except EdgefleetError as exc:
                 raise BadRequest(f"reference: {exc}") from exc
+        preflight = accept_preflight(req.get("preflight"), data)  # the model must pass its own set
         sha = hashlib.sha256(data).hexdigest()
         existing = self.db.get_model(name, version)
         if existing is not None:
@@ -299,6 +308,8 @@ class Hub:
         blob = self.home.blobs / sha
         if not blob.exists():
             atomic_write(blob, data, mode=0o644)
+        if preflight is not None and not (self.home.blobs / preflight[1]["sha256"]).exists():
+            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o644)
         lineage = clean_lineage(req.get("lineage"))
         if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
             raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
@@ -312,12 +323,15 @@ class Hub:
         }
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
+            if preflight is not None:
+                conn.execute("INSERT INTO model_preflight VALUES (?,?,?)", (name, version, json.dumps(preflight[1])))
             self.db.audit(conn, model["created_at"], actor, "publish",
                           {"model": name, "version": version, "sha256": sha, "size": len(data),
                            "parent": lineage["parent"], "source": lineage.get("source"),
                            "training_data_sha256": lineage.get("training_data_sha256")})
         log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
-        return {**_public_model(model), "already_published": False}
+        return {**_public_model(model), "already_published": False,
+                "preflight": preflight[1] if preflight is not None else None}
 
     def add_device(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
         device = _name(req.get("device"), "device id")
@@ -387,6 +401,7 @@ class Hub:
             m = {**dict(r), "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"]),
                  "reference": json.loads(r["reference"]) if r["reference"] else None}
             entries[r["model"]] = model_entry(m, self.public_url, r["previous"])
+        entries = self.rollouts.adjust(conn, device, entries, now)
         cur = conn.execute("SELECT seq FROM desired WHERE device=?", (device,)).fetchone()
         seq = (cur["seq"] if cur else 0) + 1
         _state, raw = build_desired(

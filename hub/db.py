@@ -10,6 +10,10 @@ with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per d
 bucket; its rows are written by :mod:`hub.drift_monitor` inside the ingest transaction) and
 ``captures`` (sampled inference records uploaded by devices, unique per device, request id and
 model).
+Rollouts (:mod:`hub.rollouts`): ``rollouts`` (one row per rollout, the :class:`hub.rollout.Rollout`
+as JSON in ``spec``), ``rollout_windows`` (the canary dict of every cohort window, tagged with the
+step it arrived in), ``rollout_events`` (canary events of cohort devices), and
+``model_preflight`` (the preflight blob of a model version: sha256, size, tolerances).
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ CREATE TABLE IF NOT EXISTS telemetry_agg (
     windows INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
     rows INTEGER NOT NULL, latency TEXT NOT NULL, inputs TEXT NOT NULL, classes TEXT NOT NULL,
     last_end REAL NOT NULL, PRIMARY KEY (model, version, device, bucket));
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rollout_windows (
+    rollout TEXT NOT NULL, step INTEGER NOT NULL, device TEXT NOT NULL, seq INTEGER NOT NULL,
+    received_at REAL NOT NULL, canary TEXT NOT NULL, stable_latency TEXT,
+    PRIMARY KEY (rollout, device, seq));
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL, step INTEGER NOT NULL,
+    device TEXT NOT NULL, time REAL NOT NULL, type TEXT NOT NULL, reason TEXT, details TEXT);
+CREATE TABLE IF NOT EXISTS model_preflight (
+    name TEXT NOT NULL, version TEXT NOT NULL, preflight TEXT NOT NULL, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);

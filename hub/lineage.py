@@ -39,7 +39,7 @@ MAX_VALUE = 1024
 MAX_ITEMS = 200
 # Audit actions that change what a device runs; rollouts (another module) add theirs here.
 DECISION_ACTIONS = ("deploy", "rollback", "rollout_step", "rollout_promote", "rollout_rollback",
-                    "promote")
+                    "promote", "rollout_start", "rollout_join", "rollout_abort")
 
 
 def _key(k: object, what: str) -> str:

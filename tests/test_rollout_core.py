@@ -1,0 +1,216 @@
+"""The rollout core without I/O: cohorts, policy parsing, gate outcomes, transitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hub.rollout import (
+    Evidence,
+    Policy,
+    Rollout,
+    RolloutError,
+    abort,
+    advance,
+    apply,
+    cohort,
+    evaluate,
+    load_policy,
+    parse_steps,
+    pause,
+    resume,
+)
+
+PROFILES = ("pi4", "jetson", "x86")
+
+
+def fleet(n: int) -> dict[str, str]:
+    return {f"dev-{i:03d}": PROFILES[i % 3] for i in range(n)}
+
+
+def test_cohort_is_reproducible_and_depends_on_the_rollout_id() -> None:
+    devices = fleet(60)
+    a = cohort(devices, "r-1", 25)
+    assert a == cohort(dict(reversed(list(devices.items()))), "r-1", 25)
+    assert a != cohort(devices, "r-2", 25)
+
+
+def test_cohort_spans_every_profile_even_at_5_percent() -> None:
+    devices = fleet(60)
+    c = cohort(devices, "r-1", 5)
+    assert {devices[d] for d in c} == set(PROFILES)
+    assert len(c) == 3  # ceil(20 * 5 %) = 1 per profile
+    assert len(cohort(devices, "r-1", 25)) == 15
+    assert cohort(devices, "r-1", 100) == frozenset(devices)
+
+
+def test_cohorts_are_nested() -> None:
+    devices = fleet(47)
+    previous: frozenset[str] = frozenset()
+    for pct in (1, 5, 10, 25, 50, 75, 100):
+        c = cohort(devices, "r-9", pct)
+        assert previous <= c
+        previous = c
+
+
+def test_membership_is_sticky_when_devices_join() -> None:
+    r = Rollout.start(id="r-1", model="m", from_version="1", to_version="2", targets=fleet(30), now=0.0,
+                      steps=(10, 100))
+    before = r.members
+    for i in range(30, 60):
+        r = r.add_target(f"dev-{i:03d}", PROFILES[i % 3])
+    assert before <= r.members
+    assert r.runs(sorted(before)[0]) == "candidate"
+
+
+def test_policy_file_parses_with_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text('min_inferences = 50\nmin_agreement = 0.9\ndry_run = ["output_drift"]\n[limits]\nmin_samples = 10\n')
+    p = load_policy(f)
+    assert p.min_inferences == 50 and p.min_agreement == 0.9 and p.dry_run == ("output_drift",)
+    assert p.max_error_rate == Policy().max_error_rate
+    assert p.limits["min_samples"] == 10 and p.limits["max_latency_ratio"] == 5.0
+    assert Policy.from_dict({"dry_run": True}).dry_run == ("failures", "error_rate", "latency_p95_ratio",
+                                                           "agreement", "output_drift")
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("min_agreement = 1.5", "min_agreement must be in [0, 1]"),
+    ("min_agrement = 0.9", "unknown key 'min_agrement'"),
+    ("min_inferences = 'many'", "min_inferences must be an integer"),
+    ("dry_run = ['speed']", "unknown gate 'speed'"),
+    ("dry_run = 3", "dry_run must be true, false or a list"),
+    ("[limits]\nmax_memory = 3", "[limits] has unknown key 'max_memory'"),
+    ("min_inferences = ", "not valid TOML"),
+])
+def test_policy_errors_say_what_was_expected(tmp_path: Path, text: str, says: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(RolloutError) as exc:
+        load_policy(f)
+    assert says in str(exc.value) and str(f) in str(exc.value)
+
+
+def test_steps_are_validated() -> None:
+    assert parse_steps("5,25,100") == (5, 25, 100)
+    for bad in ("25,5,100", "5,25", "0,100", "a,100", "5,5,100"):
+        with pytest.raises(RolloutError):
+            parse_steps(bad)
+
+
+def window(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"rollout": "r-1", "mode": "shadow", "version": "2", "state": "running",
+                               "reason": None, "requests": 100, "errors": 0, "skipped": 0, "compared": 100,
+                               "agreed": 99, "output_distance_sum": 1.0, "latency_ms": {"p95": 1.0},
+                               "stable_latency_ms": {"p95": 1.0}}
+    return {**base, **kw}
+
+
+def started(**policy: object) -> Rollout:
+    pol = Policy.from_dict({"min_inferences": 200, "min_device_windows": 3, "step_deadline_seconds": 600,
+                            **policy})
+    return Rollout.start(id="r-1", model="m", from_version="1", to_version="2", targets=fleet(40), now=0.0,
+                         policy=pol)
+
+
+def ev(*wins: dict[str, object], events: tuple[tuple[str, str, str], ...] = ()) -> Evidence:
+    return Evidence.collect([(f"dev-{i:03d}", w, None) for i, w in enumerate(wins)], events)
+
+
+def test_good_evidence_promotes_step_by_step() -> None:
+    r = started()
+    d = evaluate(r, ev(window(), window(), window()), 60.0)
+    assert d.outcome == "promote", d.reason
+    r = apply(r, d, 60.0)
+    assert (r.step, r.percent, r.step_started_at) == (1, 25, 60.0)
+    r = apply(r, evaluate(r, ev(window(), window(), window()), 120.0), 120.0)
+    r = apply(r, evaluate(r, ev(window(), window(), window()), 180.0), 180.0)
+    assert r.state == "promoted" and r.runs("dev-000") == "promoted"
+
+
+def test_low_agreement_rolls_back_with_the_numbers() -> None:
+    d = evaluate(started(), ev(*[window(agreed=50)] * 3), 60.0)
+    assert d.outcome == "rollback"
+    assert "agreement 0.50 < min 0.95 over 300 compared pairs on 3 devices" in d.reason
+    g = {g.name: g for g in d.gates}["agreement"]
+    assert (g.value, g.threshold, g.passed) == (0.5, 0.95, False)
+
+
+def test_latency_and_error_rate_gates() -> None:
+    d = evaluate(started(), ev(*[window(latency_ms={"p95": 9.0})] * 3), 60.0)
+    assert d.outcome == "rollback" and "latency p95 ratio 9.00 > max 2.0" in d.reason
+    d = evaluate(started(), ev(*[window(errors=5)] * 3), 60.0)
+    assert d.outcome == "rollback" and "error rate 0.0500 > max 0.01" in d.reason
+
+
+def test_output_drift_against_the_reference() -> None:
+    ref = {"0": 0.5, "1": 0.5}
+    skewed = window(outputs={"classes": {"0": 95, "1": 5}})
+    d = evaluate(started(), ev(skewed, skewed, skewed), 60.0, ref)
+    assert d.outcome == "rollback" and "output drift PSI" in d.reason
+    fair = window(outputs={"classes": {"0": 50, "1": 50}})
+    assert evaluate(started(), ev(fair, fair, fair), 60.0, ref).outcome == "promote"
+
+
+def test_a_dropped_candidate_rolls_back_without_quorum() -> None:
+    d = evaluate(started(), ev(window(requests=3, compared=3, agreed=3),
+                               events=(("dev-007", "canary_dropped", "nan_output"),)), 10.0)
+    assert d.outcome == "rollback" and "dev-007: canary_dropped (nan_output)" in d.reason
+    d = evaluate(started(), ev(window(state="preflight_failed", reason="preflight_outputs", requests=0)), 10.0)
+    assert d.outcome == "rollback" and "preflight_failed" in d.reason
+
+
+def test_missing_evidence_waits_then_pauses_at_the_deadline_with_a_reason() -> None:
+    r = started()
+    d = evaluate(r, ev(window(requests=10, compared=10, agreed=10)), 100.0)
+    assert d.outcome == "wait" and "10 of min 200 inferences" in d.reason
+    d = evaluate(r, Evidence(), 600.0)
+    assert d.outcome == "pause"
+    assert "not enough evidence by the step deadline" in d.reason and "0 of min 200" in d.reason
+    r = apply(r, d, 600.0)
+    assert r.state == "paused" and r.runs(sorted(r.members)[0]) == "candidate"
+    r = resume(r, 700.0)
+    assert r.state == "running" and r.step_started_at == 700.0
+
+
+def test_dry_run_gate_is_reported_not_enforced() -> None:
+    d = evaluate(started(dry_run=["agreement"]), ev(*[window(agreed=50)] * 3), 60.0)
+    assert d.outcome == "promote" and d.would == "rollback"
+    assert "dry-run, not enforced: would roll back (agreement 0.50 < min 0.95" in d.reason
+    assert {g.name: g.dry_run for g in d.gates}["agreement"] is True
+    d = evaluate(started(dry_run=True), ev(*[window(errors=50)] * 3), 60.0)
+    assert d.outcome == "promote" and d.would == "rollback"
+
+
+def test_transitions_refuse_the_wrong_state() -> None:
+    r = abort(started(), 1.0, "by hand")
+    assert r.state == "aborted" and r.runs(sorted(r.members)[0]) == "stable"
+    for t in (advance, pause, resume, abort):
+        with pytest.raises(RolloutError, match="it is aborted"):
+            t(r, 2.0)
+    with pytest.raises(RolloutError, match="nothing to roll out"):
+        Rollout.start(id="r-2", model="m", from_version="1", to_version="1", targets=fleet(3), now=0.0)
+    assert pause(started(), 1.0).state == "paused"
+
+
+def test_split_mode_judges_without_pairs_and_falls_back_to_the_stable_window_latency() -> None:
+    r = Rollout.start(id="r-1", model="m", from_version="1", to_version="2", targets=fleet(12), now=0.0,
+                      mode="split", policy=Policy.from_dict({"min_inferences": 100, "min_device_windows": 2}))
+    split = window(mode="split", compared=0, agreed=0, latency_ms={"p95": 4.0})
+    del split["stable_latency_ms"]
+    ev = Evidence.collect([("dev-000", split, {"p95": 1.0}), ("dev-001", split, {"p95": 1.0})])
+    d = evaluate(r, ev, 10.0)
+    assert d.outcome == "rollback" and "latency p95 ratio 4.00 > max 2.0" in d.reason
+    assert {g.name: g.value for g in d.gates}["agreement"] is None
+    ok = Evidence.collect([("dev-000", split, {"p95": 3.0}), ("dev-001", split, {"p95": 3.0})])
+    assert evaluate(r, ok, 10.0).outcome == "promote"
+
+
+def test_a_drop_repeated_in_every_window_and_as_an_event_counts_once() -> None:
+    dropped = window(state="dropped", reason="error_rate", requests=0, compared=0, agreed=0)
+    ev = Evidence.collect([("dev-001", dropped, None)] * 3, [("dev-001", "canary_dropped", "error_rate"),
+                                                           ("dev-002", "canary_ended", "rollback")])
+    assert ev.failures == (("dev-001", "canary_dropped", "error_rate"),)
+    d = evaluate(started(max_failures=1), ev, 10.0)
+    assert d.outcome == "wait" and {g.name: g.passed for g in d.gates}["failures"] is True
