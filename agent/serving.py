@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,7 @@ from agent.guard import check_model_bytes
 from agent.telemetry import Recorder
 from agent.wire import ModelEntry
 
-__all__ = ["InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
+__all__ = ["CanaryHook", "InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -127,12 +127,45 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
     )
 
 
+class CanaryHook(Protocol):
+    """A candidate running beside a stable (:class:`agent.canary.CanaryRun`). The request path
+    calls it; none of its methods may block or raise."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    def split_pick(self) -> bool: ...
+    def serve(self, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, Any] | None: ...
+    def observe(self, feeds: dict[str, npt.NDArray[Any]], outputs: Mapping[str, Any], ms: float) -> None: ...
+
+
 class ModelServer:
     """The in-process inference API that the HTTP endpoint and local applications share."""
 
     def __init__(self) -> None:
         self._models: dict[str, LoadedModel] = {}
+        self._canaries: dict[str, CanaryHook] = {}
         self._lock = threading.Lock()
+
+    def attach_canary(self, name: str, hook: CanaryHook) -> None:
+        """Run ``hook``'s candidate beside the stable of ``name`` (shadow or split)."""
+        with self._lock:
+            self._canaries = {**self._canaries, name: hook}
+
+    def detach_canary(self, name: str, hook: CanaryHook | None = None) -> CanaryHook | None:
+        """Stop routing to the candidate of ``name`` (only if it is ``hook``, when given)."""
+        with self._lock:
+            current = self._canaries.get(name)
+            if current is None or (hook is not None and current is not hook):
+                return None
+            canaries = dict(self._canaries)
+            del canaries[name]
+            self._canaries = canaries
+        return current
+
+    def canaries(self) -> dict[str, CanaryHook]:
+        return self._canaries
 
     def install(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` serve its name; return the model it replaced."""
@@ -176,6 +209,17 @@ class ModelServer:
         except (TypeError, ValueError) as exc:
             raise InferenceError(f"inputs do not convert to the model's types: {exc}") from exc
         first = feeds[model.input_names[0]] if feeds else None
+        hook = self._canaries.get(name)
+        if hook is not None and hook.split_pick():
+            answer = hook.serve(feeds)
+            if answer is not None:  # else the candidate failed: the stable answers this request
+                return InferResult(
+                    model=name,
+                    version=hook.version,
+                    sha256=hook.sha256,
+                    request_id=request_id or uuid.uuid4().hex,
+                    outputs=answer,
+                )
         t0 = time.perf_counter()
         try:
             values = model.session.run(None, feeds)
@@ -184,8 +228,11 @@ class ModelServer:
             if isinstance(exc, EdgefleetError):
                 raise
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
+        elapsed = time.perf_counter() - t0
         outputs = dict(zip(model.output_names, values, strict=True))
-        model.recorder.record(time.perf_counter() - t0, first, values[0] if values else None)
+        model.recorder.record(elapsed, first, values[0] if values else None)
+        if hook is not None:
+            hook.observe(feeds, outputs, elapsed * 1000.0)
         return InferResult(
             model=name,
             version=model.version,
