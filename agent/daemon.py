@@ -9,6 +9,7 @@ reached, so a device that reboots without network keeps answering.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -97,6 +98,8 @@ class Agent:
         )
         self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        # A candidate dropped by the local guard (agent.canary) wakes the main loop to report it.
+        self.updater.wake = lambda: self._inbox.put(("canary", b""))
         self._stop = threading.Event()
         self._retry_at: float | None = None
         self._telemetry_seq = 0
@@ -149,6 +152,7 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self.updater.stop_canaries()
         if self.link is not None:
             status = self.topics.device(self.config.device, "status")
             self.link.stop(last=(status, self._status("offline"), 1, True))
@@ -214,6 +218,7 @@ class Agent:
                     self._publish_presence()
                 elif kind == "acked":
                     self._spool_acked(int(payload))
+                self._emit_all(self.updater.poll_canary())
                 if self._retry_at is not None and time.monotonic() >= self._retry_at:
                     self._retry_at = None
                     self._try_desired()
@@ -304,6 +309,9 @@ class Agent:
         windows: dict[str, ModelWindow] = {}
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
+        for name, canary in self.updater.canary_windows().items():
+            if name in windows:
+                windows[name] = dataclasses.replace(windows[name], canary=canary)
         self._telemetry_seq += 1
         mem = psutil.virtual_memory()
         try:
