@@ -643,8 +643,11 @@ class Shadow:
         """Request path: never blocks. Returns True if the request was queued for replay."""
         if not self.sampler.pick():
             return False
+        # Copies: the caller owns its input and output arrays once the request returns.
+        item = _Item({k: np.array(v) for k, v in feeds.items()},
+                     {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in stable.items()}, stable_ms)
         try:
-            self._queue.put_nowait(_Item(feeds, stable, stable_ms))
+            self._queue.put_nowait(item)
         except queue.Full:
             self.stats.record_skipped()
             return False

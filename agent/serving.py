@@ -193,9 +193,16 @@ class ModelServer:
         return self._models
 
     def infer(
-        self, name: str, inputs: Mapping[str, Any], *, request_id: str | None = None
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        allow_canary: bool = True,
     ) -> InferResult:
-        """Run ``name`` on ``inputs`` (input name -> array-like); record telemetry."""
+        """Run ``name`` on ``inputs`` (input name -> array-like); record telemetry. A split
+        canary may answer instead of the stable (the result names its version) unless
+        ``allow_canary`` is false (a request pinned to the stable's version)."""
         model = self.get(name)
         feeds: dict[str, npt.NDArray[Any]] = {}
         try:
@@ -210,7 +217,7 @@ class ModelServer:
             raise InferenceError(f"inputs do not convert to the model's types: {exc}") from exc
         first = feeds[model.input_names[0]] if feeds else None
         hook = self._canaries.get(name)
-        if hook is not None and hook.split_pick():
+        if hook is not None and allow_canary and hook.split_pick():
             answer = hook.serve(feeds)
             if answer is not None:  # else the candidate failed: the stable answers this request
                 return InferResult(
