@@ -53,6 +53,7 @@ __all__ = [
     "CanaryRun",
     "CanarySpec",
     "CanaryStats",
+    "CandidateModel",
     "PreflightParams",
     "PreflightRejected",
     "PreflightResult",

@@ -61,6 +61,7 @@ from agent.canary import (
     CanaryRun,
     CanarySpec,
     CanaryStats,
+    CandidateModel,
     PreflightParams,
     PreflightRejected,
     PreflightResult,
@@ -410,7 +411,8 @@ class Updater:
         removed = [n for n in self.models if n not in desired.models]
         starting = {n: s for n, s in specs.items() if not self._same_canary(n, desired.models[n], s)}
         ending = [n for n in self.canaries if n not in specs or n in starting]
-        if not changed and not removed and not starting and not ending:
+        retuned = [n for n, sp in specs.items() if n not in starting and self._retuned(n, sp)]
+        if not changed and not removed and not starting and not ending and not retuned:
             self.trust.mark_applied(verified)
             self.update, self.pending = None, None
             self.persist()
@@ -434,6 +436,18 @@ class Updater:
         canaries = {n: r for n, r in self.canaries.items() if n not in ending}
         runs: dict[str, CanaryRun] = {}
         canary_notes: list[Note] = []
+        for name in retuned:  # same rollout and candidate, new mode/fraction/limits: no new preflight
+            spec = specs[name]
+            canaries[name] = {**canaries[name], "mode": spec.mode, "fraction": spec.fraction,
+                              "entry": desired.models[name].to_dict(), "seq": seq}
+            old = self._runs.get(name)
+            if old is not None:
+                runs[name] = self._new_run(old.candidate, spec)
+                canary_notes.append(Note("canary_started", "retuned",
+                                         f"{name} {old.version}: {spec.mode} canary now at {spec.fraction:g}",
+                                         model=name, version=old.version, seq=seq,
+                                         extra={"rollout": spec.rollout, "mode": spec.mode,
+                                                "fraction": spec.fraction}))
         for name, spec in starting.items():
             run, rec, notes = self._prepare_canary(name, desired.models[name], spec, seq)
             canaries[name] = rec
@@ -443,8 +457,11 @@ class Updater:
         notes = self._switch_and_commit(verified, staged, removed, view=view, canaries=canaries)
         notes += self._end_canaries(ending, desired.models, seq)
         for name, run in runs.items():
+            old = self._runs.pop(name, None)
             self._runs[name] = run
             self.server.attach_canary(name, run)
+            if old is not None:
+                old.stop()
             run.start()
         return notes + canary_notes
 
@@ -573,6 +590,20 @@ class Updater:
         rec = self.canaries.get(name)
         return bool(rec and rec.get("rollout") == spec.rollout and rec["entry"]["sha256"] == entry.sha256)
 
+    def _retuned(self, name: str, spec: CanarySpec) -> bool:
+        rec = self.canaries.get(name) or {}
+        limits = (rec.get("entry", {}).get("canary") or {}).get("limits") or {}
+        return rec.get("state") == "running" and (rec.get("mode"), rec.get("fraction"), limits) != (
+            spec.mode, spec.fraction, dict(spec.limits))
+
+    def _new_run(self, model: CandidateModel, spec: CanarySpec) -> CanaryRun:
+        return CanaryRun(
+            candidate=model,
+            spec=spec,
+            limits=CanaryLimits.from_mapping(spec.limits, latency_slo_ms=self.profile.latency_slo_ms),
+            on_drop=self._on_drop,
+        )
+
     def _prepare_canary(
         self, name: str, entry: ModelEntry, spec: CanarySpec, seq: int
     ) -> tuple[CanaryRun | None, dict[str, Any], list[Note]]:
@@ -598,12 +629,7 @@ class Updater:
             return None, rec, [Note("preflight_failed", result.reason, f"{name} {entry.version}: {result.message}",
                                     model=name, version=entry.version, seq=seq,
                                     extra={**extra, "details": dict(result.details)})]
-        run = CanaryRun(
-            candidate=model,
-            spec=spec,
-            limits=CanaryLimits.from_mapping(spec.limits, latency_slo_ms=self.profile.latency_slo_ms),
-            on_drop=self._on_drop,
-        )
+        run = self._new_run(model, spec)
         if result is not None:
             rec["details"] = dict(result.details)
         msg = f"{name} {entry.version} runs as a {spec.mode} canary ({spec.fraction:g}) beside the stable"
@@ -695,12 +721,7 @@ class Updater:
                 notes.append(Note.of("canary_dropped", exc, model=name, version=entry.version,
                                      extra={"rollout": rec.get("rollout")}))
                 continue
-            run = CanaryRun(
-                candidate=model,
-                spec=spec,
-                limits=CanaryLimits.from_mapping(spec.limits, latency_slo_ms=self.profile.latency_slo_ms),
-                on_drop=self._on_drop,
-            )
+            run = self._new_run(model, spec)
             self._runs[name] = run
             self.server.attach_canary(name, run)
             run.start()

@@ -206,3 +206,23 @@ def test_a_malformed_canary_refuses_the_desired_state(sim: HubSimulator, tmp_pat
     notes = up.offer(sim.desired({"m": bad}), now=sim.now)
     assert kinds(notes) == [("refused", "malformed")]
     assert up.server.canaries() == {} and up.server.get("m").version == "1"
+
+
+def test_a_new_fraction_for_the_same_rollout_retunes_without_a_new_preflight(
+    sim: HubSimulator, tmp_path: Path
+) -> None:
+    up = installed(sim, tmp_path / "s")
+    ref = preflight_ref(sim, preflight_npz(GOOD_EST))
+    up.offer(sim.desired({"m": canary_entry(sim, "2", GOOD, mode="shadow", preflight=ref)}), now=sim.now)
+    first = up.canary("m")
+    fetched = len(sim.server.requests)
+    notes = up.offer(sim.desired({"m": canary_entry(sim, "2", GOOD, mode="split", fraction=0.5, preflight=ref)}),
+                     now=sim.now)
+    assert kinds(notes) == [("canary_started", "retuned")]
+    assert len(sim.server.requests) == fetched  # neither the candidate nor the preflight set again
+    run = up.canary("m")
+    assert run is not None and run is not first and run.mode == "split"
+    assert first is not None and first.candidate is run.candidate  # the loaded session is reused
+    assert sorted(set(infer(up, 4))) == ["1", "2"]
+    assert state_doc(up)["canaries"]["m"]["mode"] == "split"
+    up.stop_canaries()
