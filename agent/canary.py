@@ -54,6 +54,7 @@ __all__ = [
     "CanarySpec",
     "CanaryStats",
     "CandidateModel",
+    "PreflightFailed",
     "PreflightParams",
     "PreflightRejected",
     "PreflightResult",
@@ -432,6 +433,12 @@ class PreflightRejected(Refused):
     """The preflight blob is not a usable preflight set."""
 
     reason = "preflight_blob"
+
+
+class PreflightFailed(Refused):
+    """An ordinary entry's model failed its preflight set (``reason`` is the preflight reason)."""
+
+    reason = "preflight_failed"
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from agent.canary import (
     CanarySpec,
     CanaryStats,
     CandidateModel,
+    PreflightFailed,
     PreflightParams,
     PreflightRejected,
     PreflightResult,
@@ -497,7 +498,13 @@ class Updater:
             self.on_step("guard")
             if self.guard is not None:
                 self.guard(path)
+        rss0 = self.memory_probe()
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
+        if entry.preflight is not None and not local:
+            # An ordinary entry may name a preflight set too: failing it refuses the update.
+            result = self._preflight(name, entry, model.session, rss0)
+            if result is not None and not result.ok:
+                raise PreflightFailed(f"{name} {entry.version}: {result.message}", reason=result.reason)
         self._transition(name, Phase.STAGED, entry)
         self.on_step("stage")
         return model

@@ -226,3 +226,16 @@ def test_a_new_fraction_for_the_same_rollout_retunes_without_a_new_preflight(
     assert sorted(set(infer(up, 4))) == ["1", "2"]
     assert state_doc(up)["canaries"]["m"]["mode"] == "split"
     up.stop_canaries()
+
+
+def test_an_ordinary_entry_failing_its_preflight_is_refused_and_the_stable_keeps_serving(
+    sim: HubSimulator, tmp_path: Path
+) -> None:
+    up = installed(sim, tmp_path / "s")
+    bad = entry(sim, "2", BAD, preflight=preflight_ref(sim, preflight_npz(STABLE_EST)))
+    notes = up.offer(sim.desired({"m": bad}), now=sim.now)
+    assert kinds(notes) == [("refused", "preflight_labels")]
+    assert infer(up, 3) == ["1"] * 3
+    good = entry(sim, "3", GOOD, preflight=preflight_ref(sim, preflight_npz(GOOD_EST)))
+    assert kinds(up.offer(sim.desired({"m": good}), now=sim.now)) == [("update", "")]
+    assert infer(up, 3) == ["3"] * 3
