@@ -179,6 +179,15 @@ def _is_distribution(a: Array) -> bool:
     )
 
 
+def _equal(a: Array, b: Array) -> Array:
+    """Row-wise label equality across dtypes (int32 vs int64, bool vs int, str vs str)."""
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        return np.asarray(a.astype(np.int64) == b.astype(np.int64))
+    if a.dtype == b.dtype:
+        return np.asarray(a == b)
+    return np.asarray(a.astype(str) == b.astype(str))
+
+
 def has_nonfinite(outputs: Outputs) -> bool:
     """True if any floating output holds NaN or infinity."""
     for value in outputs.values():
@@ -206,7 +215,7 @@ def compare_outputs(stable: Outputs, cand: Outputs) -> tuple[int, int, float]:
     if s_label is not None and c_label is not None:
         if s_label.shape != c_label.shape:
             return 0, n, float(n)
-        agree = s_label.astype(str) == c_label.astype(str) if s_label.dtype != c_label.dtype else s_label == c_label
+        agree = _equal(s_label, c_label)
     dist: Array | None = None
     if s_score is not None and c_score is not None:
         if s_score.shape != c_score.shape:
@@ -552,7 +561,7 @@ def run_preflight(
             if got.shape != want.shape:
                 return PreflightResult(False, "preflight_outputs",
                                        f"output {name!r} has shape {got.shape}, expected {want.shape}", {"output": name})
-            same = got.astype(str) == want.astype(str) if got.dtype != want.dtype else got == want
+            same = _equal(got, want)
             agreement = float(np.count_nonzero(same)) / len(want)
             details[f"agreement:{name}"] = round(agreement, 4)
             if agreement < params.label_agreement:

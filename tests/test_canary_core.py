@@ -390,3 +390,9 @@ def test_shadow_mode_answers_from_the_stable_and_compares_off_the_request_path(t
     assert (w["requests"], w["compared"], w["skipped"]) == (40, 40, 0)
     assert w["agreed"] / w["compared"] < 0.8
     assert w["stable_latency_ms"]["p50"] > 0
+
+
+def test_labels_of_different_integer_or_bool_dtypes_compare_by_value() -> None:
+    s = {"label": np.array([True, False, True])}
+    c = {"label": np.array([1, 0, 0], dtype=np.int32)}
+    assert compare_outputs(s, c)[:2] == (2, 3)
