@@ -42,6 +42,11 @@ class DeviceProfile:
     window_seconds: float = 10.0
     spool_mb: float = 32.0  # may be fractional (0.05 = 50 KiB) for small devices and tests
     max_sampled_rows: int = 4096
+    # [capture] sampled inputs/outputs uploaded to the hub for tracing (agent/capture.py); off at 0
+    capture_sample_rate: float = 0.0
+    capture_spool_kb: int = 4096
+    capture_upload_seconds: float = 10.0
+    capture_batch_records: int = 200
 
     @property
     def max_blob_bytes(self) -> int:
@@ -66,6 +71,12 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "window_seconds": "window_seconds",
         "spool_mb": "spool_mb",
         "max_sampled_rows": "max_sampled_rows",
+    },
+    "capture": {
+        "sample_rate": "capture_sample_rate",
+        "spool_kb": "capture_spool_kb",
+        "upload_seconds": "capture_upload_seconds",
+        "batch_records": "capture_batch_records",
     },
 }
 
@@ -97,7 +108,11 @@ def _build_profile(values: Mapping[str, Any], where: str) -> DeviceProfile:
     for key, raw in values.items():
         kind = types[key]
         value = raw
-        if kind == "tuple[str, ...]":
+        if key == "capture_sample_rate":  # a fraction, where 0 (off) is allowed
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigError(f"{where}: [capture] sample_rate must be a number from 0 to 1, got {value!r}")
+            value = float(value)
+        elif kind == "tuple[str, ...]":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
                 raise ConfigError(f"{where}: {key} must be a non-empty list of strings, got {value!r}")
             value = tuple(value)
@@ -149,6 +164,27 @@ class AgentConfig:
     profile: DeviceProfile
     config_path: Path | None = None
     topic_prefix: str = "edgefleet/v1/"
+    # Broker transport security: the CA pinned for the broker's certificate, the device's client
+    # certificate and key, and/or a file holding its MQTT password (username = device id).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    password_file: Path | None = None
+
+    def mqtt_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~agent.mqttlink.MqttLink`."""
+        opts: dict[str, Any] = {
+            "ca_file": str(self.ca_file) if self.ca_file else None,
+            "cert_file": str(self.cert_file) if self.cert_file else None,
+            "key_file": str(self.key_file) if self.key_file else None,
+        }
+        if self.password_file is not None:
+            opts["username"] = self.device
+            try:
+                opts["password"] = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password_file {self.password_file}: {exc}") from exc
+        return opts
 
     def with_profile(self, **changes: Any) -> AgentConfig:
         return replace(self, profile=replace(self.profile, **changes))
@@ -156,8 +192,30 @@ class AgentConfig:
 
 _AGENT_KEYS = {
     "fleet", "device", "broker_url", "blob_url", "root_public_key", "state_dir", "listen",
-    "profile", "overrides", "topic_prefix",
+    "profile", "overrides", "topic_prefix", "ca_file", "cert_file", "key_file", "password_file",
 }  # fmt: skip
+
+
+def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str, Path | None]:
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = doc.get(key)
+        if value is None:
+            files[key] = None
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key} must be a file path, got {value!r}")
+        file = base / value
+        if not file.is_file():
+            raise ConfigError(f"{path}: {key} = {value!r} but {file} is not an existing file")
+        files[key] = file
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError(f"{path}: cert_file and key_file go together; set both or neither")
+    tls = str(doc["broker_url"]).startswith("mqtts://")
+    if any(files[k] for k in ("ca_file", "cert_file")) and not tls:
+        raise ConfigError(f"{path}: ca_file/cert_file need a TLS broker URL (mqtts://HOST:PORT), "
+                          f"got broker_url = {doc['broker_url']!r}")
+    return files
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -193,4 +251,5 @@ def load_agent_config(path: Path) -> AgentConfig:
         profile=profile,
         config_path=path,
         topic_prefix=str(doc.get("topic_prefix", "edgefleet/v1/")),
+        **_security_files(doc, base, path),
     )

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.capture import make_capture
 from agent.config import AgentConfig
 from agent.envelope import public_key_from_b64
 from agent.errors import EdgefleetError, StoreFailed
@@ -29,7 +30,7 @@ from agent.fetch import Fetcher, HttpFetcher
 from agent.mqttlink import MqttLink
 from agent.oip import OipServer
 from agent.sandbox import SessionGuard
-from agent.serving import ModelServer, providers_for
+from agent.serving import ModelServer
 from agent.spool import Outbox, Spool
 from agent.store import Store
 from agent.telemetry import fold, temperature_c
@@ -113,6 +114,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self.http: OipServer | None = None
         self.link: MqttLink | None = None
+        self.capture = make_capture(config, clock)
+        self.models.capture = self.capture
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -122,6 +125,8 @@ class Agent:
         host, _, port = self.config.listen.rpartition(":")
         self.http = OipServer(self.models, host or "127.0.0.1", int(port))
         self.http.start()
+        if self.capture is not None:
+            self.capture.start()
         self.state = AgentState.SERVING
         self._notify(f"READY=1\nSTATUS={self.status_line()}")
         self.link = MqttLink(
@@ -133,6 +138,7 @@ class Agent:
             on_connect=self._on_connect,
             on_publish=self._on_publish,
             will=(self.topics.device(self.config.device, "status"), self._status("offline"), 1, True),
+            **self.config.mqtt_options(),
         )
         self.link.start()
         for note in self._startup_notes:
@@ -158,6 +164,8 @@ class Agent:
             self.link.stop(last=(status, self._status("offline"), 1, True))
         if self.http is not None:
             self.http.stop()
+        if self.capture is not None:
+            self.capture.stop()
         self.state = AgentState.STOPPED
 
     def status_line(self) -> str:
@@ -202,7 +210,7 @@ class Agent:
             if self._retry_at is not None:
                 timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
             try:
-                kind, payload = self._inbox.get(timeout=min(timeout, 1.0))
+                kind, payload = self._inbox.get(timeout=min(timeout, self._turn_seconds()))
             except queue.Empty:
                 kind, payload = "", b""
             try:
@@ -226,9 +234,16 @@ class Agent:
                     next_window += window
                     self._close_window()
                 self._pump_spool()
-                self._notify("WATCHDOG=1")
+                # Keep-alives only while inference is served: otherwise systemd restarts us.
+                if self.http is not None and self.http.alive:
+                    self._notify("WATCHDOG=1")
             except Exception:  # the loop must outlive any single failure
                 log.exception("unexpected error in the agent main loop")
+
+    def _turn_seconds(self) -> float:
+        """Longest wait per loop turn: 1 s, or less when systemd's watchdog wants pings sooner."""
+        interval = getattr(self._notify, "watchdog_interval", None)
+        return min(1.0, interval) if interval else 1.0
 
     def _handle_keyring(self, raw: bytes) -> None:
         self._emit_all(self.updater.handle_keyring(raw, now=self.clock()))
@@ -241,7 +256,8 @@ class Agent:
         for note in notes:
             self._emit(note)
             if note.model and note.type == "update":
-                _, missing = providers_for(self.config.profile)
+                served = self.models.models().get(note.model)
+                missing = list(served.missing_providers) if served is not None else []
                 if missing:
                     self._event("provider_fallback", None, model=note.model,
                                 message=f"execution providers not available here: {missing}")

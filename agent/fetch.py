@@ -45,12 +45,15 @@ class HttpFetcher:
         headers: dict[str, str] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            verify=verify,
-            headers=headers,
-            follow_redirects=True,
-        )
+        # The client (and its TLS context, ~4 MB of RSS with the CA bundle) is made on the first
+        # download: most of an agent's life is serving, not fetching.
+        self._client_args: dict[str, object] = {
+            "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+            "verify": verify,
+            "headers": headers,
+            "follow_redirects": True,
+        }
+        self._http: httpx.Client | None = None
         self.total_timeout = total_timeout
         self.min_rate = min_bytes_per_second
         self.grace = grace_seconds
@@ -58,8 +61,15 @@ class HttpFetcher:
         self.backoff = backoff
         self._rng = rng or random.Random()
 
+    @property
+    def _client(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(**self._client_args)  # type: ignore[arg-type]
+        return self._http
+
     def close(self) -> None:
-        self._client.close()
+        if self._http is not None:
+            self._http.close()
 
     def fetch(self, url: str, dest: Path, *, size: int) -> None:
         # Time allowed grows with the size, so a slow-drip server cannot hold us forever.

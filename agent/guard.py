@@ -4,14 +4,15 @@ A blob that passed its signature and hash is still *untrusted input* to the pars
 at external data files (a path-traversal vector), use custom operator domains that would load
 native code, or simply be malformed. :func:`check_model_bytes` parses without touching the
 filesystem and refuses such models with :class:`~agent.errors.ModelRejected`.
+
+``onnx`` is imported on first use: on a device the check runs in the session-guard child
+(:mod:`agent.guard_child`), so the long-running agent never pays the ~8 MiB the module costs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
-
-import onnx
 
 from agent.errors import ModelRejected
 
@@ -22,6 +23,8 @@ MAX_OPSET = {"": 23, "ai.onnx": 23, "ai.onnx.ml": 5}
 
 
 def _graphs(graph: Any) -> Iterator[Any]:
+    import onnx  # lazily: see the module docstring
+
     yield graph
     for node in graph.node:
         for attr in node.attribute:
@@ -33,11 +36,15 @@ def _graphs(graph: Any) -> Iterator[Any]:
 
 
 def _external(tensor: Any) -> bool:
+    import onnx  # lazily: see the module docstring
+
     return bool(tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data))
 
 
 def check_model_bytes(data: bytes) -> Any:
     """Parse and check an ONNX model; return the ``ModelProto`` or raise ModelRejected."""
+    import onnx  # lazily: see the module docstring
+
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends

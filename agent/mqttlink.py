@@ -68,6 +68,8 @@ class MqttLink:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
         clean_session: bool = True,
         keepalive: int = 30,
         max_inflight: int = 100,
@@ -88,7 +90,10 @@ class MqttLink:
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
-        if self.address.username:
+        # Credentials given apart from the URL (read from a 0600 file) win over the URL's.
+        if username:
+            c.username_pw_set(username, password)
+        elif self.address.username:
             c.username_pw_set(self.address.username, self.address.password)
         if will is not None:
             topic, payload, qos, retain = will

@@ -494,10 +494,11 @@ class Updater:
                         "it is downloaded again on retry"
                     )
             path = self.store.blob_path(entry.sha256)
-            check_model_bytes(path.read_bytes())
             self.on_step("guard")
             if self.guard is not None:
-                self.guard(path)
+                self.guard(path)  # structural checks and the first session, in a child process
+            else:
+                check_model_bytes(path.read_bytes())
         rss0 = self.memory_probe()
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
         if entry.preflight is not None and not local:
@@ -653,9 +654,10 @@ class Updater:
             self.fetcher.fetch(entry.url, part, size=entry.size)
             self.store.commit_blob(part, entry.sha256, entry.size)
         path = self.store.blob_path(entry.sha256)
-        check_model_bytes(path.read_bytes())
         if self.guard is not None:
-            self.guard(path)
+            self.guard(path)  # structural checks and the first session, in a child process
+        else:
+            check_model_bytes(path.read_bytes())
         return path
 
     def _preflight(self, name: str, entry: ModelEntry, session: Any, rss0: int) -> PreflightResult | None:

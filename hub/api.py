@@ -7,12 +7,19 @@ authenticated admin API the CLI talks to.
     GET  /api/v1/status               devices, what they run, status, last telemetry
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
+    GET  /api/v1/models/{name}[/versions/{version}]   one version, with reference and lineage
+    GET  /api/v1/models/{name}/diff?a=&b=             signature, metrics, lineage, reference PSI
+    GET  /api/v1/trace?device=&request=               a captured prediction, lineage, decision
     GET  /api/v1/audit?since=EPOCH    the hash-chained audit log
     GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
     GET  /api/v1/drift?model=NAME     drift scores per model version, fleet and device
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
-    POST /api/v1/devices              register {device, profile}
+    GET  /api/v1/devices              enrolled devices with their credentials' state
+    POST /api/v1/devices              register {device, profile, credentials?}
+                                      (credentials: cert | password | both | none | auto)
+    POST /api/v1/devices/revoke       {device}: revoke its certificates and password (CRL, passwd)
     POST /api/v1/deploy               {model, version, devices: [...]}
+    POST /api/v1/capture              device data capture batch (no admin token; see hub.daemon)
 
 Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
@@ -26,9 +33,10 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.errors import EdgefleetError
+from hub.enrol import list_devices, revoke_device
 from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
 from hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hub.metrics import render as render_metrics
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["HubHttpServer"]
 
 MAX_BODY = 1024 * 1024 * 1024
+MAX_CAPTURE_BODY = 16 * 1024 * 1024
 RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
@@ -75,10 +84,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(got.encode(), want.encode()):
             raise NotAuthorized("missing or wrong admin token (Authorization: Bearer <DIR/admin.token>)")
 
-    def _body(self) -> dict[str, Any]:
+    def _body(self, limit: int = MAX_BODY) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise BadRequest(f"request body of {length} bytes exceeds {MAX_BODY}")
+        if length > limit:
+            self.close_connection = True
+            raise BadRequest(f"request body of {length} bytes exceeds {limit}")
         try:
             obj = json.loads(self.rfile.read(length) or b"{}")
         except ValueError as exc:
@@ -106,11 +116,23 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"events": hub.events(q.get("device", [None])[0], limit)})
             if url.path == "/api/v1/models":
                 return self._json(200, {"models": hub.models()})
+            if url.path == "/api/v1/devices":
+                return self._json(200, {"devices": list_devices(hub)})
             if url.path == "/api/v1/audit":
                 since = q.get("since", [None])[0]
                 return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
             if url.path == "/api/v1/drift":
                 return self._json(200, hub.drift.snapshot(q.get("model", [None])[0]))
+            if url.path.startswith("/api/v1/models/"):
+                parts = [unquote(p) for p in url.path[len("/api/v1/models/"):].split("/")]
+                if len(parts) == 1:
+                    return self._json(200, hub.model(parts[0]))
+                if len(parts) == 3 and parts[1] == "versions":
+                    return self._json(200, hub.model(parts[0], parts[2]))
+                if len(parts) == 2 and parts[1] == "diff" and "a" in q and "b" in q:
+                    return self._json(200, hub.model_diff(parts[0], q["a"][0], q["b"][0]))
+            if url.path == "/api/v1/trace" and "device" in q and "request" in q:
+                return self._json(200, hub.trace(q["device"][0], q["request"][0]))
             if url.path == "/api/v1/audit/verify":
                 problems = hub.db.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
@@ -122,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         hub = self.server.hub
         try:
+            if url.path == "/api/v1/capture":
+                return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY)))
             self._auth()
             body = self._body()
             actor = str(body.pop("actor", "") or "admin")
@@ -129,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(201, hub.publish(body, actor))
             if url.path == "/api/v1/devices":
                 return self._json(201, hub.add_device(body, actor))
+            if url.path == "/api/v1/devices/revoke":
+                return self._json(200, revoke_device(hub, str(body.get("device")), actor))
             if url.path == "/api/v1/deploy":
                 return self._json(200, hub.deploy(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")

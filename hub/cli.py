@@ -67,7 +67,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.daemon import Hub
 
-    hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http)
+    hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http,
+              share_group=args.share, ingest_workers=args.ingest_workers)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -75,8 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from agent.sdnotify import Notifier
+
+    notify = Notifier()
     hub.start()
-    stop.wait()
+    notify(f"READY=1\nSTATUS=fleet {hub.config.fleet}, admin API and blobs on {hub.public_url}")
+    # systemd's watchdog sees the hub alive only while its worker threads are.
+    while not stop.wait(min(1.0, notify.watchdog_interval or 1.0)):
+        if all(t.is_alive() for t in hub._threads):
+            notify("WATCHDOG=1")
+    notify("STOPPING=1")
     hub.stop()
     return 0
 
@@ -113,9 +122,27 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "training_data_sha256": digest,
             "training_rows": int(data.shape[0]) if data is not None else None,
             "author": args.author or getpass.getuser(),
+            **lineage_options(args),
         },
         "actor": args.author or getpass.getuser(),
     }
+
+
+def lineage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """metrics (--metrics FILE.json, then each --metric NAME=VALUE), tags, parent, as the hub
+    checks them (hub.lineage)."""
+    from hub.lineage import clean_lineage, parse_pairs
+
+    metrics: dict[str, Any] = {}
+    if getattr(args, "metrics", None):
+        try:
+            metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"--metrics {args.metrics}: expected a JSON object of name -> number: {exc}") from exc
+    metrics = {**clean_lineage({"metrics": metrics})["metrics"],
+               **parse_pairs(getattr(args, "metric", None) or [], "metric", numeric=True)}
+    tags = parse_pairs(getattr(args, "tag", None) or [], "tag", numeric=False)
+    return {"metrics": metrics, "tags": tags, "parent": getattr(args, "parent", None)}
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -164,9 +191,97 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
+    if args.action == "show":
+        return _models_show(args, HubClient.for_home(home, args.hub))
+    if args.action == "diff":
+        return _models_diff(args, HubClient.for_home(home, args.hub))
+    if args.args:
+        raise BadRequest(f"models list takes no arguments, got {args.args}")
     ms = HubClient.for_home(home, args.hub).models()
     lines = [f"{m['name']:20} {m['version']:12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}" for m in ms]
     _out(args, {"models": ms}, "\n".join(lines) or "no models")
+    return 0
+
+
+def _models_show(args: argparse.Namespace, client: HubClient) -> int:
+    if len(args.args) != 1:
+        raise BadRequest("usage: edgefleet-hub models show NAME[:VERSION]")
+    name, _, version = args.args[0].partition(":")
+    m = client.model(name, version or None)
+    lin = m["lineage"]
+    lines = [f"{m['name']} {m['version']}  sha256 {m['sha256']}  {m['size']} bytes  created {m['created_at']}",
+             f"  parent:   {lin.get('parent') or '-'}",
+             f"  source:   {lin.get('source') or '-'}  ({lin.get('converted_from') or '?'})",
+             f"  author:   {lin.get('author') or '-'}  published by {lin.get('published_by') or '-'}",
+             f"  training: sha256 {lin.get('training_data_sha256') or '-'}  rows {lin.get('training_rows') or '-'}",
+             "  inputs:   " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
+             "  outputs:  " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
+             "  metrics:  " + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"),
+             "  tags:     " + (", ".join(f"{k}={v}" for k, v in sorted(lin.get("tags", {}).items())) or "-")]
+    ref = m.get("reference")
+    if ref:
+        lines.append(f"  reference: {ref.get('rows')} rows, features "
+                     + ", ".join(f"{f['name']}({len(f['freqs'])} bins)" for f in ref["features"]))
+    _out(args, m, "\n".join(lines))
+    return 0
+
+
+def _models_diff(args: argparse.Namespace, client: HubClient) -> int:
+    if len(args.args) != 3:
+        raise BadRequest("usage: edgefleet-hub models diff NAME A B")
+    d = client.model_diff(*args.args)
+    sig = d["signature"]
+    lines = [f"{d['name']}: {d['a']} -> {d['b']}",
+             f"signature: {'same' if sig['same'] else 'DIFFERENT'}"]
+    if not sig["same"]:
+        for side in ("a", "b"):
+            lines.append(f"  {d[side]}: inputs " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}"
+                         for t in sig[side]["inputs"]) + "; outputs " + ", ".join(
+                         f"{t['name']} {t['dtype']}{t['shape']}" for t in sig[side]["outputs"]))
+    lines.append("metrics:" if d["metrics"] else "metrics: none")
+    for k, v in d["metrics"].items():
+        delta = f"{v['delta']:+g}" if v["delta"] is not None else ""
+        lines.append(f"  {k:24} {v['a'] if v['a'] is not None else '-'!s:>12} {v['b'] if v['b'] is not None else '-'!s:>12} {delta}")
+    for k, v in d["lineage"].items():
+        lines.append(f"lineage {k}: {v['a']!r} -> {v['b']!r}")
+    ref = d["reference"]
+    if ref["available"]:
+        lines.append(f"reference PSI of {d['b']} against {d['a']} (rows {ref['rows'][0]} / {ref['rows'][1]}):")
+        for f in ref["features"]:
+            level = "alarm" if f["psi"] >= 0.25 else "warn" if f["psi"] >= 0.1 else "ok"
+            lines.append(f"  {f['feature']:24} {f['psi']:10.4f}  {level}")
+        if "output_psi" in ref:
+            lines.append(f"  {'(output classes)':24} {ref['output_psi']:10.4f}")
+    else:
+        lines.append(f"reference: {ref['reason']}")
+    _out(args, d, "\n".join(lines))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    t = HubClient.for_home(home, args.hub).trace(args.device, args.request)
+    lines = [f"request {t['request_id']} on device {t['device']}"]
+    for tr in t["traces"]:
+        r, m, dec = tr["record"], tr["model"], tr["decision"]
+        lines.append(f"  at {r['time']}: {r['model']} {r['version']} (sha256 {r['sha256'][:12]})")
+        lines.append("    inputs:  " + json.dumps(r["inputs"])[:400])
+        lines.append("    outputs: " + json.dumps(r["outputs"])[:400])
+        if m:
+            lin = m["lineage"]
+            lines.append(f"    model:   published {m['created_at']} by {lin.get('published_by')}, source "
+                         f"{lin.get('source') or '-'}, parent {lin.get('parent') or '-'}")
+            lines.append(f"    trained on sha256 {lin.get('training_data_sha256') or '-'} "
+                         f"({lin.get('training_rows') or '?'} rows); metrics "
+                         + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"))
+        if dec:
+            lines.append(f"    put there by audit #{dec['id']} {dec['action']} at {dec['time']} by {dec['actor']}: "
+                         + json.dumps(dec["details"], sort_keys=True))
+        else:
+            lines.append("    no deploy or rollout decision found in the audit log")
+    lines.append("audit chain intact" if t["audit_chain_ok"] else
+                 "audit chain BROKEN: " + "; ".join(t["audit_problems"]))
+    _out(args, t, "\n".join(lines))
     return 0
 
 
@@ -212,7 +327,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
 ) -> Path:
     """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +344,7 @@ def write_agent_bundle(
         f"state_dir = {json.dumps(state_dir)}",
         f'listen = "{listen}"',
         'profile = "profile.toml"',
+        *(extra_lines or []),
     ]
     for section, values in (overrides or {}).items():
         lines.append(f"\n[overrides.{section}]")
@@ -247,14 +363,31 @@ def cmd_device_add(args: argparse.Namespace) -> int:
                          f"available: {sorted(p.stem for p in profile_path.parent.glob('*.toml'))}")
     from agent.config import load_profile
 
-    load_profile(profile_path)  # refuse a broken profile before registering anything
-    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile)
-    overrides = {"telemetry": {"window_seconds": args.window}} if args.window else None
-    path = write_agent_bundle(Path(args.out), info, profile_path=profile_path, listen=args.listen,
-                              state_dir=args.state_dir or "state", overrides=overrides)
-    _out(args, {**info, "config": str(path)},
-         f"device {args.id} registered; agent config in {path}\n"
-         f"run it with: edgefleet-agent run --config {path}")
+    profile = load_profile(profile_path)  # refuse a broken profile before registering anything
+    overrides: dict[str, Any] | None = {"telemetry": {"window_seconds": args.window}} if args.window else None
+    if args.capture is not None:
+        if not 0 <= args.capture <= 1:
+            raise BadRequest(f"--capture is a sampling fraction from 0 to 1, got {args.capture}")
+        overrides = {**(overrides or {}), "capture": {"sample_rate": args.capture}}
+    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials)
+    from hub.bundle import write_credentials, write_systemd_dropin
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    creds = info.pop("credentials", None) or {"kind": "none"}
+    if not str(info["broker_url"]).startswith("mqtts://"):
+        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker
+    path = write_agent_bundle(out, info, profile_path=profile_path, listen=args.listen,
+                              state_dir=args.state_dir or "state", overrides=overrides,
+                              extra_lines=write_credentials(out, creds))
+    path.chmod(0o600 if creds["kind"] != "none" else 0o644)
+    dropin = write_systemd_dropin(out, profile)
+    reload = "new password: reload the broker (kill -HUP <mosquitto pid>)\n"
+    _out(args, {**info, "config": str(path), "credentials": creds["kind"],
+                "systemd_dropin": str(dropin)},
+         f"device {args.id} registered (broker credentials: {creds['kind']}); config in {path}\n"
+         + (reload if creds.get("password") else "")
+         + f"run it with: edgefleet-agent run --config {path}")
     return 0
 
 
@@ -294,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("serve", cmd_serve, "run the hub daemon (HTTP blob server + admin API, MQTT link)")
     sp.add_argument("--broker", help="MQTT broker URL (overrides hub.toml)")
     sp.add_argument("--http", help="HTTP listen address HOST:PORT (overrides hub.toml; port 0 = any)")
+    sp.add_argument("--share", metavar="GROUP",
+                    help="subscribe to device channels via MQTT shared subscription $share/GROUP/... "
+                         "(hub replicas split the telemetry load)")
+    sp.add_argument("--ingest-workers", type=int, default=1, metavar="N",
+                    help="MQTT connections + ingest threads sharing the load (N>1 implies --share)")
 
     sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx or sklearn pickle/joblib)")
     client(sp)
@@ -304,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
     sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
     sp.add_argument("--author", help="who publishes (default: the current user)")
+    sp.add_argument("--metric", action="append", metavar="NAME=VALUE", help="a metric (repeatable)")
+    sp.add_argument("--metrics", metavar="FILE.json", help="metrics as a JSON object of name -> number")
+    sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a free tag (repeatable)")
+    sp.add_argument("--parent", metavar="VERSION", help="the version this one was derived from")
 
     sp = cmd("deploy", cmd_deploy, "set the version devices should run (signs a new desired state)")
     client(sp)
@@ -316,7 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     client(sp)
     sp.add_argument("--device")
     sp.add_argument("--limit", type=int, default=50)
-    client(cmd("models", cmd_models, "published model versions"))
+    sp = cmd("models", cmd_models, "the registry: list | show NAME[:VERSION] | diff NAME A B")
+    client(sp)
+    sp.add_argument("action", nargs="?", choices=["list", "show", "diff"], default="list")
+    sp.add_argument("args", nargs="*", help="show: NAME[:VERSION]; diff: NAME A B")
+    sp = cmd("trace", cmd_trace, "a captured prediction: its model, lineage and the decision behind it")
+    client(sp)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--request", required=True, help="the request id from the inference response")
     sp = cmd("audit", cmd_audit, "the hash-chained audit log: show, export (JSON Lines), verify")
     client(sp)
     sp.add_argument("action", nargs="?", choices=["show", "export", "verify"], default="show")
@@ -336,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
     sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")
     sp.add_argument("--window", type=float, help="override the profile's telemetry window (seconds)")
+    sp.add_argument("--capture", type=float, metavar="RATE",
+                    help="override the profile's data-capture sampling rate (0 = off, 1 = every request)")
+    sp.add_argument("--credentials", default="auto",
+                    choices=["auto", "cert", "password", "both", "none"],
+                    help="broker credentials to issue (auto: a certificate once broker-config ran)")
+    from hub.cli_security import add_security_commands
+
+    add_security_commands(sub, dev, cmd, client)
 
     sp = cmd("demo", cmd_demo, "run hub, embedded broker and two agents on this machine")
     sp.add_argument("--seconds", type=float, help="stop after N seconds (default: run until Ctrl-C)")

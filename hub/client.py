@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -58,12 +59,42 @@ class HubClient:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/models")["models"]
         return result
 
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        path = f"/api/v1/models/{quote(name, safe='')}"
+        if version is not None:
+            path += f"/versions/{quote(version, safe='')}"
+        result: dict[str, Any] = self.request("GET", path)
+        return result
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/api/v1/models/{quote(name, safe='')}/diff",
+                                              params={"a": a, "b": b})
+        return result
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/trace",
+                                              params={"device": device, "request": request_id})
+        return result
+
     def publish(self, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
         return result
 
-    def add_device(self, device: str, profile: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/devices", json={"device": device, "profile": profile})
+    def add_device(self, device: str, profile: str, credentials: str = "auto") -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices",
+            json={"device": device, "profile": profile, "credentials": credentials},
+        )
+        return result
+
+    def devices(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/devices")["devices"]
+        return result
+
+    def revoke_device(self, device: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices/revoke", json={"device": device}
+        )
         return result
 
     def deploy(self, model: str, version: str, devices: list[str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.capture import parse_batch
 from agent.errors import EdgefleetError, MalformedMessage
 from agent.mqttlink import MqttLink
 from agent.store import atomic_write
@@ -38,9 +39,11 @@ from agent.wire import (
 from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
 from hub.drift_monitor import DriftMonitor
+from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotFound
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
+from hub.lineage import clean_lineage, diff_versions, find_decision
 from hub.modelfile import validate_onnx
 
 __all__ = ["Hub"]
@@ -58,7 +61,19 @@ class Hub:
         broker_url: str | None = None,
         http_listen: str | None = None,
         clock: Clock = time.time,
+        share_group: str | None = None,
+        ingest_workers: int = 1,
     ) -> None:
+        """``share_group`` subscribes to device channels through the MQTT shared subscription
+        ``$share/{group}/...`` so that hub replicas (and this hub's ``ingest_workers`` links,
+        each its own MQTT connection and ingest thread) split the telemetry load."""
+        if ingest_workers < 1:
+            raise ValueError(f"ingest_workers must be at least 1, got {ingest_workers}")
+        if ingest_workers > 1 and not share_group:
+            share_group = "edgefleet-hub"  # without $share every link would get every message
+        self.share_group = share_group
+        self.ingest_workers = ingest_workers
+        self._extra_links: list[MqttLink] = []
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -94,19 +109,29 @@ class Hub:
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
         bound_host, bound_port = self.http.address
         self.public_url = self.config.public_url or f"http://{bound_host}:{bound_port}"
+        subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
+        if self.share_group:
+            subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
         self.link = MqttLink(
             url=self.broker_url,
             client_id=f"edgefleet-hub-{self.config.fleet}",
-            subscriptions=[(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")],
+            subscriptions=subs,
             on_message=self._on_message,
             on_connect=self._on_connect,
             # A persistent session: with a persistent broker, telemetry published while the hub is
             # away (or the broker restarts) is queued for it instead of dropped.
             clean_session=False,
+            **hub_link_options(self.home, self.config),
         )
         self.link.start()
+        for i in range(1, self.ingest_workers):
+            extra = MqttLink(url=self.broker_url, client_id=f"edgefleet-hub-{self.config.fleet}-ingest{i}",
+                             subscriptions=subs, on_message=self._on_message)
+            extra.start()
+            self._extra_links.append(extra)
         self.http.start()
-        for name, target in (("hub-ingest", self._ingest_loop), ("hub-main", self._main_loop)):
+        workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
+        for name, target in (*workers, ("hub-main", self._main_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -116,13 +141,17 @@ class Hub:
 
     def stop(self) -> None:
         self._stop.set()
-        self._inbox.put(("", "", b""))
+        for _ in range(self.ingest_workers):
+            self._inbox.put(("", "", b""))
         for t in self._threads:
             t.join(10)
+        self._score_drift()  # the last interval's sums
         if self.http is not None:
             self.http.stop()
         if self.link is not None:
             self.link.stop()
+        for extra in self._extra_links:
+            extra.stop()
         self.home.clear_run()
         self.db.close()
 
@@ -146,7 +175,11 @@ class Hub:
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            batch = [self._inbox.get()]
+            try:
+                batch = [self._inbox.get(timeout=max(0.05, self.drift.config.evaluate_seconds))]
+            except queue.Empty:  # idle: score what arrived since the last (rate-limited) scoring
+                self._score_drift()
+                continue
             while len(batch) < INGEST_BATCH:
                 try:
                     batch.append(self._inbox.get_nowait())
@@ -156,6 +189,15 @@ class Hub:
                 self.ingest([b for b in batch if b[0]])
             except Exception:
                 log.exception("ingest of a batch of %d messages failed", len(batch))
+
+    def _score_drift(self) -> None:
+        try:
+            if self.drift.has_pending():
+                with self.db.tx() as conn:
+                    self.drift.flush(conn, force=True)
+            self.drift.after_batch()
+        except Exception:
+            log.exception("drift scoring failed")
 
     def ingest(self, batch: list[tuple[str, str, bytes]]) -> None:
         """Store a batch of device messages in one transaction; bad ones are counted, dropped."""
@@ -255,8 +297,10 @@ class Hub:
         blob = self.home.blobs / sha
         if not blob.exists():
             atomic_write(blob, data, mode=0o644)
-        raw_lineage = req.get("lineage")
-        lineage: dict[str, Any] = dict(raw_lineage) if isinstance(raw_lineage, dict) else {}
+        lineage = clean_lineage(req.get("lineage"))
+        if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
+            raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
+                           f"published: {self._versions(name) or 'none'}")
         now = self.clock()
         model: dict[str, Any] = {
             "name": name, "version": version, "sha256": sha, "size": len(data),
@@ -266,8 +310,10 @@ class Hub:
         }
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
-            self.db.audit(conn, now, actor, "publish",
-                          {"model": name, "version": version, "sha256": sha, "size": len(data)})
+            self.db.audit(conn, model["created_at"], actor, "publish",
+                          {"model": name, "version": version, "sha256": sha, "size": len(data),
+                           "parent": lineage["parent"], "source": lineage.get("source"),
+                           "training_data_sha256": lineage.get("training_data_sha256")})
         log.info("published %s %s (%s, %d bytes)", name, version, sha[:12], len(data))
         return {**_public_model(model), "already_published": False}
 
@@ -280,14 +326,18 @@ class Hub:
         with self.db.tx() as conn:
             if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
                 raise Conflict(f"device {device!r} is already registered")
+            creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
             conn.execute("INSERT INTO devices (id, profile, created_at) VALUES (?,?,?)", (device, profile, now))
-            self.db.audit(conn, now, actor, "device_add", {"device": device, "profile": profile})
+            self.db.audit(conn, now, actor, "device_add",
+                          {"device": device, "profile": profile, "credentials": creds["kind"],
+                           "serial": creds.get("serial")})
         return {
             "fleet": self.config.fleet,
             "device": device,
-            "broker_url": self.broker_url,
+            "broker_url": device_broker_url(self, creds["kind"]),
             "blob_url": self.public_url,
             "root_public_key": self.home.root_public_b64(),
+            "credentials": creds,
         }
 
     def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
@@ -413,6 +463,68 @@ class Hub:
 
     def models(self) -> list[dict[str, Any]]:
         return [_public_model(m) for m in self.db.list_models()]
+
+    # -- registry lineage and tracing (hub.lineage) ----------------------------------------------
+
+    def _versions(self, name: str) -> list[str]:
+        return [m["version"] for m in self.db.list_models() if m["name"] == name]
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """One version with its reference and lineage; the newest when ``version`` is None."""
+        if version is None:
+            versions = self._versions(name)
+            if not versions:
+                raise NotFound(f"no model named {name!r} is published")
+            version = versions[-1]
+        m = self.db.get_model(name, version)
+        if m is None:
+            raise NotFound(f"model {name} has no version {version!r}; published: {self._versions(name) or 'none'}")
+        return {**_public_model(m), "reference": m["reference"]}
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
+        return diff_versions(self.model(name, a), self.model(name, b))
+
+    def ingest_capture(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a device's capture batch. No admin token: the batch must name this fleet, a
+        registered device, and published model versions with their exact sha256 (see
+        docs/traceability.md for what this does not protect against)."""
+        try:
+            fleet, device, records = parse_batch(body)
+        except MalformedMessage as exc:
+            raise BadRequest(f"capture batch: {exc}") from exc
+        if fleet != self.config.fleet:
+            raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
+        if device not in self.db.device_ids():
+            raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
+        shas = {(m["name"], m["version"]): m["sha256"] for m in self.db.list_models()}
+        bad = [r for r in records if shas.get((r["model"], r["version"])) != r["sha256"]]
+        if bad:
+            r = bad[0]
+            raise BadRequest(f"capture record {r['request_id']}: {r['model']} {r['version']} with sha256 "
+                             f"{r['sha256'][:12]}… is not a published version")
+        with self.db.tx() as conn:
+            stored = self.db.insert_captures(conn, device, records, self.clock())
+        return {"received": len(records), "stored": stored}
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]:
+        """A captured prediction with its model's lineage and the decision that put it there."""
+        caps = self.db.get_captures(device, request_id)
+        if not caps:
+            raise NotFound(f"no captured request {request_id!r} from device {device!r} (is capture on "
+                           "in its profile, sampled, and uploaded yet?)")
+        out = []
+        entries = self.db.audit_entries()
+        for c in caps:
+            m = self.db.get_model(c["model"], c["version"])
+            decision = find_decision(entries, device, c["model"], c["version"], c["time"])
+            out.append({
+                "record": {**c, "time": format_time(c["time"]), "received_at": format_time(c["received_at"])},
+                "model": {**_public_model(m), "reference": m["reference"]} if m else None,
+                "decision": {**decision, "time": format_time(decision["time"])} if decision else None,
+            })
+        problems = self.db.verify_audit()
+        return {"device": device, "request_id": request_id, "traces": out,
+                "audit_chain_ok": not problems, "audit_problems": problems}
 
     def blob_path(self, sha256: str) -> Path | None:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):

@@ -6,8 +6,10 @@ the ingest thread). Only the running daemon opens it; the CLI goes through the a
 Tables: ``models`` (immutable versions with signature, reference and lineage), ``devices``,
 ``assignments`` (what each device should run), ``desired`` (the last signed state per device,
 with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
-``events``, ``audit``, and ``telemetry_agg`` (mergeable sums per model version, device and time
-bucket; its rows are written by :mod:`hub.drift_monitor` inside the ingest transaction).
+``events``, ``audit``, ``telemetry_agg`` (mergeable sums per model version, device and time
+bucket; its rows are written by :mod:`hub.drift_monitor` inside the ingest transaction) and
+``captures`` (sampled inference records uploaded by devices, unique per device, request id and
+model).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ CREATE TABLE IF NOT EXISTS telemetry_agg (
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS captures (
+    device TEXT NOT NULL, request_id TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    sha256 TEXT NOT NULL, time REAL NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL,
+    received_at REAL NOT NULL, PRIMARY KEY (device, request_id, model));
 """
 
 
@@ -116,6 +122,27 @@ class Database:
 
     def device_ids(self) -> set[str]:
         return {r["id"] for r in self.query("SELECT id FROM devices")}
+
+    # -- data capture ----------------------------------------------------------------------------
+
+    def insert_captures(self, conn: sqlite3.Connection, device: str, records: Iterable[dict[str, Any]],
+                        now: float) -> int:
+        """Store checked capture records; a record seen before (a retried upload) is skipped.
+        Returns how many were new."""
+        cur = conn.executemany(
+            "INSERT OR IGNORE INTO captures VALUES (?,?,?,?,?,?,?,?,?)",
+            [(device, r["request_id"], r["model"], r["version"], r["sha256"], r["time"],
+              json.dumps(r["inputs"]), json.dumps(r["outputs"]), now) for r in records],
+        )
+        return int(cur.rowcount)
+
+    def get_captures(self, device: str, request_id: str) -> list[dict[str, Any]]:
+        rows = self.query("SELECT * FROM captures WHERE device=? AND request_id=? ORDER BY model",
+                          (device, request_id))
+        for r in rows:
+            r["inputs"] = json.loads(r["inputs"])
+            r["outputs"] = json.loads(r["outputs"])
+        return rows
 
     # -- audit (append-only, hash-chained) -------------------------------------------------------
 

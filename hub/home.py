@@ -7,6 +7,7 @@
     DIR/hub.db            SQLite, owned by the running daemon (hub.db module)
     DIR/blobs/<sha256>    published model blobs
     DIR/hub.run.json      written by `serve`: where the running daemon answers
+    DIR/pki/              device CA, CRL, password file (hub.pki)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from agent.wire import check_name
 
 __all__ = ["HubConfig", "HubHome"]
 
+_SECURITY_KEYS = ("device_broker_url", "broker_ca_file", "broker_username", "broker_password_file")
+
 
 @dataclass(frozen=True)
 class HubConfig:
@@ -37,6 +40,11 @@ class HubConfig:
     http_listen: str
     public_url: str
     desired_ttl_seconds: int
+    # Broker security, written by `edgefleet-hub broker-config` (empty: plain MQTT, broker_url)
+    device_broker_url: str = ""  # what enrolled agents connect to; empty = broker_url
+    broker_ca_file: str = ""  # CA the hub pins for the broker's certificate
+    broker_username: str = ""
+    broker_password_file: str = ""
 
 
 class HubHome:
@@ -89,7 +97,8 @@ class HubHome:
             raise ConfigError(
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
-        known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds"}
+        known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
+                 *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -99,7 +108,33 @@ class HubHome:
             http_listen=str(doc["http_listen"]),
             public_url=str(doc.get("public_url", "")),
             desired_ttl_seconds=int(doc.get("desired_ttl_seconds", 30 * 86400)),
+            **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
+
+    def _path_or_str(self, key: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.config_path}: {key} must be a string, got {value!r}")
+        if key.endswith("_file") and value and not Path(value).is_absolute():
+            return str(self.path / value)  # relative to the hub home
+        return value
+
+    def update_config(self, **changes: str) -> None:
+        """Set top-level string keys of hub.toml, keeping every other line (and comment) as is."""
+        lines = self.config_path.read_text(encoding="utf-8").splitlines()
+        for key, value in changes.items():
+            new = f"{key} = {json.dumps(value)}"
+            for i, line in enumerate(lines):
+                if line.split("=", 1)[0].strip() == key:
+                    lines[i] = new
+                    break
+            else:
+                lines.append(new)
+        atomic_write(self.config_path, ("\n".join(lines) + "\n").encode(), mode=0o644)
+        self.config()  # refuse to leave a file we cannot read back
+
+    @property
+    def pki_path(self) -> Path:
+        return self.path / "pki"
 
     def token(self) -> str:
         try:

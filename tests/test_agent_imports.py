@@ -24,3 +24,13 @@ def test_importing_every_agent_module_loads_no_hub_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_the_serving_process_does_not_load_onnx() -> None:
+    """onnx (~8 MiB resident) is for structural checks, which run in the guard child process."""
+    code = (
+        "import sys, agent.cli, agent.daemon, agent.updater, agent.guard\n"
+        "print('onnx' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"

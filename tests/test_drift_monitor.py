@@ -48,8 +48,8 @@ class World:
                                                       latency_ms={}, inputs=inputs)})
         self.mon.add(device, tw)
         with self.db.tx() as conn:
-            self.mon.flush(conn)
-        self.mon.after_batch()
+            self.mon.flush(conn, force=True)
+        self.mon.after_batch(force=True)
 
 
 def _uniform(rng: np.random.Generator, n: int = 400) -> np.ndarray:

@@ -147,7 +147,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     hook_out = tmp / "hook.jsonl"
     hook_cmd = f"{sys.executable} {tmp / 'hook.py'} {hook_out}"
     (home / "drift.toml").write_text(
-        f"window_seconds = 1.5\nbucket_seconds = {WINDOW}\nmin_rows = 100\n\n[models.drift]\n"
+        f"window_seconds = 1.5\nbucket_seconds = {WINDOW}\nevaluate_seconds = 0\nmin_rows = 100\n\n[models.drift]\n"
         f"on_drift = \"hook\"\nhook = {json.dumps(hook_cmd)}\n")
     procs.start("hub", "hub.cli", "serve", "--home", str(home))
     X, y = make_classification(n_samples=2000, n_features=6, n_informative=4, random_state=5)

@@ -1,0 +1,70 @@
+"""Run every benchmark and write ``BENCHMARKS.md``.
+
+    python -m bench.run_all [--smoke] [--only NAME ...] [--out BENCHMARKS.md]
+
+``--smoke`` runs tiny sizes (seconds, for CI); its figures are not meaningful and the file it
+writes says so. Each benchmark runs edgefleet and its baseline side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import REPO, Result, machine
+
+BENCHES = ["serving_inproc", "oip_http", "canary", "ingest", "fleet", "footprint"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for CI; figures not meaningful")
+    ap.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to write")
+    ap.add_argument("--json", help="also write the raw figures as JSON here")
+    args = ap.parse_args(argv)
+    info = machine()
+    results: list[Result] = []
+    failed: list[str] = []
+    t0 = time.monotonic()
+    for name in args.only or BENCHES:
+        print(f"== {name}", flush=True)
+        t = time.monotonic()
+        try:
+            res = importlib.import_module(f"bench.{name}").run(smoke=args.smoke)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        res.notes.append(f"ran in {time.monotonic() - t:.0f} s")
+        results.append(res)
+    lines = ["# edgefleet benchmarks", ""]
+    if args.smoke:
+        lines += ["**Smoke run (tiny sizes): these figures are not meaningful.**", ""]
+    lines += [
+        "Written by `python -m bench.run_all`" + (" --smoke" if args.smoke else "") + ". Every benchmark "
+        "runs edgefleet and its baseline side by side in the same run, interleaved where it can; "
+        "nothing here is asserted, the `met` column compares against the targets of issue 7. The "
+        "machine is shared (2 cores, other work running), so expect a few % of noise.", "",
+        "| | |", "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines += [f"| total run time | {time.monotonic() - t0:.0f} s |", ""]
+    for res in results:
+        lines.append(res.markdown())
+    if failed:
+        lines += ["## Failed", "", *[f"- {n} (see the run's output)" for n in failed], ""]
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({r.name: r.figures for r in results}, indent=1, default=float))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The systemd notify client, against a real AF_UNIX datagram socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import load_agent_config
+from agent.daemon import Agent
+from agent.envelope import public_key_to_b64
+from agent.sdnotify import Notifier
+from tests.conftest import free_port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[str, socket.socket]]:
+    folder = tempfile.mkdtemp(prefix="sdn", dir="/tmp")  # AF_UNIX paths must stay short
+    path = os.path.join(folder, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    yield path, sock
+    sock.close()
+    os.unlink(path)
+    os.rmdir(folder)
+
+
+def drain(sock: socket.socket) -> list[str]:
+    out = []
+    sock.settimeout(0.05)
+    try:
+        while True:
+            out.append(sock.recv(4096).decode())
+    except TimeoutError:
+        return out
+
+
+def test_ready_status_and_stopping_are_sent_as_datagrams(
+    listener: tuple[str, socket.socket],
+) -> None:
+    path, sock = listener
+    n = Notifier(env={"NOTIFY_SOCKET": path})
+    n("READY=1\nSTATUS=clf 1.0.0")
+    n("STOPPING=1")
+    assert drain(sock) == ["READY=1\nSTATUS=clf 1.0.0", "STOPPING=1"]
+
+
+def test_watchdog_is_paced_to_half_of_watchdog_usec(listener: tuple[str, socket.socket]) -> None:
+    path, sock = listener
+    clock = FakeClock()
+    n = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}, clock=clock)
+    assert n.watchdog_interval == 1.0
+    sent_at = []
+    for t in (0.0, 0.3, 0.9, 1.0, 1.5, 2.2, 2.3):
+        clock.now = 100.0 + t
+        before = len(drain(sock))
+        n("WATCHDOG=1")
+        if len(drain(sock)) + before:
+            sent_at.append(t)
+    assert sent_at == [0.0, 1.0, 2.2]
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}]
+)
+def test_no_watchdog_pings_when_systemd_watches_nothing_or_another_process(
+    listener: tuple[str, socket.socket], env: dict[str, str]
+) -> None:
+    path, sock = listener
+    n = Notifier(env={"NOTIFY_SOCKET": path, **env})
+    n("WATCHDOG=1")
+    n("STATUS=still here")
+    assert drain(sock) == ["STATUS=still here"]
+
+
+def test_abstract_namespace_socket_and_no_socket_at_all() -> None:
+    name = f"edgefleet-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    try:
+        Notifier(env={"NOTIFY_SOCKET": "@" + name})("READY=1")
+        assert drain(sock) == ["READY=1"]
+    finally:
+        sock.close()
+    Notifier(env={})("READY=1")  # not under systemd: a silent no-op
+
+
+def test_unit_files_exist_with_notify_and_watchdog() -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    for unit in ("edgefleet-agent.service", "edgefleet-hub.service"):
+        text = (deploy / unit).read_text()
+        for directive in (
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "StateDirectory=",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "ProtectHome=yes",
+        ):
+            assert directive in text, f"{unit} lacks {directive}"
+
+
+def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
+    listener: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    """READY once serving, WATCHDOG while healthy; when the inference endpoint is gone the
+    pings stop, so systemd's WatchdogSec restarts the agent."""
+    path, sock = listener
+    profiles = Path(__file__).resolve().parent.parent / "device-profiles"
+    (tmp_path / "profile.toml").write_text((profiles / "generic-x86_64.toml").read_text())
+    root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
+    (tmp_path / "agent.toml").write_text(
+        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root}"\nprofile = "profile.toml"\n'
+        f'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
+    )
+    notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+    agent = Agent(load_agent_config(tmp_path / "agent.toml"), notify=notifier)
+    agent.start()
+    try:
+        sock.settimeout(10)
+        assert sock.recv(4096).decode() == "READY=1\nSTATUS=no model installed"
+        assert [sock.recv(4096).decode() for _ in range(3)] == ["WATCHDOG=1"] * 3
+        assert agent.http is not None
+        agent.http.stop()
+        drain(sock)
+        sock.settimeout(0.5)  # ten watchdog intervals
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    finally:
+        agent.stop()
+    assert drain(sock) == ["STOPPING=1"]

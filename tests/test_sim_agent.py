@@ -1,0 +1,87 @@
+"""The simulated agent applies keyrings and desired states with the real trust and store rules.
+
+No broker: bytes signed by the hub's own code go straight into ``SimAgent.handle``; blobs come
+from a fetcher that is a small class serving bytes from a dict (and counting fetches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.envelope import public_key_to_b64
+from agent.sim import BlobCache, SimAgent
+from agent.store import Store
+from agent.wire import ModelEntry
+from hub.core import build_desired, build_keyring
+
+NOW = 1_800_000_000.0
+
+
+class DictFetcher:
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.fetched: list[str] = []
+
+    def fetch(self, url: str, dest: Path, *, size: int) -> None:
+        self.fetched.append(url)
+        dest.write_bytes(self.blobs[url])
+
+
+def entry(data: bytes, version: str) -> ModelEntry:
+    sha = hashlib.sha256(data).hexdigest()
+    return ModelEntry(version=version, sha256=sha, size=len(data), url=f"http://blobs/{sha}")
+
+
+def test_sim_agents_apply_update_and_rollback_sharing_one_download_per_blob(tmp_path: Path) -> None:
+    root, signer = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    v1, v2 = entry(b"model one", "1"), entry(b"model two", "2")
+    fetcher = DictFetcher({v1.url: b"model one", v2.url: b"model two"})
+    cache = BlobCache(tmp_path / "cache", fetcher)
+    sent: list[tuple[str, bytes, bool]] = []
+    agents = [SimAgent(fleet="f", device=f"d{i}", root_public_key=public_key_to_b64(root.public_key()),
+                       state_dir=tmp_path / f"d{i}", cache=cache, clock=lambda: NOW) for i in range(3)]
+    ring = build_keyring("f", 1, [signer], root, NOW)
+
+    def desired(device: str, seq: int, e: ModelEntry) -> bytes:
+        return build_desired(fleet="f", device=device, seq=seq, now=NOW, ttl=3600, models={"clf": e},
+                             signing_key=signer)[1]
+
+    for a in agents:
+        a.outbox = lambda t, p, r: sent.append((t, p, r))
+        a.handle("desired", desired(a.device, 1, v1))  # before the keyring: waits, not refused
+        assert a.active == {}
+        a.handle("keyring", ring)
+        assert a.active["clf"].version == "1"
+        a.handle("desired", desired(a.device, 2, v2))
+        a.handle("desired", desired(a.device, 2, v2))  # retained redelivery: no-op
+        assert a.active["clf"].version == "2"
+        a.handle("desired", desired(a.device, 1, v1))  # an old seq replayed: refused
+        assert a.active["clf"].version == "2" and "stale" in a.refusals[-1]
+        a.handle("desired", desired(a.device, 3, v1))  # rollback = newer seq naming v1
+        assert a.active["clf"].version == "1"
+        assert a.refusals == [a.refusals[-1]]
+
+    assert sorted(fetcher.fetched) == sorted([v1.url, v2.url])  # once each for the whole fleet
+    state = Store(tmp_path / "d0").read_state()  # the real agent's format
+    assert state["last_seq"] == 3
+    assert state["models"]["clf"]["entry"]["version"] == "1"
+    assert state["models"]["clf"]["fallback"]["version"] == "2"
+    assert sorted(p.name for p in (tmp_path / "d0" / "blobs").iterdir() if p.is_file()) == sorted(
+        [v1.sha256, v2.sha256])
+    assert any(t.endswith("/d2/reported") and r for t, _p, r in sent)
+
+
+def test_sim_agent_refuses_a_state_signed_by_a_key_outside_the_keyring(tmp_path: Path) -> None:
+    root, signer, rogue = (Ed25519PrivateKey.generate() for _ in range(3))
+    v1 = entry(b"model one", "1")
+    a = SimAgent(fleet="f", device="d0", root_public_key=public_key_to_b64(root.public_key()),
+                 state_dir=tmp_path / "d0", cache=BlobCache(tmp_path / "c", DictFetcher({})),
+                 clock=lambda: NOW)
+    a.handle("keyring", build_keyring("f", 1, [signer], root, NOW))
+    raw = build_desired(fleet="f", device="d0", seq=1, now=NOW, ttl=3600, models={"clf": v1},
+                        signing_key=rogue)[1]
+    a.handle("desired", raw)
+    assert a.active == {} and a.refusals and "unknown_key" in a.refusals[0]
