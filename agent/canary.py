@@ -291,37 +291,45 @@ class CanaryStats:
         self._distance = 0.0
         self._cand_ms: list[float] = []
         self._stable_ms: list[float] = []
-        self._classes: dict[str, int] = {}
+        self._labels: list[Array] = []  # counted when the window closes, off the replay path
 
-    def _count_labels(self, outputs: Outputs) -> None:
+    def _keep_labels(self, outputs: Outputs) -> None:
         label, _ = _pick(outputs)
-        if label is not None and len(self._classes) < 256:
-            values, counts = np.unique(label.astype(str), return_counts=True)
-            for v, c in zip(values, counts, strict=True):
-                self._classes[str(v)] = self._classes.get(str(v), 0) + int(c)
+        if label is not None and len(self._labels) < 4096:
+            self._labels.append(label)
 
-    def record_pair(self, stable_out: Outputs, cand_out: Outputs, stable_ms: float, cand_ms: float) -> None:
-        """A shadow replay: both answers on the same input, and both latencies (ms)."""
+    def record_pair(
+        self,
+        stable_out: Outputs,
+        cand_out: Outputs,
+        stable_ms: float | Sequence[float],
+        cand_ms: float | Sequence[float],
+    ) -> None:
+        """A shadow replay: both answers on the same input, and both latencies (ms). A batched
+        replay of k requests passes their outputs concatenated and k latencies on each side."""
+        s_ms = [stable_ms] if isinstance(stable_ms, int | float) else list(stable_ms)
+        c_ms = [cand_ms] if isinstance(cand_ms, int | float) else list(cand_ms)
+        k = len(c_ms)
         bad = has_nonfinite(cand_out)
         agreed, n, dist = (0, 0, 0.0) if bad else compare_outputs(stable_out, cand_out)
         with self._lock:
-            self._requests += 1
-            self._t_requests += 1
-            self._cand_ms.append(cand_ms)
-            self._stable_ms.append(stable_ms)
-            self._t_cand.append(cand_ms)
-            self._t_stable.append(stable_ms)
+            self._requests += k
+            self._t_requests += k
+            self._cand_ms += c_ms
+            self._stable_ms += s_ms
+            self._t_cand.extend(c_ms)
+            self._t_stable.extend(s_ms)
             if bad:
-                self._errors += 1
-                self._t_errors += 1
-                self._t_nonfinite += 1
+                self._errors += k
+                self._t_errors += k
+                self._t_nonfinite += k
                 return
             self._compared += n
             self._agreed += agreed
             self._distance += dist
             self._t_compared += n
             self._t_agreed += agreed
-            self._count_labels(cand_out)
+            self._keep_labels(cand_out)
 
     def record_candidate(self, ms: float, ok: bool, outputs: Outputs | None = None) -> None:
         """The candidate answered alone (split) or failed (either mode)."""
@@ -338,7 +346,7 @@ class CanaryStats:
             if bad:
                 self._t_nonfinite += 1
             elif ok and outputs is not None:
-                self._count_labels(outputs)
+                self._keep_labels(outputs)
 
     def record_stable(self, ms: float) -> None:
         """Split mode: the stable's latency on the requests it served (the guard's baseline)."""
@@ -349,6 +357,10 @@ class CanaryStats:
     def record_skipped(self, n: int = 1) -> None:
         with self._lock:
             self._skipped += n
+
+    def counts(self) -> tuple[int, int]:
+        """(requests, NaN/inf answers) since attach: the guard's cheap first look."""
+        return self._t_requests, self._t_nonfinite
 
     def totals(self) -> Totals:
         with self._lock:
@@ -379,8 +391,12 @@ class CanaryStats:
                 "agreed": self._agreed,
                 "output_distance_sum": round(self._distance, 6),
             }
-            classes = dict(self._classes)
+            labels = self._labels
             self._reset()
+        classes: dict[str, int] = {}
+        if labels:
+            values, counts = np.unique(np.concatenate([lab.astype(str) for lab in labels]), return_counts=True)
+            classes = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
         out["latency_ms"] = latency_summary(cand)
         out["stable_latency_ms"] = latency_summary(stable)
         if classes:
@@ -644,8 +660,12 @@ class Shadow:
         clock: Callable[[], float] = time.perf_counter,
         after: Callable[[], None] | None = None,
         name: str = "canary-shadow",
+        linger_s: float = 0.0,
     ) -> None:
         self.replay = replay
+        # The shadow thread waits this long after a first item so that more queue up and go in
+        # one candidate call: fewer wake-ups and GIL hand-overs competing with the request thread.
+        self.linger_s = linger_s
         self.stats = stats
         self.sampler = Sampler(fraction)
         self.max_batch = max_batch
@@ -673,12 +693,15 @@ class Shadow:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def process(self, timeout: float | None = None) -> int:
-        """Replay what is queued (waiting up to ``timeout`` for a first item); return items done."""
+    def process(self, timeout: float | None = None, linger_s: float = 0.0) -> int:
+        """Replay what is queued (waiting up to ``timeout`` for a first item, then ``linger_s``
+        for more); return the number of items done."""
         try:
             first = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
         except queue.Empty:
             return 0
+        if linger_s > 0 and self.max_batch > 1:
+            self._stop.wait(linger_s)
         batch = [first]
         while len(batch) < self.max_batch:
             try:
@@ -706,13 +729,14 @@ class Shadow:
                 self.stats.record_candidate(ms / len(group), ok=False)
             return
         ms = (self.clock() - t0) * 1000.0
+        if len(group) == 1:
+            self.stats.record_pair(group[0].stable, out, group[0].stable_ms, ms)
+            return
+        # One comparison for the whole batch; its time is shared by rows (the per-request cost
+        # a batch amortises: see docs/update-path.md on what that means for the latency ratio).
         total = sum(rows) or 1
-        start = 0
-        for it, r in zip(group, rows, strict=True):
-            part = out if len(group) == 1 else {k: _slice(v, start, start + r) for k, v in out.items()}
-            start += r
-            # A batched replay's time is shared by rows: the per-request cost a batch amortises.
-            self.stats.record_pair(it.stable, part, it.stable_ms, ms * r / total)
+        stable = {k: _concat([it.stable[k] for it in group]) for k in group[0].stable}
+        self.stats.record_pair(stable, out, [it.stable_ms for it in group], [ms * r / total for r in rows])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -726,13 +750,15 @@ class Shadow:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.process(timeout=0.2)
+                self.process(timeout=0.2, linger_s=self.linger_s)
             except Exception:  # the shadow must never take the agent down
                 log.exception("shadow replay failed")
 
 
-def _slice(value: Any, a: int, b: int) -> Any:
-    return value[a:b]
+def _concat(values: list[Any]) -> Any:
+    if isinstance(values[0], list):  # ZipMap rows
+        return [row for v in values for row in v]
+    return np.concatenate([np.asarray(v) for v in values])
 
 
 def _signature(it: _Item) -> tuple[Any, ...]:
@@ -774,8 +800,9 @@ class CanaryRun:
         spec: CanarySpec,
         limits: CanaryLimits,
         on_drop: Callable[[CanaryRun, Verdict], None],
-        capacity: int = 64,
-        max_batch: int = 16,
+        capacity: int = 128,
+        max_batch: int = 64,
+        linger_s: float = 0.002,
         clock: Callable[[], float] = time.perf_counter,
         check_every: int = 8,
     ) -> None:
@@ -795,7 +822,7 @@ class CanaryRun:
         if spec.mode == "shadow":
             self.shadow = Shadow(replay=self._run, stats=self.stats, fraction=spec.fraction, capacity=capacity,
                                  max_batch=max_batch, clock=clock, after=self._after_replay,
-                                 name=f"canary-{candidate.name}")
+                                 name=f"canary-{candidate.name}", linger_s=linger_s)
 
     @property
     def name(self) -> str:
@@ -851,7 +878,9 @@ class CanaryRun:
     def check(self, force: bool = False) -> Verdict | None:
         if self.dropped is not None:
             return self.dropped
-        if not force and self.shadow is None and next(self._checks) % self.check_every:
+        requests, nonfinite = self.stats.counts()
+        quiet = requests < self.limits.min_samples or next(self._checks) % self.check_every
+        if not force and not nonfinite and quiet:
             return None
         verdict = local_verdict(self.stats.totals(), self.limits)
         if verdict is not None:
