@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.wire import check_name
@@ -186,6 +187,15 @@ class AgentConfig:
                 raise ConfigError(f"cannot read password_file {self.password_file}: {exc}") from exc
         return opts
 
+    def fetch_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~agent.fetch.HttpFetcher`: ``ca_file`` (the hub's device
+        CA) is pinned for https blob URLs on the hub's hosts (those of ``blob_url`` and
+        ``broker_url``); blobs from any other store are verified with the system CAs."""
+        if self.ca_file is None:
+            return {}
+        hosts = {urlsplit(u).hostname for u in (self.blob_url, self.broker_url)}
+        return {"pinned_ca": self.ca_file, "pinned_hosts": sorted(h for h in hosts if h)}
+
     def with_profile(self, **changes: Any) -> AgentConfig:
         return replace(self, profile=replace(self.profile, **changes))
 
@@ -212,8 +222,10 @@ def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str,
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(f"{path}: cert_file and key_file go together; set both or neither")
     tls = str(doc["broker_url"]).startswith("mqtts://")
-    if any(files[k] for k in ("ca_file", "cert_file")) and not tls:
-        raise ConfigError(f"{path}: ca_file/cert_file need a TLS broker URL (mqtts://HOST:PORT), "
+    https = str(doc["blob_url"]).startswith("https://")  # ca_file also pins the hub's blob server
+    if (files["cert_file"] or (files["ca_file"] and not https)) and not tls:
+        raise ConfigError(f"{path}: ca_file/cert_file need a TLS broker URL (mqtts://HOST:PORT)"
+                          f"{'' if files['cert_file'] else ' or an https blob_url'}, "
                           f"got broker_url = {doc['broker_url']!r}")
     return files
 

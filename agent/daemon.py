@@ -77,7 +77,7 @@ class Agent:
         self.topics = Topics(config.fleet, prefix=config.topic_prefix)
         self.store = Store(config.state_dir)
         self.models = ModelServer()
-        self.fetcher: Fetcher = fetcher or HttpFetcher()
+        self.fetcher: Fetcher = fetcher or HttpFetcher(**config.fetch_options())  # ca_file pins https blobs
         self._notify = notify or (lambda _msg: None)
         self.trust = TrustedState(
             root=public_key_from_b64(config.root_public_key),

@@ -21,7 +21,8 @@ authenticated admin API the CLI talks to.
     POST /api/v1/deploy               {model, version, devices: [...]}
     POST /api/v1/capture              device data capture batch (no admin token; see hub.daemon)
 
-Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
+Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
+(a certificate from the device CA; :mod:`hub.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
 """
 
@@ -40,6 +41,7 @@ from hub.enrol import list_devices, revoke_device
 from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
 from hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hub.metrics import render as render_metrics
+from hub.tls import handshake, server_context
 
 if TYPE_CHECKING:
     from hub.daemon import Hub
@@ -205,6 +207,10 @@ class _Server(ThreadingHTTPServer):
     hub: Hub
     token: str
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if handshake(request):  # TLS (hub.tls): the handshake runs in this connection's thread
+            super().finish_request(request, client_address)
+
 
 class HubHttpServer:
     def __init__(self, hub: Hub, host: str, port: int) -> None:
@@ -212,6 +218,18 @@ class HubHttpServer:
         self._httpd.hub = hub
         self._httpd.token = hub.home.token()
         self._thread: threading.Thread | None = None
+        tls = server_context(hub.config)  # https when hub.toml names a certificate (hub.tls)
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
+
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard listen → 127.0.0.1)."""
+        host, port = self.address
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host  # noqa: S104
+        return f"{self.scheme}://{host}:{port}"
 
     @property
     def address(self) -> tuple[str, int]:

@@ -30,7 +30,7 @@ def write_credentials(out: Path, creds: Mapping[str, Any]) -> list[str]:
     if creds.get("ca_pem"):
         atomic_write(out / "ca.pem", str(creds["ca_pem"]).encode(), mode=0o644)
         lines += [
-            "# the broker's certificate must chain to this CA (the hub's device CA)",
+            "# the broker's (mqtts) and the hub's (https blobs) certificates must chain to this CA",
             'ca_file = "ca.pem"',
         ]
     if creds.get("cert_pem"):

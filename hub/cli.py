@@ -159,7 +159,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
-    res = HubClient.for_home(home, args.hub).deploy(args.model, args.version, args.device)
+    if not args.device and not args.group:
+        raise BadRequest("name the targets: --device ID and/or --group G (each repeatable)")
+    for g in args.group or []:
+        check_name(g, "group id")
+    res = HubClient.for_home(home, args.hub).deploy(args.model, args.version, args.device or [],
+                                                     args.group)
     lines = [f"deployed {args.model} {args.version}:"]
     lines += [f"  {d}: seq {v['seq']} (was {v['previous'] or 'none'})" for d, v in res["devices"].items()]
     _out(args, res, "\n".join(lines))
@@ -170,13 +175,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     st = HubClient.for_home(home, args.hub).status()
     lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
-    lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} LAST WINDOW")
+    lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
         runs = ", ".join(f"{k} {v}" for k, v in d["models"].items()) or "-"
         want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
         reqs = sum(t["requests"] for t in d["telemetry_totals"])
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
-        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last}")
+        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last:24} "
+                     f"{d.get('group') or '-'}")
     _out(args, st, "\n".join(lines))
     return 0
 
@@ -357,6 +363,8 @@ def write_agent_bundle(
 def cmd_device_add(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     check_name(args.id, "device id")
+    if args.group is not None:
+        check_name(args.group, "group id")
     profile_path = profiles_dir(args.profiles_dir) / f"{args.profile}.toml"
     if not profile_path.is_file():
         raise BadRequest(f"no device profile {args.profile!r} at {profile_path}; "
@@ -369,14 +377,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         if not 0 <= args.capture <= 1:
             raise BadRequest(f"--capture is a sampling fraction from 0 to 1, got {args.capture}")
         overrides = {**(overrides or {}), "capture": {"sample_rate": args.capture}}
-    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials)
+    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials, args.group)
     from hub.bundle import write_credentials, write_systemd_dropin
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     creds = info.pop("credentials", None) or {"kind": "none"}
-    if not str(info["broker_url"]).startswith("mqtts://"):
-        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker
+    if not str(info["broker_url"]).startswith("mqtts://") and not str(info["blob_url"]).startswith("https://"):
+        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker and plain-HTTP blobs
     path = write_agent_bundle(out, info, profile_path=profile_path, listen=args.listen,
                               state_dir=args.state_dir or "state", overrides=overrides,
                               extra_lines=write_credentials(out, creds))
@@ -451,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     client(sp)
     sp.add_argument("model")
     sp.add_argument("version")
-    sp.add_argument("--device", action="append", required=True, help="device id (repeatable)")
+    sp.add_argument("--device", action="append", help="device id (repeatable)")
+    sp.add_argument("--group", action="append", help="every device of this group (repeatable; "
+                    "with --device: the union)")
 
     client(cmd("status", cmd_status, "devices, what they run, online/offline, last telemetry"))
     sp = cmd("events", cmd_events, "recent device events (updates, refusals, errors)")
@@ -481,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id", help="device id: 1-64 of A-Z a-z 0-9 _ . -")
     sp.add_argument("--out", required=True, help="folder for agent.toml, profile.toml, root.pub")
     sp.add_argument("--profile", default="generic-x86_64", help="device profile name")
+    sp.add_argument("--group", help="device group (same rules as device ids); deploy --group G")
     sp.add_argument("--profiles-dir", help="where device profiles live")
     sp.add_argument("--listen", default="127.0.0.1:8500", help="the agent's local inference API")
     sp.add_argument("--state-dir", help="the agent's state folder (default: state/ beside agent.toml)")

@@ -1,4 +1,4 @@
-"""``edgefleet-hub device revoke|list`` and ``edgefleet-hub broker-config``.
+"""``edgefleet-hub device revoke|list``, ``edgefleet-hub broker-config`` and ``https-config``.
 
 Kept apart from :mod:`hub.cli` (which calls :func:`add_security_commands` while it builds its
 parser). ``device revoke`` and ``device list`` go through the admin API like every other client
@@ -51,12 +51,13 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
 def cmd_device_list(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     devs = HubClient.for_home(home, args.hub).devices()
-    lines = [f"{'DEVICE':20} {'PROFILE':18} {'STATUS':11} {'CREDENTIALS':16} CERT EXPIRES"]
+    lines = [f"{'DEVICE':20} {'GROUP':12} {'PROFILE':18} {'STATUS':11} {'CREDENTIALS':16} CERT EXPIRES"]
     for d in devs:
         has = (("cert", d["cert_not_after"] is not None), ("password", d["password"]))
         cred = "REVOKED" if d["revoked"] else ("+".join(k for k, on in has if on) or "none")
         exp = format_time(d["cert_not_after"]) if d["cert_not_after"] else "-"
-        lines.append(f"{d['device']:20} {d['profile']:18} {d['status']:11} {cred:16} {exp}")
+        group = d.get("group") or "-"
+        lines.append(f"{d['device']:20} {group:12} {d['profile']:18} {d['status']:11} {cred:16} {exp}")
     _out(args, {"devices": devs}, "\n".join(lines) if devs else "no devices enrolled")
     return 0
 
@@ -98,7 +99,28 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         f"  devices:    {device_url} (client certificate, CN = device id)\n"
         f"  hub:        {hub_url} as {user} (password in {pki.hub_password_path})\n"
         f"{updated}"
-        "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)",
+        "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)\n"
+        "  blobs over HTTPS with the same CA: edgefleet-hub https-config",
+    )
+    return 0
+
+
+def cmd_https_config(args: argparse.Namespace) -> int:
+    from hub.tls import issue_http_certificate
+
+    home = HubHome(Path(args.home))
+    res = issue_http_certificate(home, extra_hostnames=args.hostname, now=time.time(),
+                                 update_config=not args.no_hub_config)
+    updated = "" if args.no_hub_config else f"  {home.config_path} updated: restart the hub\n"
+    _out(
+        args,
+        res,
+        f"HTTPS certificate for the hub's blob server and admin API: {res['cert_file']}\n"
+        f"  names:      {', '.join(map(str, res['hostnames']))}\n"
+        f"  issued by:  the device CA {res['ca_file']} (devices pin it: ca_file in agent.toml)\n"
+        f"  blob URLs:  {res['public_url'] or 'https://<listen address>'}\n"
+        f"{updated}"
+        "  devices enrolled before this need ca.pem and `ca_file = \"ca.pem\"` in agent.toml",
     )
     return 0
 
@@ -133,5 +155,20 @@ def add_security_commands(sub: Any, dev: Any, cmd: Cmd, client: Callable[[Any], 
     sp.add_argument("--password-port", type=int, default=8884, help="hub/password listener (8884)")
     sp.add_argument("--run-as", help="Mosquitto's `user` option (default: its own, 'mosquitto')")
     sp.add_argument("--no-persistence", action="store_true", help="no on-disk broker persistence")
+    sp.add_argument("--no-hub-config", action="store_true", help="leave hub.toml as it is")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = cmd(
+        "https-config",
+        cmd_https_config,
+        "serve blobs and the admin API over HTTPS with a certificate from the device CA",
+        sub,
+    )
+    sp.add_argument(
+        "--hostname",
+        action="append",
+        help="another name or IP devices reach the hub by (repeatable; the public URL's host, "
+        "localhost and 127.0.0.1 are always included)",
+    )
     sp.add_argument("--no-hub-config", action="store_true", help="leave hub.toml as it is")
     sp.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from hub.errors import BY_STATUS, HubNotRunning, HubRefused
+from hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFailed
 from hub.home import HubHome
+from hub.tls import client_verify, is_tls_verify_error
 
 __all__ = ["HubClient"]
 
 
 class HubClient:
-    def __init__(self, url: str, token: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str, *, timeout: float = 120.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+            verify=verify,
         )
 
     @classmethod
     def for_home(cls, home: HubHome, url: str | None = None) -> HubClient:
-        return cls(url or home.api_url(), home.token())
+        """An https hub is verified against the home's device CA (hub.tls)."""
+        url = url or home.api_url()
+        return cls(url, home.token(), verify=client_verify(home, url))
 
     def close(self) -> None:
         self._http.close()
@@ -31,6 +37,12 @@ class HubClient:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
+            if is_tls_verify_error(exc):
+                raise HubTlsFailed(
+                    f"TLS certificate verification failed for {self.url}: {exc}; the hub's "
+                    "certificate must come from the device CA in HOME/pki/ca.pem "
+                    "(rerun `edgefleet-hub https-config` and restart the hub)"
+                ) from exc
             raise HubNotRunning(
                 f"no hub answers at {self.url} ({type(exc).__name__}); start it with "
                 "`edgefleet-hub serve --home DIR`"
@@ -80,11 +92,12 @@ class HubClient:
         result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
         return result
 
-    def add_device(self, device: str, profile: str, credentials: str = "auto") -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", "/api/v1/devices",
-            json={"device": device, "profile": profile, "credentials": credentials},
-        )
+    def add_device(self, device: str, profile: str, credentials: str = "auto",
+                   group: str | None = None) -> dict[str, Any]:
+        body = {"device": device, "profile": profile, "credentials": credentials}
+        if group:
+            body["group"] = group
+        result: dict[str, Any] = self.request("POST", "/api/v1/devices", json=body)
         return result
 
     def devices(self) -> list[dict[str, Any]]:
@@ -97,10 +110,12 @@ class HubClient:
         )
         return result
 
-    def deploy(self, model: str, version: str, devices: list[str]) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", "/api/v1/deploy", json={"model": model, "version": version, "devices": devices}
-        )
+    def deploy(self, model: str, version: str, devices: list[str],
+               groups: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "version": version, "devices": devices}
+        if groups:
+            body["groups"] = groups
+        result: dict[str, Any] = self.request("POST", "/api/v1/deploy", json=body)
         return result
 
     def audit(self, since: float | None = None) -> list[dict[str, Any]]:

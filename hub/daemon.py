@@ -41,6 +41,7 @@ from hub.db import Database
 from hub.drift_monitor import DriftMonitor
 from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotFound
+from hub.groups import check_group, deploy_targets, group_of
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
 from hub.lineage import clean_lineage, diff_versions, find_decision
@@ -108,7 +109,7 @@ class Hub:
         host, _, port = self.http_listen.rpartition(":")
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
         bound_host, bound_port = self.http.address
-        self.public_url = self.config.public_url or f"http://{bound_host}:{bound_port}"
+        self.public_url = self.config.public_url or f"{self.http.scheme}://{bound_host}:{bound_port}"
         subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
         if self.share_group:
             subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
@@ -135,9 +136,10 @@ class Hub:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self.home.write_run({"http": f"http://{bound_host}:{bound_port}", "broker": self.broker_url,
+        self.home.write_run({"http": self.http.url, "broker": self.broker_url,
                              "public_url": self.public_url})
-        log.info("hub for fleet %s: http://%s:%d, broker %s", self.config.fleet, bound_host, bound_port, self.broker_url)
+        log.info("hub for fleet %s: %s://%s:%d, broker %s", self.config.fleet, self.http.scheme, bound_host,
+                 bound_port, self.broker_url)
 
     def stop(self) -> None:
         self._stop.set()
@@ -322,15 +324,17 @@ class Hub:
         profile = req.get("profile", "generic-x86_64")
         if not isinstance(profile, str) or not profile:
             raise BadRequest(f"profile must be a profile name, got {profile!r}")
+        group = check_group(req.get("group"))
         now = self.clock()
         with self.db.tx() as conn:
             if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
                 raise Conflict(f"device {device!r} is already registered")
             creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
-            conn.execute("INSERT INTO devices (id, profile, created_at) VALUES (?,?,?)", (device, profile, now))
+            conn.execute("INSERT INTO devices (id, profile, created_at, device_group) VALUES (?,?,?,?)",
+                         (device, profile, now, group))
             self.db.audit(conn, now, actor, "device_add",
                           {"device": device, "profile": profile, "credentials": creds["kind"],
-                           "serial": creds.get("serial")})
+                           "serial": creds.get("serial"), "group": group})
         return {
             "fleet": self.config.fleet,
             "device": device,
@@ -343,9 +347,7 @@ class Hub:
     def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
         name = _name(req.get("model"), "model name")
         version = req.get("version")
-        devices = req.get("devices")
-        if not isinstance(devices, list) or not devices:
-            raise BadRequest("devices must be a non-empty list of device ids")
+        devices = deploy_targets(self.db, req)  # --device and every device of each --group
         if self.db.get_model(name, str(version)) is None:
             versions = [m["version"] for m in self.db.list_models() if m["name"] == name]
             raise NotFound(f"model {name} has no version {version!r}; published: {versions or 'none'}")
@@ -430,6 +432,7 @@ class Hub:
             devices.append({
                 "device": d["id"],
                 "profile": d["profile"],
+                "group": group_of(d),
                 "status": d["status"] or "never seen",
                 "status_at": format_time(d["status_at"]) if d["status_at"] else None,
                 "desired": {a["model"]: a["version"] for a in assigned},

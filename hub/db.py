@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hub.groups import ensure_group_column
+
 __all__ = ["Database"]
 
 SCHEMA = """
@@ -76,6 +78,7 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
+            ensure_group_column(self._conn)  # devices.device_group (hub.groups)
 
     def close(self) -> None:
         with self._lock:

@@ -67,6 +67,8 @@ def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[s
         kind = "cert" if hub.config.device_broker_url and pki.ca_path.exists() else "none"
     out: dict[str, Any] = {"kind": kind}
     if kind == "none":
+        if hub.config.http_tls and pki.ca_path.exists():
+            out["ca_pem"] = pki.ca_pem().decode()  # https blobs: the device pins the CA (hub.tls)
         return out
     if kind in ("cert", "both") and not device_broker_url(hub, kind).startswith("mqtts://"):
         raise BadRequest(
@@ -110,13 +112,14 @@ def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
 def list_devices(hub: Hub) -> list[dict[str, Any]]:
     creds = pki_for(hub.home, hub.config.fleet).device_credentials()
     out = []
-    for d in hub.db.query("SELECT id, profile, created_at, status FROM devices ORDER BY id"):
+    for d in hub.db.query("SELECT id, profile, created_at, status, device_group FROM devices ORDER BY id"):
         c = creds.get(d["id"], {"certs": [], "password": False, "revoked_at": None})
         live = [x for x in c["certs"] if not x["revoked_at"]]
         out.append(
             {
                 "device": d["id"],
                 "profile": d["profile"],
+                "group": d["device_group"],
                 "created_at": d["created_at"],
                 "status": d["status"] or "never seen",
                 "revoked": c["revoked_at"] is not None,

@@ -8,7 +8,8 @@
     │       ├── NotFound        no such model, version or device (404)
     │       └── Conflict        it exists already, differently (409)
     └── Unavailable
-        └── HubNotRunning       the CLI found no hub answering at the address it knows
+        ├── HubNotRunning       the CLI found no hub answering at the address it knows
+        └── HubTlsFailed        the hub answered over TLS with a certificate we do not trust
 
 Each error maps to one HTTP status, so the admin API and the CLI speak the same language.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 from agent.errors import Refused, Unavailable
 
-__all__ = ["BadRequest", "Conflict", "HubNotRunning", "HubRefused", "NotAuthorized", "NotFound"]
+__all__ = [
+    "BadRequest", "Conflict", "HubNotRunning", "HubRefused", "HubTlsFailed", "NotAuthorized", "NotFound",
+]
 
 
 class HubRefused(Refused):
@@ -47,6 +50,10 @@ class Conflict(HubRefused):
 
 class HubNotRunning(Unavailable):
     reason = "hub_not_running"
+
+
+class HubTlsFailed(Unavailable):
+    reason = "tls_failed"
 
 
 BY_STATUS: dict[int, type[HubRefused]] = {

@@ -7,7 +7,7 @@
     DIR/hub.db            SQLite, owned by the running daemon (hub.db module)
     DIR/blobs/<sha256>    published model blobs
     DIR/hub.run.json      written by `serve`: where the running daemon answers
-    DIR/pki/              device CA, CRL, password file (hub.pki)
+    DIR/pki/              device CA, CRL, password file (hub.pki); http.pem/http.key (hub.tls)
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from agent.wire import check_name
 
 __all__ = ["HubConfig", "HubHome"]
 
-_SECURITY_KEYS = ("device_broker_url", "broker_ca_file", "broker_username", "broker_password_file")
+_SECURITY_KEYS = ("device_broker_url", "broker_ca_file", "broker_username", "broker_password_file",
+                  "http_cert_file", "http_key_file")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class HubConfig:
     broker_ca_file: str = ""  # CA the hub pins for the broker's certificate
     broker_username: str = ""
     broker_password_file: str = ""
+    # HTTPS for the blob server and admin API, written by `edgefleet-hub https-config` (hub.tls):
+    # a server certificate from the device CA and its key; empty = plain HTTP
+    http_cert_file: str = ""
+    http_key_file: str = ""
+
+    @property
+    def http_tls(self) -> bool:
+        return bool(self.http_cert_file)
 
 
 class HubHome:
@@ -169,7 +178,7 @@ class HubHome:
         try:
             return str(json.loads(self.run_path.read_text())["http"])
         except (FileNotFoundError, ValueError, KeyError):
-            return "http://" + self.config().http_listen
+            return ("https://" if self.config().http_tls else "http://") + self.config().http_listen
 
 
 def keyring_path(home: HubHome) -> Path:
