@@ -108,3 +108,22 @@ def test_the_daemon_runs_a_split_canary_reports_it_and_ends_it_on_rollback(devic
         assert {infer(device) for _ in range(6)} == {("1", 1.0)}
     finally:
         listener.stop()
+
+
+def test_the_daemon_drops_a_nan_shadow_candidate_at_once_and_reports_it(device: Device) -> None:
+    sim: HubSimulator = device.sim
+    listener = Listener(device)
+    try:
+        stable = sim.entry("1", tiny_model(1.0))
+        cand = dataclasses.replace(sim.entry("2", tiny_model(float("nan"))), fallback="1", canary={
+            "rollout": "r-43", "mode": "shadow", "fraction": 1.0, "stable": stable.to_dict()})
+        device.publish(device.topics.desired(sim.device), sim.desired({"m": cand}))
+        wait_for(lambda: listener.event("canary_started"), 30, "canary_started")
+        assert {infer(device) for _ in range(5)} == {("1", 1.0)}  # shadow: the stable answers
+        dropped = wait_for(lambda: listener.event("canary_dropped"), 30, "canary_dropped")
+        assert (dropped["reason"], dropped["version"], dropped["rollout"]) == ("nan_output", "2", "r-43")  # type: ignore[index]
+        wait_for(lambda: any(c["state"] == "dropped" and c["reason"] == "nan_output"
+                             for c in listener.canary_windows()), 30, "the drop in telemetry")
+        assert {infer(device) for _ in range(5)} == {("1", 1.0)}
+    finally:
+        listener.stop()
