@@ -76,6 +76,7 @@ MODES = ("shadow", "split")
 REGRESSION_AGREEMENT = 0.01
 LATENCY_HISTORY = 2048  # cumulative latency samples kept per side for the guard
 MAX_PREFLIGHT_ROWS = 4096
+MAX_PREFLIGHT_BYTES = 64 * 2**20  # uncompressed: a small compressed .npz must not expand without bound
 
 Outputs = Mapping[str, Any]
 Array = npt.NDArray[Any]
@@ -509,6 +510,14 @@ def load_preflight(data: bytes) -> dict[str, Array]:
 
     Returns ``input`` (2-D numeric) and every ``output:<name>`` array; raises
     :class:`PreflightRejected` otherwise."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            expanded = sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise PreflightRejected(f"the preflight blob is not an .npz (zip) archive: {exc}") from exc
+    if expanded > MAX_PREFLIGHT_BYTES:
+        raise PreflightRejected(f"the preflight set expands to {expanded} bytes, more than the "
+                                f"{MAX_PREFLIGHT_BYTES} allowed")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: np.asarray(z[k]) for k in z.files}

@@ -256,7 +256,7 @@ def test_preflight_checking_an_output_the_candidate_lacks_fails() -> None:
     assert not res.ok and res.reason == "preflight_outputs" and res.details["output"] == "score"
 
 
-@pytest.mark.parametrize("make", ["garbage", "pickle", "no_input", "ragged", "stray"])
+@pytest.mark.parametrize("make", ["garbage", "pickle", "no_input", "ragged", "stray", "bomb"])
 def test_an_unusable_preflight_blob_is_refused(make: str) -> None:
     buf = io.BytesIO()
     if make == "garbage":
@@ -267,8 +267,10 @@ def test_an_unusable_preflight_blob_is_refused(make: str) -> None:
         np.savez(buf, **{"output:label": np.zeros(3, dtype=np.int64)})
     elif make == "ragged":
         np.savez(buf, input=np.zeros((4, 2), dtype=np.float32), **{"output:label": np.zeros(3, dtype=np.int64)})
-    else:
+    elif make == "stray":
         np.savez(buf, input=np.zeros((4, 2), dtype=np.float32), extra=np.zeros(4))
+    else:  # 80 MiB of zeros compress to a few hundred KiB
+        np.savez_compressed(buf, input=np.zeros((10 * 2**20, 2), dtype=np.float32))
     with pytest.raises(PreflightRejected) as exc:
         load_preflight(buf.getvalue())
     assert exc.value.reason == "preflight_blob"
