@@ -9,6 +9,7 @@ reached, so a device that reboots without network keeps answering.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -98,6 +99,8 @@ class Agent:
         )
         self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        # A candidate dropped by the local guard (agent.canary) wakes the main loop to report it.
+        self.updater.wake = lambda: self._inbox.put(("canary", b""))
         self._stop = threading.Event()
         self._retry_at: float | None = None
         self._telemetry_seq = 0
@@ -155,6 +158,7 @@ class Agent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self.updater.stop_canaries()
         if self.link is not None:
             status = self.topics.device(self.config.device, "status")
             self.link.stop(last=(status, self._status("offline"), 1, True))
@@ -222,6 +226,7 @@ class Agent:
                     self._publish_presence()
                 elif kind == "acked":
                     self._spool_acked(int(payload))
+                self._emit_all(self.updater.poll_canary())
                 if self._retry_at is not None and time.monotonic() >= self._retry_at:
                     self._retry_at = None
                     self._try_desired()
@@ -258,7 +263,10 @@ class Agent:
                                 message=f"execution providers not available here: {missing}")
         if any(n.extra.get("retrying") for n in notes):
             self._retry_at = time.monotonic() + RETRY_SECONDS
-        if any(n.type in ("update", "removed", "rollback", "noop") for n in notes):
+        # Every applied desired state is reported, also one that only starts, retunes or ends a
+        # canary (the stable did not change, but the hub must see the seq and the candidate).
+        if any(n.type in ("update", "removed", "rollback", "noop", "canary_started", "canary_ended",
+                          "canary_dropped", "preflight_failed") for n in notes):
             self._publish_reported()
             self._notify(f"STATUS={self.status_line()}")
 
@@ -288,12 +296,20 @@ class Agent:
             time=self.clock(),
             models={
                 n: ModelReport(version=m.version, sha256=m.entry.sha256,
-                               state=self.updater.model_state(n))
+                               state=self.updater.model_state(n), extra=self._candidate(n))
                 for n, m in self.models.models().items()
             },
             agent_version=__version__,
         )
         self._publish("reported", rep.to_json(), retain=True)
+
+    def _candidate(self, name: str) -> dict[str, Any]:
+        """``{"candidate": {version, sha256, mode}}`` while a canary runs beside ``name``."""
+        hook = self.models.canaries().get(name)
+        if hook is None:
+            return {}
+        return {"candidate": {"version": hook.version, "sha256": hook.sha256,
+                              "mode": getattr(hook, "mode", None)}}
 
     def _event(self, type_: str, exc: EdgefleetError | None, *, model: str | None = None,
                version: str | None = None, seq: int | None = None, message: str = "",
@@ -320,6 +336,9 @@ class Agent:
         windows: dict[str, ModelWindow] = {}
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
+        for name, canary in self.updater.canary_windows().items():
+            if name in windows:
+                windows[name] = dataclasses.replace(windows[name], canary=canary)
         self._telemetry_seq += 1
         mem = psutil.virtual_memory()
         try:

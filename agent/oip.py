@@ -208,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
             req = _decode_inputs(body, header_length)
             if version is not None and self.server.models.get(parts[2]).version != version:
                 raise UnknownModel(f"model {parts[2]} does not serve version {version!r} here")
-            res = self.server.models.infer(parts[2], req.feeds, request_id=req.rid)
+            res = self.server.models.infer(parts[2], req.feeds, request_id=req.rid, allow_canary=version is None)
         except _BadRequest as exc:
             return self._send(exc.status, {"error": str(exc)})
         except UnknownModel as exc:

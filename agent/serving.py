@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +26,7 @@ from agent.errors import EdgefleetError, ModelRejected, Refused
 from agent.telemetry import Recorder
 from agent.wire import ModelEntry
 
-__all__ = ["InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
+__all__ = ["CanaryHook", "InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -146,17 +146,50 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
     )
 
 
+class CanaryHook(Protocol):
+    """A candidate running beside a stable (:class:`agent.canary.CanaryRun`). The request path
+    calls it; none of its methods may block or raise."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    def split_pick(self) -> bool: ...
+    def serve(self, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, Any] | None: ...
+    def observe(self, feeds: dict[str, npt.NDArray[Any]], outputs: Mapping[str, Any], ms: float) -> None: ...
+
+
 class ModelServer:
     """The in-process inference API that the HTTP endpoint and local applications share."""
 
     def __init__(self) -> None:
         self._models: dict[str, LoadedModel] = {}
+        self._canaries: dict[str, CanaryHook] = {}
         self._lock = threading.Lock()
         # Request ids: a random per-server prefix and a counter. uuid4() per request cost
         # ~1.7 µs (an os.urandom call), more than half the in-process serving overhead.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
         self.capture: Capture | None = None  # set by the agent when its profile enables capture
+
+    def attach_canary(self, name: str, hook: CanaryHook) -> None:
+        """Run ``hook``'s candidate beside the stable of ``name`` (shadow or split)."""
+        with self._lock:
+            self._canaries = {**self._canaries, name: hook}
+
+    def detach_canary(self, name: str, hook: CanaryHook | None = None) -> CanaryHook | None:
+        """Stop routing to the candidate of ``name`` (only if it is ``hook``, when given)."""
+        with self._lock:
+            current = self._canaries.get(name)
+            if current is None or (hook is not None and current is not hook):
+                return None
+            canaries = dict(self._canaries)
+            del canaries[name]
+            self._canaries = canaries
+        return current
+
+    def canaries(self) -> dict[str, CanaryHook]:
+        return self._canaries
 
     def install(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` serve its name; return the model it replaced."""
@@ -184,13 +217,20 @@ class ModelServer:
         return self._models
 
     def infer(
-        self, name: str, inputs: Mapping[str, Any], *, request_id: str | None = None
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        allow_canary: bool = True,
     ) -> InferResult:
         """Run ``name`` on ``inputs`` (input name -> array-like); record telemetry.
 
         This is the hot path (budget: a few µs above ONNX Runtime at batch 1): arrays that
         already have the model's dtype are passed through untouched, per-model lookups are
-        precomputed in :class:`LoadedModel`.
+        precomputed in :class:`LoadedModel`. A split canary may answer instead of the stable
+        (the result names its version) unless ``allow_canary`` is false (a request pinned to
+        the stable's version).
         """
         model = self._models.get(name)
         if model is None:
@@ -212,6 +252,17 @@ class ModelServer:
         except (TypeError, ValueError) as exc:
             raise InferenceError(f"inputs do not convert to the model's types: {exc}") from exc
         first = feeds[model.input_names[0]] if feeds else None
+        hook = self._canaries.get(name)
+        if hook is not None and allow_canary and hook.split_pick():
+            answer = hook.serve(feeds)
+            if answer is not None:  # else the candidate failed: the stable answers this request
+                return InferResult(
+                    model=name,
+                    version=hook.version,
+                    sha256=hook.sha256,
+                    request_id=request_id or f"{self._id_prefix}-{next(self._ids):x}",
+                    outputs=answer,
+                )
         t0 = time.perf_counter()
         try:
             values = model.session.run(None, feeds)
@@ -220,12 +271,15 @@ class ModelServer:
             if isinstance(exc, EdgefleetError):
                 raise
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
-        model.recorder.record(time.perf_counter() - t0, first, values[0] if values else None)
+        elapsed = time.perf_counter() - t0
+        model.recorder.record(elapsed, first, values[0] if values else None)
         rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
         outputs = dict(zip(model.output_names, values))  # noqa: B905 - ORT returns one per name
         capture = self.capture
         if capture is not None and capture.sample():
             capture.add(name, model.version, model.entry.sha256, rid, feeds, outputs)
+        if hook is not None:
+            hook.observe(feeds, outputs, elapsed * 1000.0)
         return InferResult(
             model=name,
             version=model.entry.version,

@@ -336,6 +336,11 @@ class TrustedState:
             ),
         )
 
+    def check_blob(self, name: str, version: str, sha256: str, size: int, url: str) -> None:
+        """The checks every model entry of a desired state passes, for blobs named inside an
+        entry (a canary's stable version, a preflight set); raises IncompleteModel."""
+        self._check_model(name, version, sha256, size, url)
+
     def _check_model(self, name: str, version: str, sha256: str, size: int, url: str) -> None:
         where = f"model {name!r} version {version!r}"
         if not version:

@@ -28,6 +28,16 @@ in progress counts one restart (unless it was waiting to retry a download the ne
 after ``max_restarts`` the update is abandoned as
 ``crash_loop``: reported, remembered by digest (a redelivery is not retried) and the previous
 models keep serving. Redeploying what is installed is a no-op (``already_installed``).
+
+Canary (:mod:`agent.canary`): an entry with ``canary`` names the *candidate*; ``canary.stable``
+is installed and committed as the model's stable like any entry, and the candidate is fetched,
+verified, guarded and preflighted *before* that commit, then attached beside the stable (shadow
+or split). The commit persists the candidate in the state file's ``canaries`` map (``running``,
+``dropped`` or ``preflight_failed`` with the reason), so a restart re-attaches a running candidate
+without a second preflight, and a candidate dropped for a rollout is never attached again for
+the same rollout and sha256 (a redelivery or a new seq carrying the same canary). An entry
+without ``canary`` ends it: the candidate's version becomes the stable through the ordinary path
+(promotion, reusing the verified blob), or the candidate is detached (rollback).
 """
 
 from __future__ import annotations
@@ -37,14 +47,31 @@ import contextlib
 import enum
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from agent.canary import (
+    CanaryLimits,
+    CanaryRun,
+    CanarySpec,
+    CanaryStats,
+    CandidateModel,
+    PreflightFailed,
+    PreflightParams,
+    PreflightRejected,
+    PreflightResult,
+    Verdict,
+    load_preflight,
+    run_preflight,
+)
 from agent.config import DeviceProfile
-from agent.errors import EdgefleetError, Refused, StoreFailed, Unavailable
+from agent.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher
 from agent.guard import check_model_bytes
 from agent.serving import LoadedModel, ModelServer, load
@@ -138,6 +165,13 @@ class Updater:
         self.failed: dict[str, Any] | None = None
         self.pending: bytes | None = None  # desired state waiting for a keyring or a retry
         self.last_keyring: bytes | None = None  # retried after a root rotation
+        # Canary: persisted records per model, the attached runs, drops reported by their threads.
+        self.canaries: dict[str, dict[str, Any]] = {}
+        self._runs: dict[str, CanaryRun] = {}
+        self._retired: dict[str, CanaryStats] = {}
+        self._drops: queue.SimpleQueue[tuple[CanaryRun, Verdict]] = queue.SimpleQueue()
+        self.wake: Callable[[], None] = lambda: None  # the daemon's main loop sets this
+        self.memory_probe: Callable[[], int] = lambda: int(psutil.Process().memory_info().rss)
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -153,6 +187,7 @@ class Updater:
                 "models": self.models,
                 "update": self.update,
                 "failed": self.failed,
+                "canaries": self.canaries,
             }
         )
 
@@ -170,6 +205,7 @@ class Updater:
             "models",
             "update",
             "failed",
+            "canaries",
         }
         self.extra = {k: v for k, v in state.items() if k not in known}
         for link in state.get("roots") or []:
@@ -188,8 +224,10 @@ class Updater:
         self.models = dict(state.get("models") or {})
         self.update = state.get("update")
         self.failed = state.get("failed")
+        self.canaries = dict(state.get("canaries") or {})
         for name, rec in self.models.items():
             notes += self._serve_stable(name, rec)
+        notes += self._resume_canaries()
         if self.update is not None:
             # A restart while the update waited for the network is no sign of a crash loop.
             if not self.update.pop("waiting", False):
@@ -354,13 +392,28 @@ class Updater:
                 "raw": base64.b64encode(verified.raw).decode(),
             }
         self.update["waiting"] = False
+        specs: dict[str, CanarySpec] = {}
+        for n, e in desired.models.items():
+            if e.canary is not None:
+                try:
+                    spec = CanarySpec.from_mapping(e.canary, f"models[{n}].canary")
+                    st = spec.stable
+                    self.trust.check_blob(n, st.version, st.sha256, st.size, st.url)
+                except Refused as exc:
+                    return self._refuse(n, e, verified, exc)
+                specs[n] = spec
+        # The model each name serves as its stable: a canary entry's stable is ``canary.stable``.
+        view = {n: specs[n].stable if n in specs else e for n, e in desired.models.items()}
         changed = {
             n: e
-            for n, e in desired.models.items()
+            for n, e in view.items()
             if (self.models.get(n) or {}).get("entry", {}).get("sha256") != e.sha256
         }
         removed = [n for n in self.models if n not in desired.models]
-        if not changed and not removed:
+        starting = {n: s for n, s in specs.items() if not self._same_canary(n, desired.models[n], s)}
+        ending = [n for n in self.canaries if n not in specs or n in starting]
+        retuned = [n for n, sp in specs.items() if n not in starting and self._retuned(n, sp)]
+        if not changed and not removed and not starting and not ending and not retuned:
             self.trust.mark_applied(verified)
             self.update, self.pending = None, None
             self.persist()
@@ -381,13 +434,46 @@ class Updater:
             except Unavailable as exc:
                 self._transition(name, Phase.FAILED, entry, reason=exc.reason)
                 raise
-        return self._switch_and_commit(verified, staged, removed)
+        canaries = {n: r for n, r in self.canaries.items() if n not in ending}
+        runs: dict[str, CanaryRun] = {}
+        canary_notes: list[Note] = []
+        for name in retuned:  # same rollout and candidate, new mode/fraction/limits: no new preflight
+            spec = specs[name]
+            canaries[name] = {**canaries[name], "mode": spec.mode, "fraction": spec.fraction,
+                              "entry": desired.models[name].to_dict(), "seq": seq}
+            old = self._runs.get(name)
+            if old is not None:
+                runs[name] = self._new_run(old.candidate, spec)
+                canary_notes.append(Note("canary_started", "retuned",
+                                         f"{name} {old.version}: {spec.mode} canary now at {spec.fraction:g}",
+                                         model=name, version=old.version, seq=seq,
+                                         extra={"rollout": spec.rollout, "mode": spec.mode,
+                                                "fraction": spec.fraction}))
+        for name, spec in starting.items():
+            run, rec, notes = self._prepare_canary(name, desired.models[name], spec, seq)
+            canaries[name] = rec
+            canary_notes += notes
+            if run is not None:
+                runs[name] = run
+        notes = self._switch_and_commit(verified, staged, removed, view=view, canaries=canaries)
+        notes += self._end_canaries(ending, desired.models, seq)
+        for name, run in runs.items():
+            old = self._runs.pop(name, None)
+            self._runs[name] = run
+            self.server.attach_canary(name, run)
+            if old is not None:
+                old.stop()
+            run.start()
+        return notes + canary_notes
 
     def _stage(self, name: str, entry: ModelEntry) -> LoadedModel:
         rec = self.models.get(name) or {}
-        local = [e for e in (rec.get("fallback"),) if e and e.get("sha256") == entry.sha256]
+        running = self.canaries.get(name) or {}
+        candidate = running.get("entry") if running.get("state") == "running" else None
+        local = [e for e in (rec.get("fallback"), candidate) if e and e.get("sha256") == entry.sha256]
         if local and self.store.verify_blob(entry.sha256, entry.size):
-            # Instant rollback: the fallback was downloaded, verified and guarded before.
+            # Instant rollback or promotion of the canary: the blob was downloaded, verified and
+            # guarded before.
             self._transition(name, Phase.VERIFYING, entry)
         else:
             self._transition(name, Phase.DOWNLOADING, entry)
@@ -413,7 +499,13 @@ class Updater:
                 self.guard(path)  # structural checks and the first session, in a child process
             else:
                 check_model_bytes(path.read_bytes())
+        rss0 = self.memory_probe()
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
+        if entry.preflight is not None and not local:
+            # An ordinary entry may name a preflight set too: failing it refuses the update.
+            result = self._preflight(name, entry, model.session, rss0)
+            if result is not None and not result.ok:
+                raise PreflightFailed(f"{name} {entry.version}: {result.message}", reason=result.reason)
         self._transition(name, Phase.STAGED, entry)
         self.on_step("stage")
         return model
@@ -440,7 +532,13 @@ class Updater:
         return [Note.of("refused", exc, model=name, version=entry.version, seq=verified.state.seq)]
 
     def _switch_and_commit(
-        self, verified: VerifiedDesired, staged: dict[str, LoadedModel], removed: list[str]
+        self,
+        verified: VerifiedDesired,
+        staged: dict[str, LoadedModel],
+        removed: list[str],
+        *,
+        view: dict[str, ModelEntry] | None = None,
+        canaries: dict[str, dict[str, Any]] | None = None,
     ) -> list[Note]:
         desired = verified.state
         self.on_step("switch")
@@ -452,7 +550,7 @@ class Updater:
         self.on_step("commit")
         old_models, old_seq = self.models, (self.trust.last_seq, self.trust.last_digest)
         models: dict[str, dict[str, Any]] = {}
-        for name, entry in desired.models.items():
+        for name, entry in (desired.models if view is None else view).items():
             prev = self.models.get(name) or {}
             if name in staged:
                 models[name] = {
@@ -465,6 +563,9 @@ class Updater:
             else:
                 models[name] = {**prev, "entry": entry.to_dict()}
         self.models = models
+        old_canaries = self.canaries
+        if canaries is not None:
+            self.canaries = canaries
         self.trust.mark_applied(verified)
         update, failed = self.update, self.failed
         self.update, self.failed, self.pending = None, None, None
@@ -472,6 +573,7 @@ class Updater:
             self.persist()
         except StoreFailed:
             self.models, self.update, self.failed = old_models, update, failed
+            self.canaries = old_canaries
             self.trust.last_seq, self.trust.last_digest = old_seq
             for name in list(self.server.models()):
                 if name not in before:
@@ -488,6 +590,202 @@ class Updater:
         ]
         notes += [Note("removed", "", f"{n} removed", model=n, seq=desired.seq) for n in removed]
         return notes
+
+    # -- canary ----------------------------------------------------------------------------------
+
+    def _same_canary(self, name: str, entry: ModelEntry, spec: CanarySpec) -> bool:
+        """True if this rollout's candidate is already attached, or was dropped here before."""
+        rec = self.canaries.get(name)
+        return bool(rec and rec.get("rollout") == spec.rollout and rec["entry"]["sha256"] == entry.sha256)
+
+    def _retuned(self, name: str, spec: CanarySpec) -> bool:
+        rec = self.canaries.get(name) or {}
+        limits = (rec.get("entry", {}).get("canary") or {}).get("limits") or {}
+        return rec.get("state") == "running" and (rec.get("mode"), rec.get("fraction"), limits) != (
+            spec.mode, spec.fraction, dict(spec.limits))
+
+    def _new_run(self, model: CandidateModel, spec: CanarySpec) -> CanaryRun:
+        return CanaryRun(
+            candidate=model,
+            spec=spec,
+            limits=CanaryLimits.from_mapping(spec.limits, latency_slo_ms=self.profile.latency_slo_ms),
+            on_drop=self._on_drop,
+        )
+
+    def _prepare_canary(
+        self, name: str, entry: ModelEntry, spec: CanarySpec, seq: int
+    ) -> tuple[CanaryRun | None, dict[str, Any], list[Note]]:
+        """Fetch, verify, guard, load and preflight the candidate. Raises only Unavailable (the
+        whole update retries); a refused candidate or a failed preflight becomes a record that
+        keeps it from being attached again, and a note."""
+        rec: dict[str, Any] = {
+            "rollout": spec.rollout, "mode": spec.mode, "fraction": spec.fraction,
+            "entry": entry.to_dict(), "seq": seq, "state": "running", "reason": None,
+        }  # fmt: skip
+        extra: dict[str, Any] = {"rollout": spec.rollout, "mode": spec.mode}
+        try:
+            path = self._fetch_candidate(entry)
+            rss0 = self.memory_probe()
+            model = load(name, entry, path, self.profile)
+            result = self._preflight(name, entry, model.session, rss0)
+        except Refused as exc:
+            rec.update(state="dropped", reason=exc.reason)
+            return None, rec, [Note.of("canary_dropped", exc, model=name, version=entry.version, seq=seq,
+                                       extra=extra)]
+        if result is not None and not result.ok:
+            rec.update(state="preflight_failed", reason=result.reason, details=dict(result.details))
+            return None, rec, [Note("preflight_failed", result.reason, f"{name} {entry.version}: {result.message}",
+                                    model=name, version=entry.version, seq=seq,
+                                    extra={**extra, "details": dict(result.details)})]
+        run = self._new_run(model, spec)
+        if result is not None:
+            rec["details"] = dict(result.details)
+        msg = f"{name} {entry.version} runs as a {spec.mode} canary ({spec.fraction:g}) beside the stable"
+        return run, rec, [Note("canary_started", "", msg, model=name, version=entry.version, seq=seq,
+                               extra={**extra, "fraction": spec.fraction,
+                                      "preflight": dict(result.details) if result else None})]
+
+    def _fetch_candidate(self, entry: ModelEntry) -> Path:
+        """Download (or find), verify and guard a candidate blob; no state machine transition:
+        the candidate never replaces the stable on this path."""
+        if not self.store.verify_blob(entry.sha256, entry.size):
+            self.store.blob_path(entry.sha256).unlink(missing_ok=True)
+            part = self.store.partial_path(entry.sha256)
+            self.fetcher.fetch(entry.url, part, size=entry.size)
+            self.store.commit_blob(part, entry.sha256, entry.size)
+        path = self.store.blob_path(entry.sha256)
+        if self.guard is not None:
+            self.guard(path)  # structural checks and the first session, in a child process
+        else:
+            check_model_bytes(path.read_bytes())
+        return path
+
+    def _preflight(self, name: str, entry: ModelEntry, session: Any, rss0: int) -> PreflightResult | None:
+        ref = entry.preflight
+        if ref is None:
+            return None
+        try:
+            params = PreflightParams.from_mapping(ref)
+            sha, size, url = ref.get("sha256"), ref.get("size"), ref.get("url")
+            if not isinstance(sha, str) or not isinstance(size, int) or not isinstance(url, str):
+                raise PreflightRejected("preflight needs sha256 (string), size (integer) and url (string)")
+            self.trust.check_blob(f"{name} preflight", entry.version, sha, size, url)
+            if not self.store.verify_blob(sha, size):
+                part = self.store.partial_path(sha)
+                self.fetcher.fetch(url, part, size=size)
+                self.store.commit_blob(part, sha, size)
+            arrays = load_preflight(self.store.blob_path(sha).read_bytes())
+        except Refused as exc:  # malformed reference, hash/size mismatch, not an .npz
+            return PreflightResult(False, "preflight_blob", f"preflight set unusable: {exc}",
+                                   {"cause": exc.reason})
+        result = run_preflight(session, arrays, params, self.profile)
+        grown = max(0, self.memory_probe() - rss0) / 2**20
+        if result.ok and grown > self.profile.memory_budget_mb:
+            return PreflightResult(False, "preflight_memory",
+                                   f"loading and running the candidate grew the agent by {grown:.1f} MiB, "
+                                   f"the profile allows {self.profile.memory_budget_mb} MiB",
+                                   {**result.details, "memory_mb": round(grown, 2),
+                                    "memory_budget_mb": self.profile.memory_budget_mb})
+        return result
+
+    def _end_canaries(self, names: list[str], models: Any, seq: int) -> list[Note]:
+        notes: list[Note] = []
+        for name in names:
+            run = self._runs.pop(name, None)
+            self._retired.pop(name, None)
+            if run is None:
+                continue
+            self.server.detach_canary(name, run)
+            run.stop()
+            entry = models.get(name)
+            if entry is None:
+                why = "removed"
+            elif entry.sha256 == run.sha256 and entry.canary is None:
+                why = "promoted"
+            elif entry.canary is not None:
+                why = "replaced"
+            else:
+                why = "rollback"
+            notes.append(Note("canary_ended", why, f"{name} {run.version}: canary ended ({why})", model=name,
+                              version=run.version, seq=seq, extra={"rollout": run.spec.rollout}))
+        return notes
+
+    def _resume_canaries(self) -> list[Note]:
+        """After a restart: re-attach the candidates that were running (preflight passed then)."""
+        notes: list[Note] = []
+        for name, rec in self.canaries.items():
+            if rec.get("state") != "running":
+                continue
+            entry = ModelEntry.from_dict(rec["entry"])
+            try:
+                spec = CanarySpec.from_mapping(entry.canary or {})
+                if name not in self.server.models():
+                    raise ModelRejected(f"{name} has no stable serving", reason="no_stable")
+                if not self.store.verify_blob(entry.sha256, entry.size):
+                    raise ModelRejected(f"{name} {entry.version}: candidate blob missing or corrupt",
+                                        reason="candidate_missing")
+                model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
+            except Refused as exc:
+                rec.update(state="dropped", reason=exc.reason)
+                notes.append(Note.of("canary_dropped", exc, model=name, version=entry.version,
+                                     extra={"rollout": rec.get("rollout")}))
+                continue
+            run = self._new_run(model, spec)
+            self._runs[name] = run
+            self.server.attach_canary(name, run)
+            run.start()
+            log.info("resumed canary %s %s (%s)", name, entry.version, spec.mode)
+        return notes
+
+    def _on_drop(self, run: CanaryRun, verdict: Verdict) -> None:
+        """Called on the thread that saw the verdict: detach now, report from the main loop."""
+        self.server.detach_canary(run.name, run)
+        self._drops.put((run, verdict))
+        self.wake()
+
+    def poll_canary(self) -> list[Note]:
+        """Main loop: persist and report candidates the local guard dropped since the last call."""
+        notes: list[Note] = []
+        while True:
+            try:
+                run, verdict = self._drops.get_nowait()
+            except queue.Empty:
+                break
+            if self._runs.get(run.name) is not run:
+                continue  # ended meanwhile
+            del self._runs[run.name]
+            self._retired[run.name] = run.stats  # its last numbers go out with the next window
+            rec = self.canaries.get(run.name)
+            if rec is not None:
+                rec.update(state="dropped", reason=verdict.reason, numbers=dict(verdict.numbers))
+            notes.append(Note("canary_dropped", verdict.reason, f"{run.name} {run.version}: {verdict.message}",
+                              model=run.name, version=run.version,
+                              extra={"rollout": run.spec.rollout, "mode": run.mode, **verdict.numbers}))
+        if notes:
+            self.persist()
+            self._gc()
+        return notes
+
+    def canary_windows(self) -> dict[str, dict[str, Any]]:
+        """Per stable model name, the ``canary`` field of its ModelWindow for the closing window."""
+        out = {name: run.stats.window() for name, run in self._runs.items()}
+        for name, stats in self._retired.items():
+            out.setdefault(name, stats.window())
+        self._retired.clear()
+        for name, rec in self.canaries.items():
+            if name not in out and rec.get("state") != "running":
+                stats = CanaryStats(rollout=str(rec.get("rollout")), mode=str(rec.get("mode")),
+                                    version=str(rec["entry"]["version"]))
+                stats.state, stats.reason = str(rec["state"]), rec.get("reason")
+                out[name] = stats.window()
+        return out
+
+    def canary(self, name: str) -> CanaryRun | None:
+        return self._runs.get(name)
+
+    def stop_canaries(self) -> None:
+        for run in self._runs.values():
+            run.stop()
 
     # -- local rollback --------------------------------------------------------------------------
 
@@ -536,6 +834,9 @@ class Updater:
             for which in ("entry", "fallback", "candidate"):
                 if rec.get(which):
                     keep.add(rec[which]["sha256"])
+        for rec in self.canaries.values():
+            if rec.get("state") == "running":
+                keep.add(rec["entry"]["sha256"])
         self.store.gc(keep)
         if self.update is None:
             for p in self.store.partial.iterdir():

@@ -543,7 +543,8 @@ class ModelWindow:
     ``latency_ms`` holds ``p50``, ``p95``, ``p99``, ``max`` and ``buckets`` (upper bounds in ms)
     with ``counts`` (one more than buckets: the last counts everything above). ``inputs`` has one
     entry per reference feature: ``counts`` on the reference bins plus ``below``, ``above`` and
-    ``nan``.
+    ``nan``. ``canary`` (optional) is the candidate running beside this stable: see
+    :meth:`agent.canary.CanaryStats.window` for its fields.
     """
 
     version: str
@@ -553,10 +554,11 @@ class ModelWindow:
     latency_ms: Mapping[str, Any]
     inputs: tuple[Mapping[str, Any], ...] = ()
     outputs: Mapping[str, Any] | None = None
+    canary: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     _known: ClassVar[frozenset[str]] = frozenset(
-        {"version", "requests", "errors", "rows", "latency_ms", "inputs", "outputs"}
+        {"version", "requests", "errors", "rows", "latency_ms", "inputs", "outputs", "canary"}
     )
 
     @classmethod
@@ -572,6 +574,7 @@ class ModelWindow:
             latency_ms=_get(d, "latency_ms", dict, ctx),
             inputs=tuple(inputs),
             outputs=_opt(d, "outputs", dict, ctx),
+            canary=_opt(d, "canary", dict, ctx),
             extra=_extra(d, cls._known),
         )
 
@@ -587,6 +590,8 @@ class ModelWindow:
         }
         if self.outputs is not None:
             out["outputs"] = dict(self.outputs)
+        if self.canary is not None:
+            out["canary"] = dict(self.canary)
         return out
 
 

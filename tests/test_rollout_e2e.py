@@ -107,6 +107,9 @@ def test_bad_version_is_rolled_back_automatically_everywhere(
                  60, f"{dev} to end the canary on the rollback")
     for dev in agents:
         assert infer(dev, x[:5])["model_version"] == "1"
+    # every device reports the seq of the state it applied, canary start and end included
+    wait_for(lambda: all(d["reported_seq"] == d["desired_seq"] for d in status().values()), 30,
+             "every agent to report the last desired seq")
     audit = json.loads(run_cli("hub.cli", "audit", "--json", *h).stdout)["entries"]
     (entry,) = [e for e in audit if e["action"] == "rollout_rollback"]
     assert entry["actor"] == "rollout-gate" and "agreement" in entry["details"]["reason"]

@@ -114,7 +114,12 @@ def _telemetry() -> TelemetryWindow:
                             "buckets": [1, 5, 10], "counts": [40, 55, 4, 1]},
                 inputs=({"name": "temp", "counts": [10, 90], "below": 0, "above": 0, "nan": 0},),
                 outputs={"counts": [60, 40]},
-                extra={"canary": {"agreement": 0.99}},
+                canary={"rollout": "r-1", "mode": "shadow", "version": "2.2.0", "state": "running",
+                        "reason": None, "requests": 12, "errors": 0, "skipped": 1, "compared": 11,
+                        "agreed": 10, "output_distance_sum": 0.75,
+                        "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 2.5, "max": 3.0},
+                        "stable_latency_ms": {"p50": 0.9, "p95": 1.8, "p99": 2.0, "max": 2.1}},
+                extra={"future_window_field": {"agreement": 0.99}},
             )
         },
         system={"cpu_percent": 12.5, "rss_mb": 80.0},
@@ -389,3 +394,21 @@ def test_wrong_and_unknown_kind_are_refused() -> None:
 def test_non_object_or_non_json_is_refused(raw: bytes) -> None:
     with pytest.raises(MalformedMessage):
         parse_message(raw)
+
+
+def test_model_window_canary_is_a_known_field_and_optional() -> None:
+    win = _telemetry().models["classifier"]
+    d = win.to_dict()
+    assert d["canary"]["rollout"] == "r-1" and "canary" not in win.extra
+    back = ModelWindow.from_dict(d)
+    assert back.canary == win.canary and back.extra == win.extra
+    plain = ModelWindow(version="1", requests=0, errors=0, rows=0, latency_ms={})
+    assert "canary" not in plain.to_dict()
+    assert ModelWindow.from_dict(plain.to_dict()).canary is None
+
+
+def test_model_window_canary_of_wrong_type_is_refused() -> None:
+    d = _telemetry().models["classifier"].to_dict()
+    d["canary"] = [1, 2]
+    with pytest.raises(MalformedMessage, match="canary"):
+        ModelWindow.from_dict(d)
