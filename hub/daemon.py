@@ -77,6 +77,8 @@ class Hub:
             share_group = "edgefleet-hub"  # without $share every link would get every message
         self.share_group = share_group
         self.ingest_workers = ingest_workers
+        self._known: frozenset[str] | None = None  # registered device ids (see _known_devices)
+        self._known_at = 0.0
         self._extra_links: list[MqttLink] = []
         self.home = home
         self.config = home.config()
@@ -212,7 +214,7 @@ class Hub:
         if not batch:
             return
         now = self.clock()
-        known = self.db.device_ids()
+        known = self._known_devices({b[0] for b in batch})
         with self.db.tx() as conn:
             for device, channel, payload in batch:
                 if device not in known:
@@ -227,6 +229,15 @@ class Hub:
                     log.warning("dropped %s message from %s: %s", channel, device, exc)
             self.drift.flush(conn)
         self.drift.after_batch()
+
+    def _known_devices(self, wanted: set[str]) -> frozenset[str]:
+        """Registered device ids, re-read at most every 5 s, or every 0.5 s while a message
+        names a device not in the set (one registered by another hub replica, say)."""
+        mono = time.monotonic()
+        age = mono - self._known_at
+        if self._known is None or age > 5.0 or (age > 0.5 and not wanted <= self._known):
+            self._known, self._known_at = frozenset(self.db.device_ids()), mono
+        return self._known
 
     def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes) -> None:
         obj = parse_json_object(payload)
@@ -344,6 +355,7 @@ class Hub:
             if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
                 raise Conflict(f"device {device!r} is already registered")
             creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
+            self._known = None  # the ingest thread re-reads the registered devices
             conn.execute("INSERT INTO devices (id, profile, created_at, device_group) VALUES (?,?,?,?)",
                          (device, profile, now, group))
             self.db.audit(conn, now, actor, "device_add",
