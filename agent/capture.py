@@ -247,14 +247,16 @@ class Capture:
 class HttpCaptureSender:
     """POSTs batches to the hub. Network errors and 5xx are :class:`Unavailable`, 4xx :class:`Refused`."""
 
-    def __init__(self, url: str, fleet: str, device: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, fleet: str, device: str, *, token: str | None = None, timeout: float = 10.0,
+                 verify: Any = True) -> None:
         import httpx
 
         self._httpx = httpx
         self.url = url
         self.fleet = fleet
         self.device = device
-        self._client = httpx.Client(timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers, verify=verify)
 
     def __call__(self, records: list[dict[str, Any]]) -> None:
         body = {"kind": KIND, "fleet": self.fleet, "device": self.device, "records": records}
@@ -269,6 +271,15 @@ class HttpCaptureSender:
                           reason="capture_refused")
 
 
+def _verify(config: AgentConfig) -> Any:
+    """The hub's device CA for an https hub (as blob downloads pin it), else the system CAs."""
+    if config.ca_file is not None and config.blob_url.startswith("https://"):
+        import ssl
+
+        return ssl.create_default_context(cafile=str(config.ca_file))
+    return True
+
+
 def make_capture(config: AgentConfig, clock: Callable[[], float]) -> Capture | None:
     """The agent's capture per its profile, or None when the profile leaves it off."""
     p = config.profile
@@ -278,7 +289,8 @@ def make_capture(config: AgentConfig, clock: Callable[[], float]) -> Capture | N
         folder=config.state_dir / "capture",
         sample_rate=p.capture_sample_rate,
         budget_bytes=p.capture_spool_kb * 1024,
-        send=HttpCaptureSender(config.blob_url.rstrip("/") + "/api/v1/capture", config.fleet, config.device),
+        send=HttpCaptureSender(config.blob_url.rstrip("/") + "/api/v1/capture", config.fleet, config.device,
+                               token=config.capture_token(), verify=_verify(config)),
         clock=clock,
         upload_seconds=p.capture_upload_seconds,
         batch_records=p.capture_batch_records,

@@ -171,6 +171,16 @@ class AgentConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     password_file: Path | None = None
+    # The token data-capture uploads carry (``Authorization: Bearer``), written at enrolment.
+    capture_token_file: Path | None = None
+
+    def capture_token(self) -> str | None:
+        if self.capture_token_file is None:
+            return None
+        try:
+            return self.capture_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read capture_token_file {self.capture_token_file}: {exc}") from exc
 
     def mqtt_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~agent.mqttlink.MqttLink`."""
@@ -203,12 +213,13 @@ class AgentConfig:
 _AGENT_KEYS = {
     "fleet", "device", "broker_url", "blob_url", "root_public_key", "state_dir", "listen",
     "profile", "overrides", "topic_prefix", "ca_file", "cert_file", "key_file", "password_file",
+    "capture_token_file",
 }  # fmt: skip
 
 
 def _security_files(doc: Mapping[str, Any], base: Path, path: Path) -> dict[str, Path | None]:
     files: dict[str, Path | None] = {}
-    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+    for key in ("ca_file", "cert_file", "key_file", "password_file", "capture_token_file"):
         value = doc.get(key)
         if value is None:
             files[key] = None

@@ -24,7 +24,7 @@ authenticated admin API the CLI talks to.
                                       dry_run?}
     POST /api/v1/rollouts/action      {action: pause|resume|abort|promote, rollout?: ID or model name}
     POST /api/v1/rollback             fleet rollback {model, to?}
-    POST /api/v1/capture              device data capture batch (no admin token; see hub.daemon)
+    POST /api/v1/capture              device data capture batch (the device's capture token)
 
 Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
 (a certificate from the device CA; :mod:`hub.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
@@ -154,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         try:
             if url.path == "/api/v1/capture":
-                return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY)))
+                return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY),
+                                                          self.headers.get("Authorization", "")))
             self._auth()
             body = self._body()
             actor = str(body.pop("actor", "") or "admin")

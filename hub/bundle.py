@@ -41,6 +41,10 @@ def write_credentials(out: Path, creds: Mapping[str, Any]) -> list[str]:
             'cert_file = "client.pem"',
             'key_file = "client.key"',
         ]
+    if creds.get("capture_token"):
+        atomic_write(out / "capture.token", (str(creds["capture_token"]) + "\n").encode(), mode=0o600)
+        lines += ["# data-capture uploads to the hub authenticate with this token",
+                  'capture_token_file = "capture.token"']
     if creds.get("password"):
         atomic_write(out / "mqtt.password", (str(creds["password"]) + "\n").encode(), mode=0o600)
         lines += ["# MQTT password (username = device id)", 'password_file = "mqtt.password"']

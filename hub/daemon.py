@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +43,7 @@ from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
 from hub.drift_monitor import DriftMonitor
 from hub.enrol import device_broker_url, hub_link_options, issue_credentials
-from hub.errors import BadRequest, Conflict, NotFound
+from hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
 from hub.groups import check_group, deploy_targets, group_of
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
@@ -355,9 +357,11 @@ class Hub:
             if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
                 raise Conflict(f"device {device!r} is already registered")
             creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
+            # Data-capture uploads authenticate with this token (only its hash is kept).
+            creds["capture_token"] = token = secrets.token_urlsafe(32)
             self._known = None  # the ingest thread re-reads the registered devices
-            conn.execute("INSERT INTO devices (id, profile, created_at, device_group) VALUES (?,?,?,?)",
-                         (device, profile, now, group))
+            conn.execute("INSERT INTO devices (id, profile, created_at, device_group, capture_token_sha256) "
+                         "VALUES (?,?,?,?,?)", (device, profile, now, group, hashlib.sha256(token.encode()).hexdigest()))
             self.db.audit(conn, now, actor, "device_add",
                           {"device": device, "profile": profile, "credentials": creds["kind"],
                            "serial": creds.get("serial"), "group": group})
@@ -514,18 +518,27 @@ class Hub:
     def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
         return diff_versions(self.model(name, a), self.model(name, b))
 
-    def ingest_capture(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Store a device's capture batch. No admin token: the batch must name this fleet, a
-        registered device, and published model versions with their exact sha256 (see
-        docs/traceability.md for what this does not protect against)."""
+    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]:
+        """Store a device's capture batch. Not the admin token: ``authorization`` is
+        ``Bearer <the device's capture token>`` (issued at enrolment, cleared by revocation), and
+        the batch must name this fleet, that device, and published versions with their sha256."""
         try:
             fleet, device, records = parse_batch(body)
         except MalformedMessage as exc:
             raise BadRequest(f"capture batch: {exc}") from exc
         if fleet != self.config.fleet:
             raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
-        if device not in self.db.device_ids():
+        rows = self.db.query("SELECT capture_token_sha256 AS h FROM devices WHERE id=?", (device,))
+        if not rows:
             raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
+        token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
+        expected = rows[0]["h"]
+        if expected is None:
+            raise NotAuthorized(f"device {device!r} has no capture token (revoked, or enrolled before "
+                                "capture tokens existed): enrol it again to upload captures")
+        if not token or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), expected):
+            raise NotAuthorized(f"capture upload for {device!r}: missing or wrong capture token "
+                                "(Authorization: Bearer <capture.token from the device's bundle>)")
         shas = {(m["name"], m["version"]): m["sha256"] for m in self.db.list_models()}
         bad = [r for r in records if shas.get((r["model"], r["version"])) != r["sha256"]]
         if bad:

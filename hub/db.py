@@ -95,6 +95,9 @@ class Database:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
             ensure_group_column(self._conn)  # devices.device_group (hub.groups)
+            # devices.capture_token_sha256: the device's data-capture upload token, hashed
+            if "capture_token_sha256" not in {r[1] for r in self._conn.execute("PRAGMA table_info(devices)")}:
+                self._conn.execute("ALTER TABLE devices ADD COLUMN capture_token_sha256 TEXT")
 
     def close(self) -> None:
         with self._lock:

@@ -103,10 +103,15 @@ def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
     if device not in hub.db.device_ids():
         raise NotFound(f"no device {device!r}; `edgefleet-hub device list` shows the enrolled ones")
     now = hub.clock()
-    res = pki_for(hub.home, hub.config.fleet).revoke(device, now)
+    pki = pki_for(hub.home, hub.config.fleet)
+    if pki.ca_path.exists():
+        res = pki.revoke(device, now)
+    else:  # a plain-MQTT hub that never made a device CA: no certificate or password to revoke
+        res = {"device": device, "revoked_serials": [], "password_removed": False}
     with hub.db.tx() as conn:
-        hub.db.audit(conn, now, actor, "device_revoke", res)
-    return {**res, "broker_folders": pki_for(hub.home, hub.config.fleet).exports()}
+        conn.execute("UPDATE devices SET capture_token_sha256=NULL WHERE id=?", (device,))
+        hub.db.audit(conn, now, actor, "device_revoke", {**res, "capture_token_removed": True})
+    return {**res, "capture_token_removed": True, "broker_folders": pki.exports()}
 
 
 def list_devices(hub: Hub) -> list[dict[str, Any]]:

@@ -199,7 +199,7 @@ def test_capture_off_stores_nothing(env: Env) -> None:
     assert counts == {"dev-cap": 1}
 
 
-def test_capture_upload_from_unregistered_device_is_refused(env: Env) -> None:
+def test_capture_upload_needs_a_registered_device_and_its_own_token(env: Env) -> None:
     url = json.loads((env.home / "hub.run.json").read_text())["http"]
     body = {"kind": "edgefleet.capture/v1", "fleet": json.loads(env.hub("status", "--json").stdout)["fleet"],
             "device": "intruder", "records": [{"request_id": "x", "time": 1.0, "model": "clf",
@@ -208,8 +208,16 @@ def test_capture_upload_from_unregistered_device_is_refused(env: Env) -> None:
     r = httpx.post(f"{url}/api/v1/capture", json=body, timeout=10)
     assert r.status_code == 404 and "not registered" in r.json()["error"]
     body["device"] = "dev-off"
-    r = httpx.post(f"{url}/api/v1/capture", json=body, timeout=10)
+    token = {d: (env.tmp / d / "capture.token").read_text().strip() for d in ("dev-off", "dev-cap")}
+    for auth in ({}, {"Authorization": f"Bearer {token['dev-cap']}"}, {"Authorization": "Bearer guess"}):
+        r = httpx.post(f"{url}/api/v1/capture", json=body, headers=auth, timeout=10)
+        assert r.status_code == 401 and "missing or wrong capture token" in r.json()["error"], auth
+    own = {"Authorization": f"Bearer {token['dev-off']}"}
+    r = httpx.post(f"{url}/api/v1/capture", json=body, headers=own, timeout=10)
     assert r.status_code == 400 and "not a published version" in r.json()["error"]
+    env.hub("device", "revoke", "dev-off")
+    r = httpx.post(f"{url}/api/v1/capture", json=body, headers=own, timeout=10)
+    assert r.status_code == 401 and "revoked" in r.json()["error"]
 
 
 def test_tampered_audit_row_fails_verify_and_is_named(env: Env) -> None:
