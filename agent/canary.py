@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from agent.config import DeviceProfile
 from agent.errors import MalformedMessage, Refused
-from agent.telemetry import LATENCY_BUCKETS_MS
+from agent.telemetry import latency_summary
 from agent.wire import ModelEntry
 
 __all__ = [
@@ -238,25 +238,6 @@ def compare_outputs(stable: Outputs, cand: Outputs) -> tuple[int, int, float]:
 
 
 # --- statistics -----------------------------------------------------------------------------------
-
-
-def latency_summary(ms: Sequence[float] | Array) -> dict[str, Any]:
-    """p50/p95/p99/max/mean and fixed buckets, the shape of ``ModelWindow.latency_ms``."""
-    a = np.asarray(ms, dtype=np.float64)
-    counts = np.bincount(
-        np.searchsorted(np.asarray(LATENCY_BUCKETS_MS), a, side="left"), minlength=len(LATENCY_BUCKETS_MS) + 1
-    )
-    out: dict[str, Any] = {"buckets": list(LATENCY_BUCKETS_MS), "counts": [int(c) for c in counts]}
-    if len(a):
-        p50, p95, p99 = np.percentile(a, [50, 95, 99])
-        out.update(
-            p50=round(float(p50), 4),
-            p95=round(float(p95), 4),
-            p99=round(float(p99), 4),
-            max=round(float(a.max()), 4),
-            mean=round(float(a.mean()), 4),
-        )
-    return out
 
 
 @dataclass(frozen=True)

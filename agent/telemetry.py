@@ -18,7 +18,9 @@ import numpy.typing as npt
 
 from agent.wire import ModelWindow, Reference
 
-__all__ = ["LATENCY_BUCKETS_MS", "Recorder", "Snapshot", "feature_histogram", "fold", "temperature_c"]
+__all__ = [
+    "LATENCY_BUCKETS_MS", "Recorder", "Snapshot", "feature_histogram", "fold", "latency_summary", "temperature_c",
+]
 
 # Upper bounds (ms) of the fixed latency buckets; one more count is kept for everything above.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
@@ -119,23 +121,28 @@ def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dic
     }
 
 
-def _latency(lat_s: npt.NDArray[np.float64]) -> dict[str, Any]:
-    ms = lat_s * 1000.0
+def latency_summary(ms: Any) -> dict[str, Any]:
+    """p50/p95/p99/max/mean (ms) and counts on the fixed buckets: ``ModelWindow.latency_ms``."""
+    a = np.asarray(ms, dtype=np.float64)
     counts = np.bincount(
-        np.searchsorted(np.asarray(LATENCY_BUCKETS_MS), ms, side="left"),
+        np.searchsorted(np.asarray(LATENCY_BUCKETS_MS), a, side="left"),
         minlength=len(LATENCY_BUCKETS_MS) + 1,
     )
     out: dict[str, Any] = {"buckets": list(LATENCY_BUCKETS_MS), "counts": [int(c) for c in counts]}
-    if len(ms):
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    if len(a):
+        p50, p95, p99 = np.percentile(a, [50, 95, 99])
         out.update(
             p50=round(float(p50), 4),
             p95=round(float(p95), 4),
             p99=round(float(p99), 4),
-            max=round(float(ms.max()), 4),
-            mean=round(float(ms.mean()), 4),
+            max=round(float(a.max()), 4),
+            mean=round(float(a.mean()), 4),
         )
     return out
+
+
+def _latency(lat_s: npt.NDArray[np.float64]) -> dict[str, Any]:
+    return latency_summary(lat_s * 1000.0)
 
 
 def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
+import paho.mqtt.client as mqtt
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,18 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http_ok(url: str) -> bool:
+    """GET ``url`` answers 200 (for waiting until a hub or agent serves)."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def hub_up(port: int) -> bool:
+    return http_ok(f"http://127.0.0.1:{port}/healthz")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -146,3 +160,19 @@ def run_cli(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     return res
+
+
+def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes:
+    """The retained message on ``topic`` (waits up to ``timeout`` for it)."""
+    got: list[bytes] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, 1)
+    c.on_message = lambda cl, u, m: got.append(m.payload)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    try:
+        wait_for(lambda: got, timeout, f"retained message on {topic}")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got[-1]

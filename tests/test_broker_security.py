@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 
 from agent.wire import Event, Status, TelemetryWindow, Topics
 from hub.pki import DevicePki
-from tests.conftest import Procs, free_port, mosquitto_bin, run_cli, wait_for, wait_port
+from tests.conftest import Procs, free_port, hub_up, mosquitto_bin, run_cli, wait_for, wait_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -162,13 +162,6 @@ def _notify_socket() -> tuple[socket.socket, str]:
     return sock, path
 
 
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     binary = mosquitto_bin()
@@ -222,7 +215,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             "hub", "hub.cli", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path}
         )
         s.hub_notes.append(hub_sock.recv(4096).decode())  # READY=1 once it serves
-        wait_for(lambda: _healthy(http_port), 20, "hub HTTP")
+        wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
         enrol = {
             "dev-a": ["--profile", "jetson-orin-nano"],  # credentials: auto = certificate
             "dev-b": ["--credentials", "password"],

@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 
 from agent.envelope import open_envelope, sign_envelope
 from agent.wire import Topics, parse_json_object
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, hub_up, retained, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -67,21 +67,6 @@ class Fleet:
         return p
 
 
-def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes:
-    got: list[bytes] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, 1)
-    c.on_message = lambda cl, u, m: got.append(m.payload)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    try:
-        wait_for(lambda: got, timeout, f"retained message on {topic}")
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return got[0]
-
-
 def publish_raw(broker: Broker, topic: str, payload: bytes, retain: bool = False) -> None:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     c.connect("127.0.0.1", broker.port)
@@ -103,7 +88,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     run_cli("hub.cli", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
             "--http", f"127.0.0.1:{http_port}")
     procs.start("hub", "hub.cli", "serve", "--home", str(home))
-    wait_for(lambda: _healthy(http_port), 20, "hub HTTP")
+    wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
 
     agents: dict[str, dict[str, Any]] = {}
     for dev in ("dev-a", "dev-b"):
@@ -137,13 +122,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         procs.stop_all()
         broker.stop()
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_both_agents_serve_exactly_sklearns_predictions(env: Fleet) -> None:

@@ -13,32 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
 from agent.envelope import open_envelope
 from agent.wire import DesiredState, ModelWindow, TelemetryWindow, Topics
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, hub_up, retained, run_cli, wait_for
 from tests.simulator import tiny_model
 
 pytestmark = [pytest.mark.broker]
 LAT = {"p50": 0.1, "p95": 0.1, "p99": 0.1, "max": 0.1}
-
-
-def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes:
-    got: list[bytes] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, 1)
-    c.on_message = lambda cl, u, m: got.append(m.payload)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    try:
-        wait_for(lambda: got, timeout, f"retained message on {topic}")
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return got[-1]
 
 
 def desired(broker: Broker, topics: Topics, device: str) -> DesiredState:
@@ -52,7 +36,7 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
     (home / "rollout.toml").write_text("evaluate_seconds = 0.3\n[policy]\nmin_inferences = 100\n"
                                        "min_device_windows = 2\nstep_deadline_seconds = 600\n")
     procs.start("hub", "hub.cli", "serve", "--home", str(home))
-    wait_for(lambda: _healthy(port), 20, "hub HTTP")
+    wait_for(lambda: hub_up(port), 20, "hub HTTP")
     h = ("--home", str(home))
     devices = [f"dev-{i}" for i in range(6)]
     for d in devices:
@@ -109,10 +93,3 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         entry["details"]["reason"]
     assert set(entry["details"]["devices"]) == set(devices)
     assert run_cli("hub.cli", "audit", "verify", *h).returncode == 0
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -17,17 +17,10 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, http_ok, run_cli, wait_for
 
 pytest.importorskip("agent.canary", reason="the agent half of issue 4 (agent/canary.py) is not merged")
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_bad_version_is_rolled_back_automatically_everywhere(
@@ -40,7 +33,7 @@ def test_bad_version_is_rolled_back_automatically_everywhere(
         "evaluate_seconds = 0.3\n[policy]\nmin_inferences = 30\nmin_device_windows = 2\n"
         "step_deadline_seconds = 120\n")
     procs.start("hub", "hub.cli", "serve", *h)
-    wait_for(lambda: _healthy(f"http://127.0.0.1:{port}/healthz"), 20, "hub HTTP")
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 20, "hub HTTP")
 
     agents: dict[str, dict[str, Any]] = {}
     for dev in ("dev-a", "dev-b", "dev-c"):

@@ -31,7 +31,7 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
 from agent.wire import Topics, parse_time
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, http_ok, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -159,7 +159,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     stop = threading.Event()
     pump = threading.Thread(target=_traffic, args=(e, stop), daemon=True)
     try:
-        wait_for(lambda: _healthy(e.http), 20, "hub HTTP")
+        wait_for(lambda: http_ok(e.http + "/healthz"), 20, "hub HTTP")
         for model in ("clf", "drift"):
             run_cli("hub.cli", "publish", "--home", str(home), "--name", model, "--version", "1.0.0",
                     str(tmp / "model.pkl"), "--reference", str(tmp / "train.npy"))
@@ -173,13 +173,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         pump.join(5)
         procs.stop_all()
         broker.stop()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _deploy(env: Env, model: str, *devs: str) -> None:

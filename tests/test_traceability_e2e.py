@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, hub_up, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -49,13 +49,6 @@ class Env:
         return dict(r.json())
 
 
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("trace")
@@ -68,7 +61,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "--broker", broker.url, "--http", f"127.0.0.1:{http_port}")
     procs.start("hub", "hub.cli", "serve", "--home", str(home))
     try:
-        wait_for(lambda: _healthy(http_port), 20, "hub HTTP")
+        wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
         ports = {}
         for dev, extra in (("dev-cap", ["--capture", "1"]), ("dev-off", [])):
             ports[dev] = free_port()
