@@ -326,7 +326,8 @@ class Agent:
             seq=seq,
             extra=extra,
         )
-        (log.warning if exc or reason else log.info)(
+        routine = type_ in ("noop", "canary_started", "canary_ended")  # reasons that are not trouble
+        (log.warning if exc or (reason and not routine) else log.info)(
             "%s%s: %s", type_, f" [{ev.reason}]" if ev.reason else "", ev.message
         )
         self._publish("events", ev.to_json())

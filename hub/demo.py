@@ -3,7 +3,9 @@
 An embedded MQTT broker (unless ``--broker`` names one), a hub, and two agents, all in this
 process with their own folders under a temporary home; a scikit-learn classifier is trained on
 the iris data that scikit-learn ships, published with its reference distribution, deployed to
-both agents, and queried over the agents' local OIP v2 HTTP endpoints while status is printed.
+both agents, and queried over the agents' local OIP v2 HTTP endpoints. Then a bad version (trained
+on shuffled labels) is rolled out in shadow mode and the hub's gate rolls it back on its own;
+the decision and the fleet status are printed.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
         print(f"[demo] embedded MQTT broker on {broker_url}")
     hub_home = HubHome(root / "hub")
     hub_home.init(fleet="demo", broker_url=broker_url, http_listen="127.0.0.1:0")
+    (hub_home.path / "rollout.toml").write_text("evaluate_seconds = 0.5  # judge rollouts often: a demo is short\n")
     hub = Hub(hub_home)
     agents: list[Agent] = []
     try:
@@ -90,7 +93,7 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
             cfg_path = write_agent_bundle(
                 root / dev, info, profile_path=profiles_dir() / "generic-x86_64.toml",
                 listen=f"127.0.0.1:{ports[dev]}", state_dir="state",
-                overrides={"telemetry": {"window_seconds": 2}},
+                overrides={"telemetry": {"window_seconds": 1}},
             )
             agent = Agent(load_agent_config(cfg_path))
             agent.start()
@@ -119,9 +122,10 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
 
         rng = np.random.default_rng(0)
         http = httpx.Client(timeout=5)
-        started = time.monotonic()
         sent = 0
-        while not stop.is_set():
+
+        def traffic_round(quiet: bool = False) -> None:
+            nonlocal sent
             for dev in DEVICES:
                 rows = X[rng.integers(0, len(X), size=4)]
                 body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
@@ -129,11 +133,44 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
                 r = http.post(f"http://127.0.0.1:{ports[dev]}/v2/models/iris/infer", json=body).json()
                 label = next(o for o in r["outputs"] if o["name"] == "label")["data"]
                 sent += 1
-                if sent <= 4 or sent % 20 == 0:
+                if not quiet and (sent <= 4 or sent % 20 == 0):
                     print(f"[demo] {dev} -> iris {r['model_version']} labels {label} (request {r['id'][:8]})")
+
+        started = time.monotonic()
+        while not stop.is_set():
+            traffic_round()
             if seconds is not None and time.monotonic() - started >= seconds:
                 break
             stop.wait(0.5)
+
+        if not stop.is_set():
+            # A bad version (trained on shuffled labels) reaches the fleet only through a rollout:
+            # it passes its preflight (it is a faithful conversion of a bad model), then shadows
+            # 1.0.0 on the first cohort, and the hub's gate rolls it back on the agreement it sees.
+            bad = LogisticRegression(max_iter=1000).fit(X, rng.permutation(y))
+            (root / "iris-bad.pkl").write_bytes(pickle.dumps(bad))
+            args.version, args.model, args.parent = "1.1.0", str(root / "iris-bad.pkl"), "1.0.0"
+            args.preflight, args.preflight_rows = str(root / "iris-train.npy"), 32
+            args.atol, args.rtol, args.label_agreement = 1e-4, 1e-3, 1.0
+            client.publish(build_publish_request(args))
+            ro = client.rollout_start({"model": "iris", "version": "1.1.0", "steps": [50, 100], "mode": "shadow",
+                                       "fraction": 1.0, "actor": "demo",
+                                       "policy": {"min_inferences": 30, "min_device_windows": 1,
+                                                  "step_deadline_seconds": 120}})
+            print(f"[demo] published iris 1.1.0 (trained on shuffled labels) and started rollout {ro['id']}: "
+                  f"step 1 = {', '.join(ro['members'])} shadowing 1.0.0")
+            deadline = time.monotonic() + 90
+            state = ro["state"]
+            while not stop.is_set() and state == "running" and time.monotonic() < deadline:
+                traffic_round(quiet=True)
+                stop.wait(0.2)
+                state = client.rollouts(ro["id"])[0]["state"]
+            final = client.rollouts(ro["id"])[0]
+            print(f"[demo] rollout {ro['id']} {final['state'].upper()}: {final.get('reason') or 'no decision yet'}")
+            decision = [e for e in client.audit() if e["action"] in ("rollout_rollback", "rollout_promote")]
+            if decision:
+                e = decision[-1]
+                print(f"[demo] audit #{e['id']}: {e['action']} by {e['actor']}, devices {e['details'].get('devices')}")
         http.close()
         time.sleep(min(2.5, max(0.0, (seconds or 0))))  # let one more telemetry window land
         print(f"[demo] sent {sent} requests; fleet status:")
