@@ -187,7 +187,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
     lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
-        runs = ", ".join(f"{k} {v}" for k, v in d["models"].items()) or "-"
+        cands = d.get("candidates") or {}
+        runs = ", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
+                                        if k in cands else "")
+                         for k, v in d["models"].items()) or "-"
         want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
         reqs = sum(t["requests"] for t in d["telemetry_totals"])
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"

@@ -470,6 +470,9 @@ class Hub:
                 "desired_seq": desired[0]["seq"] if desired else 0,
                 "reported_seq": reported["seq"] if reported else None,
                 "models": {n: m["version"] for n, m in (reported or {}).get("models", {}).items()},
+                # a canary the device runs beside the stable model (rollouts): version and mode
+                "candidates": {n: m["candidate"] for n, m in (reported or {}).get("models", {}).items()
+                               if isinstance(m.get("candidate"), dict)},
                 "last_telemetry": {
                     "seq": last[0]["seq"],
                     "window_start": format_time(last[0]["window_start"]),

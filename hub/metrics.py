@@ -15,6 +15,11 @@ proxy) if device names are sensitive. Families (all labelled with ``fleet``):
     edgefleet_drift_psi{model,version,scope,feature}       last drift scores (scope fleet|device:ID)
     edgefleet_drift_js{...}, edgefleet_drift_ks{...}
     edgefleet_drift_state{model,version,scope}             0 insufficient, 1 ok, 2 warn, 3 alarm
+    edgefleet_rollout_state{rollout,model,from_version,to_version}
+                                                           0 running, 1 paused, 2 promoted, 3 rolled_back,
+                                                           4 aborted (the 50 newest rollouts)
+    edgefleet_rollout_percent{rollout,model}               the current step's cohort percentage
+    edgefleet_rollout_cohort_devices{rollout,model}        devices in the current cohort
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from hub.drift import STATES
+from hub.rollout import STATES as ROLLOUT_STATES
 
 if TYPE_CHECKING:
     from hub.daemon import Hub
@@ -95,4 +101,13 @@ def render(hub: Hub) -> str:
     w.family("edgefleet_drift_state", "gauge", "Drift state: 0 insufficient, 1 ok, 2 warn, 3 alarm.",
              (({"fleet": fleet, "model": rep.model, "version": rep.version, "scope": rep.scope},
                STATES.index(rep.state)) for rep in reports))
+    rollouts = hub.rollouts.status()
+    w.family("edgefleet_rollout_state", "gauge",
+             "Rollout state: 0 running, 1 paused, 2 promoted, 3 rolled_back, 4 aborted.",
+             (({"fleet": fleet, "rollout": r["id"], "model": r["model"], "from_version": r["from_version"],
+                "to_version": r["to_version"]}, ROLLOUT_STATES.index(r["state"])) for r in rollouts))
+    w.family("edgefleet_rollout_percent", "gauge", "The current step's cohort percentage.",
+             (({"fleet": fleet, "rollout": r["id"], "model": r["model"]}, r["percent"]) for r in rollouts))
+    w.family("edgefleet_rollout_cohort_devices", "gauge", "Devices in the current step's cohort.",
+             (({"fleet": fleet, "rollout": r["id"], "model": r["model"]}, r["cohort_size"]) for r in rollouts))
     return "\n".join(w.lines) + "\n"

@@ -83,6 +83,10 @@ def test_bad_version_is_rolled_back_automatically_everywhere(
     agents[offline]["proc"].terminate()  # offline from here until after the rollback
     agents[offline]["proc"].wait(10)
     wait_for(lambda: any(e["type"] == "canary_started" for e in events(live)), 60, f"{live} to start the canary")
+    # status names the candidate the cohort device runs beside the stable version
+    wait_for(lambda: status()[live].get("candidates", {}).get("clf", {}).get("version") == "2", 30,
+             f"{live} to report its candidate")
+    assert status()[live]["candidates"]["clf"]["mode"] == "shadow" and status()[live]["models"]["clf"] == "1"
 
     rng = np.random.default_rng(1)
 

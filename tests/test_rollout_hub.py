@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.envelope import open_envelope
 from agent.wire import DesiredState, Event, ModelWindow, TelemetryWindow
@@ -182,6 +184,11 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         assert ro["decision"]["outcome"] == "wait" and ro["cohort_size"] == 2
         assert {g["name"] for g in ro["decision"]["gates"]} >= {"agreement", "latency_p95_ratio"}
         assert "pause" in run_cli("hub.cli", "rollout", "pause", *base).stdout.lower()
+        metrics = {(f.name, s.labels.get("rollout")): s.value
+                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+        assert metrics[("edgefleet_rollout_state", ro["id"])] == 1  # paused
+        assert metrics[("edgefleet_rollout_percent", ro["id"])] == 10
+        assert metrics[("edgefleet_rollout_cohort_devices", ro["id"])] == 2
         assert "ABORTED" in run_cli("hub.cli", "rollout", "abort", "m", *base).stdout
         out = run_cli("hub.cli", "rollback", "m", "--to", "1", *base, check=False)
         assert out.returncode == 2 and "already runs 1" in out.stderr
