@@ -87,7 +87,9 @@ CREATE TABLE IF NOT EXISTS captures (
 
 class Database:
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # timeout: how long BEGIN IMMEDIATE waits for another writer (a hub replica sharing this
+        # file through --share) before "database is locked"; an ingest batch that fails is lost.
+        self._conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         with self._lock:
