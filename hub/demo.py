@@ -137,9 +137,10 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
                     print(f"[demo] {dev} -> iris {r['model_version']} labels {label} (request {r['id'][:8]})")
 
         started = time.monotonic()
+        first_phase = seconds if seconds is not None else 10.0  # then the rollout
         while not stop.is_set():
             traffic_round()
-            if seconds is not None and time.monotonic() - started >= seconds:
+            if time.monotonic() - started >= first_phase:
                 break
             stop.wait(0.5)
 
@@ -171,6 +172,11 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
             if decision:
                 e = decision[-1]
                 print(f"[demo] audit #{e['id']}: {e['action']} by {e['actor']}, devices {e['details'].get('devices')}")
+        if seconds is None and not stop.is_set():
+            print("[demo] serving on; Ctrl-C stops")
+            while not stop.is_set():
+                traffic_round()
+                stop.wait(0.5)
         http.close()
         time.sleep(min(2.5, max(0.0, (seconds or 0))))  # let one more telemetry window land
         print(f"[demo] sent {sent} requests; fleet status:")
