@@ -132,6 +132,9 @@ def _get(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], ctx: st
         raise MalformedMessage(
             f"{ctx}: field {key!r} must be {names}, got {type(value).__name__} {value!r:.60}"
         )
+    # JSON has no integer limit; the stores on both sides (SQLite) and most readers stop at int64.
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise MalformedMessage(f"{ctx}: field {key!r} must fit in 64 bits, got {value:.3e}")
     return value
 
 

@@ -94,7 +94,7 @@ class Hub:
         self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.counters = {"ingested": 0, "duplicates": 0, "malformed": 0, "unknown_device": 0}
+        self.counters = {"ingested": 0, "duplicates": 0, "malformed": 0, "unknown_device": 0, "failed": 0}
         self.link: MqttLink | None = None
         self.http: Any = None
         self.public_url = ""
@@ -197,10 +197,22 @@ class Hub:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self.ingest([b for b in batch if b[0]])
-            except Exception:
-                log.exception("ingest of a batch of %d messages failed", len(batch))
+            self._ingest_safely([b for b in batch if b[0]])
+
+    def _ingest_safely(self, batch: list[tuple[str, str, bytes]]) -> None:
+        """Ingest a batch; if it fails as a whole, each message alone, so that one message that
+        breaks the hub (a bug, not bad input: that is counted as malformed) loses only itself."""
+        try:
+            self.ingest(batch)
+            return
+        except Exception:
+            if len(batch) == 1:
+                self.counters["failed"] += 1
+                log.exception("ingest of a %s message from %s failed; it is dropped", batch[0][1], batch[0][0])
+                return
+            log.exception("ingest of a batch of %d messages failed; retrying them one by one", len(batch))
+        for msg in batch:
+            self._ingest_safely([msg])
 
     def _score_drift(self) -> None:
         try:
@@ -217,19 +229,29 @@ class Hub:
             return
         now = self.clock()
         known = self._known_devices({b[0] for b in batch})
+        # Counts and drift sums are taken in only once the transaction commits (a failed batch
+        # is retried message by message: nothing may count twice).
+        counts = dict.fromkeys(self.counters, 0)
+        windows: list[tuple[str, TelemetryWindow]] = []
         with self.db.tx() as conn:
             for device, channel, payload in batch:
                 if device not in known:
-                    self.counters["unknown_device"] += 1
+                    counts["unknown_device"] += 1
                     continue
                 if not payload:
                     continue  # a cleared retained message
                 try:
-                    self._ingest_one(conn, now, device, channel, payload)
+                    tw = self._ingest_one(conn, now, device, channel, payload, counts)
                 except (EdgefleetError, ValueError) as exc:
-                    self.counters["malformed"] += 1
+                    counts["malformed"] += 1
                     log.warning("dropped %s message from %s: %s", channel, device, exc)
+                    continue
+                if tw is not None:
+                    windows.append((device, tw))
+            self.drift.add_all(windows)
             self.drift.flush(conn)
+        for key, n in counts.items():
+            self.counters[key] += n
         self.drift.after_batch()
 
     def _known_devices(self, wanted: set[str]) -> frozenset[str]:
@@ -241,7 +263,9 @@ class Hub:
             self._known, self._known_at = frozenset(self.db.device_ids()), mono
         return self._known
 
-    def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes) -> None:
+    def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes,
+                    counts: dict[str, int]) -> TelemetryWindow | None:
+        """Store one message; return a new (not duplicate) telemetry window for the drift sums."""
         obj = parse_json_object(payload)
         if obj.get("device") != device or obj.get("fleet") != self.config.fleet:
             raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
@@ -253,8 +277,8 @@ class Hub:
                  json.dumps(dict(tw.system))),
             )
             if cur.rowcount == 0:
-                self.counters["duplicates"] += 1
-                return
+                counts["duplicates"] += 1
+                return None
             conn.executemany(
                 "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
@@ -262,10 +286,10 @@ class Hub:
                   json.dumps(dict(w.outputs)) if w.outputs is not None else None)
                  for name, w in tw.models.items()],
             )
-            self.counters["ingested"] += 1
-            self.drift.add(device, tw)
+            counts["ingested"] += 1
             self.rollouts.add_window(conn, device, tw, now)
-        elif channel == "reported":
+            return tw
+        if channel == "reported":
             rep = Reported.from_dict(obj)
             conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
                          (json.dumps(rep.to_dict()), now, device))
@@ -280,6 +304,7 @@ class Hub:
                 (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
             )
             self.rollouts.add_event(conn, device, ev, now)
+        return None
 
     def _main_loop(self) -> None:
         while not self._stop.wait(60):

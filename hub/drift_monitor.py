@@ -143,6 +143,16 @@ class _Acc:
     classes: list[Mapping[str, Any] | None] = field(default_factory=list)
     last_end: float = 0.0
 
+    def merge(self, other: _Acc) -> None:
+        self.windows += other.windows
+        self.requests += other.requests
+        self.errors += other.errors
+        self.rows += other.rows
+        self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
+        self.inputs.extend(other.inputs)
+        self.classes.extend(other.classes)
+        self.last_end = max(self.last_end, other.last_end)
+
 
 class DriftMonitor:
     def __init__(
@@ -180,10 +190,22 @@ class DriftMonitor:
     # -- aggregation (ingest thread) -------------------------------------------------------------
 
     def add(self, device: str, tw: TelemetryWindow) -> None:
+        self.add_all([(device, tw)])
+
+    def add_all(self, windows: list[tuple[str, TelemetryWindow]]) -> None:
+        """Take in the windows of one ingest batch, all or none: a window whose numbers do not
+        add up raises before anything is counted (the hub then retries the batch per message)."""
+        staged: dict[tuple[str, str, str, float], _Acc] = {}
+        for device, tw in windows:
+            self._stage(staged, device, tw)
+        for key, acc in staged.items():
+            self._pending.setdefault(key, _Acc()).merge(acc)
+
+    def _stage(self, staged: dict[tuple[str, str, str, float], _Acc], device: str, tw: TelemetryWindow) -> None:
         size = self.config.bucket_seconds
         bucket = math.floor(tw.window_start / size) * size
         for name, w in tw.models.items():
-            acc = self._pending.setdefault((name, w.version, device, bucket), _Acc())
+            acc = staged.setdefault((name, w.version, device, bucket), _Acc())
             acc.windows += 1
             acc.requests += w.requests
             acc.errors += w.errors

@@ -1,0 +1,70 @@
+"""Hub ingest on real SQLite, no broker: a message that breaks the hub loses only itself, and
+numbers outside 64 bits are refused as malformed instead of failing the batch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.telemetry import LATENCY_BUCKETS_MS
+from agent.wire import ModelWindow, TelemetryWindow
+from hub.daemon import Hub
+from hub.home import HubHome
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    h = Hub(home, clock=lambda: 1_800_000_000.0)
+    for d in ("d1", "d2", "d3", "d4"):
+        h.add_device({"device": d}, "test")
+    try:
+        yield h
+    finally:
+        h.db.close()
+
+
+def _window(device: str, seq: int, counts: list[Any] | None = None) -> tuple[str, str, bytes]:
+    latency = {"counts": counts if counts is not None else [1] + [0] * len(LATENCY_BUCKETS_MS)}
+    tw = TelemetryWindow(fleet="f", device=device, seq=seq, window_start=1_800_000_000.0 + seq,
+                         window_end=1_800_000_001.0 + seq,
+                         models={"m": ModelWindow(version="1", requests=1, errors=0, rows=1, latency_ms=latency)})
+    return device, "telemetry", tw.to_json()
+
+
+def _stored(h: Hub) -> set[tuple[str, int]]:
+    return {(r["device"], r["seq"]) for r in h.db.query("SELECT device, seq FROM telemetry")}
+
+
+def test_a_message_that_breaks_ingest_loses_only_itself(hub: Hub) -> None:
+    # Latency counts that are not numbers pass the wire check but break the drift sums.
+    bad = _window("d2", 1, counts=["x"] * (len(LATENCY_BUCKETS_MS) + 1))
+    batch = [_window("d1", 1), bad, _window("d3", 1), _window("d4", 1)]
+    hub._ingest_safely(batch)
+    assert _stored(hub) == {("d1", 1), ("d3", 1), ("d4", 1)}
+    assert hub.counters["ingested"] == 3 and hub.counters["failed"] == 1
+    # nothing counted twice by the retry: the drift sums hold each good window once
+    with hub.db.tx() as conn:
+        hub.drift.flush(conn, force=True)
+    rows = hub.db.query("SELECT device, windows FROM telemetry_agg ORDER BY device")
+    assert [(r["device"], r["windows"]) for r in rows] == [("d1", 1), ("d3", 1), ("d4", 1)]
+
+
+def test_integers_beyond_64_bits_are_malformed_not_fatal(hub: Hub) -> None:
+    device, channel, payload = _window("d2", 1)
+    obj = json.loads(payload)
+    obj["seq"] = 2**70
+    hub._ingest_safely([_window("d1", 1), (device, channel, json.dumps(obj).encode()), _window("d3", 1)])
+    assert _stored(hub) == {("d1", 1), ("d3", 1)}
+    assert hub.counters["malformed"] == 1 and hub.counters["failed"] == 0
+
+
+def test_duplicates_are_counted_once_and_not_stored_twice(hub: Hub) -> None:
+    hub._ingest_safely([_window("d1", 1), _window("d1", 1), _window("d1", 2)])
+    assert _stored(hub) == {("d1", 1), ("d1", 2)}
+    assert hub.counters["ingested"] == 2 and hub.counters["duplicates"] == 1
