@@ -294,6 +294,7 @@ class CanaryStats:
         k = len(c_ms)
         bad = has_nonfinite(cand_out)
         agreed, n, dist = (0, 0, 0.0) if bad else compare_outputs(stable_out, cand_out)
+        time.sleep(0)
         with self._lock:
             self._requests += k
             self._t_requests += k
@@ -709,6 +710,7 @@ class Shadow:
             k: np.concatenate([it.feeds[k] for it in group]) for k in names
         }
         rows = [_rows(np.asarray(it.feeds[names[0]])) for it in group] if names else [1]
+        time.sleep(0)  # hand the GIL to a waiting request thread between the steps of a replay
         t0 = self.clock()
         try:
             out = self.replay(feeds)
@@ -719,6 +721,7 @@ class Shadow:
                 self.stats.record_candidate(ms / len(group), ok=False)
             return
         ms = (self.clock() - t0) * 1000.0
+        time.sleep(0)
         if len(group) == 1:
             self.stats.record_pair(group[0].stable, out, group[0].stable_ms, ms)
             return
@@ -726,6 +729,7 @@ class Shadow:
         # a batch amortises: see docs/update-path.md on what that means for the latency ratio).
         total = sum(rows) or 1
         stable = {k: _concat([it.stable[k] for it in group]) for k in group[0].stable}
+        time.sleep(0)
         self.stats.record_pair(stable, out, [it.stable_ms for it in group], [ms * r / total for r in rows])
 
     def start(self) -> None:
@@ -792,7 +796,7 @@ class CanaryRun:
         on_drop: Callable[[CanaryRun, Verdict], None],
         capacity: int = 128,
         max_batch: int = 64,
-        linger_s: float = 0.002,
+        linger_s: float = 0.010,
         clock: Callable[[], float] = time.perf_counter,
         check_every: int = 8,
     ) -> None:

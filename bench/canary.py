@@ -100,7 +100,7 @@ def run(smoke: bool = False) -> Result:
             res.notes.append(f"shadow {label}: {compared} replayed and compared "
                              f"({100 * agreed / max(compared, 1):.1f} % label agreement), {skipped} skipped "
                              "because the queue was full.")
-    res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread lingers 2 ms after a first "
+    res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread lingers 10 ms after a first "
                      "item and replays up to 64 queued requests (queue of 128) in one ONNX Runtime call and one comparison "
                      "(fewer GIL hand-overs to the request thread). 'one replay per request' turns that off "
                      "(max_batch 1, no linger) to show what batching buys.")
