@@ -50,7 +50,6 @@ import shlex
 import subprocess
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,6 +67,7 @@ from hub.drift import (
     merge_feature_lists,
     score_report,
 )
+from hub.home import read_optional_toml
 
 if TYPE_CHECKING:
     from hub.daemon import Hub
@@ -123,13 +123,8 @@ class DriftConfig:
 
 def load_drift_config(path: Path) -> DriftConfig:
     """Read ``drift.toml``; a missing file means the defaults."""
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return DriftConfig()
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return DriftConfig.from_dict(doc, str(path))
+    doc = read_optional_toml(path)
+    return DriftConfig() if doc is None else DriftConfig.from_dict(doc, str(path))
 
 
 @dataclass

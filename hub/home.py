@@ -28,11 +28,21 @@ from agent.errors import ConfigError
 from agent.store import atomic_write
 from agent.wire import check_name
 
-__all__ = ["HubConfig", "HubHome"]
+__all__ = ["HubConfig", "HubHome", "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "broker_ca_file", "broker_username", "broker_password_file",
                   "http_cert_file", "http_key_file")
 
+
+
+def read_optional_toml(path: Path) -> dict[str, Any] | None:
+    """The TOML file at ``path``, or None when there is none (its defaults apply)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 @dataclass(frozen=True)
 class HubConfig:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +43,7 @@ from agent.wire import Event, ModelEntry, TelemetryWindow, canonical_json, forma
 from hub.core import model_entry
 from hub.drift_monitor import ALERT_KIND
 from hub.errors import BadRequest, Conflict, NotFound
+from hub.home import read_optional_toml
 from hub.rollout import (
     FAILURE_EVENTS,
     MODES,
@@ -80,12 +80,9 @@ class RolloutConfig:
 
 
 def load_rollout_config(path: Path) -> RolloutConfig:
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    doc = read_optional_toml(path)
+    if doc is None:
         return RolloutConfig()
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     unknown = sorted(set(doc) - {"evaluate_seconds", "policy"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: evaluate_seconds, [policy]")
