@@ -55,6 +55,8 @@ from hub.rollouts import RolloutManager
 __all__ = ["Hub"]
 
 log = logging.getLogger("edgefleet.hub")
+# Telemetry re-encoded for storage: compact, no circularity check (it came from JSON).
+_compact = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 Clock = Callable[[], float]
 INGEST_BATCH = 1000
 
@@ -273,8 +275,8 @@ class Hub:
             tw = TelemetryWindow.from_dict(obj)
             cur = conn.execute(
                 "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?)",
-                (device, tw.seq, tw.window_start, tw.window_end, now, json.dumps(dict(tw.metrics)),
-                 json.dumps(dict(tw.system))),
+                (device, tw.seq, tw.window_start, tw.window_end, now, _compact(dict(tw.metrics)),
+                 _compact(dict(tw.system))),
             )
             if cur.rowcount == 0:
                 counts["duplicates"] += 1
@@ -282,8 +284,8 @@ class Hub:
             conn.executemany(
                 "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
-                  json.dumps(dict(w.latency_ms)), json.dumps([dict(x) for x in w.inputs]),
-                  json.dumps(dict(w.outputs)) if w.outputs is not None else None)
+                  _compact(dict(w.latency_ms)), _compact([dict(x) for x in w.inputs]),
+                  _compact(dict(w.outputs)) if w.outputs is not None else None)
                  for name, w in tw.models.items()],
             )
             counts["ingested"] += 1
@@ -292,7 +294,7 @@ class Hub:
         if channel == "reported":
             rep = Reported.from_dict(obj)
             conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
-                         (json.dumps(rep.to_dict()), now, device))
+                         (_compact(rep.to_dict()), now, device))
         elif channel == "status":
             st = Status.from_dict(obj)
             conn.execute("UPDATE devices SET status=?, status_at=? WHERE id=?", (st.state, now, device))
