@@ -9,6 +9,7 @@ never connected — finds a retained desired state with a higher seq naming the 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         assert ds.seq > seq0[d], d
     audit = json.loads(run_cli("hub.cli", "audit", "--json", *h).stdout)["entries"]
     (entry,) = [e for e in audit if e["action"] == "rollout_rollback"]
-    assert entry["actor"] == "rollout-gate" and "agreement 0.20 < min 0.95 over 180 compared pairs" in \
+    # the gate may judge as soon as enough of the cohort's windows are in (2 or all 3 of 60 pairs)
+    assert entry["actor"] == "rollout-gate"
+    assert re.search(r"agreement 0\.20 < min 0\.95 over (120|180) compared pairs", entry["details"]["reason"]), \
         entry["details"]["reason"]
     assert set(entry["details"]["devices"]) == set(devices)
     assert run_cli("hub.cli", "audit", "verify", *h).returncode == 0
