@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Broker, Procs, wait_for
 from tests.simulator import HubSimulator, tiny_model
-from tests.test_crash_safety import Device
+from tests.test_crash_safety import Device, serving_device
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -59,17 +59,8 @@ class Listener:
 
 @pytest.fixture
 def device(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> Iterator[Device]:
-    sim = HubSimulator(fleet=fleet)
-    dev = Device(sim, broker, procs, tmp_path)
-    dev.config.write_text(dev.config.read_text() + "\n[overrides.telemetry]\nwindow_seconds = 0.5\n")
-    dev.publish(dev.topics.keyring, sim.keyring())
-    dev.deploy(1)
-    dev.start()
-    dev.wait_serving({1}, 1)
-    try:
+    with serving_device(broker, procs, fleet, tmp_path, "\n[overrides.telemetry]\nwindow_seconds = 0.5\n") as dev:
         yield dev
-    finally:
-        sim.server.close()
 
 
 def infer(dev: Device) -> tuple[str, float]:

@@ -10,6 +10,7 @@ never anything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -116,10 +117,13 @@ class Device:
         wait_for(check, 30, f"version {want} serving")
 
 
-@pytest.fixture
-def device(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> Iterator[Device]:
+@contextlib.contextmanager
+def serving_device(broker: Broker, procs: Procs, fleet: str, tmp: Path, config_extra: str = "") -> Iterator[Device]:
+    """An agent process trusting a simulated hub's keyring and serving version 1 of the model."""
     sim = HubSimulator(fleet=fleet)
-    dev = Device(sim, broker, procs, tmp_path)
+    dev = Device(sim, broker, procs, tmp)
+    if config_extra:
+        dev.config.write_text(dev.config.read_text() + config_extra)
     dev.publish(dev.topics.keyring, sim.keyring())
     dev.deploy(1)
     dev.start()
@@ -128,6 +132,12 @@ def device(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> Iterator
         yield dev
     finally:
         sim.server.close()
+
+
+@pytest.fixture
+def device(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> Iterator[Device]:
+    with serving_device(broker, procs, fleet, tmp_path) as dev:
+        yield dev
 
 
 def test_kill_at_every_step_serves_old_or_new(device: Device) -> None:

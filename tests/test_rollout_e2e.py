@@ -19,7 +19,6 @@ from sklearn.ensemble import RandomForestClassifier
 
 from tests.conftest import Broker, Procs, free_port, http_ok, run_cli, wait_for
 
-pytest.importorskip("agent.canary", reason="the agent half of issue 4 (agent/canary.py) is not merged")
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 

@@ -5,16 +5,14 @@ contract's canary dicts; the hub core sums them into evidence, decides, and move
 Models (scikit-learn random forests, converted with skl2onnx): ``stable``; ``good`` (same recipe,
 another seed); ``bad`` (trained on shuffled labels); ``slow`` (far more and deeper trees).
 
-The agent cores use the agent's canary accumulator, ``agent.canary.CanaryStats`` (built by the
-other half of issue 4). Where that module is not there yet, a small stand-in below, written against
-the signatures in the issue-4 contract, takes its place.
+The agent cores use the agent's own canary accumulator, ``agent.canary.CanaryStats``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,74 +22,9 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
+from agent.canary import CanaryStats
 from hub.modelfile import sklearn_to_onnx
 from hub.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
-
-# -- stand-in for agent.canary (contract "Agent APIs the hub-side in-memory fleet test may use") --
-
-
-def _stand_in_compare(stable: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]) -> tuple[int, int, float]:
-    """(agreed, n, distance_sum): top-1 label agreement and total variation between probabilities."""
-    a, b = np.asarray(stable["label"]).reshape(-1), np.asarray(cand["label"]).reshape(-1)
-    tv = 0.5 * np.abs(np.asarray(stable["probabilities"]) - np.asarray(cand["probabilities"])).sum(axis=1)
-    return int((a == b).sum()), len(a), float(tv.sum())
-
-
-@dataclass
-class _StandInStats:
-    rollout: str
-    mode: str
-    version: str
-    requests: int = 0
-    errors: int = 0
-    skipped: int = 0
-    compared: int = 0
-    agreed: int = 0
-    distance: float = 0.0
-    cand_ms: list[float] = field(default_factory=list)
-    stable_ms: list[float] = field(default_factory=list)
-    classes: dict[str, int] = field(default_factory=dict)
-
-    def record_pair(self, stable_out: Mapping[str, np.ndarray], cand_out: Mapping[str, np.ndarray],
-                    stable_ms: float, cand_ms: float) -> None:
-        agreed, n, dist = _stand_in_compare(stable_out, cand_out)
-        self.compared += n
-        self.agreed += agreed
-        self.distance += dist
-        self.stable_ms.append(stable_ms)
-        for k in np.asarray(cand_out["label"]).reshape(-1):
-            self.classes[str(int(k))] = self.classes.get(str(int(k)), 0) + 1
-        self.record_candidate(cand_ms, True)
-
-    def record_candidate(self, ms: float, ok: bool) -> None:
-        self.requests += 1
-        self.errors += 0 if ok else 1
-        self.cand_ms.append(ms)
-
-    def record_skipped(self) -> None:
-        self.skipped += 1
-
-    def window(self) -> dict[str, Any]:
-        def lat(xs: list[float]) -> dict[str, float]:
-            if not xs:
-                return {}
-            return {f"p{q}": float(np.percentile(xs, q)) for q in (50, 95, 99)} | {"max": max(xs)}
-
-        out = {"rollout": self.rollout, "mode": self.mode, "version": self.version, "state": "running",
-               "reason": None, "requests": self.requests, "errors": self.errors, "skipped": self.skipped,
-               "compared": self.compared, "agreed": self.agreed, "output_distance_sum": self.distance,
-               "latency_ms": lat(self.cand_ms), "stable_latency_ms": lat(self.stable_ms),
-               "outputs": {"classes": dict(self.classes)}}
-        fresh = _StandInStats(rollout=self.rollout, mode=self.mode, version=self.version)
-        self.__dict__.update(fresh.__dict__)
-        return out
-
-
-try:
-    from agent.canary import CanaryStats
-except ModuleNotFoundError:  # the agent half of issue 4 is not merged here yet
-    CanaryStats = _StandInStats  # type: ignore[misc,assignment]
-
 
 # -- models trained here -------------------------------------------------------------------------
 

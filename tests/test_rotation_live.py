@@ -11,24 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Broker, Procs
-from tests.simulator import HubSimulator
-from tests.test_crash_safety import Device
+from tests.test_crash_safety import Device, serving_device
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 @pytest.fixture
 def device(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> Iterator[Device]:
-    sim = HubSimulator(fleet=fleet)
-    dev = Device(sim, broker, procs, tmp_path)
-    dev.publish(dev.topics.keyring, sim.keyring())
-    dev.deploy(1)
-    dev.start()
-    dev.wait_serving({1}, 1)
-    try:
+    with serving_device(broker, procs, fleet, tmp_path) as dev:
         yield dev
-    finally:
-        sim.server.close()
 
 
 def test_agent_follows_root_and_signing_rotation(device: Device) -> None:

@@ -24,14 +24,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
 from agent.wire import Topics, parse_time
-from tests.conftest import Broker, Procs, free_port, http_ok, run_cli, wait_for
+from tests.conftest import Broker, Procs, free_port, http_ok, retained, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -183,21 +182,6 @@ def _deploy(env: Env, model: str, *devs: str) -> None:
     wait_for(lambda: all(env.active(d) for d in devs), 40, f"{devs} to run {model} 1.0.0")
 
 
-def _retained(env: Env, topic: str, timeout: float = 5.0) -> bytes:
-    got: list[bytes] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, 1)
-    c.on_message = lambda cl, u, m: got.append(m.payload)
-    c.connect("127.0.0.1", env.broker.port)
-    c.loop_start()
-    try:
-        wait_for(lambda: got, timeout, f"retained message on {topic}")
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return got[0]
-
-
 def _drift_alarms(env: Env) -> list[dict[str, Any]]:
     rows = env.db("SELECT details FROM audit WHERE action='drift_alarm' ORDER BY id")
     return [json.loads(r[0]) for r in rows]
@@ -243,9 +227,9 @@ def test_training_traffic_never_alarms_and_a_shifted_feature_alarms_within_two_w
     assert "f2" in hook_env["EDGEFLEET_FEATURES"].split(",")
     assert json.loads(hook_env["EDGEFLEET_SCORES"])["f2"] >= 0.25
     assert len(_drift_alarms(env)) == 1
-    retained = json.loads(_retained(env, f"{Topics(env.fleet).alerts}/drift"))
-    assert retained["kind"] == "edgefleet.alert/v1"
-    assert retained["state"] == "alarm" and "f2" in retained["features"]
+    last = json.loads(retained(env.broker, f"{Topics(env.fleet).alerts}/drift"))
+    assert last["kind"] == "edgefleet.alert/v1"
+    assert last["state"] == "alarm" and "f2" in last["features"]
     env.traffic.discard("d-drift")
 
 
