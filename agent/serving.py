@@ -216,6 +216,12 @@ class ModelServer:
     def models(self) -> dict[str, LoadedModel]:
         return self._models
 
+    def _capture(self, name: str, version: str, sha256: str, rid: str, feeds: Mapping[str, Any],
+                 outputs: Mapping[str, Any]) -> None:
+        capture = self.capture
+        if capture is not None and capture.sample():
+            capture.add(name, version, sha256, rid, feeds, outputs)
+
     def infer(
         self,
         name: str,
@@ -256,13 +262,11 @@ class ModelServer:
         if hook is not None and allow_canary and hook.split_pick():
             answer = hook.serve(feeds)
             if answer is not None:  # else the candidate failed: the stable answers this request
-                return InferResult(
-                    model=name,
-                    version=hook.version,
-                    sha256=hook.sha256,
-                    request_id=request_id or f"{self._id_prefix}-{next(self._ids):x}",
-                    outputs=answer,
-                )
+                rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
+                if self.capture is not None:  # a prediction the candidate made is traced like any
+                    self._capture(name, hook.version, hook.sha256, rid, feeds, answer)
+                return InferResult(model=name, version=hook.version, sha256=hook.sha256, request_id=rid,
+                                   outputs=answer)
         t0 = time.perf_counter()
         try:
             values = model.session.run(None, feeds)
@@ -275,9 +279,8 @@ class ModelServer:
         model.recorder.record(elapsed, first, values[0] if values else None)
         rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
         outputs = dict(zip(model.output_names, values))  # noqa: B905 - ORT returns one per name
-        capture = self.capture
-        if capture is not None and capture.sample():
-            capture.add(name, model.version, model.entry.sha256, rid, feeds, outputs)
+        if self.capture is not None:
+            self._capture(name, model.version, model.entry.sha256, rid, feeds, outputs)
         if hook is not None:
             hook.observe(feeds, outputs, elapsed * 1000.0)
         return InferResult(

@@ -29,6 +29,7 @@ from agent.canary import (
     local_verdict,
     run_preflight,
 )
+from agent.capture import Capture
 from agent.config import DeviceProfile
 from agent.errors import MalformedMessage
 from agent.serving import ModelServer, load
@@ -355,6 +356,23 @@ def test_split_mode_serves_a_fraction_from_the_candidate_and_names_its_version(t
     w = run.stats.window()
     assert (w["requests"], w["errors"], w["compared"]) == (3, 0, 0)
     assert len(server.models()["m"].recorder.swap().latencies_s) == 3  # the stable's own share
+
+
+def test_split_answers_are_captured_under_the_version_that_made_them(tmp_path: Path) -> None:
+    sent: list[list[dict[str, Any]]] = []
+    server = ModelServer()
+    server.capture = Capture(folder=tmp_path / "capture", sample_rate=1.0, budget_bytes=1 << 20,
+                             send=sent.append, clock=lambda: 1000.0)
+    server.install(loaded(tmp_path, "1", tiny_model(1.0)))
+    run = CanaryRun(candidate=loaded(tmp_path, "2", tiny_model(2.0)), spec=spec("split", 0.5),
+                    limits=CanaryLimits(), on_drop=lambda r, v: None)
+    server.attach_canary("m", run)
+    answers = [server.infer("m", {"x": np.ones((1, 2), dtype=np.float32)}, request_id=f"q{i}") for i in range(4)]
+    server.capture.flush()
+    assert server.capture.upload() == 4
+    captured = {r["request_id"]: (r["version"], r["sha256"]) for batch in sent for r in batch}
+    assert captured == {a.request_id: (a.version, a.sha256) for a in answers}
+    assert {v for v, _ in captured.values()} == {"1", "2"}
 
 
 def test_a_nan_candidate_is_dropped_at_once_and_the_stable_answers(tmp_path: Path) -> None:
