@@ -97,6 +97,7 @@ class Hub:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counters = {"ingested": 0, "duplicates": 0, "malformed": 0, "unknown_device": 0, "failed": 0}
+        self._counters_lock = threading.Lock()
         self.link: MqttLink | None = None
         self.http: Any = None
         self.public_url = ""
@@ -209,7 +210,8 @@ class Hub:
             return
         except Exception:
             if len(batch) == 1:
-                self.counters["failed"] += 1
+                with self._counters_lock:
+                    self.counters["failed"] += 1
                 log.exception("ingest of a %s message from %s failed; it is dropped", batch[0][1], batch[0][0])
                 return
             log.exception("ingest of a batch of %d messages failed; retrying them one by one", len(batch))
@@ -252,8 +254,9 @@ class Hub:
                     windows.append((device, tw))
             self.drift.add_all(windows)
             self.drift.flush(conn)
-        for key, n in counts.items():
-            self.counters[key] += n
+        with self._counters_lock:  # ingest workers finish batches concurrently
+            for key, n in counts.items():
+                self.counters[key] += n
         self.drift.after_batch()
 
     def _known_devices(self, wanted: set[str]) -> frozenset[str]:
