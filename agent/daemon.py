@@ -308,8 +308,7 @@ class Agent:
         hook = self.models.canaries().get(name)
         if hook is None:
             return {}
-        return {"candidate": {"version": hook.version, "sha256": hook.sha256,
-                              "mode": getattr(hook, "mode", None)}}
+        return {"candidate": {"version": hook.version, "sha256": hook.sha256, "mode": hook.mode}}
 
     def _event(self, type_: str, exc: EdgefleetError | None, *, model: str | None = None,
                version: str | None = None, seq: int | None = None, message: str = "",

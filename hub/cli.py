@@ -92,7 +92,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
     """Load, convert and describe a model on the publisher's machine; the hub validates again."""
-    from hub.modelfile import compute_reference, load_model_file, load_reference_data, run_first_output
+    from hub.modelfile import (
+        compute_reference,
+        load_estimator,
+        load_model_file,
+        load_reference_data,
+        run_first_output,
+    )
 
     data = None
     digest = None
@@ -100,7 +106,9 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
         _progress(f"reading reference data {args.reference}")
         data, digest = load_reference_data(Path(args.reference))
     _progress(f"loading model {args.model}")
-    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None)
+    estimator = load_estimator(Path(args.model))  # None for an .onnx file; read once, used twice
+    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None,
+                                              estimator)
     reference = None
     if data is not None:
         outputs = None
@@ -113,11 +121,11 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
 
     preflight = None
     if getattr(args, "preflight", None):
-        from hub.preflight import build_preflight, load_estimator
+        from hub.preflight import build_preflight
 
         _progress(f"building the preflight set from {args.preflight}")
         pf_data, _ = load_reference_data(Path(args.preflight))
-        blob = build_preflight(onnx_bytes, pf_data, load_estimator(Path(args.model)), rows=args.preflight_rows)
+        blob = build_preflight(onnx_bytes, pf_data, estimator, rows=args.preflight_rows)
         preflight = {"blob_b64": base64.b64encode(blob).decode(), "atol": args.atol, "rtol": args.rtol,
                      "label_agreement": args.label_agreement}
     return {

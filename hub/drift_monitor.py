@@ -184,9 +184,6 @@ class DriftMonitor:
 
     # -- aggregation (ingest thread) -------------------------------------------------------------
 
-    def add(self, device: str, tw: TelemetryWindow) -> None:
-        self.add_all([(device, tw)])
-
     def add_all(self, windows: list[tuple[str, TelemetryWindow]]) -> None:
         """Take in the windows of one ingest batch, all or none: a window whose numbers do not
         add up raises before anything is counted (the hub then retries the batch per message)."""

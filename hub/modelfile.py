@@ -30,6 +30,7 @@ from hub.errors import BadRequest
 
 __all__ = [
     "compute_reference",
+    "load_estimator",
     "load_model_file",
     "load_reference_data",
     "sklearn_to_onnx",
@@ -65,19 +66,19 @@ def sklearn_to_onnx(estimator: Any, n_features: int) -> bytes:
     return data
 
 
-def load_model_file(path: Path, n_features: int | None = None) -> tuple[bytes, str]:
-    """Return ``(onnx_bytes, source_description)`` for an .onnx or pickled sklearn file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BadRequest(f"cannot read model file {path}: {exc}") from exc
+def load_estimator(path: Path) -> Any | None:
+    """The fitted scikit-learn estimator in a .pkl/.pickle/.joblib file; None for an .onnx file."""
     if path.suffix == ".onnx":
-        return raw, "onnx"
+        return None
     if path.suffix not in (".pkl", ".pickle", ".joblib"):
         raise BadRequest(
             f"{path.name}: expected an .onnx file or a scikit-learn estimator saved as "
             f".pkl/.pickle/.joblib, got suffix {path.suffix!r}"
         )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadRequest(f"cannot read model file {path}: {exc}") from exc
     try:
         if path.suffix == ".joblib":
             import joblib
@@ -89,6 +90,18 @@ def load_model_file(path: Path, n_features: int | None = None) -> tuple[bytes, s
         raise BadRequest(f"{path.name} does not unpickle: {exc}") from exc
     if not hasattr(est, "predict"):
         raise BadRequest(f"{path.name} holds a {type(est).__name__}, not a fitted estimator")
+    return est
+
+
+def load_model_file(path: Path, n_features: int | None = None, estimator: Any | None = None) -> tuple[bytes, str]:
+    """Return ``(onnx_bytes, source_description)`` for an .onnx or pickled sklearn file
+    (``estimator``: the one :func:`load_estimator` already read from ``path``)."""
+    est = estimator if estimator is not None else load_estimator(path)
+    if est is None:
+        try:
+            return path.read_bytes(), "onnx"
+        except OSError as exc:
+            raise BadRequest(f"cannot read model file {path}: {exc}") from exc
     n = n_features or getattr(est, "n_features_in_", None)
     if not n:
         raise BadRequest(f"cannot tell how many features {type(est).__name__} takes; pass --reference")

@@ -16,9 +16,7 @@ checks the conversion), else from ONNX Runtime on the hub (then it checks the de
 from __future__ import annotations
 
 import io
-import pickle
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,22 +25,10 @@ import onnxruntime as ort
 
 from hub.errors import BadRequest
 
-__all__ = ["DEFAULT_TOLERANCE", "build_preflight", "check_preflight", "load_estimator"]
+__all__ = ["DEFAULT_TOLERANCE", "build_preflight", "check_preflight"]
 
 DEFAULT_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3, "label_agreement": 1.0}
 MAX_ROWS = 4096
-
-
-def load_estimator(path: Path) -> Any | None:
-    """The scikit-learn estimator in a .pkl/.pickle/.joblib file, or None for an .onnx file."""
-    if path.suffix not in (".pkl", ".pickle", ".joblib"):
-        return None
-    raw = path.read_bytes()
-    if path.suffix == ".joblib":
-        import joblib
-
-        return joblib.load(io.BytesIO(raw))
-    return pickle.loads(raw)  # noqa: S301 - the publisher's own training output, as in hub.modelfile
 
 
 def _session(model: bytes) -> ort.InferenceSession:

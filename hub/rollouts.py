@@ -206,7 +206,7 @@ class RolloutManager:
             r = self._active.get(name)
             if r is None or device not in r.members:
                 continue
-            canary = getattr(w, "canary", None) or w.extra.get("canary")
+            canary = w.canary
             if not isinstance(canary, Mapping) or canary.get("rollout") != r.id:
                 continue
             conn.execute("INSERT OR IGNORE INTO rollout_windows VALUES (?,?,?,?,?,?,?)",

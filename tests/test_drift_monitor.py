@@ -46,7 +46,7 @@ class World:
         tw = TelemetryWindow(fleet="f", device=device, seq=self.seq, window_start=start, window_end=start + 1,
                              models={"m": ModelWindow(version="2", requests=1, errors=0, rows=len(x),
                                                       latency_ms={}, inputs=inputs)})
-        self.mon.add(device, tw)
+        self.mon.add_all([(device, tw)])
         with self.db.tx() as conn:
             self.mon.flush(conn, force=True)
         self.mon.after_batch(force=True)

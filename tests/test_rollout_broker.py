@@ -70,7 +70,7 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
             now = time.time()
             tw = TelemetryWindow(fleet=fleet, device=d, seq=seq, window_start=now - 1, window_end=now,
                                  models={"m": ModelWindow(version="1", requests=60, errors=0, rows=60,
-                                                          latency_ms=LAT, extra={"canary": canary})})
+                                                          latency_ms=LAT, canary=canary)})
             client.publish(topics.device(d, "telemetry"), json.dumps(tw.to_dict()).encode(), qos=1).wait_for_publish(5)
         wait_for(lambda: alerts, 20, "a rollout alert on hub/alerts", interval=0.2)
     finally:

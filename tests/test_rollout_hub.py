@@ -65,7 +65,7 @@ def telemetry(h: Hub, device: str, seq: int, rollout: str, *, agreed: int, model
               "output_distance_sum": 3.0, "latency_ms": LAT, "stable_latency_ms": LAT}
     tw = TelemetryWindow(fleet="f", device=device, seq=seq, window_start=h.clock() - 10, window_end=h.clock(),
                          models={"m": ModelWindow(version=model_version, requests=100, errors=0, rows=100,
-                                                  latency_ms=LAT, extra={"canary": canary})})
+                                                  latency_ms=LAT, canary=canary)})
     h.ingest([(device, "telemetry", json.dumps(tw.to_dict()).encode())])
 
 
