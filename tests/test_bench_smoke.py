@@ -17,8 +17,8 @@ from tests.conftest import REPO, mosquitto_bin
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-@pytest.mark.skipif(mosquitto_bin() is None, reason="mosquitto is not installed")
 def test_every_benchmark_runs_in_smoke_mode_and_writes_its_figures(tmp_path: Path) -> None:
+    assert mosquitto_bin(), "mosquitto is not installed (apt-get install -y mosquitto)"
     out, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
     res = subprocess.run(
         [sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(out), "--json", str(figures)],

@@ -165,8 +165,7 @@ def _notify_socket() -> tuple[socket.socket, str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     binary = mosquitto_bin()
-    if binary is None:
-        pytest.skip("mosquitto is not installed")
+    assert binary, "mosquitto is not installed (apt-get install -y mosquitto)"  # like every broker test
     tmp = tmp_path_factory.mktemp("secure")
     fleet = f"sec{int(time.time() * 1000) % 10**9}"
     home = tmp / "hub"
