@@ -150,3 +150,48 @@ def test_malformed_binary_requests_get_a_400_saying_what_was_expected(
     assert expect in resp.json()["error"]
     # the endpoint keeps serving after every refusal
     assert httpx.get(url + "/v2/health/ready").json() == {"ready": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        (b'{"inputs": [{"name": "X", "shape": [1, 5], "datatype": "FP32", "data": [NaN, 0, 0, 0, 0]}]}',
+         "request body is not JSON"),
+        ('{"inputs": [], "id": "\u00e9"}'.encode("utf-16"), "request body is not JSON"),
+        (b'{"inputs": [{"name": "X", "shape": [1, 5], "datatype": "INT64", "data": [1e30, 0, 0, 0, 0]}]}',
+         "does not fit shape"),
+        (b'{"inputs": [{"name": "X", "shape": [1, 5], "datatype": "INT64", '
+         b'"data": [123456789012345678901234567890, 0, 0, 0, 0]}]}', "does not fit shape"),
+    ],
+    ids=["nan_literal", "utf16", "float_too_big_for_int64", "int_beyond_64_bits"],
+)
+def test_json_that_is_not_strict_rfc8259_or_does_not_fit_the_datatype_gets_a_400(
+    served: tuple[str, ort.InferenceSession], body: bytes, expect: str
+) -> None:
+    url, _ = served
+    resp = httpx.post(url + "/v2/models/clf/infer", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert expect in resp.json()["error"]
+
+
+def test_nan_outputs_are_json_null_and_exact_in_binary(served: tuple[str, ort.InferenceSession]) -> None:
+    """JSON has no NaN: a NaN output is ``null`` in a JSON response (valid JSON, which a strict
+    parser accepts), and NaN bit for bit with the binary extension."""
+    url, sess = served
+    x = _rows(2).astype("<f4")
+    x[0, 0] = np.nan
+    raw = x.tobytes()
+    head = json.dumps({"inputs": [{"name": "X", "shape": [2, 5], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    resp = httpx.post(url + "/v2/models/clf/infer", content=head + raw, headers={HEADER: str(len(head))})
+    assert resp.status_code == 200, resp.text
+    prob = json.loads(resp.content, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    prob = {o["name"]: o["data"] for o in prob["outputs"]}["probabilities"]
+    expected = _expected(sess, x)[1].reshape(-1)
+    assert np.isnan(expected[:2]).all() and prob[:2] == [None, None]
+    np.testing.assert_allclose(np.asarray(prob[2:], dtype=np.float32), expected[2:], rtol=0)
+    head = json.dumps({"inputs": [{"name": "X", "shape": [2, 5], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    resp = httpx.post(url + "/v2/models/clf/infer", content=head + raw, headers={HEADER: str(len(head))})
+    np.testing.assert_array_equal(_binary_response(resp)["probabilities"], _expected(sess, x)[1])
