@@ -11,8 +11,9 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,13 +47,22 @@ class InferenceError(Refused):
     reason = "inference_error"
 
 
-@dataclass(frozen=True)
 class InferResult:
-    model: str
-    version: str
-    sha256: str
-    request_id: str
-    outputs: dict[str, npt.NDArray[Any]]
+    """What :meth:`ModelServer.infer` returns: the outputs and which model version made them.
+
+    A plain class with slots, not a frozen dataclass: building one is on the hot path, and the
+    frozen dataclass ``__init__`` alone cost 0.4 µs per request."""
+
+    __slots__ = ("model", "outputs", "request_id", "sha256", "version")
+
+    def __init__(self, model: str, version: str, sha256: str, request_id: str,
+                 outputs: dict[str, npt.NDArray[Any]]) -> None:
+        self.model, self.version, self.sha256 = model, version, sha256
+        self.request_id, self.outputs = request_id, outputs
+
+    def __repr__(self) -> str:
+        return (f"InferResult(model={self.model!r}, version={self.version!r}, request_id={self.request_id!r}, "
+                f"outputs={sorted(self.outputs)})")
 
 
 def session_options(profile: DeviceProfile) -> ort.SessionOptions:
@@ -62,6 +72,22 @@ def session_options(profile: DeviceProfile) -> ort.SessionOptions:
     opts.graph_optimization_level = _LEVELS[profile.graph_optimization_level]
     opts.log_severity_level = 3
     return opts
+
+
+def session_runner(sess: ort.InferenceSession, output_names: tuple[str, ...]) -> Callable[[dict[str, Any], None], list[Any]]:
+    """``run(feeds, None)``: the session's outputs, in ``output_names`` order.
+
+    ``InferenceSession.run`` checks the feed names in Python, then calls the C++ session it
+    wraps; :meth:`ModelServer.infer` has already built the feeds from the model's own input
+    list, so on CPU the agent calls the C++ session directly (1 µs less per call, a quarter of
+    a small model's whole run). With other providers the public ``run`` stays: its wrapper
+    falls back to CPU when a CUDA/TensorRT run fails. Any onnxruntime without the inner
+    session object gets the public ``run`` too.
+    """
+    inner = getattr(sess, "_sess", None)
+    if inner is not None and callable(getattr(inner, "run", None)) and sess.get_providers() == ["CPUExecutionProvider"]:
+        return partial(inner.run, list(output_names))
+    return partial(sess.run, list(output_names))
 
 
 def providers_for(profile: DeviceProfile) -> tuple[list[Any], list[str]]:
@@ -95,11 +121,14 @@ class LoadedModel:
     missing_providers: tuple[str, ...] = ()
     # (input name, numpy dtype or None) per input: what ``infer`` converts to, computed once.
     feed_spec: tuple[tuple[str, Any], ...] = ()
+    # run(feeds, None) -> outputs in output_names order: see :func:`session_runner`.
+    run: Callable[[dict[str, Any], None], list[Any]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.feed_spec:
             pairs = zip(self.input_names, self.input_types, strict=True)
             self.feed_spec = tuple((n, _ORT_TO_NUMPY.get(t)) for n, t in pairs)
+        self.run = session_runner(self.session, self.output_names)
 
     @property
     def version(self) -> str:
@@ -271,7 +300,7 @@ class ModelServer:
                                    outputs=answer)
         t0 = time.perf_counter()
         try:
-            values = model.session.run(None, feeds)
+            values = model.run(feeds, None)
         except Exception as exc:
             model.recorder.record(time.perf_counter() - t0, error=True)
             if isinstance(exc, EdgefleetError):
