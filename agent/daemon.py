@@ -33,7 +33,7 @@ from agent.sandbox import SessionGuard
 from agent.serving import ModelServer
 from agent.spool import Outbox, Spool
 from agent.store import Store
-from agent.telemetry import fold, temperature_c
+from agent.telemetry import fold, release_free_heap, temperature_c
 from agent.trust import TrustedState
 from agent.updater import Note, Updater, pause_hook_from_env
 from agent.wire import (
@@ -128,6 +128,7 @@ class Agent:
         if self.capture is not None:
             self.capture.start()
         self.state = AgentState.SERVING
+        release_free_heap()
         self._notify(f"READY=1\nSTATUS={self.status_line()}")
         self.link = MqttLink(
             url=self.config.broker_url,
@@ -340,6 +341,7 @@ class Agent:
             if name in windows:
                 windows[name] = dataclasses.replace(windows[name], canary=canary)
         self._telemetry_seq += 1
+        release_free_heap()  # before rss_bytes: the window's folding freed its arrays
         mem = psutil.virtual_memory()
         try:
             disk_free = psutil.disk_usage(str(self.config.state_dir)).free

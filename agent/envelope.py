@@ -12,14 +12,14 @@ import binascii
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from agent.ed25519 import VerifyKey, verify
 from agent.errors import MalformedMessage
 from agent.wire import canonical_json, parse_json_object
+
+if TYPE_CHECKING:  # the agent only verifies (agent.ed25519); cryptography's keys come from the hub
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
     "Envelope",
@@ -32,22 +32,26 @@ __all__ = [
 ]
 
 
-def public_raw(key: Ed25519PublicKey) -> bytes:
+def public_raw(key: VerifyKey | Ed25519PublicKey) -> bytes:
+    if isinstance(key, VerifyKey):
+        return key.raw
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_id(key: Ed25519PublicKey) -> str:
+def key_id(key: VerifyKey | Ed25519PublicKey) -> str:
     return hashlib.sha256(public_raw(key)).hexdigest()
 
 
-def public_key_to_b64(key: Ed25519PublicKey) -> str:
+def public_key_to_b64(key: VerifyKey | Ed25519PublicKey) -> str:
     return base64.b64encode(public_raw(key)).decode("ascii")
 
 
-def public_key_from_b64(text: str) -> Ed25519PublicKey:
+def public_key_from_b64(text: str) -> VerifyKey:
     try:
         raw = base64.b64decode(text, validate=True)
-        return Ed25519PublicKey.from_public_bytes(raw)
+        return VerifyKey(raw)
     except (binascii.Error, ValueError) as exc:
         raise MalformedMessage(
             f"expected a base64 raw 32-byte Ed25519 public key, got {text!r:.60}"
@@ -100,7 +104,7 @@ def open_envelope(data: bytes | str) -> Envelope:
     return Envelope(payload=body, signatures=tuple(out))
 
 
-def valid_signers(env: Envelope, trusted: Mapping[str, Ed25519PublicKey]) -> set[str]:
+def valid_signers(env: Envelope, trusted: Mapping[str, VerifyKey | Ed25519PublicKey]) -> set[str]:
     """The distinct trusted key ids whose signature over the payload verifies.
 
     A key listed twice counts once, so a threshold cannot be met by repeating one signature.
@@ -110,9 +114,6 @@ def valid_signers(env: Envelope, trusted: Mapping[str, Ed25519PublicKey]) -> set
         key = trusted.get(keyid)
         if key is None or keyid in good:
             continue
-        try:
-            key.verify(sig, env.payload)
-        except InvalidSignature:
-            continue
-        good.add(keyid)
+        if verify(public_raw(key), sig, env.payload):
+            good.add(keyid)
     return good

@@ -55,8 +55,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from agent.ed25519 import VerifyKey
 from agent.envelope import Envelope, key_id, open_envelope, public_key_from_b64, valid_signers
 from agent.errors import (
     BadSignature,
@@ -132,7 +131,7 @@ class VerifiedDesired:
 class TrustedState:
     """What a device trusts right now. The agent's store persists ``keyring_raw`` and ``last_*``."""
 
-    root: Ed25519PublicKey
+    root: VerifyKey
     fleet: str
     device: str
     max_blob_bytes: int | None = None
@@ -142,7 +141,7 @@ class TrustedState:
     last_digest: str | None = None
     root_version: int = 1
     root_chain: list[bytes] = field(default_factory=list)  # accepted rotations, oldest first
-    _keys: dict[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
+    _keys: dict[str, VerifyKey] = field(default_factory=dict, repr=False)
     _revoked: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     # -- root ------------------------------------------------------------------------------------

@@ -34,3 +34,15 @@ def test_the_serving_process_does_not_load_onnx() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_serving_process_verifies_signatures_without_loading_cryptography() -> None:
+    """cryptography carries its own OpenSSL (~6.5 MiB resident); the agent verifies Ed25519
+    through the libcrypto the interpreter already has mapped (agent.ed25519)."""
+    code = (
+        "import sys, agent.cli, agent.daemon, agent.updater, agent.trust, agent.ed25519\n"
+        "print(agent.ed25519.BACKEND, any(m.split('.')[0] == 'cryptography' for m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    expected = "libcrypto False" if sys.platform == "linux" else "cryptography True"
+    assert out.stdout.strip() == expected
