@@ -59,7 +59,7 @@ def run(smoke: bool = False) -> Result:
         "the same stable path (`ModelServer.infer`, telemetry on) with shadow off, in the same run.",
     )
     n = 200 if smoke else 20000
-    rounds = 1 if smoke else 3
+    rounds = 1 if smoke else 5
     profile = DeviceProfile(name="bench")
     models = train_models(small=smoke)
     stable_bytes, x_all = models["random_forest"]
@@ -73,37 +73,48 @@ def run(smoke: bool = False) -> Result:
         settings = (("off", 0.0, False), ("10 %", 0.1, True), ("100 %", 1.0, True),
                     ("100 %, one replay per request", 1.0, False))
         lat: dict[str, list[float]] = {s[0]: [] for s in settings}
+        round_p99: dict[str, list[float]] = {s[0]: [] for s in settings}
         stats: dict[str, dict[str, int]] = {}
         for _ in range(rounds):  # interleaved: load drift hits all alike
             for label, frac, batched in settings:
                 run = _attach(server, cand, stable.entry, frac, batched) if frac else None
-                out = lat[label]
+                out: list[float] = []
                 for i in range(n):
                     x = xs[i & 255]
                     t0 = time.perf_counter()
                     server.infer("clf", {"input": x})
                     out.append(time.perf_counter() - t0)
+                lat[label] += out
+                round_p99[label].append(percentile(out, 99))
                 if run is not None:
                     got = _detach(server, run)
                     prev = stats.setdefault(label, dict.fromkeys(got, 0))
                     for k, v in got.items():
                         prev[k] += v
         off50, off99 = percentile(lat["off"], 50), percentile(lat["off"], 99)
+        off_lo, off_hi = min(round_p99["off"]), max(round_p99["off"])
         for label in ("10 %", "100 %", "100 %, one replay per request"):
             p50, p99 = percentile(lat[label], 50), percentile(lat[label], 99)
             compared, skipped, agreed = stats[label]["compared"], stats[label]["skipped"], stats[label]["agreed"]
             res.figures[label] = {"p50_s": p50, "p99_s": p99, "off_p50_s": off50, "off_p99_s": off99,
+                                  "round_p99_s": round_p99[label], "off_round_p99_s": round_p99["off"],
                                   "compared": compared, "skipped": skipped}
+            # "Within noise": no worse than the shadow-off p99 of the noisiest round of this run.
             res.add(Row(f"shadow {label}: stable p50 / p99", f"{us(p50)} / {us(p99)}",
-                        f"{us(off50)} / {us(off99)}", f"p99 {p99 / off99:.2f}×, p50 +{us(p50 - off50)}",
-                        "p99 unchanged within noise", None))
+                        f"{us(off50)} / {us(off99)} (rounds: {us(off_lo)}–{us(off_hi)})",
+                        f"p99 {p99 / off99:.2f}×, p50 +{us(p50 - off50)}",
+                        "p99 unchanged within noise", None if smoke else p99 <= off_hi))
             res.notes.append(f"shadow {label}: {compared} replayed and compared "
                              f"({100 * agreed / max(compared, 1):.1f} % label agreement), {skipped} skipped "
                              "because the queue was full.")
-    res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread lingers 10 ms after a first "
-                     "item and replays up to 64 queued requests (queue of 128) in one ONNX Runtime call and one comparison "
+    res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread waits 25 ms before each batch "
+                     "and replays up to 256 queued requests (queue of 512) in one ONNX Runtime call and one comparison "
                      "(fewer GIL hand-overs to the request thread). 'one replay per request' turns that off "
                      "(max_batch 1, no linger) to show what batching buys.")
+    res.notes.append("'Within noise' is read as: the pooled p99 with shadow is no higher than the highest "
+                     "per-round p99 with shadow off in the same run (the machine's own round-to-round spread). "
+                     "Per-round stable p99 with shadow: " + "; ".join(
+                         f"{k} {', '.join(us(v) for v in round_p99[k])}" for k in round_p99) + ".")
     res.notes.append(f"stable = random forest, candidate = gradient boosting, batch 1, {rounds} interleaved "
                      f"rounds × {n} requests per setting, one request thread; figures from the shipped "
                      "agent.canary (CanaryRun attached to ModelServer), deterministic sampling.")

@@ -329,6 +329,33 @@ def test_queued_requests_are_replayed_in_one_batch() -> None:
     assert (w["requests"], w["compared"], w["agreed"]) == (5, 7, 7)
 
 
+def test_requests_that_do_not_concatenate_are_replayed_per_input_signature() -> None:
+    """One candidate call per (trailing shape, dtype) group, every request compared once."""
+    calls: list[tuple[tuple[int, ...], str]] = []
+
+    def replay(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append((feeds["x"].shape, feeds["x"].dtype.str))
+        return {"y": feeds["x"].reshape(len(feeds["x"]), -1)[:, :1] * 2}
+
+    st = CanaryStats(rollout="r", mode="shadow", version="2")
+    sh = Shadow(replay=replay, stats=st, fraction=1.0, capacity=16, max_batch=8, clock=ticking(0.001))
+    shapes = [(1, 2), (1, 3), (2, 2), (1, 3)]
+    for i, shape in enumerate(shapes):
+        x = np.full(shape, float(i), dtype=np.float32)
+        sh.offer({"x": x}, {"y": x.reshape(len(x), -1)[:, :1] * 2}, 1.0)
+    sh.offer({"x": np.ones((1, 2), dtype=np.float64)}, {"y": np.full((1, 1), 2.0)}, 1.0)
+    assert sh.process() == 5
+    assert sorted(calls) == [((1, 2), "<f8"), ((2, 3), "<f4"), ((3, 2), "<f4")]
+    w = st.window()
+    assert (w["requests"], w["compared"], w["agreed"]) == (5, 6, 6)  # 1+1+2+1+1 rows
+    calls.clear()  # same shapes, other dtypes: numpy would upcast them all; the candidate gets each as sent
+    for dtype in (np.float32, np.float64, np.float32):
+        x = np.ones((1, 2), dtype=dtype)
+        sh.offer({"x": x}, {"y": x[:, :1] * 2}, 1.0)
+    assert sh.process() == 3
+    assert sorted(calls) == [((1, 2), "<f8"), ((2, 2), "<f4")]
+
+
 # --- CanaryRun in the model server -----------------------------------------------------------------
 
 
