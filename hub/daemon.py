@@ -37,13 +37,13 @@ from agent.wire import (
     Topics,
     check_name,
     format_time,
-    parse_json_object,
 )
 from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
 from hub.drift_monitor import DriftMonitor
 from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
+from hub.fastjson import dumps_text, loads_object
 from hub.groups import check_group, deploy_targets, group_of
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
@@ -55,8 +55,8 @@ from hub.rollouts import RolloutManager
 __all__ = ["Hub"]
 
 log = logging.getLogger("edgefleet.hub")
-# Telemetry re-encoded for storage: compact, no circularity check (it came from JSON).
-_compact = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+# Telemetry re-encoded for storage: compact JSON text, by orjson (it came from JSON).
+_compact = dumps_text
 Clock = Callable[[], float]
 INGEST_BATCH = 1000
 
@@ -271,7 +271,7 @@ class Hub:
     def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes,
                     counts: dict[str, int]) -> TelemetryWindow | None:
         """Store one message; return a new (not duplicate) telemetry window for the drift sums."""
-        obj = parse_json_object(payload)
+        obj = loads_object(payload)  # orjson; stricter than parse_json_object (see hub.fastjson)
         if obj.get("device") != device or obj.get("fleet") != self.config.fleet:
             raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
         if channel == "telemetry":
