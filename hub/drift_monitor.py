@@ -50,10 +50,12 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from agent.errors import ConfigError
 from agent.telemetry import LATENCY_BUCKETS_MS
@@ -67,6 +69,7 @@ from hub.drift import (
     merge_feature_lists,
     score_report,
 )
+from hub.fastjson import dumps_text
 from hub.home import read_optional_toml
 
 if TYPE_CHECKING:
@@ -129,14 +132,42 @@ def load_drift_config(path: Path) -> DriftConfig:
 
 @dataclass
 class _Acc:
+    """Running sums of one (model, version, device, bucket) until the next flush. Histograms are
+    added up as windows arrive: a parsed window is garbage once stored instead of living (and
+    being walked by the GC) until the flush, and a histogram that is not numbers fails its own
+    ingest batch (retried per message) instead of the flush of every window of the interval."""
+
     windows: int = 0
     requests: int = 0
     errors: int = 0
     rows: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
-    inputs: list[list[Mapping[str, Any]]] = field(default_factory=list)
-    classes: list[Mapping[str, Any] | None] = field(default_factory=list)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # merge_feature_lists' shape
+    classes: dict[str, int] = field(default_factory=dict)
     last_end: float = 0.0
+
+    def add_inputs(self, hists: Iterable[Mapping[str, Any]]) -> None:
+        """Add feature histograms by name; a feature whose bin count changed (a new reference
+        under the same version) restarts from the newest histogram, as the flush does."""
+        for h in hists:
+            name = str(h.get("name"))
+            counts = [int(c) for c in h.get("counts", [])]
+            extra = [int(h.get(k, 0)) for k in ("below", "above", "nan")]
+            cur = self.inputs.get(name)
+            if cur is None or (cur["counts"] and len(cur["counts"]) != len(counts)):
+                if cur is not None:
+                    log.warning("feature %s: %d bins after %d; keeping the newest only", name, len(counts),
+                                len(cur["counts"]))
+                self.inputs[name] = {"counts": counts, "below": extra[0], "above": extra[1], "nan": extra[2],
+                                     "name": name}
+                continue
+            cur["counts"] = [a + b for a, b in zip(cur["counts"], counts, strict=True)] if cur["counts"] else counts
+            for k, v in zip(("below", "above", "nan"), extra, strict=True):
+                cur[k] += v
+
+    def add_classes(self, outputs: Mapping[str, Any] | None) -> None:
+        for k, v in ((outputs or {}).get("classes") or {}).items():
+            self.classes[str(k)] = self.classes.get(str(k), 0) + int(v)
 
     def merge(self, other: _Acc) -> None:
         self.windows += other.windows
@@ -144,8 +175,8 @@ class _Acc:
         self.errors += other.errors
         self.rows += other.rows
         self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
-        self.inputs.extend(other.inputs)
-        self.classes.extend(other.classes)
+        self.add_inputs(other.inputs.values())
+        self.add_classes({"classes": other.classes})
         self.last_end = max(self.last_end, other.last_end)
 
 
@@ -205,8 +236,8 @@ class DriftMonitor:
             counts = w.latency_ms.get("counts") or []
             if len(counts) == len(acc.latency):
                 acc.latency = [a + int(b) for a, b in zip(acc.latency, counts, strict=True)]
-            acc.inputs.append(list(w.inputs))
-            acc.classes.append(w.outputs)
+            acc.add_inputs(w.inputs)
+            acc.add_classes(w.outputs)
             acc.last_end = max(acc.last_end, tw.window_end)
 
     def has_pending(self) -> bool:
@@ -231,12 +262,12 @@ class DriftMonitor:
             row = conn.execute(
                 "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND device=? AND bucket=?",
                 (model, version, device, bucket)).fetchone()
-            inputs, classes, latency = acc.inputs, acc.classes, acc.latency
+            inputs, classes, latency = [list(acc.inputs.values())], [{"classes": acc.classes}], acc.latency
             windows, requests, errors, rows, last_end = acc.windows, acc.requests, acc.errors, acc.rows, acc.last_end
             if row is not None:
-                inputs = [list(json.loads(row["inputs"]).values()), *inputs]
-                classes = [{"classes": json.loads(row["classes"])}, *classes]
-                latency = [a + b for a, b in zip(json.loads(row["latency"]), latency, strict=True)]
+                inputs = [list(orjson.loads(row["inputs"]).values()), *inputs]
+                classes = [{"classes": orjson.loads(row["classes"])}, *classes]
+                latency = [a + b for a, b in zip(orjson.loads(row["latency"]), latency, strict=True)]
                 windows += row["windows"]
                 requests += row["requests"]
                 errors += row["errors"]
@@ -246,11 +277,11 @@ class DriftMonitor:
                 merged_inputs = merge_feature_lists(inputs)
             except ValueError as exc:  # bins changed under the same version: keep the newest only
                 log.warning("%s %s from %s: %s", model, version, device, exc)
-                merged_inputs = merge_feature_lists(acc.inputs)
+                merged_inputs = acc.inputs
             conn.execute(
                 "INSERT OR REPLACE INTO telemetry_agg VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (model, version, device, bucket, windows, requests, errors, rows, json.dumps(latency),
-                 json.dumps(merged_inputs), json.dumps(merge_classes(classes)), last_end))
+                (model, version, device, bucket, windows, requests, errors, rows, dumps_text(latency),
+                 dumps_text(merged_inputs), dumps_text(merge_classes(classes)), last_end))
             self._touched.add((model, version))
 
     def after_batch(self, force: bool = False) -> None:
