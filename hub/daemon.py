@@ -71,15 +71,22 @@ class Hub:
         clock: Clock = time.time,
         share_group: str | None = None,
         ingest_workers: int = 1,
+        replica: str | None = None,
     ) -> None:
         """``share_group`` subscribes to device channels through the MQTT shared subscription
         ``$share/{group}/...`` so that hub replicas (and this hub's ``ingest_workers`` links,
-        each its own MQTT connection and ingest thread) split the telemetry load."""
+        each its own MQTT connection and ingest thread) split the telemetry load.
+
+        ``replica`` names this replica's MQTT client id and persistent session
+        (``edgefleet-hub-{fleet}-{replica}``): replicas that share one id take the connection
+        from each other. The broker keeps queueing a share of the messages to a replica's
+        session while it is away (Mosquitto 2.0 does), and delivers them when it returns."""
         if ingest_workers < 1:
             raise ValueError(f"ingest_workers must be at least 1, got {ingest_workers}")
         if ingest_workers > 1 and not share_group:
             share_group = "edgefleet-hub"  # without $share every link would get every message
         self.share_group = share_group
+        self.replica = check_name(replica, "replica name") if replica is not None else None
         self.ingest_workers = ingest_workers
         self._known: frozenset[str] | None = None  # registered device ids (see _known_devices)
         self._known_at = 0.0
@@ -114,6 +121,10 @@ class Hub:
         atomic_write(path, raw, mode=0o644)
         return raw
 
+    @property
+    def _client_id(self) -> str:
+        return f"edgefleet-hub-{self.config.fleet}" + (f"-{self.replica}" if self.replica else "")
+
     def start(self) -> None:
         from hub.api import HubHttpServer
 
@@ -126,7 +137,7 @@ class Hub:
             subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
         self.link = MqttLink(
             url=self.broker_url,
-            client_id=f"edgefleet-hub-{self.config.fleet}",
+            client_id=self._client_id,
             subscriptions=subs,
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -137,7 +148,7 @@ class Hub:
         )
         self.link.start()
         for i in range(1, self.ingest_workers):
-            extra = MqttLink(url=self.broker_url, client_id=f"edgefleet-hub-{self.config.fleet}-ingest{i}",
+            extra = MqttLink(url=self.broker_url, client_id=f"{self._client_id}-ingest{i}",
                              subscriptions=subs, on_message=self._on_message)
             extra.start()
             self._extra_links.append(extra)
