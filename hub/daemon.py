@@ -40,7 +40,7 @@ from agent.wire import (
 )
 from hub.core import build_desired, build_keyring, model_entry
 from hub.db import Database
-from hub.drift_monitor import DriftMonitor
+from hub.drift_monitor import DriftMonitor, Staged
 from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
 from hub.fastjson import dumps_text, loads_object
@@ -257,7 +257,7 @@ class Hub:
         # Counts and drift sums are taken in only once the transaction commits (a failed batch
         # is retried message by message: nothing may count twice).
         counts = dict.fromkeys(self.counters, 0)
-        windows: list[tuple[str, TelemetryWindow]] = []
+        staged: Staged = {}
         with self.db.tx() as conn:
             for device, channel, payload in batch:
                 if device not in known:
@@ -271,9 +271,9 @@ class Hub:
                     counts["malformed"] += 1
                     log.warning("dropped %s message from %s: %s", channel, device, exc)
                     continue
-                if tw is not None:
-                    windows.append((device, tw))
-            self.drift.add_all(windows)
+                if tw is not None:  # a window that breaks the sums fails the batch (retried one by one)
+                    self.drift.stage(staged, device, tw)
+            self.drift.take(staged)
             self.drift.flush(conn)
         with self._counters_lock:  # ingest workers finish batches concurrently
             for key, n in counts.items():

@@ -75,7 +75,7 @@ from hub.home import read_optional_toml
 if TYPE_CHECKING:
     from hub.daemon import Hub
 
-__all__ = ["ALERT_KIND", "DriftConfig", "DriftMonitor", "load_drift_config"]
+__all__ = ["ALERT_KIND", "DriftConfig", "DriftMonitor", "Staged", "load_drift_config"]
 
 log = logging.getLogger("edgefleet.hub.drift")
 ALERT_KIND = "edgefleet.alert/v1"
@@ -190,6 +190,9 @@ class _Acc:
                 for n, (c, b, a, x) in self.inputs.items()}
 
 
+Staged = dict[tuple[str, str, str, float], _Acc]  # (model, version, device, bucket) -> sums
+
+
 class DriftMonitor:
     def __init__(
         self, *, db: Database, config: DriftConfig, topics: Topics, clock: Callable[[], float],
@@ -228,9 +231,13 @@ class DriftMonitor:
     def add_all(self, windows: list[tuple[str, TelemetryWindow]]) -> None:
         """Take in the windows of one ingest batch, all or none: a window whose numbers do not
         add up raises before anything is counted (the hub then retries the batch per message)."""
-        staged: dict[tuple[str, str, str, float], _Acc] = {}
+        staged: Staged = {}
         for device, tw in windows:
-            self._stage(staged, device, tw)
+            self.stage(staged, device, tw)
+        self.take(staged)
+
+    def take(self, staged: Staged) -> None:
+        """Add a batch's sums (built by :meth:`stage`) to the pending ones; cannot fail."""
         for key, acc in staged.items():
             into = self._pending.get(key)
             if into is None:
@@ -238,7 +245,10 @@ class DriftMonitor:
             else:
                 into.merge(acc)
 
-    def _stage(self, staged: dict[tuple[str, str, str, float], _Acc], device: str, tw: TelemetryWindow) -> None:
+    def stage(self, staged: Staged, device: str, tw: TelemetryWindow) -> None:
+        """Add one window to a batch's sums; raises (ValueError, TypeError) if its numbers do
+        not add up, leaving the pending sums untouched. The ingest thread stages each window as
+        it is stored, so the window is garbage at once instead of living to the batch's end."""
         size = self.config.bucket_seconds
         bucket = math.floor(tw.window_start / size) * size
         for name, w in tw.models.items():
@@ -276,26 +286,25 @@ class DriftMonitor:
             row = conn.execute(
                 "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND device=? AND bucket=?",
                 (model, version, device, bucket)).fetchone()
-            inputs, classes, latency = [list(acc.histograms().values())], [{"classes": acc.classes}], list(acc.latency)
             windows, requests, errors, rows, last_end = acc.windows, acc.requests, acc.errors, acc.rows, acc.last_end
+            merged_inputs, merged_classes, latency = acc.histograms(), acc.classes, list(acc.latency)
             if row is not None:
-                inputs = [list(orjson.loads(row["inputs"]).values()), *inputs]
-                classes = [{"classes": orjson.loads(row["classes"])}, *classes]
                 latency = [a + b for a, b in zip(orjson.loads(row["latency"]), latency, strict=True)]
+                merged_classes = merge_classes([{"classes": orjson.loads(row["classes"])}, {"classes": acc.classes}])
                 windows += row["windows"]
                 requests += row["requests"]
                 errors += row["errors"]
                 rows += row["rows"]
                 last_end = max(last_end, row["last_end"])
-            try:
-                merged_inputs = merge_feature_lists(inputs)
-            except ValueError as exc:  # bins changed under the same version: keep the newest only
-                log.warning("%s %s from %s: %s", model, version, device, exc)
-                merged_inputs = acc.histograms()
+                try:
+                    merged_inputs = merge_feature_lists([list(orjson.loads(row["inputs"]).values()),
+                                                         list(merged_inputs.values())])
+                except ValueError as exc:  # bins changed under the same version: keep the newest only
+                    log.warning("%s %s from %s: %s", model, version, device, exc)
             conn.execute(
                 "INSERT OR REPLACE INTO telemetry_agg VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (model, version, device, bucket, windows, requests, errors, rows, dumps_text(latency),
-                 dumps_text(merged_inputs), dumps_text(merge_classes(classes)), last_end))
+                 dumps_text(merged_inputs), dumps_text(merged_classes), last_end))
             self._touched.add((model, version))
 
     def after_batch(self, force: bool = False) -> None:
