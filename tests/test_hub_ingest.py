@@ -102,3 +102,16 @@ def test_a_stored_window_reads_back_as_it_was_sent(hub: Hub) -> None:
     assert json.loads(m["inputs"]) == [dict(x) for x in inputs]
     assert json.loads(m["outputs"]) == {"classes": {"0": 4, "1": 5}}
     assert all(isinstance(m[c], str) for c in ("latency", "inputs", "outputs"))  # TEXT, as before
+
+
+def test_a_replica_name_must_be_a_plain_name(tmp_path: Path) -> None:
+    """It becomes part of the MQTT client id (edgefleet-hub-FLEET-NAME): no wildcards or '/'."""
+    from agent.errors import MalformedMessage
+
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    with pytest.raises(MalformedMessage, match="replica name"):
+        Hub(home, replica="r/1")
+    h = Hub(home, replica="r1", share_group="g")
+    h.db.close()
+    assert h._client_id == "edgefleet-hub-f-r1"
