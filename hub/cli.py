@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hub.daemon import Hub
 
     hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http,
-              share_group=args.share, ingest_workers=args.ingest_workers)
+              share_group=args.share, ingest_workers=args.ingest_workers, replica=args.replica)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(hub replicas split the telemetry load)")
     sp.add_argument("--ingest-workers", type=int, default=1, metavar="N",
                     help="MQTT connections + ingest threads sharing the load (N>1 implies --share)")
+    sp.add_argument("--replica", metavar="NAME",
+                    help="this replica's name, one per hub process sharing a --share group: its MQTT "
+                         "client id and persistent session (the broker queues its share while it is away)")
 
     sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx or sklearn pickle/joblib)")
     client(sp)

@@ -68,3 +68,50 @@ def test_duplicates_are_counted_once_and_not_stored_twice(hub: Hub) -> None:
     hub._ingest_safely([_window("d1", 1), _window("d1", 1), _window("d1", 2)])
     assert _stored(hub) == {("d1", 1), ("d1", 2)}
     assert hub.counters["ingested"] == 2 and hub.counters["duplicates"] == 1
+
+
+@pytest.mark.parametrize("bad", [
+    b'{"kind":"edgefleet.telemetry/v1","device":"d2","fleet":"f","seq":NaN}',
+    b'{"kind":"edgefleet.telemetry/v1","device":"d2","fleet":"f","seq":1,"system":{"x":Infinity}}',
+    b'{"kind":"edgefleet.telemetry/v1","device":"d2","fleet":"f","seq":1,"system":{"x":1e400}}',
+    b'["not", "an", "object"]',
+    b'{"device":"d2","fleet":"f","note":"\xff\xfe"}',
+    b'\xef\xbb\xbf{"device":"d2","fleet":"f"}',
+    b'{"device":"d2","fleet":"f","x":"' + b"a" * (4 * 1024 * 1024) + b'"}',
+])
+def test_payloads_that_are_not_one_strict_json_object_are_malformed_not_fatal(hub: Hub, bad: bytes) -> None:
+    hub._ingest_safely([_window("d1", 1), ("d2", "telemetry", bad), _window("d3", 1)])
+    assert _stored(hub) == {("d1", 1), ("d3", 1)}
+    assert hub.counters["malformed"] == 1 and hub.counters["failed"] == 0
+
+
+def test_a_stored_window_reads_back_as_it_was_sent(hub: Hub) -> None:
+    inputs = ({"name": "f0", "counts": [1, 2, 3], "below": 0, "above": 1, "nan": 0, "note": "größe"},)
+    tw = TelemetryWindow(fleet="f", device="d1", seq=7, window_start=1_800_000_000.0, window_end=1_800_000_010.5,
+                         models={"m": ModelWindow(version="1", requests=5, errors=1, rows=9,
+                                                  latency_ms={"p50": 0.125, "counts": [5] + [0] * len(LATENCY_BUCKETS_MS)},
+                                                  inputs=inputs, outputs={"classes": {"0": 4, "1": 5}})},
+                         system={"rss_bytes": 5e7, "cpu": 3.5}, metrics={"requests": 5, "latency_p95_ms": 0.02})
+    hub._ingest_safely([("d1", "telemetry", tw.to_json())])
+    row = hub.db.query("SELECT * FROM telemetry WHERE device='d1' AND seq=7")[0]
+    assert (row["window_start"], row["window_end"]) == (tw.window_start, tw.window_end)
+    assert json.loads(row["metrics"]) == tw.metrics and json.loads(row["system"]) == tw.system
+    m = hub.db.query("SELECT * FROM telemetry_models WHERE device='d1' AND seq=7")[0]
+    assert (m["model"], m["version"], m["requests"], m["errors"], m["rows"]) == ("m", "1", 5, 1, 9)
+    assert json.loads(m["latency"]) == tw.models["m"].latency_ms
+    assert json.loads(m["inputs"]) == [dict(x) for x in inputs]
+    assert json.loads(m["outputs"]) == {"classes": {"0": 4, "1": 5}}
+    assert all(isinstance(m[c], str) for c in ("latency", "inputs", "outputs"))  # TEXT, as before
+
+
+def test_a_replica_name_must_be_a_plain_name(tmp_path: Path) -> None:
+    """It becomes part of the MQTT client id (edgefleet-hub-FLEET-NAME): no wildcards or '/'."""
+    from agent.errors import MalformedMessage
+
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    with pytest.raises(MalformedMessage, match="replica name"):
+        Hub(home, replica="r/1")
+    h = Hub(home, replica="r1", share_group="g")
+    h.db.close()
+    assert h._client_id == "edgefleet-hub-f-r1"
