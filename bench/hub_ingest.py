@@ -1,11 +1,12 @@
 """Hub ingest throughput: telemetry windows per second through Hub.ingest (real SQLite), with the
 drift aggregation and scoring of hub.drift_monitor, beside the same ingest without it (baseline).
 
-Run: python bench/hub_ingest.py   (50 devices, batches of 500 windows, 6 features x 10 bins)
+Run: python -m bench.hub_ingest [--smoke]   (50 devices, batches of 500 windows, 6 features x 10 bins)
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,4 +86,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--smoke" in sys.argv[1:]:  # tiny sizes, for CI: the figures mean nothing
+        BATCH, BATCHES = 50, 2
     main()

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +222,31 @@ def _hub_drain(url: str, fleet: str, devices: int, path: Path, tmp: Path, total:
         hub.stop()
 
 
+def _replica_home(path: Path, url: str, fleet: str, devices: int) -> HubHome:
+    """A hub home with ``devices`` registered, for hub processes started on it."""
+    home = HubHome(path)
+    home.init(fleet=fleet, broker_url=url, http_listen="127.0.0.1:0")
+    setup = Hub(home)
+    for d in range(devices):
+        setup.add_device({"device": f"d{d}"}, "bench")
+    setup.db.close()
+    return home
+
+
+def _stored_counter(home: HubHome) -> tuple[sqlite3.Connection, Callable[[], int]]:
+    """A read-only connection to the home's database and a count of the windows stored in it
+    (0 while the hub processes still hold it locked)."""
+    conn = sqlite3.connect(f"file:{home.db_path}?mode=ro", uri=True, timeout=10)
+
+    def stored() -> int:
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    return conn, stored
+
+
 def _replica_procs(home: HubHome, replicas: int, tmp: Path, tag: str) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
     logs = [tmp / f"replica-{tag}-{i}.log" for i in range(replicas)]
     procs = [subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--home", str(home.path), "--http",
@@ -239,14 +266,7 @@ def _hub_replicas_drain(url: str, fleet: str, devices: int, path: Path, tmp: Pat
                         unique: int) -> tuple[float, float]:
     """``replicas`` hub processes (``--share bench --replica rN``) subscribe and stop; every message
     is queued, a share to each replica's session; they start again: (all logged up, all stored)."""
-    import sqlite3
-
-    home = HubHome(tmp / f"hub-replicas-drain-{replicas}")
-    home.init(fleet=fleet, broker_url=url, http_listen="127.0.0.1:0")
-    setup = Hub(home)
-    for d in range(devices):
-        setup.add_device({"device": f"d{d}"}, "bench")
-    setup.db.close()
+    home = _replica_home(tmp / f"hub-replicas-drain-{replicas}", url, fleet, devices)
     procs, logs = _replica_procs(home, replicas, tmp, "drain-sub")
     try:
         wait_until(lambda: all("hub for fleet" in log.read_text() for log in logs), 30, "hub replicas up")
@@ -260,13 +280,7 @@ def _hub_replicas_drain(url: str, fleet: str, devices: int, path: Path, tmp: Pat
         # (imports) is not ingest capacity.
         wait_until(lambda: all("hub for fleet" in log.read_text() for log in logs), 30, "hub replicas up", 0.005)
         t0 = time.time()
-        conn = sqlite3.connect(f"file:{home.db_path}?mode=ro", uri=True, timeout=10)
-
-        def stored() -> int:
-            try:
-                return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
-            except sqlite3.OperationalError:
-                return 0
+        conn, stored = _stored_counter(home)
 
         wait_until(lambda: stored() >= unique, 300, f"{unique} unique windows stored", 0.005)
         done = time.time()
@@ -279,25 +293,12 @@ def _hub_replicas_drain(url: str, fleet: str, devices: int, path: Path, tmp: Pat
 def _hub_replicas(url: str, fleet: str, devices: int, path: Path, tmp: Path, total: int, replicas: int,
                   unique: int) -> tuple[float, float, float]:
     """``replicas`` hub processes on one home, splitting the load via ``$share`` (``--share``)."""
-    import sqlite3
-
-    home = HubHome(tmp / f"hub-replicas-{replicas}")
-    home.init(fleet=fleet, broker_url=url, http_listen="127.0.0.1:0")
-    setup = Hub(home)
-    for d in range(devices):
-        setup.add_device({"device": f"d{d}"}, "bench")
-    setup.db.close()
+    home = _replica_home(tmp / f"hub-replicas-{replicas}", url, fleet, devices)
     procs, logs = _replica_procs(home, replicas, tmp, "live")
     try:
         wait_until(lambda: all("hub for fleet" in log.read_text() for log in logs), 30, "hub replicas up")
         time.sleep(0.5)
-        conn = sqlite3.connect(f"file:{home.db_path}?mode=ro", uri=True, timeout=10)
-
-        def stored() -> int:
-            try:
-                return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
-            except sqlite3.OperationalError:
-                return 0
+        conn, stored = _stored_counter(home)
 
         times = _run_publisher(url, path, tmp, None, stored, unique)
         conn.close()

@@ -1,6 +1,6 @@
 """What telemetry costs the request path, and what folding a window costs off it.
 
-Run: python bench/telemetry_hot_path.py
+Run: python -m bench.telemetry_hot_path [--smoke]
 Prints ns per Recorder.record call beside two baselines: an empty call with the same arguments
 (the floor) and a naive recorder that bins every request's rows on the request path (what folding
 in batches avoids). Then the time to fold one full window (max_sampled_rows rows, 8 features).
@@ -8,6 +8,7 @@ in batches avoids). Then the time to fold one full window (max_sampled_rows rows
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -58,4 +59,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if "--smoke" in sys.argv[1:]:  # tiny sizes, for CI: the figures mean nothing
+        N = 2_000
     main()

@@ -43,7 +43,8 @@ from hub.db import Database
 from hub.drift_monitor import DriftMonitor, Staged
 from hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from hub.fastjson import dumps_text, loads_object
+from hub.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
+from hub.fastjson import loads_object
 from hub.groups import check_group, deploy_targets, group_of
 from hub.home import HubHome, keyring_path
 from hub.keys import roots_path
@@ -55,8 +56,6 @@ from hub.rollouts import RolloutManager
 __all__ = ["Hub"]
 
 log = logging.getLogger("edgefleet.hub")
-# Telemetry re-encoded for storage: compact JSON text, by orjson (it came from JSON).
-_compact = dumps_text
 Clock = Callable[[], float]
 INGEST_BATCH = 1000
 INGEST_LINGER, INGEST_LINGER_BELOW = 0.005, 100  # wait 5 ms for more when fewer than 100 are queued
