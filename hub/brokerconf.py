@@ -1,14 +1,20 @@
 """``edgefleet-hub broker-config``: a Mosquitto 2.x configuration that enforces the wire contract.
 
-Two TLS listeners share one CA (the hub's device CA, :mod:`hub.pki`):
+Three TLS listeners share one CA (the hub's device CA, :mod:`hub.pki`), each with its own
+authentication settings (``per_listener_settings true``):
 
 * the **device listener** (default 8883) requires a client certificate from the device CA,
   checks it against the CRL, and makes its CN the MQTT username (``use_identity_as_username``);
-* the **password listener** (default 8884) takes username/password from the password file: the
-  hub's own user and devices enrolled with a password.
+* the **password listener** (default 8884) takes username/password from ``passwd``: devices
+  enrolled with a password;
+* the **hub listener** (default 8885) takes only the hub's user, from ``hub-passwd``.
 
-Both force the client id to the username (``use_username_as_clientid``), so one device cannot
-knock another off the broker by reusing its client id. Anonymous access is off. The ACL gives the
+The device and password listeners force the client id to the username
+(``use_username_as_clientid``), so one device cannot knock another off the broker by reusing its
+client id. The hub listener does not: the hub opens several connections (replicas, ingest links),
+each with its own persistent session, and a forced id would have them knock each other off in
+turn. Its client ids start with the hub user, whose ``@`` no device id may contain, so no device
+can take one over. Anonymous access is off. The ACL gives the
 hub user the whole fleet root, and every other user, through ``pattern`` lines on ``%u``, read
 access to its own ``desired`` and the keyring and write access to its own ``reported``,
 ``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
@@ -41,6 +47,7 @@ class BrokerLayout:
     bind: str = "0.0.0.0"  # noqa: S104 - a broker serves devices on the network
     device_port: int = 8883
     password_port: int = 8884
+    hub_port: int = 8885
     run_as: str | None = None  # Mosquitto's `user`; None keeps its default ("mosquitto")
     persistence: bool = True
 
@@ -71,7 +78,8 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         f"cafile {d / 'ca.pem'}",
         f"certfile {d / 'server.pem'}",
         f"keyfile {d / 'server.key'}",
-        "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"acl_file {d / 'acl'}",
     ]
     lines = [
         f"# Mosquitto 2.x configuration for edgefleet fleet {fleet}, written by",
@@ -80,10 +88,8 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "# SIGHUP (systemctl reload mosquitto) so it reloads them. Mosquitto's user must be able",
         "# to read server.key, passwd and crl.pem: chgrp mosquitto them once (the hub keeps the",
         "# group when it rewrites them) and let the hub's user write this folder.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {d / 'passwd'}",
-        f"acl_file {d / 'acl'}",
+        "# Authentication per listener: the hub has a listener (and password file) of its own.",
+        "per_listener_settings true",
         "",
         "# Do not drop QoS 1 telemetry while the hub is slow or away.",
         "max_queued_messages 1000000",
@@ -108,13 +114,23 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "# Devices: a client certificate from the edgefleet device CA; its CN is the username.",
         f"listener {layout.device_port} {layout.bind}",
         *tls,
+        "use_username_as_clientid true",
         f"crlfile {d / 'crl.pem'}",
         "require_certificate true",
         "use_identity_as_username true",
         "",
-        "# The hub and password-enrolled devices: TLS, username and password.",
+        "# Password-enrolled devices: TLS, username and password.",
         f"listener {layout.password_port} {layout.bind}",
         *tls,
+        "use_username_as_clientid true",
+        f"password_file {d / 'passwd'}",
+        "require_certificate false",
+        "",
+        "# The hub only (hub-passwd holds its user alone). Client ids are not forced here: hub",
+        "# replicas and ingest links each keep their own persistent session.",
+        f"listener {layout.hub_port} {layout.bind}",
+        *tls,
+        f"password_file {d / 'hub-passwd'}",
         "require_certificate false",
         "",
     ]
@@ -156,4 +172,4 @@ def write_broker_config(
         (folder / "data").mkdir(exist_ok=True)
     pki.write_crl(now)
     pki.add_export(folder)  # writes crl.pem and passwd now and after every change
-    return {name: str(folder / name) for name in [*files, "crl.pem", "passwd"]}
+    return {name: str(folder / name) for name in [*files, "crl.pem", "passwd", "hub-passwd"]}

@@ -70,6 +70,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         bind=args.bind,
         device_port=args.port,
         password_port=args.password_port,
+        hub_port=args.hub_port,
         run_as=args.run_as or None,
         persistence=not args.no_persistence,
     )
@@ -79,13 +80,15 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     host = args.public_host or hosts[0]
     if ":" in host:
         host = f"[{host}]"  # an IPv6 literal in a URL
-    hub_url = f"mqtts://{host}:{args.password_port}"
+    hub_url = f"mqtts://{host}:{args.hub_port}"
     device_url = f"mqtts://{host}:{args.port}"
+    password_url = f"mqtts://{host}:{args.password_port}"
     user = hub_username(cfg.fleet)
     if not args.no_hub_config:
         home.update_config(
             broker_url=hub_url,
             device_broker_url=device_url,
+            device_password_broker_url=password_url,
             broker_ca_file="pki/ca.pem",
             broker_username=user,
             broker_password_file="pki/hub.password",  # noqa: S106 - a path, not a password
@@ -93,10 +96,12 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     updated = "" if args.no_hub_config else f"  {home.config_path} updated: restart the hub\n"
     _out(
         args,
-        {"files": files, "hub_broker_url": hub_url, "device_broker_url": device_url},
+        {"files": files, "hub_broker_url": hub_url, "device_broker_url": device_url,
+         "device_password_broker_url": password_url},
         f"broker configuration for fleet {cfg.fleet} in {layout.folder}\n"
         f"  start it:   mosquitto -c {files['mosquitto.conf']}\n"
         f"  devices:    {device_url} (client certificate, CN = device id)\n"
+        f"              {password_url} (devices enrolled with --credentials password)\n"
         f"  hub:        {hub_url} as {user} (password in {pki.hub_password_path})\n"
         f"{updated}"
         "  enrol devices with: edgefleet-hub device add ID --out DIR (certificate by default)\n"
@@ -152,7 +157,8 @@ def add_security_commands(sub: Any, dev: Any, cmd: Cmd, client: Callable[[Any], 
     sp.add_argument("--public-host", help="host in the broker URLs (default: the first --hostname)")
     sp.add_argument("--bind", default="0.0.0.0", help="listen address (default 0.0.0.0)")  # noqa: S104
     sp.add_argument("--port", type=int, default=8883, help="device listener (default 8883)")
-    sp.add_argument("--password-port", type=int, default=8884, help="hub/password listener (8884)")
+    sp.add_argument("--password-port", type=int, default=8884, help="password-device listener (8884)")
+    sp.add_argument("--hub-port", type=int, default=8885, help="the hub's own listener (8885)")
     sp.add_argument("--run-as", help="Mosquitto's `user` option (default: its own, 'mosquitto')")
     sp.add_argument("--no-persistence", action="store_true", help="no on-disk broker persistence")
     sp.add_argument("--no-hub-config", action="store_true", help="leave hub.toml as it is")

@@ -78,8 +78,8 @@ class Hub:
         each its own MQTT connection and ingest thread) split the telemetry load.
 
         ``replica`` names this replica's MQTT client id and persistent session
-        (``edgefleet-hub-{fleet}-{replica}``): replicas that share one id take the connection
-        from each other. The broker keeps queueing a share of the messages to a replica's
+        (``edgefleet-hub-{fleet}-{replica}``, or ``{broker user}-{replica}`` on a broker written
+        by ``broker-config``): replicas that share one id take the connection from each other. The broker keeps queueing a share of the messages to a replica's
         session while it is away (Mosquitto 2.0 does), and delivers them when it returns."""
         if ingest_workers < 1:
             raise ValueError(f"ingest_workers must be at least 1, got {ingest_workers}")
@@ -123,7 +123,11 @@ class Hub:
 
     @property
     def _client_id(self) -> str:
-        return f"edgefleet-hub-{self.config.fleet}" + (f"-{self.replica}" if self.replica else "")
+        """With a broker user (``broker-config``: ``hub@FLEET``) the id starts with it: the
+        broker's hub listener leaves client ids to the hub, and no device id contains ``@``, so
+        no device can take the hub's id (and its session) over. Without one, the fleet's name."""
+        base = self.config.broker_username or f"edgefleet-hub-{self.config.fleet}"
+        return base + (f"-{self.replica}" if self.replica else "")
 
     def start(self) -> None:
         from hub.api import HubHttpServer

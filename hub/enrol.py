@@ -92,11 +92,12 @@ def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[s
 
 
 def device_broker_url(hub: Hub, kind: str) -> str:
-    return (
-        hub.config.device_broker_url
-        if kind in ("cert", "both") and hub.config.device_broker_url
-        else hub.broker_url
-    )
+    """Where a device enrolled with credentials ``kind`` connects (hub.brokerconf's listeners)."""
+    if kind in ("cert", "both") and hub.config.device_broker_url:
+        return hub.config.device_broker_url
+    if kind == "password" and hub.config.device_password_broker_url:
+        return hub.config.device_password_broker_url
+    return hub.broker_url
 
 
 def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from agent.wire import check_name
 
 __all__ = ["HubConfig", "HubHome", "read_optional_toml"]
 
-_SECURITY_KEYS = ("device_broker_url", "broker_ca_file", "broker_username", "broker_password_file",
+_SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username", "broker_password_file",
                   "http_cert_file", "http_key_file")
 
 
@@ -52,7 +52,10 @@ class HubConfig:
     public_url: str
     desired_ttl_seconds: int
     # Broker security, written by `edgefleet-hub broker-config` (empty: plain MQTT, broker_url)
-    device_broker_url: str = ""  # what enrolled agents connect to; empty = broker_url
+    device_broker_url: str = ""  # what certificate-enrolled agents connect to; empty = broker_url
+    # ... and password-enrolled ones; empty = broker_url (a broker folder written before the hub
+    # had a listener of its own: the hub then shared the password listener)
+    device_password_broker_url: str = ""
     broker_ca_file: str = ""  # CA the hub pins for the broker's certificate
     broker_username: str = ""
     broker_password_file: str = ""

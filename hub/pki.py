@@ -9,9 +9,9 @@ Everything lives in ``HOME/pki/`` and is written only through :class:`DevicePki`
     crl.pem                the current CRL (re-signed on every revoke and by ``broker-config``)
     passwd                 Mosquitto password file (``user:$7$...``, PBKDF2-SHA512)
     hub.password           the hub's own MQTT password (0600)
-    export.json            broker folders written by ``broker-config``: crl.pem and passwd are
-                           copied there on every change; the broker applies a revocation after a
-                           SIGHUP
+    export.json            broker folders written by ``broker-config``: crl.pem, passwd (the
+                           devices' users) and hub-passwd (the hub's user alone) are written
+                           there on every change; the broker applies a revocation after a SIGHUP
 
 Invariants: a certificate's subject CN is the device id (the broker's ``use_identity_as_username``
 turns it into the MQTT username its ACL patterns use); a device id is checked with
@@ -337,9 +337,12 @@ class DevicePki:
             atomic_write(self.hub_password_path, (password + "\n").encode(), mode=0o600)
         return self.hub_password_path.read_text().strip()
 
-    def password_file_text(self) -> str:
+    def password_file_text(self, *, hub: bool | None = None) -> str:
+        """Mosquitto password file lines: every user, or (``hub`` true/false) the hub's user
+        alone / every user but the hub's."""
         users = self.index()["passwords"]
-        return "".join(f"{u}:{h}\n" for u, h in sorted(users.items()))
+        hub_user = hub_username(self.fleet)
+        return "".join(f"{u}:{h}\n" for u, h in sorted(users.items()) if hub is None or (u == hub_user) == hub)
 
     # -- revocation ------------------------------------------------------------------------------
 
@@ -397,14 +400,16 @@ class DevicePki:
             return []
 
     def _sync(self) -> None:
-        passwd = self.password_file_text().encode()
-        atomic_write(self.passwd_path, passwd, mode=0o600)
+        atomic_write(self.passwd_path, self.password_file_text().encode(), mode=0o600)
+        # The broker's: devices on the password listener, the hub on its own (hub.brokerconf).
+        devices, hub = self.password_file_text(hub=False).encode(), self.password_file_text(hub=True).encode()
         crl = self.crl_path.read_bytes() if self.crl_path.exists() else None
         for target in self.exports():
             folder = Path(target)
             if not folder.is_dir():
                 continue
-            _write_keeping_group(folder / "passwd", passwd, 0o640)
+            _write_keeping_group(folder / "passwd", devices, 0o640)
+            _write_keeping_group(folder / "hub-passwd", hub, 0o640)
             if crl is not None:
                 _write_keeping_group(folder / "crl.pem", crl, 0o644)
 

@@ -45,6 +45,7 @@ class Secure:
     broker_dir: Path
     device_port: int
     password_port: int
+    hub_port: int
     mosquitto: subprocess.Popen[bytes]
     procs: Procs
     bundles: dict[str, Path]
@@ -84,14 +85,16 @@ class Probe:
         user: str | None = None,
         password: str | None = None,
         ca: str | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.connack = threading.Event()
+        self.disconnects = 0
         self.result = "no answer"
         self.suback: list[Any] = []
         self.messages: list[tuple[str, bytes]] = []
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"probe-{os.getpid()}",
+            client_id=client_id or f"probe-{os.getpid()}",
             protocol=mqtt.MQTTv311,
         )
         c.tls_set(
@@ -114,6 +117,7 @@ class Probe:
         self.connack.set()
 
     def _on_disconnect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        self.disconnects += 1
         if not self.connack.is_set():
             self.result = f"dropped: {rc}"
             self.connack.set()
@@ -169,7 +173,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     tmp = tmp_path_factory.mktemp("secure")
     fleet = f"sec{int(time.time() * 1000) % 10**9}"
     home = tmp / "hub"
-    http_port, device_port, password_port = free_port(), free_port(), free_port()
+    http_port, device_port, password_port, hub_port = free_port(), free_port(), free_port(), free_port()
     run_cli(
         "hub.cli", "init", "--home", str(home), "--fleet", fleet, "--http", f"127.0.0.1:{http_port}"
     )
@@ -191,6 +195,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         str(device_port),
         "--password-port",
         str(password_port),
+        "--hub-port",
+        str(hub_port),
         "--run-as",
         os.environ.get("USER", "root") if os.geteuid() == 0 else "",
         "--no-persistence",
@@ -205,11 +211,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     bundles: dict[str, Path] = {}
     agent_ports: dict[str, int] = {}
     s = Secure(
-        tmp, home, fleet, broker_dir, device_port, password_port, mosq, procs, bundles, agent_ports
+        tmp, home, fleet, broker_dir, device_port, password_port, hub_port, mosq, procs, bundles,
+        agent_ports,
     )
     try:
         wait_port(device_port)
         wait_port(password_port)
+        wait_port(hub_port)
         procs.start(
             "hub", "hub.cli", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path}
         )
@@ -435,6 +443,47 @@ def test_anonymous_and_wrong_password_clients_are_refused(env: Secure) -> None:
         attempt(env, port=env.password_port, user="dev-x", password=env.password("dev-x"))
         == "connected"
     )
+
+
+def test_the_hub_listener_takes_the_hub_user_alone_and_leaves_it_its_client_ids(
+    env: Secure,
+) -> None:
+    """Hub replicas and ingest links are several connections of one user: on the hub listener
+    each keeps its own client id (and persistent session). With the client id forced to the
+    username, as on the device listeners, they would knock each other off in turn."""
+    user = f"hub@{env.fleet}"
+    hub_pw = (env.home / "pki" / "hub.password").read_text().strip()
+    dev_pw = env.password("dev-x")
+    assert attempt(env, port=env.hub_port, user="dev-x", password=dev_pw).startswith("refused")
+    assert attempt(env, port=env.hub_port).startswith("refused")  # anonymous
+    assert attempt(env, port=env.password_port, user=user, password=hub_pw).startswith("refused")
+    topics = Topics(env.fleet)
+    shared = f"$share/probe/{topics.all_devices('events')}"
+    replicas = [
+        Probe(env, port=env.hub_port, user=user, password=hub_pw, client_id=f"{user}-p{i}")
+        for i in range(2)
+    ]
+    dev = Probe(env, port=env.password_port, user="dev-x", password=dev_pw)
+    try:
+        for r in replicas:
+            assert r.connect() == "connected"
+            r.client.subscribe(shared, 1)
+        wait_for(lambda: all(r.suback == [1] or r.suback[0:1] == [1] for r in replicas), 10, "SUBACKs")
+        assert dev.connect() == "connected"
+        sent = [
+            Event(fleet=env.fleet, device="dev-x", time=time.time(), type="note", message=f"share-{i}")
+            for i in range(20)
+        ]
+        for ev in sent:
+            dev.client.publish(topics.device("dev-x", "events"), ev.to_json(), qos=1).wait_for_publish(5)
+        wait_for(lambda: sum(len(r.messages) for r in replicas) >= len(sent), 15, "the shared messages")
+        time.sleep(1.0)  # a forced client id would have dropped one of them by now
+        assert [r.disconnects for r in replicas] == [0, 0]
+        assert all(r.messages for r in replicas), "a shared subscription splits the messages"
+        assert sum(len(r.messages) for r in replicas) == len(sent)
+    finally:
+        for p in (*replicas, dev):
+            p.close()
 
 
 def test_certificate_from_another_ca_is_refused(env: Secure) -> None:

@@ -115,3 +115,9 @@ def test_a_replica_name_must_be_a_plain_name(tmp_path: Path) -> None:
     h = Hub(home, replica="r1", share_group="g")
     h.db.close()
     assert h._client_id == "edgefleet-hub-f-r1"
+    # On a broker-config broker the ids start with the hub's user: '@' is in no device id, so
+    # no device can take the id (hub.brokerconf's hub listener does not force client ids).
+    home.update_config(broker_username="hub@f")
+    h = Hub(home, replica="r1", share_group="g")
+    h.db.close()
+    assert h._client_id == "hub@f-r1"
