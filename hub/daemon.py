@@ -1,7 +1,8 @@
 """The hub daemon: owns the database, signs and publishes, ingests what devices report.
 
-Threads: ``hub-http`` (admin API and blob server), paho's network thread (enqueues only),
-``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
+Threads: ``hub-http`` (admin API and blob server), paho's network thread (publishes: keyring,
+desired states, alerts), ``mqtt-ingest-*`` (:class:`hub.ingestlink.IngestLink`: receives device
+messages and enqueues them), ``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
 (re-signs desired states before they expire), ``hub-rollouts`` (judges running rollouts, see
 :mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -47,6 +49,7 @@ from hub.fastjson import dumps_text as _compact  # telemetry re-encoded for stor
 from hub.fastjson import loads_object
 from hub.groups import check_group, deploy_targets, group_of
 from hub.home import HubHome, keyring_path
+from hub.ingestlink import IngestLink
 from hub.keys import roots_path
 from hub.lineage import clean_lineage, diff_versions, find_decision
 from hub.modelfile import validate_onnx
@@ -58,6 +61,9 @@ __all__ = ["Hub"]
 log = logging.getLogger("edgefleet.hub")
 Clock = Callable[[], float]
 INGEST_BATCH = 1000
+# Messages received but not yet stored. When it is full the ingest links stop reading, so the
+# broker keeps the rest (QoS 1, unacknowledged) instead of this process's memory.
+INBOX_LIMIT = 20_000
 INGEST_LINGER, INGEST_LINGER_BELOW = 0.005, 100  # wait 5 ms for more when fewer than 100 are queued
 
 
@@ -90,7 +96,7 @@ class Hub:
         self.ingest_workers = ingest_workers
         self._known: frozenset[str] | None = None  # registered device ids (see _known_devices)
         self._known_at = 0.0
-        self._extra_links: list[MqttLink] = []
+        self._ingest_links: list[IngestLink] = []
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -100,7 +106,7 @@ class Hub:
         self.db = Database(home.db_path)
         self.signing_key = home.signing_key()
         self._keyring = self._load_keyring()
-        self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue(INBOX_LIMIT)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.counters = {"ingested": 0, "duplicates": 0, "malformed": 0, "unknown_device": 0, "failed": 0}
@@ -139,23 +145,19 @@ class Hub:
         subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
         if self.share_group:
             subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
-        self.link = MqttLink(
-            url=self.broker_url,
-            client_id=self._client_id,
-            subscriptions=subs,
-            on_message=self._on_message,
-            on_connect=self._on_connect,
-            # A persistent session: with a persistent broker, telemetry published while the hub is
-            # away (or the broker restarts) is queued for it instead of dropped.
-            clean_session=False,
-            **hub_link_options(self.home, self.config),
-        )
+        opts = hub_link_options(self.home, self.config)
+        # Publishing (keyring, desired states, alerts): paho, a clean session of its own.
+        self.link = MqttLink(url=self.broker_url, client_id=f"{self._client_id}-pub", subscriptions=[],
+                             on_message=lambda topic, payload, retain: None, on_connect=self._on_connect, **opts)
         self.link.start()
-        for i in range(1, self.ingest_workers):
-            extra = MqttLink(url=self.broker_url, client_id=f"{self._client_id}-ingest{i}",
-                             subscriptions=subs, on_message=self._on_message)
-            extra.start()
-            self._extra_links.append(extra)
+        # Receiving device messages: persistent sessions (with a persistent broker, telemetry
+        # published while the hub is away, or the broker restarts, is queued for it instead of
+        # dropped), the first under the hub's own client id.
+        for i in range(self.ingest_workers):
+            link = IngestLink(url=self.broker_url, client_id=self._client_id + (f"-ingest{i}" if i else ""),
+                              subscriptions=subs, on_batch=self._on_batch, clean_session=False, **opts)
+            link.start()
+            self._ingest_links.append(link)
         self.http.start()
         workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
         for name, target in (*workers, ("hub-main", self._main_loop)):
@@ -169,9 +171,15 @@ class Hub:
                  bound_port, self.broker_url)
 
     def stop(self) -> None:
+        for link in self._ingest_links:  # first: no new messages; then store what they took
+            link.stop()
+        deadline = time.monotonic() + 10.0
+        while not self._inbox.empty() and time.monotonic() < deadline and any(t.is_alive() for t in self._threads):
+            time.sleep(0.02)
         self._stop.set()
         for _ in range(self.ingest_workers):
-            self._inbox.put(("", "", b""))
+            with contextlib.suppress(queue.Full):  # then the ingest threads see _stop after their batch
+                self._inbox.put_nowait(("", "", b""))
         self.rollouts.stop()
         for t in self._threads:
             t.join(10)
@@ -180,8 +188,6 @@ class Hub:
             self.http.stop()
         if self.link is not None:
             self.link.stop()
-        for extra in self._extra_links:
-            extra.stop()
         self.home.clear_run()
         self.db.close()
 
@@ -198,10 +204,26 @@ class Hub:
         for row in self.db.query("SELECT device, envelope FROM desired"):
             self.link.publish(self.topics.desired(row["device"]), row["envelope"].encode(), qos=1, retain=True)
 
-    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        parsed = self.topics.parse(topic)
-        if parsed is not None:
-            self._inbox.put((parsed[0], parsed[1], payload))
+    @property
+    def ingest_connected(self) -> bool:
+        """Every ingest link is connected and subscribed."""
+        return bool(self._ingest_links) and all(link.connected.is_set() for link in self._ingest_links)
+
+    def _on_batch(self, messages: list[tuple[str, bytes]]) -> None:
+        """An ingest link's batch into the inbox; blocks while it is full (backpressure)."""
+        parse, put = self.topics.parse, self._inbox.put
+        for topic, payload in messages:
+            parsed = parse(topic)
+            if parsed is None:
+                continue
+            item = (parsed[0], parsed[1], payload)
+            while True:
+                try:
+                    put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._stop.is_set():
+                        raise RuntimeError("hub stopping with a full inbox") from None
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
