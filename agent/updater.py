@@ -54,14 +54,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from agent.config import DeviceProfile
 from agent.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher
 from agent.guard import check_model_bytes
 from agent.serving import LoadedModel, ModelServer, load
 from agent.store import Store
+from agent.sysstat import rss_bytes
 from agent.trust import NoKeyring, TrustedState, VerifiedDesired
 from agent.wire import ModelEntry
 
@@ -167,7 +166,7 @@ class Updater:
         self._retired: dict[str, CanaryStats] = {}
         self._drops: queue.SimpleQueue[tuple[CanaryRun, Verdict]] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None  # the daemon's main loop sets this
-        self.memory_probe: Callable[[], int] = lambda: int(psutil.Process().memory_info().rss)
+        self.memory_probe: Callable[[], int] = rss_bytes
 
     # -- persistence -----------------------------------------------------------------------------
 
