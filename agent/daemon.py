@@ -12,14 +12,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-import psutil
 
 from agent import __version__
 from agent.capture import make_capture
@@ -33,7 +30,8 @@ from agent.sandbox import SessionGuard
 from agent.serving import ModelServer
 from agent.spool import Outbox, Spool
 from agent.store import Store
-from agent.telemetry import fold, release_free_heap, temperature_c
+from agent.sysstat import SystemProbe, disk_free_bytes, rss_bytes, temperature_c
+from agent.telemetry import fold, release_free_heap
 from agent.trust import TrustedState
 from agent.updater import Note, Updater, pause_hook_from_env
 from agent.wire import (
@@ -108,9 +106,7 @@ class Agent:
         # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
         self.spool = Spool(config.state_dir / "spool", max_bytes=max(1, int(config.profile.spool_mb * 2**20)))
         self.outbox = Outbox()
-        self._proc = psutil.Process(os.getpid())
-        self._proc.cpu_percent(None)
-        psutil.cpu_percent(None)
+        self._probe = SystemProbe()
         self._thread: threading.Thread | None = None
         self.http: OipServer | None = None
         self.link: MqttLink | None = None
@@ -342,17 +338,12 @@ class Agent:
                 windows[name] = dataclasses.replace(windows[name], canary=canary)
         self._telemetry_seq += 1
         release_free_heap()  # before rss_bytes: the window's folding freed its arrays
-        mem = psutil.virtual_memory()
-        try:
-            disk_free = psutil.disk_usage(str(self.config.state_dir)).free
-        except OSError:
-            disk_free = 0
         system = {
-            "process_cpu_percent": self._proc.cpu_percent(None),
-            "rss_bytes": float(self._proc.memory_info().rss),
-            "system_cpu_percent": psutil.cpu_percent(None),
-            "memory_available_bytes": float(mem.available),
-            "disk_free_bytes": float(disk_free),
+            "process_cpu_percent": self._probe.process_cpu_percent(),
+            "rss_bytes": float(rss_bytes()),
+            "system_cpu_percent": self._probe.system_cpu_percent(),
+            "memory_available_bytes": float(self._probe.memory_available_bytes()),
+            "disk_free_bytes": float(disk_free_bytes(str(self.config.state_dir))),
         }
         temp = temperature_c()
         if temp is not None:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from agent.wire import ModelWindow, Reference
 
 __all__ = [
-    "LATENCY_BUCKETS_MS", "Recorder", "Snapshot", "feature_histogram", "fold", "latency_summary", "temperature_c",
+    "LATENCY_BUCKETS_MS", "Recorder", "Snapshot", "feature_histogram", "fold", "latency_summary",
 ]
 
 # Upper bounds (ms) of the fixed latency buckets; one more count is kept for everything above.
@@ -169,21 +169,6 @@ def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
         inputs=tuple(inputs),
         outputs=outputs,
     )
-
-
-def temperature_c() -> float | None:
-    """The hottest temperature sensor psutil offers on this platform (Linux, FreeBSD), or ``None``."""
-    import psutil
-
-    read = getattr(psutil, "sensors_temperatures", None)
-    if read is None:
-        return None
-    try:
-        sensors = read()
-    except (OSError, RuntimeError):
-        return None
-    values = [t.current for entries in sensors.values() for t in entries if t.current is not None]
-    return round(float(max(values)), 1) if values else None
 
 
 def release_free_heap() -> bool:

@@ -52,32 +52,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from agent.canary import (
-    CanaryLimits,
-    CanaryRun,
-    CanarySpec,
-    CanaryStats,
-    CandidateModel,
-    PreflightFailed,
-    PreflightParams,
-    PreflightRejected,
-    PreflightResult,
-    Verdict,
-    load_preflight,
-    run_preflight,
-)
 from agent.config import DeviceProfile
 from agent.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
 from agent.fetch import Fetcher
 from agent.guard import check_model_bytes
 from agent.serving import LoadedModel, ModelServer, load
 from agent.store import Store
+from agent.sysstat import rss_bytes
 from agent.trust import NoKeyring, TrustedState, VerifiedDesired
 from agent.wire import ModelEntry
+
+if TYPE_CHECKING:  # imported where used: agent.canary costs ~1 MiB RSS and most agents never run a canary
+    from agent.canary import (
+        CanaryRun,
+        CanarySpec,
+        CanaryStats,
+        CandidateModel,
+        PreflightResult,
+        Verdict,
+    )
 
 __all__ = ["STEPS", "Note", "Phase", "Updater", "pause_hook_from_env"]
 
@@ -171,7 +166,7 @@ class Updater:
         self._retired: dict[str, CanaryStats] = {}
         self._drops: queue.SimpleQueue[tuple[CanaryRun, Verdict]] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None  # the daemon's main loop sets this
-        self.memory_probe: Callable[[], int] = lambda: int(psutil.Process().memory_info().rss)
+        self.memory_probe: Callable[[], int] = rss_bytes
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -395,6 +390,8 @@ class Updater:
         specs: dict[str, CanarySpec] = {}
         for n, e in desired.models.items():
             if e.canary is not None:
+                from agent.canary import CanarySpec
+
                 try:
                     spec = CanarySpec.from_mapping(e.canary, f"models[{n}].canary")
                     st = spec.stable
@@ -505,6 +502,8 @@ class Updater:
             # An ordinary entry may name a preflight set too: failing it refuses the update.
             result = self._preflight(name, entry, model.session, rss0)
             if result is not None and not result.ok:
+                from agent.canary import PreflightFailed
+
                 raise PreflightFailed(f"{name} {entry.version}: {result.message}", reason=result.reason)
         self._transition(name, Phase.STAGED, entry)
         self.on_step("stage")
@@ -605,6 +604,8 @@ class Updater:
             spec.mode, spec.fraction, dict(spec.limits))
 
     def _new_run(self, model: CandidateModel, spec: CanarySpec) -> CanaryRun:
+        from agent.canary import CanaryLimits, CanaryRun
+
         return CanaryRun(
             candidate=model,
             spec=spec,
@@ -664,6 +665,14 @@ class Updater:
         ref = entry.preflight
         if ref is None:
             return None
+        from agent.canary import (
+            PreflightParams,
+            PreflightRejected,
+            PreflightResult,
+            load_preflight,
+            run_preflight,
+        )
+
         try:
             params = PreflightParams.from_mapping(ref)
             sha, size, url = ref.get("sha256"), ref.get("size"), ref.get("url")
@@ -717,6 +726,8 @@ class Updater:
             if rec.get("state") != "running":
                 continue
             entry = ModelEntry.from_dict(rec["entry"])
+            from agent.canary import CanarySpec
+
             try:
                 spec = CanarySpec.from_mapping(entry.canary or {})
                 if name not in self.server.models():
@@ -774,6 +785,8 @@ class Updater:
         self._retired.clear()
         for name, rec in self.canaries.items():
             if name not in out and rec.get("state") != "running":
+                from agent.canary import CanaryStats
+
                 stats = CanaryStats(rollout=str(rec.get("rollout")), mode=str(rec.get("mode")),
                                     version=str(rec["entry"]["version"]))
                 stats.state, stats.reason = str(rec["state"]), rec.get("reason")
