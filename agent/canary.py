@@ -79,6 +79,7 @@ MAX_PREFLIGHT_BYTES = 64 * 2**20  # uncompressed: a small compressed .npz must n
 
 Outputs = Mapping[str, Any]
 Array = npt.NDArray[Any]
+_ndarray = np.ndarray
 
 
 # --- the canary policy from the desired state ---------------------------------------------------
@@ -749,10 +750,15 @@ class Shadow:
         if len(items) >= self.capacity:
             self.stats.record_skipped()
             return False
-        # Copies: the caller owns its input and output arrays once the request returns.
-        items.append(({k: v.copy() for k, v in feeds.items()},
-                      {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in stable.items()},
-                      stable_ms))
+        # Copies: the caller owns its input and output arrays once the request returns. Plain
+        # loops, not comprehensions: a comprehension is a function call (0.3 µs of 2 per sample).
+        f: dict[str, Array] = {}
+        for k, v in feeds.items():
+            f[k] = v.copy()
+        s: dict[str, Any] = {}
+        for k, v in stable.items():
+            s[k] = v.copy() if isinstance(v, _ndarray) else v
+        items.append((f, s, stable_ms))
         if not self._wake.is_set():
             self._wake.set()
         return True
