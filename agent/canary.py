@@ -725,7 +725,7 @@ class Shadow:
         self.replay = replay
         # The shadow thread waits this long before each batch so that more queue up and go in
         # one candidate call: fewer wake-ups and GIL hand-overs competing with the request thread.
-        # Each replay takes the GIL a few times, and every time it may keep one request waiting;
+        # Each replay takes the GIL twice, and every time it may keep one request waiting;
         # at most 1/linger_s replays a second keep that a small share of requests (see
         # BENCHMARKS.md §3). Throughput is then capped at max_batch/linger_s replays a second:
         # samples beyond it are skipped and counted, never waited for.
@@ -794,7 +794,7 @@ class Shadow:
         # and keeps that request waiting until its next hand-over. For the stable path's p99
         # what counts is how many requests wait, not how long one does, so a replay takes the
         # GIL twice (before and after the candidate's run) and does everything else in one go,
-        # with numpy calls on whole batches (about 0.2 ms for 256 requests; BENCHMARKS.md §3).
+        # with numpy calls on whole batches (about 0.3 ms for 256 requests on the bench machine).
         t0 = self.clock()
         try:
             out = self.replay(feeds)

@@ -112,8 +112,9 @@ def run(smoke: bool = False) -> Result:
                              f"({100 * agreed / max(compared, 1):.1f} % label agreement), {skipped} skipped "
                              "because the queue was full.")
     res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread waits 25 ms before each batch "
-                     "and replays up to 256 queued requests (queue of 512) in one ONNX Runtime call and one comparison "
-                     "(fewer GIL hand-overs to the request thread). 'one replay per request' turns that off "
+                     "and replays up to 256 queued requests (queue of 512) in one ONNX Runtime call and one comparison; "
+                     "it takes the GIL twice per batch (before and after the candidate's run), so at most two "
+                     "requests a batch wait behind it. The guard judges every 8th batch as shipped (never drops here). 'one replay per request' turns that off "
                      "(max_batch 1, no linger) to show what batching buys.")
     res.notes.append("'Within noise' is read as: the pooled p99 with shadow is no higher than the highest "
                      "per-round p99 with shadow off in the same run (the machine's own round-to-round spread). "
