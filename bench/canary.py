@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,10 @@ def _loaded(tmp: str, name: str, version: str, blob: bytes, profile: DeviceProfi
 
 def _attach(server: ModelServer, cand: LoadedModel, stable: ModelEntry, fraction: float, batched: bool) -> CanaryRun:
     spec = CanarySpec(rollout="bench", mode="shadow", fraction=fraction, stable=stable)
-    run = CanaryRun(candidate=cand, spec=spec, limits=CanaryLimits(min_samples=10**9), on_drop=lambda r, v: None,
+    # The guard judges as shipped (every 8th batch once 50 requests are in) but never drops: the
+    # batched candidate's per-row latency share is not what this benchmark is about.
+    limits = CanaryLimits(max_error_rate=1.0, max_latency_ratio=math.inf)
+    run = CanaryRun(candidate=cand, spec=spec, limits=limits, on_drop=lambda r, v: None,
                     **({} if batched else {"max_batch": 1, "linger_s": 0.0}))
     server.attach_canary(cand.name, run)
     run.start()
@@ -108,8 +112,9 @@ def run(smoke: bool = False) -> Result:
                              f"({100 * agreed / max(compared, 1):.1f} % label agreement), {skipped} skipped "
                              "because the queue was full.")
     res.notes.append("10 % and 100 % use the agent's defaults: the shadow thread waits 25 ms before each batch "
-                     "and replays up to 256 queued requests (queue of 512) in one ONNX Runtime call and one comparison "
-                     "(fewer GIL hand-overs to the request thread). 'one replay per request' turns that off "
+                     "and replays up to 256 queued requests (queue of 512) in one ONNX Runtime call and one comparison; "
+                     "it takes the GIL twice per batch (before and after the candidate's run), so at most two "
+                     "requests a batch wait behind it. The guard judges every 8th batch as shipped (never drops here). 'one replay per request' turns that off "
                      "(max_batch 1, no linger) to show what batching buys.")
     res.notes.append("'Within noise' is read as: the pooled p99 with shadow is no higher than the highest "
                      "per-round p99 with shadow off in the same run (the machine's own round-to-round spread). "

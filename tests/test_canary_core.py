@@ -142,6 +142,41 @@ def test_nan_from_the_candidate_counts_as_an_error_not_a_comparison() -> None:
     assert st.totals().nonfinite == 1
 
 
+def test_the_guard_sees_the_last_latency_samples_after_the_history_wraps() -> None:
+    from collections import deque
+
+    from agent.canary import LATENCY_HISTORY
+
+    st = CanaryStats(rollout="r", mode="shadow", version="2")
+    a = {"y": np.ones((1, 2), dtype=np.float32)}
+    seen_c: deque[float] = deque(maxlen=LATENCY_HISTORY)
+    seen_s: deque[float] = deque(maxlen=LATENCY_HISTORY)
+    rng = np.random.default_rng(1)
+    for k in (1, 7, 300, LATENCY_HISTORY - 5, 1, LATENCY_HISTORY + 3, 2):  # batches that wrap the ring
+        c, s = rng.random(k), rng.random(k)
+        rows = {"y": np.ones((k, 2), dtype=np.float32)}
+        st.record_pair(rows, rows, s, c)
+        seen_c.extend(c.tolist())
+        seen_s.extend(s.tolist())
+        st.record_candidate(0.5, ok=True, outputs=a)
+        st.record_stable(0.25)
+        seen_c.append(0.5)
+        seen_s.append(0.25)
+        t = st.totals()
+        assert sorted(np.asarray(t.candidate_ms).tolist()) == sorted(seen_c)
+        assert sorted(np.asarray(t.stable_ms).tolist()) == sorted(seen_s)
+
+
+@pytest.mark.parametrize("n", [2, 3, 20, 21, 50, 999, 2048])
+def test_the_guard_p95_is_numpys_percentile_bit_for_bit(n: int) -> None:
+    from agent.canary import _p95
+
+    rng = np.random.default_rng(n)
+    for values in (rng.lognormal(size=n), rng.integers(0, 4, size=n).astype(float), rng.random(n) * 1e-3):
+        assert _p95(values) == float(np.percentile(values, 95))
+        assert _p95(tuple(values.tolist())) == float(np.percentile(values, 95))
+
+
 # --- local guard ----------------------------------------------------------------------------------
 
 
