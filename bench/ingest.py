@@ -45,7 +45,7 @@ import paho.mqtt.client as mqtt
 from agent.telemetry import Recorder, fold
 from agent.wire import FeatureReference, Reference, TelemetryWindow, Topics
 from bench.common import REPO, Mosquitto, Result, Row, wait_until
-from hub.daemon import Hub
+from hub.daemon import Hub, freeze_startup_heap
 from hub.home import HubHome
 from hub.ingestlink import IngestLink
 
@@ -209,6 +209,7 @@ def _hub(url: str, fleet: str, devices: int, path: Path, tmp: Path, total: int, 
     for d in range(devices):
         hub.add_device({"device": f"d{d}"}, "bench")
     hub.start()
+    freeze_startup_heap()  # as `edgefleet-hub serve` does
     try:
         wait_until(lambda: hub.link is not None and hub.link.connected.is_set() and hub.ingest_connected, 10,
                    "hub connected")
@@ -233,6 +234,7 @@ def _hub_drain(url: str, fleet: str, devices: int, path: Path, tmp: Path, total:
     for d in range(devices):
         hub.add_device({"device": f"d{d}"}, "bench")
     hub.start()
+    freeze_startup_heap()  # as `edgefleet-hub serve` does
     try:
         wait_until(lambda: hub.ingest_connected, 10, "hub subscribed")
     finally:
@@ -241,6 +243,7 @@ def _hub_drain(url: str, fleet: str, devices: int, path: Path, tmp: Path, total:
     hub = Hub(home)
     t0 = time.time()
     hub.start()
+    freeze_startup_heap()  # as `edgefleet-hub serve` does
     try:
         wait_until(lambda: hub.counters["ingested"] + hub.counters["duplicates"] >= total, 300,
                    f"{total} queued messages ingested", 0.005)

@@ -65,7 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hub.daemon import Hub
+    from hub.daemon import Hub, freeze_startup_heap
 
     hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http,
               share_group=args.share, ingest_workers=args.ingest_workers, replica=args.replica)
@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     notify = Notifier()
     hub.start()
+    freeze_startup_heap()
     notify(f"READY=1\nSTATUS=fleet {hub.config.fleet}, admin API and blobs on {hub.public_url}")
     # systemd's watchdog sees the hub alive only while its worker threads are.
     while not stop.wait(min(1.0, notify.watchdog_interval or 1.0)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -65,6 +66,22 @@ INGEST_BATCH = 1000
 # broker keeps the rest (QoS 1, unacknowledged) instead of this process's memory.
 INBOX_LIMIT = 20_000
 INGEST_LINGER, INGEST_LINGER_BELOW = 0.005, 100  # wait 5 ms for more when fewer than 100 are queued
+
+
+def freeze_startup_heap() -> None:
+    """Put every object alive now (imported modules, the hub's own state) out of the cyclic
+    garbage collector's reach (:func:`gc.freeze`); ``edgefleet-hub serve`` calls it once the hub
+    has started.
+
+    Ingest batches keep a batch's parsed windows alive across young collections, so they reach
+    the oldest generation and set off full collections, each of which walked the ~40,000 objects
+    the process holds from its start: about 10 µs per ingested window, 17 % of the ingest
+    thread's time (``bench.hub_ingest`` in a fresh process: 16.8k windows/s, 20.3k frozen, 20.6k
+    with the collector off). Frozen objects are still freed by reference counting; only a cycle
+    among them would outlive its use, and what exists at start lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Hub:
