@@ -426,6 +426,8 @@ def run(smoke: bool = False) -> Result:
                 f"{rates['bare drain']:,.0f} (same `json.loads`): paho's receive path costs "
                 f"{paho_us - link_us:.0f} µs per message more; the hub's whole work per window (receive, "
                 f"parse, dedup, SQLite, drift sums) takes {1e6 / rates['hub x1 drain']:.0f} µs.")
+        res.notes.append("The in-process hubs call `hub.daemon.freeze_startup_heap()` after start, as "
+                         "`edgefleet-hub serve` does (the replica processes are `serve`).")
         res.notes.append("Hub figure counts windows committed to SQLite (telemetry + per-model rows, "
                          "`INSERT OR IGNORE` dedup on device+seq) plus duplicates recognised; every "
                          "unique window was checked to be stored.")
