@@ -60,6 +60,12 @@ RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # As in agent.oip: unbuffered, the stdlib handler sends headers and body apart, and on a
+    # keep-alive connection Nagle's algorithm holds the body until the client's delayed ACK,
+    # about 40 ms a request (enrolling 1,000 devices took 44 s). Buffer each response (the
+    # handler flushes it after the request) and send at once.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
