@@ -2,9 +2,9 @@
 
 Threads: ``hub-http`` (admin API and blob server), paho's network thread (publishes: keyring,
 desired states, alerts), ``mqtt-ingest-*`` (:class:`hub.ingestlink.IngestLink`: receives device
-messages and enqueues them), ``hub-ingest`` (drains the queue and writes batches in one transaction each), ``hub-main``
-(re-signs desired states before they expire), ``hub-rollouts`` (judges running rollouts, see
-:mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
+messages and enqueues them), ``hub-ingest`` (drains the queue and writes batches in one
+transaction each), ``hub-main`` (re-signs desired states before they expire), ``hub-rollouts``
+(judges running rollouts, see :mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ class Hub:
 
         ``replica`` names this replica's MQTT client id and persistent session
         (``edgefleet-hub-{fleet}-{replica}``, or ``{broker user}-{replica}`` on a broker written
-        by ``broker-config``): replicas that share one id take the connection from each other. The broker keeps queueing a share of the messages to a replica's
-        session while it is away (Mosquitto 2.0 does), and delivers them when it returns."""
+        by ``broker-config``): replicas that share one id take the connection from each other.
+        The broker keeps queueing a share of the messages to a replica's session while it is
+        away (Mosquitto 2.0 does), and delivers them when it returns."""
         if ingest_workers < 1:
             raise ValueError(f"ingest_workers must be at least 1, got {ingest_workers}")
         if ingest_workers > 1 and not share_group:
