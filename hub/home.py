@@ -31,8 +31,7 @@ from agent.wire import check_name
 __all__ = ["HubConfig", "HubHome", "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username",
-                  "broker_password_file",
-                  "http_cert_file", "http_key_file")
+                  "broker_password_file", "http_cert_file", "http_key_file")
 
 
 
