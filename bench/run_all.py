@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         "Written by `python -m bench.run_all`" + (" --smoke" if args.smoke else "") + ". Every benchmark "
         "runs edgefleet and its baseline side by side in the same run, interleaved where it can; "
         "nothing here is asserted, the `met` column compares against the targets of issue 7. The "
-        "machine is shared (2 cores, other work running), so expect a few % of noise.", "",
+        "machine is shared (2 cores, other work running), so expect a few % of noise. On a virtual "
+        "machine, request/response latencies (HTTP on loopback, even a single ORT run) are lower when "
+        "the other core is busy than when it is idle: an idle virtual CPU is slow to wake. Absolute µs "
+        "figures therefore move with the machine's load; the ratios to baselines measured in the same "
+        "run do not.", "",
         "| | |", "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
