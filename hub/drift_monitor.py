@@ -158,7 +158,8 @@ class _Acc:
         under the same version) restarts from the newest histogram, as the flush does.
 
         On the ingest thread for every feature of every window: ``map`` over C functions, not
-        comprehensions (half the time; ``bench.hub_ingest``)."""
+        comprehensions (with :meth:`DriftMonitor.stage`'s, 17.4 -> 12.5 µs per window of 6
+        features; ``bench.hub_ingest``)."""
         inputs = self.inputs
         for h in hists:
             get = h.get

@@ -229,35 +229,42 @@ class IngestLink:
         sock.settimeout(min(0.5, self._keepalive / 4))
         last_sent = last_heard = time.monotonic()
         pinged = False
+        if self._deliver(sock, buf):  # what followed CONNACK
+            last_sent = time.monotonic()
         while not self._stop.is_set():
-            if not buf or not split_packets(buf)[0]:  # else: what followed CONNACK, first
-                try:
-                    chunk = sock.recv(262144)
-                except TimeoutError:  # socket.timeout is its alias
-                    now = time.monotonic()
-                    if now - last_heard > self._keepalive * 1.5:
-                        raise ProtocolError(f"nothing from the broker for {self._keepalive * 1.5:.0f} s") from None
-                    if now - last_sent >= self._keepalive / 2 and not pinged:
-                        sock.sendall(b"\xc0\x00")  # PINGREQ
-                        last_sent, pinged = now, True
-                    continue
-                if not chunk:
-                    raise ProtocolError("the broker closed the connection")
-                last_heard, pinged = time.monotonic(), False
-                buf += chunk
-            packets, used = split_packets(buf)
-            if not packets:
+            try:
+                chunk = sock.recv(262144)
+            except TimeoutError:  # socket.timeout is its alias
+                now = time.monotonic()
+                if now - last_heard > self._keepalive * 1.5:
+                    raise ProtocolError(f"nothing from the broker for {self._keepalive * 1.5:.0f} s") from None
+                if now - last_sent >= self._keepalive / 2 and not pinged:
+                    sock.sendall(b"\xc0\x00")  # PINGREQ
+                    last_sent, pinged = now, True
                 continue
-            messages, acks = self._handle(buf, packets)
-            del buf[:used]
-            if messages:
-                self._on_batch(messages)
-                self.received += len(messages)
-            if acks:
-                sock.sendall(b"".join(acks))
-                last_sent = time.monotonic()
+            if not chunk:
+                raise ProtocolError("the broker closed the connection")
+            last_heard, pinged = time.monotonic(), False
+            buf += chunk
+            if self._deliver(sock, buf):
+                last_sent = last_heard
         with contextlib.suppress(OSError):
             sock.sendall(b"\xe0\x00")  # DISCONNECT: a clean goodbye, the session stays
+
+    def _deliver(self, sock: socket.socket, buf: bytearray) -> bool:
+        """Hand the complete packets at the start of ``buf`` to ``on_batch``, then acknowledge
+        them and cut them off ``buf``; true if PUBACKs were sent."""
+        packets, used = split_packets(buf)
+        if not packets:
+            return False
+        messages, acks = self._handle(buf, packets)
+        del buf[:used]
+        if messages:
+            self._on_batch(messages)
+            self.received += len(messages)
+        if acks:
+            sock.sendall(b"".join(acks))
+        return bool(acks)
 
     def _handle(self, buf: bytearray, packets: list[tuple[int, int, int]]) -> tuple[Batch, list[bytes]]:
         """The PUBLISHes among ``packets`` (cut from ``buf``) and the PUBACKs they need."""

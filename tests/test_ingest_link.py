@@ -187,7 +187,9 @@ def test_a_persistent_session_gets_what_was_published_while_away(broker: Broker,
     assert sink.messages == msgs and link.connections == 1
 
 
-def test_a_blocked_consumer_holds_the_broker_back_and_loses_nothing(broker: Broker, fleet: str) -> None:
+def test_a_consumer_that_blocks_in_on_batch_loses_nothing_and_keeps_its_connection(
+    broker: Broker, fleet: str
+) -> None:
     sink = Sink()
     sink.gate = threading.Event()
     link = _link(broker, fleet, sink)
@@ -195,7 +197,7 @@ def test_a_blocked_consumer_holds_the_broker_back_and_loses_nothing(broker: Brok
     done = threading.Thread(target=_publish_all, args=(broker, msgs))
     done.start()
     time.sleep(1.0)
-    assert sink.batches == []  # the first batch is held in on_batch: nothing acknowledged yet
+    assert sink.batches == []  # precondition: the first batch is still held in on_batch
     sink.gate.set()
     done.join(30)
     wait_for(lambda: len(sink.messages) >= len(msgs), 20, "every message after the hold")
