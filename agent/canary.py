@@ -41,10 +41,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import DeviceProfile
-from agent.errors import MalformedMessage, Refused
-from agent.telemetry import latency_summary
-from agent.wire import ModelEntry
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.errors import MalformedMessage, Refused
+from edgefleet.agent.telemetry import latency_summary
+from edgefleet.agent.wire import ModelEntry
 
 __all__ = [
     "MODES",

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.errors import MalformedMessage, Refused, StoreFailed, Unavailable
-from agent.store import atomic_write
-from agent.wire import check_name
+from edgefleet.agent.errors import MalformedMessage, Refused, StoreFailed, Unavailable
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.wire import check_name
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from edgefleet.agent.config import AgentConfig
 
 __all__ = ["KIND", "Capture", "CaptureSpool", "HttpCaptureSender", "make_capture", "parse_batch"]
 

@@ -13,16 +13,16 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from agent import __version__
-from agent.config import load_agent_config
-from agent.errors import EdgefleetError
+from edgefleet.agent import __version__
+from edgefleet.agent.config import load_agent_config
+from edgefleet.agent.errors import EdgefleetError
 
 __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.daemon import Agent
-    from agent.sdnotify import Notifier
+    from edgefleet.agent.daemon import Agent
+    from edgefleet.agent.sdnotify import Notifier
 
     config = load_agent_config(Path(args.config))
     agent = Agent(config, notify=Notifier())

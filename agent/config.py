@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
-from agent.wire import check_name
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.wire import check_name
 
 __all__ = ["AgentConfig", "DeviceProfile", "load_agent_config", "load_profile"]
 

@@ -18,23 +18,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import __version__
-from agent.capture import make_capture
-from agent.config import AgentConfig
-from agent.envelope import public_key_from_b64
-from agent.errors import EdgefleetError, StoreFailed
-from agent.fetch import Fetcher, HttpFetcher
-from agent.mqttlink import MqttLink
-from agent.oip import OipServer
-from agent.sandbox import SessionGuard
-from agent.serving import ModelServer
-from agent.spool import Outbox, Spool
-from agent.store import Store
-from agent.sysstat import SystemProbe, disk_free_bytes, rss_bytes, temperature_c
-from agent.telemetry import fold, release_free_heap
-from agent.trust import TrustedState
-from agent.updater import Note, Updater, pause_hook_from_env
-from agent.wire import (
+from edgefleet.agent import __version__
+from edgefleet.agent.capture import make_capture
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.envelope import public_key_from_b64
+from edgefleet.agent.errors import EdgefleetError, StoreFailed
+from edgefleet.agent.fetch import Fetcher, HttpFetcher
+from edgefleet.agent.mqttlink import MqttLink
+from edgefleet.agent.oip import OipServer
+from edgefleet.agent.sandbox import SessionGuard
+from edgefleet.agent.serving import ModelServer
+from edgefleet.agent.spool import Outbox, Spool
+from edgefleet.agent.store import Store
+from edgefleet.agent.sysstat import SystemProbe, disk_free_bytes, rss_bytes, temperature_c
+from edgefleet.agent.telemetry import fold, release_free_heap
+from edgefleet.agent.trust import TrustedState
+from edgefleet.agent.updater import Note, Updater, pause_hook_from_env
+from edgefleet.agent.wire import (
     Event,
     ModelReport,
     ModelWindow,

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.ed25519 import VerifyKey, verify
-from agent.errors import MalformedMessage
-from agent.wire import canonical_json, parse_json_object
+from edgefleet.agent.ed25519 import VerifyKey, verify
+from edgefleet.agent.errors import MalformedMessage
+from edgefleet.agent.wire import canonical_json, parse_json_object
 
 if TYPE_CHECKING:  # the agent only verifies (agent.ed25519); cryptography's keys come from the hub
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agent.errors import BlobRejected, FetchFailed
+from edgefleet.agent.errors import BlobRejected, FetchFailed
 
 __all__ = ["Fetcher", "HttpFetcher", "is_tls_verify_error"]
 

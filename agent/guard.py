@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from agent.errors import ModelRejected
+from edgefleet.agent.errors import ModelRejected
 
 __all__ = ["ALLOWED_DOMAINS", "check_model_bytes"]
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import onnxruntime as ort
 import psutil
 
-from agent.errors import EdgefleetError
-from agent.guard import check_model_bytes
+from edgefleet.agent.errors import EdgefleetError
+from edgefleet.agent.guard import check_model_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agent.guard_child")
+    parser = argparse.ArgumentParser(prog="edgefleet.agent.guard_child")
     parser.add_argument("path")
     parser.add_argument("--budget-mb", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)

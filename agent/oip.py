@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent import __version__
-from agent.serving import InferenceError, ModelServer, UnknownModel
+from edgefleet.agent import __version__
+from edgefleet.agent.serving import InferenceError, ModelServer, UnknownModel
 
 __all__ = ["OipServer"]
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import ModelRejected
+from edgefleet.agent.errors import ModelRejected
 
 __all__ = ["SessionGuard"]
 
@@ -42,7 +42,7 @@ class SessionGuard:
         self.threads = threads
         self.opt_level = opt_level
         # ``command`` replaces ``python -m agent.guard_child`` (tests use a child that hangs).
-        self.command = list(command) if command else [sys.executable, "-m", "agent.guard_child"]
+        self.command = list(command) if command else [sys.executable, "-m", "edgefleet.agent.guard_child"]
 
     def __call__(self, path: Path) -> None:
         argv = [

@@ -21,11 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from agent.capture import Capture
-from agent.config import DeviceProfile
-from agent.errors import EdgefleetError, ModelRejected, Refused
-from agent.telemetry import Recorder
-from agent.wire import ModelEntry
+from edgefleet.agent.capture import Capture
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.errors import EdgefleetError, ModelRejected, Refused
+from edgefleet.agent.telemetry import Recorder
+from edgefleet.agent.wire import ModelEntry
 
 __all__ = ["CanaryHook", "InferResult", "InferenceError", "LoadedModel", "ModelServer", "UnknownModel", "load"]
 

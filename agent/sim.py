@@ -36,14 +36,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent import __version__
-from agent.envelope import public_key_from_b64
-from agent.errors import EdgefleetError
-from agent.fetch import Fetcher, HttpFetcher
-from agent.mqttlink import parse_broker_url
-from agent.store import Store
-from agent.trust import NoKeyring, TrustedState, VerifiedDesired
-from agent.wire import TOPIC_PREFIX, ModelEntry, ModelReport, Reported, Status, Topics
+from edgefleet.agent import __version__
+from edgefleet.agent.envelope import public_key_from_b64
+from edgefleet.agent.errors import EdgefleetError
+from edgefleet.agent.fetch import Fetcher, HttpFetcher
+from edgefleet.agent.mqttlink import parse_broker_url
+from edgefleet.agent.store import Store
+from edgefleet.agent.trust import NoKeyring, TrustedState, VerifiedDesired
+from edgefleet.agent.wire import TOPIC_PREFIX, ModelEntry, ModelReport, Reported, Status, Topics
 
 __all__ = ["BlobCache", "SimAgent", "SimFleet"]
 

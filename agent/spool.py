@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import StoreFailed
-from agent.store import atomic_write
+from edgefleet.agent.errors import StoreFailed
+from edgefleet.agent.store import atomic_write
 
 __all__ = ["Outbox", "Spool"]
 

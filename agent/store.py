@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BlobRejected, StoreFailed
+from edgefleet.agent.errors import BlobRejected, StoreFailed
 
 __all__ = ["Store", "atomic_write", "sha256_file"]
 

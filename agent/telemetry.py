@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.wire import ModelWindow, Reference
+from edgefleet.agent.wire import ModelWindow, Reference
 
 __all__ = [
     "LATENCY_BUCKETS_MS", "Recorder", "Snapshot", "feature_histogram", "fold", "latency_summary",

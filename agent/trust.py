@@ -55,9 +55,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.ed25519 import VerifyKey
-from agent.envelope import Envelope, key_id, open_envelope, public_key_from_b64, valid_signers
-from agent.errors import (
+from edgefleet.agent.ed25519 import VerifyKey
+from edgefleet.agent.envelope import Envelope, key_id, open_envelope, public_key_from_b64, valid_signers
+from edgefleet.agent.errors import (
     BadSignature,
     Expired,
     IncompleteModel,
@@ -66,7 +66,7 @@ from agent.errors import (
     UnknownKey,
     WrongTarget,
 )
-from agent.wire import DesiredState, Keyring, check_name, format_time, parse_json_object
+from edgefleet.agent.wire import DesiredState, Keyring, check_name, format_time, parse_json_object
 
 __all__ = [
     "ROOTS_KIND",

@@ -54,18 +54,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import DeviceProfile
-from agent.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
-from agent.fetch import Fetcher
-from agent.guard import check_model_bytes
-from agent.serving import LoadedModel, ModelServer, load
-from agent.store import Store
-from agent.sysstat import rss_bytes
-from agent.trust import NoKeyring, TrustedState, VerifiedDesired
-from agent.wire import ModelEntry
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
+from edgefleet.agent.fetch import Fetcher
+from edgefleet.agent.guard import check_model_bytes
+from edgefleet.agent.serving import LoadedModel, ModelServer, load
+from edgefleet.agent.store import Store
+from edgefleet.agent.sysstat import rss_bytes
+from edgefleet.agent.trust import NoKeyring, TrustedState, VerifiedDesired
+from edgefleet.agent.wire import ModelEntry
 
 if TYPE_CHECKING:  # imported where used: agent.canary costs ~1 MiB RSS and most agents never run a canary
-    from agent.canary import (
+    from edgefleet.agent.canary import (
         CanaryRun,
         CanarySpec,
         CanaryStats,
@@ -390,7 +390,7 @@ class Updater:
         specs: dict[str, CanarySpec] = {}
         for n, e in desired.models.items():
             if e.canary is not None:
-                from agent.canary import CanarySpec
+                from edgefleet.agent.canary import CanarySpec
 
                 try:
                     spec = CanarySpec.from_mapping(e.canary, f"models[{n}].canary")
@@ -502,7 +502,7 @@ class Updater:
             # An ordinary entry may name a preflight set too: failing it refuses the update.
             result = self._preflight(name, entry, model.session, rss0)
             if result is not None and not result.ok:
-                from agent.canary import PreflightFailed
+                from edgefleet.agent.canary import PreflightFailed
 
                 raise PreflightFailed(f"{name} {entry.version}: {result.message}", reason=result.reason)
         self._transition(name, Phase.STAGED, entry)
@@ -604,7 +604,7 @@ class Updater:
             spec.mode, spec.fraction, dict(spec.limits))
 
     def _new_run(self, model: CandidateModel, spec: CanarySpec) -> CanaryRun:
-        from agent.canary import CanaryLimits, CanaryRun
+        from edgefleet.agent.canary import CanaryLimits, CanaryRun
 
         return CanaryRun(
             candidate=model,
@@ -665,7 +665,7 @@ class Updater:
         ref = entry.preflight
         if ref is None:
             return None
-        from agent.canary import (
+        from edgefleet.agent.canary import (
             PreflightParams,
             PreflightRejected,
             PreflightResult,
@@ -726,7 +726,7 @@ class Updater:
             if rec.get("state") != "running":
                 continue
             entry = ModelEntry.from_dict(rec["entry"])
-            from agent.canary import CanarySpec
+            from edgefleet.agent.canary import CanarySpec
 
             try:
                 spec = CanarySpec.from_mapping(entry.canary or {})
@@ -785,7 +785,7 @@ class Updater:
         self._retired.clear()
         for name, rec in self.canaries.items():
             if name not in out and rec.get("state") != "running":
-                from agent.canary import CanaryStats
+                from edgefleet.agent.canary import CanaryStats
 
                 stats = CanaryStats(rollout=str(rec.get("rollout")), mode=str(rec.get("mode")),
                                     version=str(rec["entry"]["version"]))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self, TypeVar
 
-from agent.errors import MalformedMessage
+from edgefleet.agent.errors import MalformedMessage
 
 __all__ = [
     "KINDS",

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.canary import CanaryLimits, CanaryRun, CanarySpec
-from agent.config import DeviceProfile
-from agent.serving import LoadedModel, ModelServer, load
-from agent.wire import ModelEntry
 from bench.common import Result, Row, percentile, train_models, us
+from edgefleet.agent.canary import CanaryLimits, CanaryRun, CanarySpec
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.serving import LoadedModel, ModelServer, load
+from edgefleet.agent.wire import ModelEntry
 
 
 def _loaded(tmp: str, name: str, version: str, blob: bytes, profile: DeviceProfile) -> LoadedModel:

@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent.telemetry import Recorder, fold
-from agent.wire import FeatureReference, Reference, TelemetryWindow, Topics
 from bench.common import REPO, Mosquitto, Result, Row, wait_until
-from hub.daemon import Hub, freeze_startup_heap
-from hub.home import HubHome
-from hub.ingestlink import IngestLink
+from edgefleet.agent.telemetry import Recorder, fold
+from edgefleet.agent.wire import FeatureReference, Reference, TelemetryWindow, Topics
+from edgefleet.hub.daemon import Hub, freeze_startup_heap
+from edgefleet.hub.home import HubHome
+from edgefleet.hub.ingestlink import IngestLink
 
 
 def _payloads(fleet: str, devices: int, n: int) -> list[tuple[str, bytes]]:
@@ -283,7 +283,7 @@ def _stored_counter(home: HubHome) -> tuple[sqlite3.Connection, Callable[[], int
 
 def _replica_procs(home: HubHome, replicas: int, tmp: Path, tag: str) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
     logs = [tmp / f"replica-{tag}-{i}.log" for i in range(replicas)]
-    procs = [subprocess.Popen([sys.executable, "-m", "hub.cli", "serve", "--home", str(home.path), "--http",
+    procs = [subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli", "serve", "--home", str(home.path), "--http",
                                "127.0.0.1:0", "--share", "bench", "--replica", f"r{i}"], cwd=REPO,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
     return procs, logs

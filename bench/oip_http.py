@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.config import DeviceProfile
-from agent.oip import OipServer
-from agent.serving import ModelServer, load, session_options
-from agent.wire import ModelEntry
 from bench.common import Result, Row, percentile, train_models, us
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.oip import OipServer
+from edgefleet.agent.serving import ModelServer, load, session_options
+from edgefleet.agent.wire import ModelEntry
 
 TARGET_ADDED_P50_S = 250e-6
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.config import DeviceProfile
-from agent.serving import ModelServer, load, session_options
-from agent.wire import ModelEntry
 from bench.common import Result, Row, interleaved_min_median, train_models, us
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.serving import ModelServer, load, session_options
+from edgefleet.agent.wire import ModelEntry
 
 TARGET_ADDED_B1_S = 3e-6
 TARGET_ADDED_B64 = 0.05

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from agent.telemetry import Recorder, feature_histogram, fold
-from agent.wire import FeatureReference, Reference
+from edgefleet.agent.telemetry import Recorder, feature_histogram, fold
+from edgefleet.agent.wire import FeatureReference, Reference
 
 N = 200_000
 FEATURES = 8

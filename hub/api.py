@@ -41,15 +41,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from agent.errors import EdgefleetError
-from hub.enrol import list_devices, revoke_device
-from hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
-from hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from hub.metrics import render as render_metrics
-from hub.tls import handshake, server_context
+from edgefleet.agent.errors import EdgefleetError
+from edgefleet.hub.enrol import list_devices, revoke_device
+from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
+from edgefleet.hub.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from edgefleet.hub.metrics import render as render_metrics
+from edgefleet.hub.tls import handshake, server_context
 
 if TYPE_CHECKING:
-    from hub.daemon import Hub
+    from edgefleet.hub.daemon import Hub
 
 __all__ = ["HubHttpServer"]
 

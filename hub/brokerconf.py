@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.store import atomic_write
-from agent.wire import TOPIC_PREFIX
-from hub.pki import DevicePki, hub_username
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.wire import TOPIC_PREFIX
+from edgefleet.hub.pki import DevicePki, hub_username
 
 __all__ = ["BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
 

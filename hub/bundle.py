@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.config import DeviceProfile
-from agent.store import atomic_write
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.store import atomic_write
 
 __all__ = ["RUNTIME_OVERHEAD_MB", "systemd_dropin", "write_credentials", "write_systemd_dropin"]
 

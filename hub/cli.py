@@ -7,11 +7,9 @@ Every command but ``init``, ``serve`` and ``demo`` talks to the running hub over
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -19,39 +17,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent import __version__
-from agent.errors import EdgefleetError
-from agent.wire import check_name, format_time
-from hub.client import HubClient
-from hub.errors import BadRequest
-from hub.home import HubHome
+from edgefleet.agent import __version__
+from edgefleet.agent.errors import EdgefleetError
+from edgefleet.agent.wire import check_name, format_time
+from edgefleet.hub import resources
+from edgefleet.hub.client import HubClient
+from edgefleet.hub.commands import (
+    build_publish_request,
+    cmd_status,
+    emit,
+    progress,
+    write_agent_bundle,
+)
+from edgefleet.hub.errors import BadRequest
+from edgefleet.hub.home import HubHome
 
 __all__ = ["main"]
 
 DEFAULT_HOME = os.environ.get("EDGEFLEET_HUB_HOME", str(Path.home() / ".edgefleet" / "hub"))
-
-
-def profiles_dir(explicit: str | None = None) -> Path:
-    """Where device profiles are looked up: --profiles-dir, $EDGEFLEET_PROFILES, the source tree."""
-    for cand in (explicit, os.environ.get("EDGEFLEET_PROFILES")):
-        if cand:
-            return Path(cand)
-    for cand_path in (Path(__file__).resolve().parent.parent / "device-profiles",
-                      Path("/usr/share/edgefleet/device-profiles")):
-        if cand_path.is_dir():
-            return cand_path
-    return Path("device-profiles")
-
-
-def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else text)
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- commands ----------------------------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -65,7 +48,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hub.daemon import Hub, freeze_startup_heap
+    from edgefleet.hub.daemon import Hub, freeze_startup_heap
 
     hub = Hub(HubHome(Path(args.home)), broker_url=args.broker, http_listen=args.http,
               share_group=args.share, ingest_workers=args.ingest_workers, replica=args.replica)
@@ -76,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    from agent.sdnotify import Notifier
+    from edgefleet.agent.sdnotify import Notifier
 
     notify = Notifier()
     hub.start()
@@ -91,88 +74,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, convert and describe a model on the publisher's machine; the hub validates again."""
-    from hub.modelfile import (
-        compute_reference,
-        load_estimator,
-        load_model_file,
-        load_reference_data,
-        run_first_output,
-    )
-
-    data = None
-    digest = None
-    if args.reference:
-        _progress(f"reading reference data {args.reference}")
-        data, digest = load_reference_data(Path(args.reference))
-    _progress(f"loading model {args.model}")
-    estimator = load_estimator(Path(args.model))  # None for an .onnx file; read once, used twice
-    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None,
-                                              estimator)
-    reference = None
-    if data is not None:
-        outputs = None
-        try:
-            outputs = run_first_output(onnx_bytes, data)
-        except Exception as exc:  # reference output distribution is optional
-            _progress(f"warning: could not run the model on the reference data: {exc}")
-        reference = compute_reference(data, bins=args.bins, outputs=outputs).to_dict()
-    import base64
-
-    preflight = None
-    if getattr(args, "preflight", None):
-        from hub.preflight import build_preflight
-
-        _progress(f"building the preflight set from {args.preflight}")
-        pf_data, _ = load_reference_data(Path(args.preflight))
-        blob = build_preflight(onnx_bytes, pf_data, estimator, rows=args.preflight_rows)
-        preflight = {"blob_b64": base64.b64encode(blob).decode(), "atol": args.atol, "rtol": args.rtol,
-                     "label_agreement": args.label_agreement}
-    return {
-        "preflight": preflight,
-        "name": args.name,
-        "version": args.version,
-        "model_b64": base64.b64encode(onnx_bytes).decode(),
-        "reference": reference,
-        "lineage": {
-            "source": args.source or "",
-            "converted_from": source_kind,
-            "training_data_sha256": digest,
-            "training_rows": int(data.shape[0]) if data is not None else None,
-            "author": args.author or getpass.getuser(),
-            **lineage_options(args),
-        },
-        "actor": args.author or getpass.getuser(),
-    }
-
-
-def lineage_options(args: argparse.Namespace) -> dict[str, Any]:
-    """metrics (--metrics FILE.json, then each --metric NAME=VALUE), tags, parent, as the hub
-    checks them (hub.lineage)."""
-    from hub.lineage import clean_lineage, parse_pairs
-
-    metrics: dict[str, Any] = {}
-    if getattr(args, "metrics", None):
-        try:
-            metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BadRequest(f"--metrics {args.metrics}: expected a JSON object of name -> number: {exc}") from exc
-    metrics = {**clean_lineage({"metrics": metrics})["metrics"],
-               **parse_pairs(getattr(args, "metric", None) or [], "metric", numeric=True)}
-    tags = parse_pairs(getattr(args, "tag", None) or [], "tag", numeric=False)
-    return {"metrics": metrics, "tags": tags, "parent": getattr(args, "parent", None)}
-
-
 def cmd_publish(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     check_name(args.name, "model name")
     req = build_publish_request(args)
-    _progress(f"uploading {args.name} {args.version} to the hub")
+    progress(f"uploading {args.name} {args.version} to the hub")
     res = HubClient.for_home(home, args.hub).publish(req)
     note = " (already published: same bytes, nothing changed)" if res.get("already_published") else ""
-    _out(args, res, f"published {res['name']} {res['version']} sha256 {res['sha256'][:16]}… "
+    emit(args, res, f"published {res['name']} {res['version']} sha256 {res['sha256'][:16]}… "
                     f"{res['size']} bytes{note}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    folder = resources.profiles_dir(args.profiles_dir)
+    names = resources.list_profiles(args.profiles_dir)
+    if args.json:
+        print(json.dumps({"dir": str(folder), "profiles": names, "deploy_dir": str(resources.deploy_dir())}, indent=2))
+    else:
+        print(f"device profiles in {folder}:")
+        print("\n".join(f"  {n}" for n in names) or "  (none)")
+        print(f"systemd units and broker/Prometheus/Grafana files: {resources.deploy_dir()}")
     return 0
 
 
@@ -186,26 +108,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                                                      args.group)
     lines = [f"deployed {args.model} {args.version}:"]
     lines += [f"  {d}: seq {v['seq']} (was {v['previous'] or 'none'})" for d, v in res["devices"].items()]
-    _out(args, res, "\n".join(lines))
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    home = HubHome(Path(args.home))
-    st = HubClient.for_home(home, args.hub).status()
-    lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
-    lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
-    for d in st["devices"]:
-        cands = d.get("candidates") or {}
-        runs = ", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
-                                        if k in cands else "")
-                         for k, v in d["models"].items()) or "-"
-        want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
-        reqs = sum(t["requests"] for t in d["telemetry_totals"])
-        last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
-        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last:24} "
-                     f"{d.get('group') or '-'}")
-    _out(args, st, "\n".join(lines))
+    emit(args, res, "\n".join(lines))
     return 0
 
 
@@ -213,7 +116,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     evs = HubClient.for_home(home, args.hub).events(args.device, args.limit)
     lines = [f"{e['time']} {e['device']:16} {e['type']:14} {e['reason'] or '-':18} {e['message']}" for e in evs]
-    _out(args, {"events": evs}, "\n".join(lines) or "no events")
+    emit(args, {"events": evs}, "\n".join(lines) or "no events")
     return 0
 
 
@@ -227,7 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise BadRequest(f"models list takes no arguments, got {args.args}")
     ms = HubClient.for_home(home, args.hub).models()
     lines = [f"{m['name']:20} {m['version']:12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}" for m in ms]
-    _out(args, {"models": ms}, "\n".join(lines) or "no models")
+    emit(args, {"models": ms}, "\n".join(lines) or "no models")
     return 0
 
 
@@ -250,7 +153,7 @@ def _models_show(args: argparse.Namespace, client: HubClient) -> int:
     if ref:
         lines.append(f"  reference: {ref.get('rows')} rows, features "
                      + ", ".join(f"{f['name']}({len(f['freqs'])} bins)" for f in ref["features"]))
-    _out(args, m, "\n".join(lines))
+    emit(args, m, "\n".join(lines))
     return 0
 
 
@@ -282,7 +185,7 @@ def _models_diff(args: argparse.Namespace, client: HubClient) -> int:
             lines.append(f"  {'(output classes)':24} {ref['output_psi']:10.4f}")
     else:
         lines.append(f"reference: {ref['reason']}")
-    _out(args, d, "\n".join(lines))
+    emit(args, d, "\n".join(lines))
     return 0
 
 
@@ -309,7 +212,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             lines.append("    no deploy or rollout decision found in the audit log")
     lines.append("audit chain intact" if t["audit_chain_ok"] else
                  "audit chain BROKEN: " + "; ".join(t["audit_problems"]))
-    _out(args, t, "\n".join(lines))
+    emit(args, t, "\n".join(lines))
     return 0
 
 
@@ -318,11 +221,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     client = HubClient.for_home(home, args.hub)
     if args.action == "verify":
         res = client.audit_verify()
-        _out(args, res, "audit chain intact" if res["ok"] else "audit chain BROKEN:\n  " + "\n  ".join(res["problems"]))
+        emit(args, res, "audit chain intact" if res["ok"] else "audit chain BROKEN:\n  " + "\n  ".join(res["problems"]))
         return 0 if res["ok"] else 1
     since = None
     if args.since:
-        from agent.wire import parse_time
+        from edgefleet.agent.wire import parse_time
 
         since = parse_time(args.since, "--since")
     entries = client.audit(since)
@@ -332,7 +235,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0
     lines = [f"{format_time(e['time'])} #{e['id']:<5} {e['actor']:12} {e['action']:16} "
              f"{json.dumps(e['details'], sort_keys=True)}" for e in entries]
-    _out(args, {"entries": entries}, "\n".join(lines) or "audit log is empty")
+    emit(args, {"entries": entries}, "\n".join(lines) or "audit log is empty")
     return 0
 
 
@@ -349,37 +252,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
         lines.append(f"{'':14} {'':10} {rep['scope']:18} => {rep['state']}{alarm} over {rep['windows']} "
                      f"window(s) {rep['window_start']} .. {rep['window_end']}")
         lines += [f"  problem: {p}" for p in rep["problems"]]
-    _out(args, res, "\n".join(lines) if res["reports"] else "no telemetry with inputs yet")
+    emit(args, res, "\n".join(lines) if res["reports"] else "no telemetry with inputs yet")
     return 0
-
-
-def write_agent_bundle(
-    out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
-    overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
-) -> Path:
-    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(profile_path, out / "profile.toml")
-    (out / "root.pub").write_text(info["root_public_key"] + "\n")
-    lines = [
-        "# edgefleet agent configuration, written by `edgefleet-hub device add`",
-        f'fleet = "{info["fleet"]}"',
-        f'device = "{info["device"]}"',
-        f'broker_url = "{info["broker_url"]}"',
-        f'blob_url = "{info["blob_url"]}"',
-        "# the fleet root public key (Ed25519, base64): the device's trust anchor",
-        f'root_public_key = "{info["root_public_key"]}"',
-        f"state_dir = {json.dumps(state_dir)}",
-        f'listen = "{listen}"',
-        'profile = "profile.toml"',
-        *(extra_lines or []),
-    ]
-    for section, values in (overrides or {}).items():
-        lines.append(f"\n[overrides.{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = out / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
@@ -387,11 +261,8 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     check_name(args.id, "device id")
     if args.group is not None:
         check_name(args.group, "group id")
-    profile_path = profiles_dir(args.profiles_dir) / f"{args.profile}.toml"
-    if not profile_path.is_file():
-        raise BadRequest(f"no device profile {args.profile!r} at {profile_path}; "
-                         f"available: {sorted(p.stem for p in profile_path.parent.glob('*.toml'))}")
-    from agent.config import load_profile
+    profile_path = resources.profile_path(args.profile, args.profiles_dir)
+    from edgefleet.agent.config import load_profile
 
     profile = load_profile(profile_path)  # refuse a broken profile before registering anything
     overrides: dict[str, Any] | None = {"telemetry": {"window_seconds": args.window}} if args.window else None
@@ -400,7 +271,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
             raise BadRequest(f"--capture is a sampling fraction from 0 to 1, got {args.capture}")
         overrides = {**(overrides or {}), "capture": {"sample_rate": args.capture}}
     info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials, args.group)
-    from hub.bundle import write_credentials, write_systemd_dropin
+    from edgefleet.hub.bundle import write_credentials, write_systemd_dropin
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +284,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     path.chmod(0o600 if creds["kind"] != "none" else 0o644)
     dropin = write_systemd_dropin(out, profile)
     reload = "new password: reload the broker (kill -HUP <mosquitto pid>)\n"
-    _out(args, {**info, "config": str(path), "credentials": creds["kind"],
+    emit(args, {**info, "config": str(path), "credentials": creds["kind"],
                 "systemd_dropin": str(dropin)},
          f"device {args.id} registered (broker credentials: {creds['kind']}); config in {path}\n"
          + (reload if creds.get("password") else "")
@@ -422,7 +293,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hub.demo import run_demo
+    from edgefleet.hub.demo import run_demo
 
     return run_demo(seconds=args.seconds, broker_url=args.broker, home=args.home)
 
@@ -431,8 +302,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hub.keys import add_keys_commands
-    from hub.rollout_cli import add_rollout_commands
+    from edgefleet.hub.keys import add_keys_commands
+    from edgefleet.hub.rollout_cli import add_rollout_commands
 
     p = argparse.ArgumentParser(prog="edgefleet-hub", description="edgefleet hub: publish, deploy, watch")
     p.add_argument("--version", action="version", version=f"edgefleet-hub {__version__}")
@@ -488,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a free tag (repeatable)")
     sp.add_argument("--parent", metavar="VERSION", help="the version this one was derived from")
 
+    sp = cmd("profiles", cmd_profiles, "list the device profiles available to `device add --profile`")
+    sp.add_argument("--profiles-dir", help="where device profiles live (default: $EDGEFLEET_PROFILES, the package)")
+    sp.add_argument("--json", action="store_true")
+
     sp = cmd("deploy", cmd_deploy, "set the version devices should run (signs a new desired state)")
     client(sp)
     sp.add_argument("model")
@@ -534,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--credentials", default="auto",
                     choices=["auto", "cert", "password", "both", "none"],
                     help="broker credentials to issue (auto: a certificate once broker-config ran)")
-    from hub.cli_security import add_security_commands
+    from edgefleet.hub.cli_security import add_security_commands
 
     add_security_commands(sub, dev, cmd, client)
 

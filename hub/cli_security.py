@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.wire import check_name, format_time
-from hub.brokerconf import BrokerLayout, default_hostnames, write_broker_config
-from hub.client import HubClient
-from hub.enrol import pki_for
-from hub.home import HubHome
-from hub.pki import hub_username
+from edgefleet.agent.wire import check_name, format_time
+from edgefleet.hub.brokerconf import BrokerLayout, default_hostnames, write_broker_config
+from edgefleet.hub.client import HubClient
+from edgefleet.hub.enrol import pki_for
+from edgefleet.hub.home import HubHome
+from edgefleet.hub.pki import hub_username
 
 __all__ = ["add_security_commands"]
 
@@ -111,7 +111,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 
 
 def cmd_https_config(args: argparse.Namespace) -> int:
-    from hub.tls import issue_http_certificate
+    from edgefleet.hub.tls import issue_http_certificate
 
     home = HubHome(Path(args.home))
     res = issue_http_certificate(home, extra_hostnames=args.hostname, now=time.time(),

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import httpx
 
-from hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFailed
-from hub.home import HubHome
-from hub.tls import client_verify, is_tls_verify_error
+from edgefleet.hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFailed
+from edgefleet.hub.home import HubHome
+from edgefleet.hub.tls import client_verify, is_tls_verify_error
 
 __all__ = ["HubClient"]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.envelope import key_id, public_key_to_b64, sign_envelope
-from agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry, Reference, TensorSpec
+from edgefleet.agent.envelope import key_id, public_key_to_b64, sign_envelope
+from edgefleet.agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry, Reference, TensorSpec
 
 __all__ = ["build_desired", "build_keyring", "model_entry"]
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.capture import parse_batch
-from agent.errors import EdgefleetError, MalformedMessage
-from agent.mqttlink import MqttLink
-from agent.store import atomic_write
-from agent.wire import (
+from edgefleet.agent import __version__
+from edgefleet.agent.capture import parse_batch
+from edgefleet.agent.errors import EdgefleetError, MalformedMessage
+from edgefleet.agent.mqttlink import MqttLink
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.wire import (
     Event,
     ModelEntry,
     Reference,
@@ -41,21 +41,21 @@ from agent.wire import (
     check_name,
     format_time,
 )
-from hub.core import build_desired, build_keyring, model_entry
-from hub.db import Database
-from hub.drift_monitor import DriftMonitor, Staged
-from hub.enrol import device_broker_url, hub_link_options, issue_credentials
-from hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from hub.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
-from hub.fastjson import loads_object
-from hub.groups import check_group, deploy_targets, group_of
-from hub.home import HubHome, keyring_path
-from hub.ingestlink import IngestLink
-from hub.keys import roots_path
-from hub.lineage import clean_lineage, diff_versions, find_decision
-from hub.modelfile import validate_onnx
-from hub.preflight import accept as accept_preflight
-from hub.rollouts import RolloutManager
+from edgefleet.hub.core import build_desired, build_keyring, model_entry
+from edgefleet.hub.db import Database
+from edgefleet.hub.drift_monitor import DriftMonitor, Staged
+from edgefleet.hub.enrol import device_broker_url, hub_link_options, issue_credentials
+from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
+from edgefleet.hub.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
+from edgefleet.hub.fastjson import loads_object
+from edgefleet.hub.groups import check_group, deploy_targets, group_of
+from edgefleet.hub.home import HubHome, keyring_path
+from edgefleet.hub.ingestlink import IngestLink
+from edgefleet.hub.keys import roots_path
+from edgefleet.hub.lineage import clean_lineage, diff_versions, find_decision
+from edgefleet.hub.modelfile import validate_onnx
+from edgefleet.hub.preflight import accept as accept_preflight
+from edgefleet.hub.rollouts import RolloutManager
 
 __all__ = ["Hub"]
 
@@ -154,7 +154,7 @@ class Hub:
         return base + (f"-{self.replica}" if self.replica else "")
 
     def start(self) -> None:
-        from hub.api import HubHttpServer
+        from edgefleet.hub.api import HubHttpServer
 
         host, _, port = self.http_listen.rpartition(":")
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))

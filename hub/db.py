@@ -27,9 +27,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hub.groups import ensure_group_column
-
 __all__ = ["Database"]
+
+GROUP_COLUMN = "device_group"
+
+
+def ensure_group_column(conn: sqlite3.Connection) -> None:
+    """Add ``devices.device_group`` if the table predates groups (idempotent)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)").fetchall()}
+    if GROUP_COLUMN not in cols:
+        conn.execute(f"ALTER TABLE devices ADD COLUMN {GROUP_COLUMN} TEXT")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS devices_group ON devices ({GROUP_COLUMN})")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -96,7 +105,7 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
-            ensure_group_column(self._conn)  # devices.device_group (hub.groups)
+            ensure_group_column(self._conn)  # devices.device_group (groups were added after the first schema)
             # devices.capture_token_sha256: the device's data-capture upload token, hashed
             if "capture_token_sha256" not in {r[1] for r in self._conn.execute("PRAGMA table_info(devices)")}:
                 self._conn.execute("ALTER TABLE devices ADD COLUMN capture_token_sha256 TEXT")

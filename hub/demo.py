@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from agent.config import load_agent_config
-from agent.daemon import Agent
-from hub.client import HubClient
-from hub.daemon import Hub
-from hub.home import HubHome
+from edgefleet.agent.config import load_agent_config
+from edgefleet.agent.daemon import Agent
+from edgefleet.hub.client import HubClient
+from edgefleet.hub.daemon import Hub
+from edgefleet.hub.home import HubHome
 
 __all__ = ["run_demo"]
 
@@ -56,7 +56,8 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 
-    from hub.cli import build_publish_request, cmd_status, profiles_dir, write_agent_bundle
+    from edgefleet.hub.commands import build_publish_request, cmd_status, write_agent_bundle
+    from edgefleet.hub.resources import profile_path as shipped_profile
 
     stop = threading.Event()
 
@@ -70,7 +71,7 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
     root = Path(tmp.name)
     broker = None
     if broker_url is None:
-        from hub.broker import EmbeddedBroker
+        from edgefleet.hub.broker import EmbeddedBroker
 
         broker = EmbeddedBroker()
         broker.start()
@@ -91,7 +92,7 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
             ports[dev] = _free_port()
             info = client.add_device(dev, "generic-x86_64")
             cfg_path = write_agent_bundle(
-                root / dev, info, profile_path=profiles_dir() / "generic-x86_64.toml",
+                root / dev, info, profile_path=shipped_profile("generic-x86_64"),
                 listen=f"127.0.0.1:{ports[dev]}", state_dir="state",
                 overrides={"telemetry": {"window_seconds": 1}},
             )

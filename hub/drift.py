@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.wire import Reference
+from edgefleet.agent.wire import Reference
 
 __all__ = [
     "EPS",

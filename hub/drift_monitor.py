@@ -58,11 +58,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from agent.errors import ConfigError
-from agent.telemetry import LATENCY_BUCKETS_MS
-from agent.wire import Reference, TelemetryWindow, Topics, canonical_json, check_name, format_time
-from hub.db import Database
-from hub.drift import (
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.telemetry import LATENCY_BUCKETS_MS
+from edgefleet.agent.wire import Reference, TelemetryWindow, Topics, canonical_json, check_name, format_time
+from edgefleet.hub.db import Database
+from edgefleet.hub.drift import (
     AlarmTracker,
     DriftReport,
     Policy,
@@ -70,11 +70,11 @@ from hub.drift import (
     merge_feature_lists,
     score_report,
 )
-from hub.fastjson import dumps_text
-from hub.home import read_optional_toml
+from edgefleet.hub.fastjson import dumps_text
+from edgefleet.hub.home import read_optional_toml
 
 if TYPE_CHECKING:
-    from hub.daemon import Hub
+    from edgefleet.hub.daemon import Hub
 
 __all__ = ["ALERT_KIND", "DriftConfig", "DriftMonitor", "Staged", "load_drift_config"]
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError
-from hub.errors import BadRequest, NotFound
-from hub.home import HubConfig, HubHome
-from hub.pki import DevicePki
+from edgefleet.agent.errors import ConfigError
+from edgefleet.hub.errors import BadRequest, NotFound
+from edgefleet.hub.home import HubConfig, HubHome
+from edgefleet.hub.pki import DevicePki
 
 if TYPE_CHECKING:
-    from hub.daemon import Hub
+    from edgefleet.hub.daemon import Hub
 
 __all__ = [
     "CREDENTIAL_KINDS",

@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from agent.errors import MalformedMessage
-from agent.wire import MAX_MESSAGE_BYTES
+from edgefleet.agent.errors import MalformedMessage
+from edgefleet.agent.wire import MAX_MESSAGE_BYTES
 
 __all__ = ["dumps_text", "loads_object"]
 

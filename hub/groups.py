@@ -2,34 +2,25 @@
 
 A group id follows the device id rules (:func:`agent.wire.check_name`). The column
 ``devices.device_group`` is added to a database created before groups existed when it is opened
-(:func:`ensure_group_column`), so an old hub home keeps working. Called from :mod:`hub.db` and
-:mod:`hub.daemon` through one-line hooks.
+(:func:`edgefleet.hub.db.ensure_group_column`), so an old hub home keeps working.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import MalformedMessage
-from agent.wire import check_name
-from hub.errors import BadRequest, NotFound
+from edgefleet.agent.errors import MalformedMessage
+from edgefleet.agent.wire import check_name
+from edgefleet.hub.db import GROUP_COLUMN
+from edgefleet.hub.errors import BadRequest, NotFound
 
 if TYPE_CHECKING:
-    from hub.db import Database
+    from edgefleet.hub.db import Database
 
-__all__ = ["check_group", "deploy_targets", "ensure_group_column", "group_of", "known_groups"]
+__all__ = ["check_group", "deploy_targets", "group_of", "known_groups"]
 
-COLUMN = "device_group"
-
-
-def ensure_group_column(conn: sqlite3.Connection) -> None:
-    """Add ``devices.device_group`` if the table predates groups (idempotent)."""
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(devices)").fetchall()}
-    if COLUMN not in cols:
-        conn.execute(f"ALTER TABLE devices ADD COLUMN {COLUMN} TEXT")
-        conn.execute(f"CREATE INDEX IF NOT EXISTS devices_group ON devices ({COLUMN})")
+COLUMN = GROUP_COLUMN
 
 
 def check_group(value: object) -> str | None:

@@ -23,10 +23,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.envelope import public_key_to_b64
-from agent.errors import ConfigError
-from agent.store import atomic_write
-from agent.wire import check_name
+from edgefleet.agent.envelope import public_key_to_b64
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.wire import check_name
 
 __all__ = ["HubConfig", "HubHome", "read_optional_toml"]
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from agent.mqttlink import parse_broker_url
+from edgefleet.agent.mqttlink import parse_broker_url
 
 __all__ = ["IngestLink", "ProtocolError", "connect_packet", "split_packets"]
 

@@ -27,11 +27,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.envelope import key_id, open_envelope, public_key_to_b64, sign_envelope
-from agent.store import atomic_write
-from agent.trust import RootRotation, roots_message
-from agent.wire import KeyEntry, Keyring, parse_json_object
-from hub.home import HubHome, keyring_path
+from edgefleet.agent.envelope import key_id, open_envelope, public_key_to_b64, sign_envelope
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.trust import RootRotation, roots_message
+from edgefleet.agent.wire import KeyEntry, Keyring, parse_json_object
+from edgefleet.hub.home import HubHome, keyring_path
 
 __all__ = ["add_keys_commands", "roots_path", "rotate_root", "rotate_signing", "show_keys"]
 

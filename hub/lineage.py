@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.errors import BadRequest
+from edgefleet.hub.errors import BadRequest
 
 __all__ = [
     "DECISION_ACTIONS",

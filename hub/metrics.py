@@ -29,11 +29,11 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from hub.drift import STATES
-from hub.rollout import STATES as ROLLOUT_STATES
+from edgefleet.hub.drift import STATES
+from edgefleet.hub.rollout import STATES as ROLLOUT_STATES
 
 if TYPE_CHECKING:
-    from hub.daemon import Hub
+    from edgefleet.hub.daemon import Hub
 
 __all__ = ["CONTENT_TYPE", "render"]
 

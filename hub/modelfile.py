@@ -23,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from agent.errors import ModelRejected
-from agent.guard import check_model_bytes
-from agent.wire import FeatureReference, Reference, TensorSpec
-from hub.errors import BadRequest
+from edgefleet.agent.errors import ModelRejected
+from edgefleet.agent.guard import check_model_bytes
+from edgefleet.agent.wire import FeatureReference, Reference, TensorSpec
+from edgefleet.hub.errors import BadRequest
 
 __all__ = [
     "compute_reference",

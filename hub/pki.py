@@ -42,9 +42,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import ConfigError
-from agent.store import atomic_write
-from agent.wire import check_name
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.store import atomic_write
+from edgefleet.agent.wire import check_name
 
 __all__ = [
     "DevicePki",

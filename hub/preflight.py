@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from hub.errors import BadRequest
+from edgefleet.hub.errors import BadRequest
 
 __all__ = ["DEFAULT_TOLERANCE", "build_preflight", "check_preflight"]
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hub.drift import psi
-from hub.errors import BadRequest
+from edgefleet.hub.drift import psi
+from edgefleet.hub.errors import BadRequest
 
 __all__ = [
     "GATES",

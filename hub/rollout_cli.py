@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hub.client import HubClient
-from hub.home import HubHome
-from hub.rollout import MODES, Policy, load_policy, parse_steps
+from edgefleet.hub.client import HubClient
+from edgefleet.hub.home import HubHome
+from edgefleet.hub.rollout import MODES, Policy, load_policy, parse_steps
 
 __all__ = ["add_rollout_commands", "format_rollout"]
 

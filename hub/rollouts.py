@@ -38,13 +38,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import ConfigError
-from agent.wire import Event, ModelEntry, TelemetryWindow, canonical_json, format_time
-from hub.core import model_entry
-from hub.drift_monitor import ALERT_KIND
-from hub.errors import BadRequest, Conflict, NotFound
-from hub.home import read_optional_toml
-from hub.rollout import (
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.wire import Event, ModelEntry, TelemetryWindow, canonical_json, format_time
+from edgefleet.hub.core import model_entry
+from edgefleet.hub.drift_monitor import ALERT_KIND
+from edgefleet.hub.errors import BadRequest, Conflict, NotFound
+from edgefleet.hub.home import read_optional_toml
+from edgefleet.hub.rollout import (
     FAILURE_EVENTS,
     MODES,
     Decision,
@@ -65,7 +65,7 @@ from hub.rollout import (
 if TYPE_CHECKING:
     from sqlite3 import Connection
 
-    from hub.daemon import Hub
+    from edgefleet.hub.daemon import Hub
 
 __all__ = ["RolloutConfig", "RolloutManager", "load_rollout_config"]
 

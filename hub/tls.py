@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
-from agent.fetch import is_tls_verify_error
-from agent.store import atomic_write
-from hub.home import HubConfig, HubHome
-from hub.pki import DevicePki
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.fetch import is_tls_verify_error
+from edgefleet.agent.store import atomic_write
+from edgefleet.hub.home import HubConfig, HubHome
+from edgefleet.hub.pki import DevicePki
 
 __all__ = [
     "client_verify",

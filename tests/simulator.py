@@ -32,14 +32,14 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config import DeviceProfile
-from agent.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
-from agent.fetch import HttpFetcher
-from agent.serving import ModelServer
-from agent.store import Store
-from agent.trust import RootRotation, TrustedState, roots_message
-from agent.updater import Note, Updater
-from agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
+from edgefleet.agent.fetch import HttpFetcher
+from edgefleet.agent.serving import ModelServer
+from edgefleet.agent.store import Store
+from edgefleet.agent.trust import RootRotation, TrustedState, roots_message
+from edgefleet.agent.updater import Note, Updater
+from edgefleet.agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
 
 
 def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | None = None) -> bytes:
@@ -113,7 +113,8 @@ class BlobServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(
-            target=self.httpd.serve_forever, name="blob-server", daemon=True
+            # a short poll: shutdown() waits up to one poll_interval (the default 0.5 s cost every test 0.5 s at teardown)
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="blob-server", daemon=True
         )
         self.thread.start()
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.canary import (
+from edgefleet.agent.canary import (
     CanaryLimits,
     CanaryRun,
     CanarySpec,
@@ -29,11 +29,11 @@ from agent.canary import (
     local_verdict,
     run_preflight,
 )
-from agent.capture import Capture
-from agent.config import DeviceProfile
-from agent.errors import MalformedMessage
-from agent.serving import ModelServer, load
-from agent.wire import ModelEntry
+from edgefleet.agent.capture import Capture
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.errors import MalformedMessage
+from edgefleet.agent.serving import ModelServer, load
+from edgefleet.agent.wire import ModelEntry
 from tests._skmodels import data, forest, logreg, preflight_npz
 from tests.simulator import tiny_model
 
@@ -145,7 +145,7 @@ def test_nan_from_the_candidate_counts_as_an_error_not_a_comparison() -> None:
 def test_the_guard_sees_the_last_latency_samples_after_the_history_wraps() -> None:
     from collections import deque
 
-    from agent.canary import LATENCY_HISTORY
+    from edgefleet.agent.canary import LATENCY_HISTORY
 
     st = CanaryStats(rollout="r", mode="shadow", version="2")
     a = {"y": np.ones((1, 2), dtype=np.float32)}
@@ -169,7 +169,7 @@ def test_the_guard_sees_the_last_latency_samples_after_the_history_wraps() -> No
 
 @pytest.mark.parametrize("n", [2, 3, 20, 21, 50, 999, 2048])
 def test_the_guard_p95_is_numpys_percentile_bit_for_bit(n: int) -> None:
-    from agent.canary import _p95
+    from edgefleet.agent.canary import _p95
 
     rng = np.random.default_rng(n)
     for values in (rng.lognormal(size=n), rng.integers(0, 4, size=n).astype(float), rng.random(n) * 1e-3):

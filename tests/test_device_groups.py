@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hub.db import Database
-from hub.errors import BadRequest, NotFound
-from hub.groups import check_group, deploy_targets, known_groups
+from edgefleet.hub.db import Database
+from edgefleet.hub.errors import BadRequest, NotFound
+from edgefleet.hub.groups import check_group, deploy_targets, known_groups
 
 OLD_DEVICES = (
     "CREATE TABLE devices (id TEXT PRIMARY KEY, profile TEXT NOT NULL, created_at REAL NOT NULL, "

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from agent.config import load_agent_config, load_profile
-from agent.errors import ConfigError
-from agent.serving import load, providers_for
-from agent.wire import ModelEntry
-from hub.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
+from edgefleet.agent.config import load_agent_config, load_profile
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.serving import load, providers_for
+from edgefleet.agent.wire import ModelEntry
+from edgefleet.hub.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
 
 PROFILES = Path(__file__).resolve().parent.parent / "device-profiles"
 SHIPPED = sorted(PROFILES.glob("*.toml"))

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from agent.telemetry import feature_histogram
-from agent.wire import FeatureReference, Reference
-from hub.drift import (
+from edgefleet.agent.telemetry import feature_histogram
+from edgefleet.agent.wire import FeatureReference, Reference
+from edgefleet.hub.drift import (
     AlarmTracker,
     Policy,
     js_distance,

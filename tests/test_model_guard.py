@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import DeviceProfile
-from agent.sandbox import SessionGuard
-from agent.updater import Updater
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.sandbox import SessionGuard
+from edgefleet.agent.updater import Updater
 from tests.simulator import (
     HubSimulator,
     external_data_model,

@@ -15,10 +15,10 @@ import pytest
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
-from agent.config import DeviceProfile
-from agent.oip import OipServer
-from agent.serving import ModelServer, load
-from agent.wire import ModelEntry
+from edgefleet.agent.config import DeviceProfile
+from edgefleet.agent.oip import OipServer
+from edgefleet.agent.serving import ModelServer, load
+from edgefleet.agent.wire import ModelEntry
 
 HEADER = "Inference-Header-Content-Length"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.rollout import (
+from edgefleet.hub.rollout import (
     Evidence,
     Policy,
     Rollout,

@@ -22,9 +22,9 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from agent.canary import CanaryStats
-from hub.modelfile import sklearn_to_onnx
-from hub.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
+from edgefleet.agent.canary import CanaryStats
+from edgefleet.hub.modelfile import sklearn_to_onnx
+from edgefleet.hub.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
 
 # -- models trained here -------------------------------------------------------------------------
 

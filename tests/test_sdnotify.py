@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import load_agent_config
-from agent.daemon import Agent
-from agent.envelope import public_key_to_b64
-from agent.sdnotify import Notifier
+from edgefleet.agent.config import load_agent_config
+from edgefleet.agent.daemon import Agent
+from edgefleet.agent.envelope import public_key_to_b64
+from edgefleet.agent.sdnotify import Notifier
 from tests.conftest import free_port
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.envelope import public_key_to_b64
-from agent.sim import BlobCache, SimAgent
-from agent.store import Store
-from agent.wire import ModelEntry
-from hub.core import build_desired, build_keyring
+from edgefleet.agent.envelope import public_key_to_b64
+from edgefleet.agent.sim import BlobCache, SimAgent
+from edgefleet.agent.store import Store
+from edgefleet.agent.wire import ModelEntry
+from edgefleet.hub.core import build_desired, build_keyring
 
 NOW = 1_800_000_000.0
 

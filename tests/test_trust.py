@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import (
+from edgefleet.agent.errors import (
     BadSignature,
     Expired,
     IncompleteModel,
@@ -14,8 +14,8 @@ from agent.errors import (
     UnknownKey,
     WrongTarget,
 )
-from agent.trust import NoKeyring, TrustedState
-from agent.wire import Keyring
+from edgefleet.agent.trust import NoKeyring, TrustedState
+from edgefleet.agent.wire import Keyring
 from tests._signing import (
     DEVICE,
     FLEET,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import MalformedMessage
-from agent.wire import (
+from edgefleet.agent.errors import MalformedMessage
+from edgefleet.agent.wire import (
     KINDS,
     DesiredState,
     Event,

@@ -1,0 +1,157 @@
+"""The installed shape of the package: one import name per module, no import cycles.
+
+The repository keeps ``agent/`` and ``hub/``; they install as ``edgefleet.agent`` and
+``edgefleet.hub`` (pyproject's ``package-dir``). These tests hold that line from inside a checkout,
+where ``agent`` would otherwise be importable too, because the checkout's root is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGES = {"edgefleet.agent": REPO / "agent", "edgefleet.hub": REPO / "hub"}
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for name, root in PACKAGES.items():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).with_suffix("").parts
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            out[".".join((name, *rel))] = path
+    return out
+
+
+@pytest.mark.parametrize("short", ["agent", "hub", "agent.wire", "hub.cli"])
+def test_the_folder_names_are_not_import_names_even_inside_the_checkout(short: str) -> None:
+    res = subprocess.run([sys.executable, "-c", f"import {short}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "import it as edgefleet." in res.stderr
+
+
+def test_every_module_loads_once_under_its_edgefleet_name() -> None:
+    modules = sorted(_modules())
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "files = {}\n"
+        "for k, m in list(sys.modules.items()):\n"
+        "    f = getattr(m, '__file__', None)\n"
+        "    if f and '/edgefleet' not in f and ('/agent/' in f or '/hub/' in f) and f.startswith(sys.argv[1]):\n"
+        "        files.setdefault(f, []).append(k)\n"
+        "print(json.dumps({'short': sorted(k for k in sys.modules if k.split('.')[0] in ('agent', 'hub')),\n"
+        "                  'twice': {f: ks for f, ks in files.items() if len(ks) > 1}}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=REPO, capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got == {"short": [], "twice": {}}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """edgefleet modules *name* imports at run time, at module level or inside functions (a lazy
+    cycle is still a cycle a reader has to untangle). ``if TYPE_CHECKING:`` blocks are annotations
+    only and are left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        for target in targets:
+            t = target
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name and not name.startswith(t + "."):  # a package's own __init__ is not a cycle
+                found.add(t)
+    return found
+
+
+def test_no_import_cycle_inside_either_package() -> None:
+    modules = _modules()
+    known = set(modules)
+    graph = {m: _imports(m, p, known) for m, p in modules.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append([*stack[stack.index(n):], n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert cycles == []
+
+
+def test_the_agent_never_imports_the_hub_in_source() -> None:
+    modules = _modules()
+    known = set(modules)
+    offenders = {m: sorted(i for i in _imports(m, p, known) if i.startswith("edgefleet.hub"))
+                 for m, p in modules.items() if m.startswith("edgefleet.agent")}
+    assert {m: v for m, v in offenders.items() if v} == {}
+
+
+# The pure core (docs/architecture.md, "Modules by layer"): no sockets, threads, processes or clock,
+# directly or through the edgefleet modules it imports. Time comes in as an argument.
+PURE = ["edgefleet.agent.errors", "edgefleet.agent.wire", "edgefleet.agent.envelope", "edgefleet.agent.trust",
+        "edgefleet.hub.core", "edgefleet.hub.rollout", "edgefleet.hub.drift", "edgefleet.hub.lineage"]
+IMPURE = {"socket", "ssl", "threading", "_thread", "time", "subprocess", "multiprocessing", "asyncio",
+          "selectors", "http", "urllib.request", "paho", "httpx", "onnxruntime", "sqlite3", "queue"}
+
+
+def _stdlib_and_third_party(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return {m for m in out if not m.startswith("edgefleet")}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_core_modules_import_no_socket_thread_or_clock(module: str) -> None:
+    modules = _modules()
+    known = set(modules)
+    seen: set[str] = set()
+    todo = [module]
+    bad: dict[str, list[str]] = {}
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        hits = sorted(i for i in _stdlib_and_third_party(modules[m])
+                      if i in IMPURE or i.split(".")[0] in IMPURE)
+        if hits:
+            bad[m] = hits
+        todo.extend(_imports(m, modules[m], known))
+    assert bad == {}
