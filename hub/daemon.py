@@ -38,6 +38,7 @@ from edgefleet.agent.wire import (
     Status,
     TelemetryWindow,
     Topics,
+    canonical_json,
     check_name,
     format_time,
 )
@@ -133,7 +134,7 @@ class Hub:
         self.http: Any = None
         self.public_url = ""
         self.drift = DriftMonitor.attach(self)  # telemetry aggregation, drift scores and alerts
-        self.rollouts = RolloutManager.attach(self)  # staged rollouts: cohorts, gates, evaluator thread
+        self.rollouts = RolloutManager.attach(self, home.path / "rollout.toml")  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -495,13 +496,15 @@ class Hub:
                     "SET version=excluded.version, previous=excluded.previous",
                     (device, name, version, previous),
                 )
-            seq = self._sign_and_store(conn, device, now)
+            seq = self.sign_and_store(conn, device, now)
             self.db.audit(conn, now, actor, "deploy",
                           {"device": device, "model": name, "version": version, "previous": previous, "seq": seq})
-        self._publish_desired(device)
+        self.publish_desired(device)
         return {"seq": seq, "previous": previous}
 
-    def _sign_and_store(self, conn: Any, device: str, now: float) -> int:
+    def sign_and_store(self, conn: Any, device: str, now: float) -> int:
+        """Sign the device's next desired state (seq + 1) from its assignments and store it in *conn*'s
+        transaction; publish it with :meth:`publish_desired` after the commit."""
         rows = conn.execute(
             "SELECT a.model, a.previous, m.* FROM assignments a JOIN models m "
             "ON m.name = a.model AND m.version = a.version WHERE a.device=?", (device,)
@@ -526,10 +529,20 @@ class Hub:
         )
         return seq
 
-    def _publish_desired(self, device: str) -> None:
+    def publish_desired(self, device: str) -> None:
+        """Publish the stored desired state of *device* (retained); nothing without a broker link."""
         rows = self.db.query("SELECT envelope FROM desired WHERE device=?", (device,))
         if rows and self.link is not None:
             self.link.publish(self.topics.desired(device), rows[0]["envelope"].encode(), qos=1, retain=True)
+
+    def publish_alert(self, alert: dict[str, Any]) -> None:
+        """Publish an alert on ``{root}hub/alerts`` (a stream: QoS 1, not retained)."""
+        if self.link is not None:
+            self.link.publish(self.topics.alerts, canonical_json(alert), qos=1, retain=False)
+
+    @property
+    def fleet(self) -> str:
+        return self.config.fleet
 
     def refresh_expiring(self) -> list[str]:
         """Re-sign (with a new seq) every desired state past half its lifetime."""
@@ -538,8 +551,8 @@ class Hub:
         due = [r["device"] for r in self.db.query("SELECT device FROM desired WHERE expires_at - ? < ?", (now, half))]
         for device in due:
             with self.db.tx() as conn:
-                self._sign_and_store(conn, device, now)
-            self._publish_desired(device)
+                self.sign_and_store(conn, device, now)
+            self.publish_desired(device)
         return due
 
     def status(self) -> dict[str, Any]:

@@ -36,10 +36,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.wire import Event, ModelEntry, TelemetryWindow, canonical_json, format_time
+from edgefleet.agent.wire import Event, ModelEntry, TelemetryWindow, format_time
 from edgefleet.hub.core import model_entry
 from edgefleet.hub.drift_monitor import ALERT_KIND
 from edgefleet.hub.errors import BadRequest, Conflict, NotFound
@@ -65,7 +65,7 @@ from edgefleet.hub.rollout import (
 if TYPE_CHECKING:
     from sqlite3 import Connection
 
-    from edgefleet.hub.daemon import Hub
+    from edgefleet.hub.db import Database
 
 __all__ = ["RolloutConfig", "RolloutManager", "load_rollout_config"]
 
@@ -96,8 +96,28 @@ def load_rollout_config(path: Path) -> RolloutConfig:
     return RolloutConfig(evaluate_seconds=float(every), policy=policy)
 
 
+class DesiredStates(Protocol):
+    """The rollout service's port onto the rest of the hub: the database, the signer of desired
+    states, the publisher and the clock. :class:`edgefleet.hub.daemon.Hub` provides it; the service
+    never reaches past it."""
+
+    db: Database
+    public_url: str
+
+    @property
+    def fleet(self) -> str: ...
+
+    def clock(self) -> float: ...
+
+    def sign_and_store(self, conn: Connection, device: str, now: float) -> int: ...
+
+    def publish_desired(self, device: str) -> None: ...
+
+    def publish_alert(self, alert: dict[str, Any]) -> None: ...
+
+
 class RolloutManager:
-    def __init__(self, hub: Hub, config: RolloutConfig) -> None:
+    def __init__(self, hub: DesiredStates, config: RolloutConfig) -> None:
         self.hub = hub
         self.db = hub.db
         self.config = config
@@ -109,8 +129,8 @@ class RolloutManager:
         self._reload_active()
 
     @classmethod
-    def attach(cls, hub: Hub) -> RolloutManager:
-        return cls(hub, load_rollout_config(hub.home.path / "rollout.toml"))
+    def attach(cls, hub: DesiredStates, config_path: Path) -> RolloutManager:
+        return cls(hub, load_rollout_config(config_path))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -291,7 +311,7 @@ class RolloutManager:
             self._reload_active()  # the transaction rolled back: so does the cache
             raise
         for device in changed:
-            self.hub._publish_desired(device)
+            self.hub.publish_desired(device)
         self._alert(new, old, now, actor, action, d)
         log.info("rollout %s (%s %s -> %s): %s by %s; %s", new.id, new.model, new.from_version, new.to_version,
                  action, actor, d.reason if d else new.reason)
@@ -299,15 +319,13 @@ class RolloutManager:
 
     def _alert(self, new: Rollout, old: Rollout, now: float, actor: str, action: str, d: Decision | None) -> None:
         """Publish the decision on ``{root}hub/alerts`` (the stream; not retained)."""
-        if self.hub.link is None:
-            return
-        alert = {"kind": ALERT_KIND, "fleet": self.hub.config.fleet, "time": format_time(now), "type": "rollout",
+        alert = {"kind": ALERT_KIND, "fleet": self.hub.fleet, "time": format_time(now), "type": "rollout",
                  "action": action, "actor": actor, "rollout": new.id, "model": new.model,
                  "from_version": new.from_version, "to_version": new.to_version, "state": new.state,
                  "previous_state": old.state, "step": new.step + 1, "percent": new.percent,
                  "reason": d.reason if d else new.reason,
                  "gates": [g.to_dict() for g in d.gates] if d else []}
-        self.hub.link.publish(self.hub.topics.alerts, canonical_json(alert), qos=1, retain=False)
+        self.hub.publish_alert(alert)
 
     def _write(self, new: Rollout, old: Rollout, now: float, actor: str, action: str, d: Decision | None,
                changed: list[str], version: str | None, previous: str | None, seqs: dict[str, int],
@@ -326,7 +344,7 @@ class RolloutManager:
                         "SET version=excluded.version, previous=excluded.previous",
                         (device, new.model, version, prev))
             for device in changed:
-                seqs[device] = self.hub._sign_and_store(conn, device, now)
+                seqs[device] = self.hub.sign_and_store(conn, device, now)
             details = self._details(new, d, state=new.state, previous_state=old.state, **extra)
             # what lineage (hub.lineage.find_decision) looks for: the version put on these devices
             details["version"] = new.from_version if new.state in ("rolled_back", "aborted") else new.to_version
@@ -441,7 +459,7 @@ class RolloutManager:
                 for device, change in devices.items():
                     conn.execute("UPDATE assignments SET version=?, previous=? WHERE device=? AND model=?",
                                  (change["to"], change["from"], device, name))
-                    change["seq"] = self.hub._sign_and_store(conn, device, now)
+                    change["seq"] = self.hub.sign_and_store(conn, device, now)
                 if done is not None:
                     self._save(conn, rollback(done, now, f"fleet rollback by {actor}"), now)
                 for target in sorted({c["to"] for c in devices.values()}):  # one entry per version put
@@ -450,7 +468,7 @@ class RolloutManager:
                         "model": name, "version": target, "devices": sorted(group), "changes": group,
                         "skipped": skipped, "by": "human", "rollout": done.id if done else None})
             for device in devices:
-                self.hub._publish_desired(device)
+                self.hub.publish_desired(device)
         return {"model": name, "to": to, "devices": devices, "skipped": skipped,
                 "rollout": done.id if done else None}
 
