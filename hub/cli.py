@@ -89,12 +89,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_profiles(args: argparse.Namespace) -> int:
     folder = resources.profiles_dir(args.profiles_dir)
     names = resources.list_profiles(args.profiles_dir)
-    if args.json:
-        print(json.dumps({"dir": str(folder), "profiles": names, "deploy_dir": str(resources.deploy_dir())}, indent=2))
-    else:
-        print(f"device profiles in {folder}:")
-        print("\n".join(f"  {n}" for n in names) or "  (none)")
-        print(f"systemd units and broker/Prometheus/Grafana files: {resources.deploy_dir()}")
+    deploy = resources.deploy_dir()
+    emit(args, {"dir": str(folder), "profiles": names, "deploy_dir": str(deploy)},
+         f"device profiles in {folder}:\n" + ("\n".join(f"  {n}" for n in names) or "  (none)")
+         + f"\nsystemd units and broker/Prometheus/Grafana files: {deploy}")
     return 0
 
 

@@ -9,7 +9,6 @@ and the broker's files, and points hub.toml at the TLS broker.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from edgefleet.agent.wire import check_name, format_time
 from edgefleet.hub.brokerconf import BrokerLayout, default_hostnames, write_broker_config
 from edgefleet.hub.client import HubClient
+from edgefleet.hub.commands import emit
 from edgefleet.hub.enrol import pki_for
 from edgefleet.hub.home import HubHome
 from edgefleet.hub.pki import hub_username
@@ -25,10 +25,6 @@ from edgefleet.hub.pki import hub_username
 __all__ = ["add_security_commands"]
 
 RELOAD_HINT = "now reload the broker (kill -HUP <mosquitto pid>, or systemctl reload mosquitto)"
-
-
-def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else text)
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
@@ -39,7 +35,7 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
         "no broker folder (copy pki/crl.pem and pki/passwd to the broker)"
     )
     password = "removed" if res["password_removed"] else "none"
-    _out(
+    emit(
         args,
         res,
         f"device {args.id} revoked: {len(res['revoked_serials'])} certificate(s) on the CRL, "
@@ -58,7 +54,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         exp = format_time(d["cert_not_after"]) if d["cert_not_after"] else "-"
         group = d.get("group") or "-"
         lines.append(f"{d['device']:20} {group:12} {d['profile']:18} {d['status']:11} {cred:16} {exp}")
-    _out(args, {"devices": devs}, "\n".join(lines) if devs else "no devices enrolled")
+    emit(args, {"devices": devs}, "\n".join(lines) if devs else "no devices enrolled")
     return 0
 
 
@@ -94,7 +90,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             broker_password_file="pki/hub.password",  # noqa: S106 - a path, not a password
         )
     updated = "" if args.no_hub_config else f"  {home.config_path} updated: restart the hub\n"
-    _out(
+    emit(
         args,
         {"files": files, "hub_broker_url": hub_url, "device_broker_url": device_url,
          "device_password_broker_url": password_url},
@@ -117,7 +113,7 @@ def cmd_https_config(args: argparse.Namespace) -> int:
     res = issue_http_certificate(home, extra_hostnames=args.hostname, now=time.time(),
                                  update_config=not args.no_hub_config)
     updated = "" if args.no_hub_config else f"  {home.config_path} updated: restart the hub\n"
-    _out(
+    emit(
         args,
         res,
         f"HTTPS certificate for the hub's blob server and admin API: {res['cert_file']}\n"

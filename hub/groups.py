@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["check_group", "deploy_targets", "group_of", "known_groups"]
 
-COLUMN = GROUP_COLUMN
-
 
 def check_group(value: object) -> str | None:
     """``None``/empty means no group; anything else must be a valid id, else :class:`BadRequest`."""
@@ -39,7 +37,7 @@ def known_groups(db: Database) -> list[str]:
 
 
 def group_of(row: Mapping[str, Any]) -> str | None:
-    value = row.get(COLUMN)
+    value = row.get(GROUP_COLUMN)
     return str(value) if value else None
 
 

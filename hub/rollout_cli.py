@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgefleet.hub.client import HubClient
+from edgefleet.hub.commands import emit
 from edgefleet.hub.home import HubHome
 from edgefleet.hub.rollout import MODES, Policy, load_policy, parse_steps
 
@@ -24,10 +24,6 @@ __all__ = ["add_rollout_commands", "format_rollout"]
 
 def _client(args: argparse.Namespace) -> HubClient:
     return HubClient.for_home(HubHome(Path(args.home)), args.hub)
-
-
-def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2) if args.json else text)
 
 
 def format_rollout(r: dict[str, Any]) -> str:
@@ -60,20 +56,20 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.devices:
         body["devices"] = [d for item in args.devices for d in item.split(",") if d]
     r = _client(args).rollout_start(body)
-    _out(args, r, f"started {format_rollout(r)}\n  cohort: {', '.join(r['members'])}")
+    emit(args, r, f"started {format_rollout(r)}\n  cohort: {', '.join(r['members'])}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     rs = _client(args).rollouts(args.rollout)
-    _out(args, {"rollouts": rs}, "\n".join(format_rollout(r) for r in rs) or "no rollouts")
+    emit(args, {"rollouts": rs}, "\n".join(format_rollout(r) for r in rs) or "no rollouts")
     return 0
 
 
 def _action(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         r = _client(args).rollout_action(action, args.rollout, args.reason or "", getpass.getuser())
-        _out(args, r, format_rollout(r))
+        emit(args, r, format_rollout(r))
         return 0
 
     return run
@@ -84,7 +80,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     lines = [f"rolled back {args.name}" + (f" (rollout {res['rollout']})" if res.get("rollout") else "") + ":"]
     lines += [f"  {d}: {c.get('from', '?')} -> {c['to']} seq {c['seq']}" for d, c in sorted(res["devices"].items())]
     lines += [f"  {d}: skipped, {why}" for d, why in sorted(res["skipped"].items())]
-    _out(args, res, "\n".join(lines))
+    emit(args, res, "\n".join(lines))
     return 0
 
 
