@@ -1,6 +1,6 @@
 """3. Shadow canary cost: stable-path latency with shadow at 10 % and 100 % vs shadow off.
 
-Measures the shipped shadow mode (``agent.canary.CanaryRun`` attached to the agent's real
+Measures the shipped shadow mode (``agent.core.canary.CanaryRun`` attached to the agent's real
 ``ModelServer``): the stable request is ``ModelServer.infer``; a sampled fraction of requests is
 offered (``put_nowait``, skipped and counted when full) to a bounded queue, and the canary's
 shadow thread replays them on the candidate's ONNX Runtime session and compares the answers
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Result, Row, percentile, train_models, us
-from edgefleet.agent.canary import CanaryLimits, CanaryRun, CanarySpec
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.serving import LoadedModel, ModelServer, load
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.app.serving import LoadedModel, ModelServer, load
+from edgefleet.agent.app.shadow import CanaryRun
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.wire import ModelEntry
+from edgefleet.agent.core.canary import CanaryLimits, CanarySpec
 
 
 def _loaded(tmp: str, name: str, version: str, blob: bytes, profile: DeviceProfile) -> LoadedModel:

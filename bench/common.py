@@ -93,7 +93,7 @@ def train_models(n_features: int = 10, n_samples: int = 2000, *, small: bool = F
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
-    from edgefleet.hub.modelfile import sklearn_to_onnx
+    from edgefleet.hub.adapters.modelfile import sklearn_to_onnx
 
     X, y = make_classification(n_samples=n_samples, n_features=n_features, n_informative=6, random_state=3)
     X = X.astype(np.float32)

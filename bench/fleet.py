@@ -1,8 +1,8 @@
 """5. Fleet convergence: 1,000 simulated agents in one process against a real hub and Mosquitto.
 
-The hub runs as its own process (``edgefleet.hub.cli serve``), the agents as :class:`agent.sim.SimFleet` in
+The hub runs as its own process (``hub.cli.main serve``), the agents as :class:`agent.app.sim.SimFleet` in
 this one: each agent its own MQTT connection, state directory and trust state, all sharing one
-blob cache (see :mod:`agent.sim`). Measured:
+blob cache (see :mod:`agent.app.sim`). Measured:
 
 * **deploy**: from the admin API ``deploy`` call (v2 to every device, which runs v1) until every
   agent has verified, stored and activated v2 and published its ``reported`` state;
@@ -38,9 +38,9 @@ from bench.common import (
     train_models,
     wait_until,
 )
-from edgefleet.agent.sim import BlobCache, SimAgent, SimFleet
-from edgefleet.hub.client import HubClient
-from edgefleet.hub.home import HubHome
+from edgefleet.agent.app.sim import BlobCache, SimAgent, SimFleet
+from edgefleet.hub.adapters.client import HubClient
+from edgefleet.hub.adapters.home import HubHome
 
 
 class _Watch:
@@ -99,7 +99,7 @@ def run(smoke: bool = False, n_agents: int | None = None) -> Result:
         fleet = "simfleet"
         HubHome(home_dir).init(fleet=fleet, broker_url=broker.url, http_listen=f"127.0.0.1:{http_port}")
         hub_log = (tmp / "hub.log").open("wb")
-        hub = subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli", "serve", "--home", str(home_dir)],
+        hub = subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli.main", "serve", "--home", str(home_dir)],
                                cwd=REPO, stdout=hub_log, stderr=subprocess.STDOUT)
         fleet_sim: SimFleet | None = None
         try:
@@ -186,8 +186,8 @@ def _signed_states(home_dir: Path, fleet: str, devices: list[str]) -> tuple[list
     import json
     import sqlite3
 
-    from edgefleet.agent.wire import ModelEntry, Topics
-    from edgefleet.hub.core import build_desired
+    from edgefleet.agent.contract.wire import ModelEntry, Topics
+    from edgefleet.hub.core.desired import build_desired
 
     home = HubHome(home_dir)
     key = home.signing_key()
@@ -196,7 +196,7 @@ def _signed_states(home_dir: Path, fleet: str, devices: list[str]) -> tuple[list
     topics = Topics(fleet)
     out: list[list[tuple[str, bytes]]] = [[], []]
     rows = {r["device"]: (r["seq"], json.loads(r["envelope"])) for r in conn.execute("SELECT device, seq, envelope FROM desired")}
-    from edgefleet.agent.envelope import open_envelope
+    from edgefleet.agent.contract.envelope import open_envelope
 
     for d in devices:
         seq, env = rows[d]

@@ -1,6 +1,6 @@
 """6. Footprint: agent RSS while serving, and start-to-first-served-request.
 
-The agent runs as a real process (``python -m edgefleet.agent.cli run``) with a model already installed in
+The agent runs as a real process (``python -m edgefleet.agent.app.cli run``) with a model already installed in
 its store and a real Mosquitto to connect to. Baselines, also fresh processes in the same run:
 
 * **bare**: a process that imports onnxruntime, numpy, paho-mqtt and httpx and then idles;
@@ -34,8 +34,8 @@ import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import REPO, Mosquitto, Result, Row, free_port, train_models
-from edgefleet.agent.envelope import public_key_to_b64
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.contract.envelope import public_key_to_b64
+from edgefleet.agent.contract.wire import ModelEntry
 
 BARE = ("import sys, time, onnxruntime, numpy, paho.mqtt.client, httpx\n"
         "if len(sys.argv) > 1:\n"
@@ -64,7 +64,7 @@ def _agent_dir(tmp: Path, data: bytes, broker_url: str, port: int) -> Path:
 
 def _agent_once(cfg: Path, port: int, body: dict, requests: int) -> tuple[float, int]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.agent.cli", "run", "--config", str(cfg)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.agent.app.cli", "run", "--config", str(cfg)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/v2/models/clf/infer"

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.telemetry import feature_histogram
-from edgefleet.agent.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow
+from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow
+from edgefleet.agent.core.telemetry import feature_histogram
+from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
-from edgefleet.hub.home import HubHome
 
 DEVICES, BATCH, BATCHES = 50, 500, 6
 EDGES = tuple(float(x) for x in np.linspace(-3, 3, 11))

@@ -10,7 +10,7 @@ agent's own code on reference bins. Side by side, on the same payloads:
 * **hub**: ``Hub`` with 1 ingest worker, then with 2 (shared subscription ``$share/bench/...``,
   two MQTT connections and two ingest threads in one process), counting until every window is
   stored in SQLite or recognised as a duplicate. The hub receives through its own subscriber,
-  ``hub.ingestlink.IngestLink``; the backlog drain also runs a bare consumer on that link (the
+  ``hub.adapters.ingestlink.IngestLink``; the backlog drain also runs a bare consumer on that link (the
   same ``json.loads``) to show what the receive path costs apart from the hub's work.
 
 Rate = messages / (last one handled - publisher's first send); the publisher's own rate is shown
@@ -43,11 +43,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from bench.common import REPO, Mosquitto, Result, Row, wait_until
-from edgefleet.agent.telemetry import Recorder, fold
-from edgefleet.agent.wire import FeatureReference, Reference, TelemetryWindow, Topics
+from edgefleet.agent.app.recorder import Recorder
+from edgefleet.agent.contract.wire import FeatureReference, Reference, TelemetryWindow, Topics
+from edgefleet.agent.core.telemetry import fold
+from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.ingestlink import IngestLink
 from edgefleet.hub.daemon import Hub, freeze_startup_heap
-from edgefleet.hub.home import HubHome
-from edgefleet.hub.ingestlink import IngestLink
 
 
 def _payloads(fleet: str, devices: int, n: int) -> list[tuple[str, bytes]]:
@@ -152,7 +153,7 @@ def _bare_drain(url: str, topics: Topics, path: Path, tmp: Path, total: int) -> 
 
 
 def _link_drain(url: str, topics: Topics, path: Path, tmp: Path, total: int) -> tuple[float, float]:
-    """As :func:`_bare_drain`, on the hub's receiving link (``hub.ingestlink``) instead of paho:
+    """As :func:`_bare_drain`, on the hub's receiving link (``hub.adapters.ingestlink``) instead of paho:
     the same ``json.loads`` per message, so the difference is the receive path alone."""
     got = [0]
 
@@ -283,7 +284,7 @@ def _stored_counter(home: HubHome) -> tuple[sqlite3.Connection, Callable[[], int
 
 def _replica_procs(home: HubHome, replicas: int, tmp: Path, tag: str) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
     logs = [tmp / f"replica-{tag}-{i}.log" for i in range(replicas)]
-    procs = [subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli", "serve", "--home", str(home.path), "--http",
+    procs = [subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli.main", "serve", "--home", str(home.path), "--http",
                                "127.0.0.1:0", "--share", "bench", "--replica", f"r{i}"], cwd=REPO,
                               stdout=log.open("wb"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
     return procs, logs
@@ -420,7 +421,7 @@ def run(smoke: bool = False) -> Result:
         if "link drain" in rates and "hub x1 drain" in rates:
             paho_us, link_us = 1e6 / rates["bare drain"], 1e6 / rates["link drain"]
             res.notes.append(
-                f"Where the time goes: the hub receives through its own MQTT subscriber (`hub.ingestlink`: "
+                f"Where the time goes: the hub receives through its own MQTT subscriber (`hub.adapters.ingestlink`: "
                 f"large reads, one PUBACK send per read) and publishes through paho. The bare consumer on that "
                 f"link drains the backlog at {rates['link drain']:,.0f} msgs/s against paho's "
                 f"{rates['bare drain']:,.0f} (same `json.loads`): paho's receive path costs "

@@ -3,7 +3,7 @@
 Three servers answer the same OIP v2 JSON request over one keep-alive HTTP/1.1 connection
 (``http.client``, one request at a time; requests/s = 1 / mean latency):
 
-* **edgefleet**: ``agent.oip.OipServer`` over ``ModelServer`` (telemetry on);
+* **edgefleet**: ``agent.adapters.oip.OipServer`` over ``ModelServer`` (telemetry on);
 * **minimal**: a ~20-line ``http.server`` handler that decodes the request with the stdlib
   ``json`` module into numpy, runs the same ONNX Runtime session and JSON-encodes the outputs
   (the least a plain-stdlib Python server can do; edgefleet uses orjson, which is why it can be
@@ -32,10 +32,10 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import Result, Row, percentile, train_models, us
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.oip import OipServer
-from edgefleet.agent.serving import ModelServer, load, session_options
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.adapters.oip import OipServer
+from edgefleet.agent.app.serving import ModelServer, load, session_options
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.wire import ModelEntry
 
 TARGET_ADDED_P50_S = 250e-6
 

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import Result, Row, interleaved_min_median, train_models, us
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.serving import ModelServer, load, session_options
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.app.serving import ModelServer, load, session_options
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.wire import ModelEntry
 
 TARGET_ADDED_B1_S = 3e-6
 TARGET_ADDED_B64 = 0.05
@@ -29,7 +29,7 @@ def run(smoke: bool = False) -> Result:
     res = Result(
         "serving_inproc", "1. Serving overhead, in process",
         "raw `onnxruntime.InferenceSession.run(None, {input: float32 array})` on the same model and "
-        "session options; edgefleet is `agent.serving.ModelServer.infer` with its telemetry recorder on.",
+        "session options; edgefleet is `agent.app.serving.ModelServer.infer` with its telemetry recorder on.",
     )
     profile = DeviceProfile(name="bench")
     calls, rounds = (50, 3) if smoke else (2000, 15)
@@ -72,7 +72,7 @@ def run(smoke: bool = False) -> Result:
                             target, None if smoke else met))
     res.notes.append(f"{rounds} interleaved rounds of {calls} calls (batch 1) / {calls // 4} calls "
                      "(batch 64); median per-call time.")
-    res.notes.append("On CPU, `infer` calls ONNX Runtime's C++ session directly (`agent.serving.session_runner`): "
+    res.notes.append("On CPU, `infer` calls ONNX Runtime's C++ session directly (`agent.app.serving.session_runner`): "
                      "it builds the feeds from the model's own input list, so the baseline's Python check of "
                      "the feed names (about 1 µs) is not repeated. What remains above the baseline is "
                      "edgefleet's own work: dtype checks, the telemetry record, the request id, the result.")

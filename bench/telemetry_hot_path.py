@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from edgefleet.agent.telemetry import Recorder, feature_histogram, fold
-from edgefleet.agent.wire import FeatureReference, Reference
+from edgefleet.agent.app.recorder import Recorder
+from edgefleet.agent.contract.wire import FeatureReference, Reference
+from edgefleet.agent.core.telemetry import feature_histogram, fold
 
 N = 200_000
 FEATURES = 8

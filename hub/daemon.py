@@ -1,10 +1,10 @@
 """The hub daemon: owns the database, signs and publishes, ingests what devices report.
 
 Threads: ``hub-http`` (admin API and blob server), paho's network thread (publishes: keyring,
-desired states, alerts), ``mqtt-ingest-*`` (:class:`hub.ingestlink.IngestLink`: receives device
+desired states, alerts), ``mqtt-ingest-*`` (:class:`hub.adapters.ingestlink.IngestLink`: receives device
 messages and enqueues them), ``hub-ingest`` (drains the queue and writes batches in one
 transaction each), ``hub-main`` (re-signs desired states before they expire), ``hub-rollouts``
-(judges running rollouts, see :mod:`hub.rollouts`). Every write goes through :mod:`hub.db`.
+(judges running rollouts, see :mod:`hub.services.rollout_manager`). Every write goes through :mod:`hub.db`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent import __version__
-from edgefleet.agent.capture import parse_batch
-from edgefleet.agent.errors import EdgefleetError, MalformedMessage
-from edgefleet.agent.mqttlink import MqttLink
-from edgefleet.agent.store import atomic_write
-from edgefleet.agent.wire import (
+from edgefleet.agent.adapters.capture import parse_batch
+from edgefleet.agent.adapters.mqttlink import MqttLink
+from edgefleet.agent.adapters.store import atomic_write
+from edgefleet.agent.contract.errors import EdgefleetError, MalformedMessage
+from edgefleet.agent.contract.wire import (
     Event,
     ModelEntry,
     Reference,
@@ -42,21 +42,21 @@ from edgefleet.agent.wire import (
     check_name,
     format_time,
 )
-from edgefleet.hub.core import build_desired, build_keyring, model_entry
+from edgefleet.hub.adapters.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
+from edgefleet.hub.adapters.fastjson import loads_object
+from edgefleet.hub.adapters.home import HubHome, keyring_path
+from edgefleet.hub.adapters.ingestlink import IngestLink
+from edgefleet.hub.adapters.modelfile import validate_onnx
+from edgefleet.hub.adapters.preflight import accept as accept_preflight
+from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
+from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
-from edgefleet.hub.drift_monitor import DriftMonitor, Staged
-from edgefleet.hub.enrol import device_broker_url, hub_link_options, issue_credentials
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from edgefleet.hub.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
-from edgefleet.hub.fastjson import loads_object
-from edgefleet.hub.groups import check_group, deploy_targets, group_of
-from edgefleet.hub.home import HubHome, keyring_path
-from edgefleet.hub.ingestlink import IngestLink
-from edgefleet.hub.keys import roots_path
-from edgefleet.hub.lineage import clean_lineage, diff_versions, find_decision
-from edgefleet.hub.modelfile import validate_onnx
-from edgefleet.hub.preflight import accept as accept_preflight
-from edgefleet.hub.rollouts import RolloutManager
+from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged
+from edgefleet.hub.services.enrol import device_broker_url, hub_link_options, issue_credentials
+from edgefleet.hub.services.groups import check_group, deploy_targets, group_of
+from edgefleet.hub.services.keys import roots_path
+from edgefleet.hub.services.rollout_manager import RolloutManager
 
 __all__ = ["Hub"]
 
@@ -155,7 +155,7 @@ class Hub:
         return base + (f"-{self.replica}" if self.replica else "")
 
     def start(self) -> None:
-        from edgefleet.hub.api import HubHttpServer
+        from edgefleet.hub.adapters.api import HubHttpServer
 
         host, _, port = self.http_listen.rpartition(":")
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))

@@ -7,10 +7,10 @@ Tables: ``models`` (immutable versions with signature, reference and lineage), `
 ``assignments`` (what each device should run), ``desired`` (the last signed state per device,
 with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
 ``events``, ``audit``, ``telemetry_agg`` (mergeable sums per model version, device and time
-bucket; its rows are written by :mod:`hub.drift_monitor` inside the ingest transaction) and
+bucket; its rows are written by :mod:`hub.services.drift_monitor` inside the ingest transaction) and
 ``captures`` (sampled inference records uploaded by devices, unique per device, request id and
 model).
-Rollouts (:mod:`hub.rollouts`): ``rollouts`` (one row per rollout, the :class:`hub.rollout.Rollout`
+Rollouts (:mod:`hub.services.rollout_manager`): ``rollouts`` (one row per rollout, the :class:`hub.core.rollout.Rollout`
 as JSON in ``spec``), ``rollout_windows`` (the canary dict of every cohort window, tagged with the
 step it arrived in), ``rollout_events`` (canary events of cohort devices), and
 ``model_preflight`` (the preflight blob of a model version: sha256, size, tolerances).

@@ -1,4 +1,4 @@
-"""Hub errors. They extend the shared tree in :mod:`agent.errors`::
+"""Hub errors. They extend the shared tree in :mod:`agent.contract.errors`::
 
     EdgefleetError
     ├── Refused
@@ -16,7 +16,7 @@ Each error maps to one HTTP status, so the admin API and the CLI speak the same 
 
 from __future__ import annotations
 
-from edgefleet.agent.errors import Refused, Unavailable
+from edgefleet.agent.contract.errors import Refused, Unavailable
 
 __all__ = [
     "BadRequest", "Conflict", "HubNotRunning", "HubRefused", "HubTlsFailed", "NotAuthorized", "NotFound",

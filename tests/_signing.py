@@ -13,8 +13,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.envelope import key_id, public_key_to_b64, sign_envelope
-from edgefleet.agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry
+from edgefleet.agent.contract.envelope import key_id, public_key_to_b64, sign_envelope
+from edgefleet.agent.contract.wire import DesiredState, KeyEntry, Keyring, ModelEntry
 
 FLEET = "fleet-a"
 DEVICE = "dev-1"

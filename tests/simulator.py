@@ -10,8 +10,8 @@ header) and can misbehave on purpose:
     cut      close the connection after ``cut_at`` bytes, once; then behave
     error    answer HTTP 500
 
-No hub code is used: the simulator builds messages with the wire contract (``agent.wire``,
-``agent.envelope``) so it tests the agent against the contract, not against the hub.
+No hub code is used: the simulator builds messages with the wire contract (``agent.contract.wire``,
+``agent.contract.envelope``) so it tests the agent against the contract, not against the hub.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
-from edgefleet.agent.fetch import HttpFetcher
-from edgefleet.agent.serving import ModelServer
-from edgefleet.agent.store import Store
-from edgefleet.agent.trust import RootRotation, TrustedState, roots_message
-from edgefleet.agent.updater import Note, Updater
-from edgefleet.agent.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
+from edgefleet.agent.adapters.fetch import HttpFetcher
+from edgefleet.agent.adapters.store import Store
+from edgefleet.agent.app.serving import ModelServer
+from edgefleet.agent.app.updater import Note, Updater
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
+from edgefleet.agent.contract.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
+from edgefleet.agent.core.trust import RootRotation, TrustedState, roots_message
 
 
 def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | None = None) -> bytes:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.fetch import HttpFetcher
-from edgefleet.agent.updater import Updater
+from edgefleet.agent.adapters.fetch import HttpFetcher
+from edgefleet.agent.app.updater import Updater
 from tests.simulator import HubSimulator, make_updater, reasons, serving, simulator, tiny_model
 
 V1 = ("1", 1.0)

@@ -30,8 +30,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.agent.wire import Event, Status, TelemetryWindow, Topics
-from edgefleet.hub.pki import DevicePki
+from edgefleet.agent.contract.wire import Event, Status, TelemetryWindow, Topics
+from edgefleet.hub.adapters.pki import DevicePki
 from tests.conftest import Procs, free_port, hub_up, mosquitto_bin, run_cli, wait_for, wait_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -57,12 +57,12 @@ class Secure:
         return str(self.broker_dir / "ca.pem")
 
     def status(self, dev: str) -> dict[str, Any]:
-        st = json.loads(run_cli("edgefleet.hub.cli", "status", "--home", str(self.home), "--json").stdout)
+        st = json.loads(run_cli("edgefleet.hub.cli.main", "status", "--home", str(self.home), "--json").stdout)
         return dict(next(d for d in st["devices"] if d["device"] == dev))
 
     def events(self, dev: str) -> list[dict[str, Any]]:
         out = run_cli(
-            "edgefleet.hub.cli", "events", "--home", str(self.home), "--device", dev, "--json"
+            "edgefleet.hub.cli.main", "events", "--home", str(self.home), "--device", dev, "--json"
         ).stdout
         return list(json.loads(out)["events"])
 
@@ -175,11 +175,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     home = tmp / "hub"
     http_port, device_port, password_port, hub_port = free_port(), free_port(), free_port(), free_port()
     run_cli(
-        "edgefleet.hub.cli", "init", "--home", str(home), "--fleet", fleet, "--http", f"127.0.0.1:{http_port}"
+        "edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--http", f"127.0.0.1:{http_port}"
     )
     broker_dir = tmp / "broker"
     run_cli(
-        "edgefleet.hub.cli",
+        "edgefleet.hub.cli.main",
         "broker-config",
         "--home",
         str(home),
@@ -219,7 +219,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         wait_port(password_port)
         wait_port(hub_port)
         procs.start(
-            "hub", "edgefleet.hub.cli", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path}
+            "hub", "edgefleet.hub.cli.main", "serve", "--home", str(home), env={"NOTIFY_SOCKET": hub_sock_path}
         )
         s.hub_notes.append(hub_sock.recv(4096).decode())  # READY=1 once it serves
         wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
@@ -233,7 +233,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             agent_ports[dev] = free_port()
             bundles[dev] = tmp / dev
             run_cli(
-                "edgefleet.hub.cli",
+                "edgefleet.hub.cli.main",
                 "device",
                 "add",
                 dev,
@@ -250,11 +250,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         mosq.send_signal(signal.SIGHUP)  # new passwords: the broker rereads its password file
         for dev in ("dev-a", "dev-b"):
             procs.start(
-                f"agent-{dev}", "edgefleet.agent.cli", "run", "--config", str(bundles[dev] / "agent.toml")
+                f"agent-{dev}", "edgefleet.agent.app.cli", "run", "--config", str(bundles[dev] / "agent.toml")
             )
         _tiny_model(tmp / "double.onnx")
         run_cli(
-            "edgefleet.hub.cli",
+            "edgefleet.hub.cli.main",
             "publish",
             "--home",
             str(home),
@@ -265,7 +265,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             str(tmp / "double.onnx"),
         )
         run_cli(
-            "edgefleet.hub.cli",
+            "edgefleet.hub.cli.main",
             "deploy",
             "--home",
             str(home),
@@ -518,7 +518,7 @@ def test_revoked_device_is_refused(env: Secure) -> None:
     assert attempt(env, **cert_kw) == "connected"
     assert attempt(env, **pw_kw) == "connected"
 
-    out = run_cli("edgefleet.hub.cli", "device", "revoke", "dev-r", "--home", str(env.home)).stdout
+    out = run_cli("edgefleet.hub.cli.main", "device", "revoke", "dev-r", "--home", str(env.home)).stdout
     assert "1 certificate(s) on the CRL" in out and "password removed" in out
     env.mosquitto.send_signal(signal.SIGHUP)  # what `systemctl reload mosquitto` does
 
@@ -534,12 +534,12 @@ def test_revoked_device_is_refused(env: Secure) -> None:
         attempt(env, port=env.device_port, cert=env.cert("dev-x")) == "connected"
     )  # others unaffected
     listed = json.loads(
-        run_cli("edgefleet.hub.cli", "device", "list", "--home", str(env.home), "--json").stdout
+        run_cli("edgefleet.hub.cli.main", "device", "list", "--home", str(env.home), "--json").stdout
     )
     by_id = {d["device"]: d for d in listed["devices"]}
     assert by_id["dev-r"]["revoked"] and not by_id["dev-x"]["revoked"]
     assert by_id["dev-a"]["cert_not_after"] and by_id["dev-b"]["password"]
-    text = run_cli("edgefleet.hub.cli", "device", "list", "--home", str(env.home)).stdout
+    text = run_cli("edgefleet.hub.cli.main", "device", "list", "--home", str(env.home)).stdout
     rows = {line.split()[0]: line for line in text.splitlines()[1:]}
     assert "REVOKED" in rows["dev-r"] and "cert+password" in rows["dev-x"]
 
@@ -547,7 +547,7 @@ def test_revoked_device_is_refused(env: Secure) -> None:
 def test_device_ids_with_mqtt_wildcards_are_refused_at_enrolment(env: Secure) -> None:
     for bad in ("a+b", "a#", "a/b"):
         res = run_cli(
-            "edgefleet.hub.cli",
+            "edgefleet.hub.cli.main",
             "device",
             "add",
             bad,
@@ -573,7 +573,7 @@ def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None
     try:
         proc = env.procs.start(
             "agent-dev-a-notify",
-            "edgefleet.agent.cli",
+            "edgefleet.agent.app.cli",
             "run",
             "--config",
             str(env.bundles["dev-a"] / "agent.toml"),
@@ -592,7 +592,7 @@ def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None
         # An update changes what it runs: STATUS= says so.
         _tiny_model(env.tmp / "triple.onnx", 3.0)
         run_cli(
-            "edgefleet.hub.cli",
+            "edgefleet.hub.cli.main",
             "publish",
             "--home",
             str(env.home),
@@ -602,7 +602,7 @@ def test_agent_notifies_systemd_ready_watchdog_and_stopping(env: Secure) -> None
             "1.1.0",
             str(env.tmp / "triple.onnx"),
         )
-        run_cli("edgefleet.hub.cli", "deploy", "--home", str(env.home), "clf", "1.1.0", "--device", "dev-a")
+        run_cli("edgefleet.hub.cli.main", "deploy", "--home", str(env.home), "clf", "1.1.0", "--device", "dev-a")
         while "STATUS=clf 1.1.0" not in got:
             got.append(sock.recv(4096).decode())
         assert infer(port)["model_version"] == "1.1.0"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgefleet.agent.canary import (
+from edgefleet.agent.adapters.capture import Capture
+from edgefleet.agent.app.serving import ModelServer, load
+from edgefleet.agent.app.shadow import CanaryRun, Shadow
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.errors import MalformedMessage
+from edgefleet.agent.contract.wire import ModelEntry
+from edgefleet.agent.core.canary import (
     CanaryLimits,
-    CanaryRun,
     CanarySpec,
     CanaryStats,
     PreflightParams,
     PreflightRejected,
-    Shadow,
     Totals,
     Verdict,
     compare_outputs,
@@ -29,11 +34,6 @@ from edgefleet.agent.canary import (
     local_verdict,
     run_preflight,
 )
-from edgefleet.agent.capture import Capture
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.errors import MalformedMessage
-from edgefleet.agent.serving import ModelServer, load
-from edgefleet.agent.wire import ModelEntry
 from tests._skmodels import data, forest, logreg, preflight_npz
 from tests.simulator import tiny_model
 
@@ -145,7 +145,7 @@ def test_nan_from_the_candidate_counts_as_an_error_not_a_comparison() -> None:
 def test_the_guard_sees_the_last_latency_samples_after_the_history_wraps() -> None:
     from collections import deque
 
-    from edgefleet.agent.canary import LATENCY_HISTORY
+    from edgefleet.agent.core.canary import LATENCY_HISTORY
 
     st = CanaryStats(rollout="r", mode="shadow", version="2")
     a = {"y": np.ones((1, 2), dtype=np.float32)}
@@ -169,7 +169,7 @@ def test_the_guard_sees_the_last_latency_samples_after_the_history_wraps() -> No
 
 @pytest.mark.parametrize("n", [2, 3, 20, 21, 50, 999, 2048])
 def test_the_guard_p95_is_numpys_percentile_bit_for_bit(n: int) -> None:
-    from edgefleet.agent.canary import _p95
+    from edgefleet.agent.core.canary import _p95
 
     rng = np.random.default_rng(n)
     for values in (rng.lognormal(size=n), rng.integers(0, 4, size=n).astype(float), rng.random(n) * 1e-3):
@@ -231,6 +231,7 @@ def test_canary_limits_and_spec_are_read_strictly() -> None:
 
 
 def preflight(blob: bytes, npz: bytes, profile: DeviceProfile = PROFILE, **kw: Any) -> Any:
+    kw.setdefault("clock", time.perf_counter)
     return run_preflight(session(blob), load_preflight(npz), PreflightParams(), profile, **kw)
 
 
@@ -261,7 +262,8 @@ def test_preflight_fails_on_outputs_beyond_tolerance() -> None:
 def test_preflight_fails_on_nan() -> None:
     buf = io.BytesIO()
     np.savez(buf, input=np.ones((4, 2), dtype=np.float32))
-    res = run_preflight(session(tiny_model(float("nan"))), load_preflight(buf.getvalue()), PreflightParams(), PROFILE)
+    res = run_preflight(session(tiny_model(float("nan"))), load_preflight(buf.getvalue()), PreflightParams(), PROFILE,
+                        clock=time.perf_counter)
     assert not res.ok and res.reason == "preflight_nan"
 
 

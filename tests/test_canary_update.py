@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.updater import Updater
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.app.updater import Updater
+from edgefleet.agent.contract.wire import ModelEntry
 from tests._skmodels import data, logreg, preflight_npz
 from tests.conftest import wait_for
 from tests.simulator import HubSimulator, make_updater, simulator, tiny_model

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.capture import Capture, parse_batch
-from edgefleet.agent.errors import MalformedMessage, Refused, Unavailable
+from edgefleet.agent.adapters.capture import Capture, parse_batch
+from edgefleet.agent.contract.errors import MalformedMessage, Refused, Unavailable
 
 SHA = "ab" * 32
 
@@ -146,8 +146,8 @@ def test_wire_check_refuses_wrong_kind_and_empty_batch() -> None:
 
 
 def test_profile_capture_section_defaults_off_and_checks_the_rate(tmp_path: Path) -> None:
-    from edgefleet.agent.config import load_profile
-    from edgefleet.agent.errors import ConfigError
+    from edgefleet.agent.contract.config import load_profile
+    from edgefleet.agent.contract.errors import ConfigError
     from tests.conftest import REPO
 
     generic = load_profile(REPO / "device-profiles" / "generic-x86_64.toml")

@@ -22,8 +22,8 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.updater import STEPS
-from edgefleet.agent.wire import Topics
+from edgefleet.agent.app.updater import STEPS
+from edgefleet.agent.contract.wire import Topics
 from tests.conftest import REPO, Broker, Procs, free_port, wait_for
 from tests.simulator import HubSimulator, tiny_model
 
@@ -65,7 +65,7 @@ class Device:
     def start(self, pause_at: str | None = None) -> None:
         env = {"EDGEFLEET_TEST_PAUSE_AT": pause_at} if pause_at else {"EDGEFLEET_TEST_PAUSE_AT": ""}
         self.proc = self.procs.start(
-            "agent", "edgefleet.agent.cli", "run", "--config", str(self.config), env=env
+            "agent", "edgefleet.agent.app.cli", "run", "--config", str(self.config), env=env
         )
 
     def kill_when_paused(self, step: str) -> None:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_to_completion_on_the_embedded_broker() -> None:
-    res = run_cli("edgefleet.hub.cli", "demo", "--seconds", "3", timeout=180)
+    res = run_cli("edgefleet.hub.cli.main", "demo", "--seconds", "3", timeout=180)
     out = res.stdout
     assert "embedded MQTT broker" in out
     assert "both agents serve iris 1.0.0" in out

@@ -10,7 +10,7 @@ import pytest
 
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, NotFound
-from edgefleet.hub.groups import check_group, deploy_targets, known_groups
+from edgefleet.hub.services.groups import check_group, deploy_targets, known_groups
 
 OLD_DEVICES = (
     "CREATE TABLE devices (id TEXT PRIMARY KEY, profile TEXT NOT NULL, created_at REAL NOT NULL, "

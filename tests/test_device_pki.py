@@ -12,13 +12,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgefleet.agent.errors import ConfigError, MalformedMessage
-from edgefleet.agent.wire import check_name
-from edgefleet.hub.brokerconf import acl_text
+from edgefleet.agent.contract.errors import ConfigError, MalformedMessage
+from edgefleet.agent.contract.wire import check_name
+from edgefleet.hub.adapters.brokerconf import acl_text
+from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.pki import DevicePki, hash_password, hub_username, verify_password
 from edgefleet.hub.daemon import Hub
 from edgefleet.hub.errors import BadRequest
-from edgefleet.hub.home import HubHome
-from edgefleet.hub.pki import DevicePki, hash_password, hub_username, verify_password
 
 NOW = 1_790_000_000.0
 

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.agent.config import load_agent_config, load_profile
-from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.serving import load, providers_for
-from edgefleet.agent.wire import ModelEntry
-from edgefleet.hub.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
+from edgefleet.agent.app.serving import load, providers_for
+from edgefleet.agent.contract.config import load_agent_config, load_profile
+from edgefleet.agent.contract.errors import ConfigError
+from edgefleet.agent.contract.wire import ModelEntry
+from edgefleet.hub.cli.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
 
 PROFILES = Path(__file__).resolve().parent.parent / "device-profiles"
 SHIPPED = sorted(PROFILES.glob("*.toml"))

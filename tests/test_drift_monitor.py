@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.telemetry import feature_histogram
-from edgefleet.agent.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow, Topics
+from edgefleet.agent.contract.errors import ConfigError
+from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow, Topics
+from edgefleet.agent.core.telemetry import feature_histogram
 from edgefleet.hub.db import Database
-from edgefleet.hub.drift_monitor import DriftConfig, DriftMonitor
+from edgefleet.hub.services.drift_monitor import DriftConfig, DriftMonitor
 
 EDGES = (0.0, 1.0, 2.0, 3.0, 4.0)
 REF = Reference(features=(FeatureReference(name="x", edges=EDGES, freqs=(0.25, 0.25, 0.25, 0.25)),

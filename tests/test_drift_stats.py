@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from edgefleet.agent.telemetry import feature_histogram
-from edgefleet.agent.wire import FeatureReference, Reference
-from edgefleet.hub.drift import (
+from edgefleet.agent.contract.wire import FeatureReference, Reference
+from edgefleet.agent.core.telemetry import feature_histogram
+from edgefleet.hub.core.drift import (
     AlarmTracker,
     Policy,
     js_distance,

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from edgefleet.agent.envelope import open_envelope, sign_envelope
-from edgefleet.agent.wire import Topics, parse_json_object
+from edgefleet.agent.contract.envelope import open_envelope, sign_envelope
+from edgefleet.agent.contract.wire import Topics, parse_json_object
 from tests.conftest import Broker, Procs, free_port, hub_up, retained, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -44,7 +44,7 @@ class Fleet:
     sent: dict[str, int]
 
     def status(self) -> dict[str, Any]:
-        return json.loads(run_cli("edgefleet.hub.cli", "status", "--home", str(self.home), "--json").stdout)
+        return json.loads(run_cli("edgefleet.hub.cli.main", "status", "--home", str(self.home), "--json").stdout)
 
     def device(self, dev: str) -> dict[str, Any]:
         return next(d for d in self.status()["devices"] if d["device"] == dev)
@@ -58,11 +58,11 @@ class Fleet:
         return dict(r.json())
 
     def events(self, dev: str) -> list[dict[str, Any]]:
-        out = run_cli("edgefleet.hub.cli", "events", "--home", str(self.home), "--device", dev, "--json").stdout
+        out = run_cli("edgefleet.hub.cli.main", "events", "--home", str(self.home), "--device", dev, "--json").stdout
         return list(json.loads(out)["events"])
 
     def start_agent(self, dev: str) -> subprocess.Popen[bytes]:
-        p = self.procs.start(f"agent-{dev}", "edgefleet.agent.cli", "run", "--config", str(self.agents[dev]["config"]))
+        p = self.procs.start(f"agent-{dev}", "edgefleet.agent.app.cli", "run", "--config", str(self.agents[dev]["config"]))
         self.agents[dev]["proc"] = p
         return p
 
@@ -85,16 +85,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = f"e2e{int(time.time() * 1000) % 10**9}"
     home = tmp / "hub"
     http_port = free_port()
-    run_cli("edgefleet.hub.cli", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
+    run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
             "--http", f"127.0.0.1:{http_port}")
-    procs.start("hub", "edgefleet.hub.cli", "serve", "--home", str(home))
+    procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
     wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
 
     agents: dict[str, dict[str, Any]] = {}
     for dev in ("dev-a", "dev-b"):
         port = free_port()
         out = tmp / dev
-        run_cli("edgefleet.hub.cli", "device", "add", dev, "--home", str(home), "--out", str(out),
+        run_cli("edgefleet.hub.cli.main", "device", "add", dev, "--home", str(home), "--out", str(out),
                 "--listen", f"127.0.0.1:{port}", "--window", "1")
         agents[dev] = {"port": port, "config": out / "agent.toml"}
 
@@ -109,9 +109,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     for dev in agents:
         f.start_agent(dev)
     try:
-        run_cli("edgefleet.hub.cli", "publish", "--home", str(home), "--name", "clf", "--version", "1.0.0",
+        run_cli("edgefleet.hub.cli.main", "publish", "--home", str(home), "--name", "clf", "--version", "1.0.0",
                 str(tmp / "model.pkl"), "--reference", str(tmp / "train.npy"), "--source", "test")
-        run_cli("edgefleet.hub.cli", "deploy", "--home", str(home), "clf", "1.0.0", "--device", "dev-a",
+        run_cli("edgefleet.hub.cli.main", "deploy", "--home", str(home), "clf", "1.0.0", "--device", "dev-a",
                 "--device", "dev-b")
         wait_for(lambda: all(f.device(d)["models"].get("clf") == "1.0.0" for d in agents), 30,
                  "both agents to report clf 1.0.0 active")
@@ -167,7 +167,7 @@ def test_replayed_older_seq_is_refused_and_model_keeps_serving(env: Fleet) -> No
     topics = Topics(env.fleet)
     old = retained(env.broker, topics.desired("dev-b"))
     old_seq = parse_json_object(open_envelope(old).payload)["seq"]
-    run_cli("edgefleet.hub.cli", "deploy", "--home", str(env.home), "clf", "1.0.0", "--device", "dev-b")
+    run_cli("edgefleet.hub.cli.main", "deploy", "--home", str(env.home), "clf", "1.0.0", "--device", "dev-b")
     wait_for(lambda: env.device("dev-b")["reported_seq"] == old_seq + 1, 15, "dev-b to apply the new seq")
     publish_raw(env.broker, topics.desired("dev-b"), old)
     wait_for(lambda: any(e["reason"] == "stale_seq" for e in env.events("dev-b")), 15,

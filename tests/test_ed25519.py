@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edgefleet.agent import ed25519
-from edgefleet.agent.ed25519 import VerifyKey, verify
+from edgefleet.agent.contract import ed25519
+from edgefleet.agent.contract.ed25519 import VerifyKey, verify
 
 # RFC 8032, section 7.1: TEST 1, 2, 3 (public key, message, signature).
 RFC8032 = [

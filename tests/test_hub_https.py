@@ -24,13 +24,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgefleet.agent.config import load_agent_config
-from edgefleet.agent.errors import ConfigError, FetchFailed
-from edgefleet.agent.fetch import HttpFetcher
-from edgefleet.hub.client import HubClient
+from edgefleet.agent.adapters.fetch import HttpFetcher
+from edgefleet.agent.contract.config import load_agent_config
+from edgefleet.agent.contract.errors import ConfigError, FetchFailed
+from edgefleet.hub.adapters.client import HubClient
+from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.pki import DevicePki
 from edgefleet.hub.errors import HubTlsFailed
-from edgefleet.hub.home import HubHome
-from edgefleet.hub.pki import DevicePki
 from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -62,7 +62,7 @@ class Env:
         return self.home / "pki" / "ca.pem"
 
     def cli(self, *argv: str, check: bool = True) -> Any:
-        return run_cli("edgefleet.hub.cli", *argv, "--home", str(self.home), check=check)
+        return run_cli("edgefleet.hub.cli.main", *argv, "--home", str(self.home), check=check)
 
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("status", "--json").stdout))
@@ -77,11 +77,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     home, port = tmp / "hub", free_port()
     fleet = f"tls{int(time.time() * 1000) % 10**9}"
     try:
-        run_cli("edgefleet.hub.cli", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
+        run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
                 "--http", f"127.0.0.1:{port}", "--public-url", f"http://127.0.0.1:{port}")
-        out = json.loads(run_cli("edgefleet.hub.cli", "https-config", "--home", str(home), "--json").stdout)
+        out = json.loads(run_cli("edgefleet.hub.cli.main", "https-config", "--home", str(home), "--json").stdout)
         assert out["public_url"] == f"https://127.0.0.1:{port}"
-        procs.start("hub", "edgefleet.hub.cli", "serve", "--home", str(home))
+        procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
         ctx = ssl.create_default_context(cafile=str(home / "pki" / "ca.pem"))
 
         def healthy() -> bool:
@@ -92,7 +92,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
         wait_for(healthy, 20, "hub HTTPS")
         _model(tmp / "m1.onnx", 2.0)
-        pub = json.loads(run_cli("edgefleet.hub.cli", "publish", "--home", str(home), "--name", "clf",
+        pub = json.loads(run_cli("edgefleet.hub.cli.main", "publish", "--home", str(home), "--name", "clf",
                                  "--version", "1.0.0", str(tmp / "m1.onnx"), "--json").stdout)
         blob = (home / "blobs" / pub["sha256"]).read_bytes()
         yield Env(tmp, home, port, procs, pub["sha256"], blob)
@@ -206,7 +206,7 @@ def test_enrolled_agent_updates_through_https_blob_urls(env: Env) -> None:
     assert conf["blob_url"] == f"https://127.0.0.1:{env.port}"
     assert conf["ca_file"] == "ca.pem" and conf["broker_url"].startswith("mqtt://")
     assert (bundle / "ca.pem").read_bytes() == env.ca.read_bytes()
-    env.procs.start("agent-dev-h", "edgefleet.agent.cli", "run", "--config", str(bundle / "agent.toml"))
+    env.procs.start("agent-dev-h", "edgefleet.agent.app.cli", "run", "--config", str(bundle / "agent.toml"))
     env.cli("deploy", "clf", "1.0.0", "--group", "line-a")
 
     def runs() -> bool:

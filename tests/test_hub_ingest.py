@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.telemetry import LATENCY_BUCKETS_MS
-from edgefleet.agent.wire import ModelWindow, TelemetryWindow
+from edgefleet.agent.contract.wire import ModelWindow, TelemetryWindow
+from edgefleet.agent.core.telemetry import LATENCY_BUCKETS_MS
+from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
-from edgefleet.hub.home import HubHome
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_a_stored_window_reads_back_as_it_was_sent(hub: Hub) -> None:
 
 def test_a_replica_name_must_be_a_plain_name(tmp_path: Path) -> None:
     """It becomes part of the MQTT client id (edgefleet-hub-FLEET-NAME): no wildcards or '/'."""
-    from edgefleet.agent.errors import MalformedMessage
+    from edgefleet.agent.contract.errors import MalformedMessage
 
     home = HubHome(tmp_path / "hub")
     home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")

@@ -17,8 +17,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.hub.ingestlink import IngestLink, ProtocolError, connect_packet, split_packets
-from edgefleet.hub.pki import hash_password
+from edgefleet.hub.adapters.ingestlink import IngestLink, ProtocolError, connect_packet, split_packets
+from edgefleet.hub.adapters.pki import hash_password
 from tests.conftest import Broker, mosquitto_bin, wait_for
 
 # -- the codec ------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.envelope import public_key_from_b64, sign_envelope
-from edgefleet.agent.errors import UnknownKey
-from edgefleet.agent.trust import TrustedState
-from edgefleet.agent.wire import DesiredState
-from edgefleet.hub.core import build_keyring
-from edgefleet.hub.home import HubHome, keyring_path
-from edgefleet.hub.keys import roots_path, rotate_root, rotate_signing
+from edgefleet.agent.contract.envelope import public_key_from_b64, sign_envelope
+from edgefleet.agent.contract.errors import UnknownKey
+from edgefleet.agent.contract.wire import DesiredState
+from edgefleet.agent.core.trust import TrustedState
+from edgefleet.hub.adapters.home import HubHome, keyring_path
+from edgefleet.hub.core.desired import build_keyring
+from edgefleet.hub.services.keys import roots_path, rotate_root, rotate_signing
 from tests.conftest import run_cli
 
 NOW = 1_800_000_000.0
@@ -68,8 +68,8 @@ def test_root_rotation_is_accepted_and_resets_seq_only_when_asked(home: HubHome)
 
 
 def test_keys_cli(home: HubHome) -> None:
-    run_cli("edgefleet.hub.cli", "keys", "rotate-signing", "--home", str(home.path))
-    run_cli("edgefleet.hub.cli", "keys", "rotate-root", "--home", str(home.path))
-    info = json.loads(run_cli("edgefleet.hub.cli", "keys", "show", "--home", str(home.path), "--json").stdout)
+    run_cli("edgefleet.hub.cli.main", "keys", "rotate-signing", "--home", str(home.path))
+    run_cli("edgefleet.hub.cli.main", "keys", "rotate-root", "--home", str(home.path))
+    info = json.loads(run_cli("edgefleet.hub.cli.main", "keys", "show", "--home", str(home.path), "--json").stdout)
     assert info["root_version"] == 2 and info["keyring_version"] == 3
     assert len(info["revoked"]) == 1 and len(info["signing_keys"]) == 1

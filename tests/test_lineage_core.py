@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgefleet.hub.adapters.modelfile import compute_reference
+from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision, parse_pairs, reference_psi
 from edgefleet.hub.errors import BadRequest
-from edgefleet.hub.lineage import clean_lineage, diff_versions, find_decision, parse_pairs, reference_psi
-from edgefleet.hub.modelfile import compute_reference
 
 
 def _ref(data: np.ndarray) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.sandbox import SessionGuard
-from edgefleet.agent.updater import Updater
+from edgefleet.agent.adapters.sandbox import SessionGuard
+from edgefleet.agent.app.updater import Updater
+from edgefleet.agent.contract.config import DeviceProfile
 from tests.simulator import (
     HubSimulator,
     external_data_model,

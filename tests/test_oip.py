@@ -15,10 +15,10 @@ import pytest
 from skl2onnx import to_onnx
 from sklearn.linear_model import LogisticRegression
 
-from edgefleet.agent.config import DeviceProfile
-from edgefleet.agent.oip import OipServer
-from edgefleet.agent.serving import ModelServer, load
-from edgefleet.agent.wire import ModelEntry
+from edgefleet.agent.adapters.oip import OipServer
+from edgefleet.agent.app.serving import ModelServer, load
+from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.wire import ModelEntry
 
 HEADER = "Inference-Header-Content-Length"
 

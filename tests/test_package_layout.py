@@ -31,7 +31,7 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("short", ["agent", "hub", "agent.wire", "hub.cli"])
+@pytest.mark.parametrize("short", ["agent", "hub", "agent.contract.wire", "hub.cli"])
 def test_the_folder_names_are_not_import_names_even_inside_the_checkout(short: str) -> None:
     res = subprocess.run([sys.executable, "-c", f"import {short}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0
@@ -118,10 +118,11 @@ def test_the_agent_never_imports_the_hub_in_source() -> None:
     assert {m: v for m, v in offenders.items() if v} == {}
 
 
-# The pure core (docs/architecture.md, "Modules by layer"): no sockets, threads, processes or clock,
-# directly or through the edgefleet modules it imports. Time comes in as an argument.
-PURE = ["edgefleet.agent.errors", "edgefleet.agent.wire", "edgefleet.agent.envelope", "edgefleet.agent.trust",
-        "edgefleet.hub.core", "edgefleet.hub.rollout", "edgefleet.hub.drift", "edgefleet.hub.lineage"]
+# The pure core (docs/architecture.md, "Layout"): every module in agent/contract/, agent/core/ and
+# hub/core/. No sockets, threads, processes or clock, directly or through the edgefleet modules it
+# imports. Time comes in as an argument.
+PURE = sorted(m for m in _modules() if m.split(".")[2:3] and m.split(".")[2] in ("contract", "core")
+              and m.split(".")[1] in ("agent", "hub") and not m.startswith("edgefleet.hub.contract"))
 IMPURE = {"socket", "ssl", "threading", "_thread", "time", "subprocess", "multiprocessing", "asyncio",
           "selectors", "http", "urllib.request", "paho", "httpx", "onnxruntime", "sqlite3", "queue"}
 
@@ -155,3 +156,48 @@ def test_core_modules_import_no_socket_thread_or_clock(module: str) -> None:
             bad[m] = hits
         todo.extend(_imports(m, modules[m], known))
     assert bad == {}
+
+
+def _layer(module: str) -> str:
+    """``edgefleet.agent.core.trust`` -> ``agent.core``; ``edgefleet.hub.db`` -> ``hub.db``."""
+    parts = module.split(".")[1:]
+    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+
+# Which layers each layer may import at run time. The listing is the architecture: a module's folder
+# says what it may depend on (docs/architecture.md, "Layout").
+ALLOWED = {
+    "agent.contract": {"agent", "agent.contract"},
+    "agent.core": {"agent.contract", "agent.core"},
+    "agent.adapters": {"agent", "agent.contract", "agent.core", "agent.adapters"},
+    "agent.app": {"agent", "agent.contract", "agent.core", "agent.adapters", "agent.app"},
+    "hub.errors": {"agent.contract"},
+    "hub.core": {"agent.contract", "hub.errors", "hub.core"},
+    "hub.db": {"agent.contract", "hub.errors", "hub.core"},
+    "hub.adapters": {"agent", "agent.contract", "agent.core", "agent.adapters", "hub.errors", "hub.core",
+                     "hub.db", "hub.adapters", "hub.services"},
+    "hub.services": {"agent.contract", "agent.core", "agent.adapters", "hub.errors", "hub.core", "hub.db",
+                     "hub.adapters", "hub.services"},
+}
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    modules = _modules()
+    known = set(modules)
+    bad: dict[str, list[str]] = {}
+    for m, p in modules.items():
+        allowed = ALLOWED.get(_layer(m))
+        if allowed is None:
+            continue  # agent.app, hub.daemon and hub.cli wire everything together
+        wrong = sorted(i for i in _imports(m, p, known) if _layer(i) not in allowed and _layer(i) != _layer(m))
+        if wrong:
+            bad[m] = wrong
+    assert bad == {}
+
+
+def test_only_the_demo_runs_the_agent_application_inside_the_hub() -> None:
+    modules = _modules()
+    known = set(modules)
+    users = sorted(m for m, p in modules.items() if m.startswith("edgefleet.hub")
+                   and any(i.startswith("edgefleet.agent.app") for i in _imports(m, p, known)))
+    assert users == ["edgefleet.hub.cli.demo"]

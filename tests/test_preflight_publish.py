@@ -16,14 +16,14 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from edgefleet.agent.envelope import open_envelope
-from edgefleet.agent.wire import DesiredState
-from edgefleet.hub.api import HubHttpServer
+from edgefleet.agent.contract.envelope import open_envelope
+from edgefleet.agent.contract.wire import DesiredState
+from edgefleet.hub.adapters.api import HubHttpServer
+from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.modelfile import sklearn_to_onnx
+from edgefleet.hub.adapters.preflight import build_preflight, check_preflight
 from edgefleet.hub.daemon import Hub
 from edgefleet.hub.errors import BadRequest
-from edgefleet.hub.home import HubHome
-from edgefleet.hub.modelfile import sklearn_to_onnx
-from edgefleet.hub.preflight import build_preflight, check_preflight
 from tests.conftest import run_cli
 
 X, Y = make_classification(n_samples=400, n_features=4, n_informative=3, n_redundant=0, n_classes=3,
@@ -82,7 +82,7 @@ def test_cli_publish_with_preflight_and_the_candidate_entry_carries_it(hub: Hub,
     http.start()
     try:
         base = ("--home", str(hub.home.path), "--hub", f"http://127.0.0.1:{http.address[1]}")
-        res = json.loads(run_cli("edgefleet.hub.cli", "publish", str(tmp_path / "clf.pkl"), "--name", "m", "--version", "2",
+        res = json.loads(run_cli("edgefleet.hub.cli.main", "publish", str(tmp_path / "clf.pkl"), "--name", "m", "--version", "2",
                                  "--preflight", str(tmp_path / "inputs.npy"), "--preflight-rows", "50",
                                  "--json", *base).stdout)
     finally:

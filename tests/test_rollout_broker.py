@@ -17,8 +17,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.envelope import open_envelope
-from edgefleet.agent.wire import DesiredState, ModelWindow, TelemetryWindow, Topics
+from edgefleet.agent.contract.envelope import open_envelope
+from edgefleet.agent.contract.wire import DesiredState, ModelWindow, TelemetryWindow, Topics
 from tests.conftest import Broker, Procs, free_port, hub_up, retained, run_cli, wait_for
 from tests.simulator import tiny_model
 
@@ -32,24 +32,24 @@ def desired(broker: Broker, topics: Topics, device: str) -> DesiredState:
 
 def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs, fleet: str, tmp_path: Path) -> None:
     home, port = tmp_path / "hub", free_port()
-    run_cli("edgefleet.hub.cli", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
+    run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
             "--http", f"127.0.0.1:{port}")
     (home / "rollout.toml").write_text("evaluate_seconds = 0.3\n[policy]\nmin_inferences = 100\n"
                                        "min_device_windows = 2\nstep_deadline_seconds = 600\n")
-    procs.start("hub", "edgefleet.hub.cli", "serve", "--home", str(home))
+    procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
     wait_for(lambda: hub_up(port), 20, "hub HTTP")
     h = ("--home", str(home))
     devices = [f"dev-{i}" for i in range(6)]
     for d in devices:
-        run_cli("edgefleet.hub.cli", "device", "add", d, *h, "--out", str(tmp_path / d))
+        run_cli("edgefleet.hub.cli.main", "device", "add", d, *h, "--out", str(tmp_path / d))
     for version, scale in (("1", 1.0), ("2", 3.0)):
         (tmp_path / f"m{version}.onnx").write_bytes(tiny_model(scale))
-        run_cli("edgefleet.hub.cli", "publish", str(tmp_path / f"m{version}.onnx"), "--name", "m", "--version", version, *h)
-    run_cli("edgefleet.hub.cli", "deploy", "m", "1", *[a for d in devices for a in ("--device", d)], *h)
+        run_cli("edgefleet.hub.cli.main", "publish", str(tmp_path / f"m{version}.onnx"), "--name", "m", "--version", version, *h)
+    run_cli("edgefleet.hub.cli.main", "deploy", "m", "1", *[a for d in devices for a in ("--device", d)], *h)
     topics = Topics(fleet)
     seq0 = {d: desired(broker, topics, d).seq for d in devices}
 
-    ro = json.loads(run_cli("edgefleet.hub.cli", "rollout", "start", "m", "2", "--steps", "40,100", "--json", *h).stdout)
+    ro = json.loads(run_cli("edgefleet.hub.cli.main", "rollout", "start", "m", "2", "--steps", "40,100", "--json", *h).stdout)
     cohort = ro["members"]
     assert len(cohort) == 3 and ro["state"] == "running"
     for d in cohort:
@@ -78,7 +78,7 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         client.loop_stop()
 
     def state() -> dict[str, Any]:
-        return dict(json.loads(run_cli("edgefleet.hub.cli", "rollout", "status", ro["id"], "--json", *h).stdout)["rollouts"][0])
+        return dict(json.loads(run_cli("edgefleet.hub.cli.main", "rollout", "status", ro["id"], "--json", *h).stdout)["rollouts"][0])
 
     wait_for(lambda: state()["state"] == "rolled_back", 20, "the hub to roll the rollout back", interval=0.5)
     (alert,) = alerts
@@ -88,11 +88,11 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
         ds = desired(broker, topics, d)
         assert ds.models["m"].version == "1" and ds.models["m"].canary is None, d
         assert ds.seq > seq0[d], d
-    audit = json.loads(run_cli("edgefleet.hub.cli", "audit", "--json", *h).stdout)["entries"]
+    audit = json.loads(run_cli("edgefleet.hub.cli.main", "audit", "--json", *h).stdout)["entries"]
     (entry,) = [e for e in audit if e["action"] == "rollout_rollback"]
     # the gate may judge as soon as enough of the cohort's windows are in (2 or all 3 of 60 pairs)
     assert entry["actor"] == "rollout-gate"
     assert re.search(r"agreement 0\.20 < min 0\.95 over (120|180) compared pairs", entry["details"]["reason"]), \
         entry["details"]["reason"]
     assert set(entry["details"]["devices"]) == set(devices)
-    assert run_cli("edgefleet.hub.cli", "audit", "verify", *h).returncode == 0
+    assert run_cli("edgefleet.hub.cli.main", "audit", "verify", *h).returncode == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.hub.rollout import (
+from edgefleet.hub.core.rollout import (
     Evidence,
     Policy,
     Rollout,

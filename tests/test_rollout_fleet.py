@@ -5,7 +5,7 @@ contract's canary dicts; the hub core sums them into evidence, decides, and move
 Models (scikit-learn random forests, converted with skl2onnx): ``stable``; ``good`` (same recipe,
 another seed); ``bad`` (trained on shuffled labels); ``slow`` (far more and deeper trees).
 
-The agent cores use the agent's own canary accumulator, ``agent.canary.CanaryStats``.
+The agent cores use the agent's own canary accumulator, ``agent.core.canary.CanaryStats``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from edgefleet.agent.canary import CanaryStats
-from edgefleet.hub.modelfile import sklearn_to_onnx
-from edgefleet.hub.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
+from edgefleet.agent.core.canary import CanaryStats
+from edgefleet.hub.adapters.modelfile import sklearn_to_onnx
+from edgefleet.hub.core.rollout import Decision, Evidence, Policy, Rollout, apply, evaluate
 
 # -- models trained here -------------------------------------------------------------------------
 

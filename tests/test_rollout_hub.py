@@ -14,12 +14,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefleet.agent.envelope import open_envelope
-from edgefleet.agent.wire import DesiredState, Event, ModelWindow, TelemetryWindow
-from edgefleet.hub.api import HubHttpServer
+from edgefleet.agent.contract.envelope import open_envelope
+from edgefleet.agent.contract.wire import DesiredState, Event, ModelWindow, TelemetryWindow
+from edgefleet.hub.adapters.api import HubHttpServer
+from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
 from edgefleet.hub.errors import BadRequest, Conflict, NotFound
-from edgefleet.hub.home import HubHome
 from tests.conftest import run_cli
 from tests.simulator import tiny_model
 
@@ -173,26 +173,26 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         base = ("--home", str(h.home.path), "--hub", url)
         bad = tmp_path / "bad.toml"
         bad.write_text("min_agreement = 2\n")
-        res = run_cli("edgefleet.hub.cli", "rollout", "start", "m", "2", "--policy", str(bad), *base, check=False)
+        res = run_cli("edgefleet.hub.cli.main", "rollout", "start", "m", "2", "--policy", str(bad), *base, check=False)
         assert res.returncode == 2 and "min_agreement must be in [0, 1]" in res.stderr and "bad.toml" in res.stderr
-        res = run_cli("edgefleet.hub.cli", "rollout", "start", "m", "7", *base, check=False)
+        res = run_cli("edgefleet.hub.cli.main", "rollout", "start", "m", "7", *base, check=False)
         assert res.returncode == 2 and "no version '7'" in res.stderr
-        out = run_cli("edgefleet.hub.cli", "rollout", "start", "m", "2", "--steps", "10,100", "--dry-run", *base).stdout
+        out = run_cli("edgefleet.hub.cli.main", "rollout", "start", "m", "2", "--steps", "10,100", "--dry-run", *base).stdout
         assert "RUNNING" in out and "step 1/2 (10 %)" in out
-        st: dict[str, Any] = json.loads(run_cli("edgefleet.hub.cli", "rollout", "status", "--json", *base).stdout)
+        st: dict[str, Any] = json.loads(run_cli("edgefleet.hub.cli.main", "rollout", "status", "--json", *base).stdout)
         (ro,) = st["rollouts"]
         assert ro["decision"]["outcome"] == "wait" and ro["cohort_size"] == 2
         assert {g["name"] for g in ro["decision"]["gates"]} >= {"agreement", "latency_p95_ratio"}
-        assert "pause" in run_cli("edgefleet.hub.cli", "rollout", "pause", *base).stdout.lower()
+        assert "pause" in run_cli("edgefleet.hub.cli.main", "rollout", "pause", *base).stdout.lower()
         metrics = {(f.name, s.labels.get("rollout")): s.value
                    for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
         assert metrics[("edgefleet_rollout_state", ro["id"])] == 1  # paused
         assert metrics[("edgefleet_rollout_percent", ro["id"])] == 10
         assert metrics[("edgefleet_rollout_cohort_devices", ro["id"])] == 2
-        assert "ABORTED" in run_cli("edgefleet.hub.cli", "rollout", "abort", "m", *base).stdout
-        out = run_cli("edgefleet.hub.cli", "rollback", "m", "--to", "1", *base, check=False)
+        assert "ABORTED" in run_cli("edgefleet.hub.cli.main", "rollout", "abort", "m", *base).stdout
+        out = run_cli("edgefleet.hub.cli.main", "rollback", "m", "--to", "1", *base, check=False)
         assert out.returncode == 2 and "already runs 1" in out.stderr
-        audit = json.loads(run_cli("edgefleet.hub.cli", "audit", "--json", *base).stdout)["entries"]
+        audit = json.loads(run_cli("edgefleet.hub.cli.main", "audit", "--json", *base).stdout)["entries"]
         acts = [e["action"] for e in audit]
         assert acts[-3:] == ["rollout_start", "rollout_pause", "rollout_abort"]
         assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == getpass.getuser()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.config import load_agent_config
-from edgefleet.agent.daemon import Agent
-from edgefleet.agent.envelope import public_key_to_b64
-from edgefleet.agent.sdnotify import Notifier
+from edgefleet.agent.adapters.sdnotify import Notifier
+from edgefleet.agent.app.daemon import Agent
+from edgefleet.agent.contract.config import load_agent_config
+from edgefleet.agent.contract.envelope import public_key_to_b64
 from tests.conftest import free_port
 
 

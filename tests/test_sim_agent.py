@@ -11,11 +11,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.envelope import public_key_to_b64
-from edgefleet.agent.sim import BlobCache, SimAgent
-from edgefleet.agent.store import Store
-from edgefleet.agent.wire import ModelEntry
-from edgefleet.hub.core import build_desired, build_keyring
+from edgefleet.agent.adapters.store import Store
+from edgefleet.agent.app.sim import BlobCache, SimAgent
+from edgefleet.agent.contract.envelope import public_key_to_b64
+from edgefleet.agent.contract.wire import ModelEntry
+from edgefleet.hub.core.desired import build_desired, build_keyring
 
 NOW = 1_800_000_000.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgefleet.agent.spool import Outbox, Spool
+from edgefleet.agent.adapters.spool import Outbox, Spool
 
 
 def test_windows_survive_reopen_in_order_and_ack_removes_them(tmp_path: Path) -> None:

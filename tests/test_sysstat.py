@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from edgefleet.agent import sysstat
+from edgefleet.agent.adapters import sysstat
 
 linux_only = pytest.mark.skipif(not sysstat._LINUX, reason="the /proc readers are Linux-only")
 
@@ -39,7 +39,7 @@ def test_readings_agree_with_psutil() -> None:
 @linux_only
 def test_agent_does_not_import_psutil() -> None:
     """psutil holds ~1.1 MiB resident; on Linux the agent reads /proc instead."""
-    code = "import sys, edgefleet.agent.daemon, edgefleet.agent.cli; print('psutil' in sys.modules)"
+    code = "import sys, edgefleet.agent.app.daemon, edgefleet.agent.app.cli; print('psutil' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import load_profile
-from edgefleet.hub.bundle import write_systemd_dropin
+from edgefleet.agent.contract.config import load_profile
+from edgefleet.hub.cli.bundle import write_systemd_dropin
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ANALYZE = shutil.which("systemd-analyze")

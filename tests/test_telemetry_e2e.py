@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from edgefleet.agent.wire import Topics, parse_time
+from edgefleet.agent.contract.wire import Topics, parse_time
 from tests.conftest import Broker, Procs, free_port, http_ok, retained, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -76,7 +76,7 @@ class Env:
     def add_agent(self, dev: str, model: str, spool_mb: float | None = None) -> None:
         port = free_port()
         out = self.tmp / dev
-        run_cli("edgefleet.hub.cli", "device", "add", dev, "--home", str(self.home), "--out", str(out),
+        run_cli("edgefleet.hub.cli.main", "device", "add", dev, "--home", str(self.home), "--out", str(out),
                 "--listen", f"127.0.0.1:{port}", "--window", str(WINDOW))
         if spool_mb is not None:
             with (out / "agent.toml").open("a") as f:
@@ -86,7 +86,7 @@ class Env:
         self.start_agent(dev)
 
     def start_agent(self, dev: str) -> None:
-        self.agents[dev]["proc"] = self.procs.start(f"agent-{dev}", "edgefleet.agent.cli", "run", "--config",
+        self.agents[dev]["proc"] = self.procs.start(f"agent-{dev}", "edgefleet.agent.app.cli", "run", "--config",
                                                     str(self.agents[dev]["config"]))
 
     def api(self, path: str) -> Any:
@@ -140,7 +140,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     fleet = f"tel{int(time.time() * 1000) % 10**9}"
     home = tmp / "hub"
     http_port = free_port()
-    run_cli("edgefleet.hub.cli", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
+    run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
             "--http", f"127.0.0.1:{http_port}")
     (tmp / "hook.py").write_text(HOOK)
     hook_out = tmp / "hook.jsonl"
@@ -148,7 +148,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (home / "drift.toml").write_text(
         f"window_seconds = 1.5\nbucket_seconds = {WINDOW}\nevaluate_seconds = 0\nmin_rows = 100\n\n[models.drift]\n"
         f"on_drift = \"hook\"\nhook = {json.dumps(hook_cmd)}\n")
-    procs.start("hub", "edgefleet.hub.cli", "serve", "--home", str(home))
+    procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
     X, y = make_classification(n_samples=2000, n_features=6, n_informative=4, random_state=5)
     X = X.astype(np.float32)
     (tmp / "model.pkl").write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(X, y)))
@@ -160,7 +160,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     try:
         wait_for(lambda: http_ok(e.http + "/healthz"), 20, "hub HTTP")
         for model in ("clf", "drift"):
-            run_cli("edgefleet.hub.cli", "publish", "--home", str(home), "--name", model, "--version", "1.0.0",
+            run_cli("edgefleet.hub.cli.main", "publish", "--home", str(home), "--name", model, "--version", "1.0.0",
                     str(tmp / "model.pkl"), "--reference", str(tmp / "train.npy"))
         pump.start()
         yield e
@@ -175,7 +175,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def _deploy(env: Env, model: str, *devs: str) -> None:
-    argv = ["edgefleet.hub.cli", "deploy", "--home", str(env.home), model, "1.0.0"]
+    argv = ["edgefleet.hub.cli.main", "deploy", "--home", str(env.home), model, "1.0.0"]
     for d in devs:
         argv += ["--device", d]
     run_cli(*argv)
@@ -213,7 +213,7 @@ def test_training_traffic_never_alarms_and_a_shifted_feature_alarms_within_two_w
     assert late <= 3, f"alarm came after {late} windows with shifted data"
 
     wait_for(env.hook_out.exists, 15, "the on_drift hook to run")
-    table = run_cli("edgefleet.hub.cli", "drift", "--home", str(env.home), "--model", "drift").stdout
+    table = run_cli("edgefleet.hub.cli.main", "drift", "--home", str(env.home), "--model", "drift").stdout
     f2_row = next(line for line in table.splitlines() if " f2 " in line and "fleet" in line)
     assert f2_row.split()[-1] == "alarm", table
     n = len(env.seqs("d-drift"))

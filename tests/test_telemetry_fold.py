@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.telemetry import LATENCY_BUCKETS_MS, Recorder, feature_histogram, fold
-from edgefleet.agent.wire import FeatureReference, Reference
+from edgefleet.agent.app.recorder import Recorder
+from edgefleet.agent.contract.wire import FeatureReference, Reference
+from edgefleet.agent.core.telemetry import LATENCY_BUCKETS_MS, feature_histogram, fold
 
 
 def test_feature_histogram_counts_bins_out_of_range_and_nan() -> None:
@@ -61,7 +62,7 @@ def test_release_free_heap_returns_freed_malloc_pages_to_the_kernel() -> None:
     by itself); the agent trims once serving and after each window."""
     code = (
         "import psutil, sys\n"
-        "from edgefleet.agent.telemetry import release_free_heap\n"
+        "from edgefleet.agent.adapters.sysstat import release_free_heap\n"
         "p = psutil.Process()\n"
         "blocks = [bytes(2000) + bytes([i % 256]) for i in range(40_000)]  # ~80 MB through malloc\n"
         "pin = bytes(3000) + b'pin'  # allocated after them: the top of the heap stays in use\n"

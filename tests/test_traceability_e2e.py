@@ -36,7 +36,7 @@ class Env:
     digest_a: str
 
     def hub(self, *argv: str, check: bool = True) -> Any:
-        return run_cli("edgefleet.hub.cli", *argv, "--home", str(self.home), check=check)
+        return run_cli("edgefleet.hub.cli.main", *argv, "--home", str(self.home), check=check)
 
     def json(self, *argv: str) -> Any:
         return json.loads(self.hub(*argv, "--json").stdout)
@@ -57,22 +57,22 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     procs = Procs(tmp)
     home = tmp / "hub"
     http_port = free_port()
-    run_cli("edgefleet.hub.cli", "init", "--home", str(home), "--fleet", f"tr{int(time.time() * 1000) % 10**9}",
+    run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", f"tr{int(time.time() * 1000) % 10**9}",
             "--broker", broker.url, "--http", f"127.0.0.1:{http_port}")
-    procs.start("hub", "edgefleet.hub.cli", "serve", "--home", str(home))
+    procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
     try:
         wait_for(lambda: hub_up(http_port), 20, "hub HTTP")
         ports = {}
         for dev, extra in (("dev-cap", ["--capture", "1"]), ("dev-off", [])):
             ports[dev] = free_port()
-            run_cli("edgefleet.hub.cli", "device", "add", dev, "--home", str(home), "--out", str(tmp / dev),
+            run_cli("edgefleet.hub.cli.main", "device", "add", dev, "--home", str(home), "--out", str(tmp / dev),
                     "--listen", f"127.0.0.1:{ports[dev]}", "--window", "1", *extra)
         cfg = tmp / "dev-cap" / "agent.toml"
         assert cfg.read_text().rstrip().endswith("sample_rate = 1.0")
         with cfg.open("a") as f:
             f.write("upload_seconds = 0.3\n")  # same [overrides.capture] table: upload quickly
         for dev in ports:
-            procs.start(f"agent-{dev}", "edgefleet.agent.cli", "run", "--config", str(tmp / dev / "agent.toml"))
+            procs.start(f"agent-{dev}", "edgefleet.agent.app.cli", "run", "--config", str(tmp / dev / "agent.toml"))
 
         rng = np.random.default_rng(11)
         X = rng.normal(size=(600, 4)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Every refusal of :class:`agent.trust.TrustedState`, each with its exception type and reason,
+"""Every refusal of :class:`agent.core.trust.TrustedState`, each with its exception type and reason,
 plus the states it must accept. Real Ed25519 keys, one explicit reference time, no clock."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent.errors import (
+from edgefleet.agent.contract.errors import (
     BadSignature,
     Expired,
     IncompleteModel,
@@ -14,8 +14,8 @@ from edgefleet.agent.errors import (
     UnknownKey,
     WrongTarget,
 )
-from edgefleet.agent.trust import NoKeyring, TrustedState
-from edgefleet.agent.wire import Keyring
+from edgefleet.agent.contract.wire import Keyring
+from edgefleet.agent.core.trust import NoKeyring, TrustedState
 from tests._signing import (
     DEVICE,
     FLEET,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.updater import STEPS, Updater
+from edgefleet.agent.app.updater import STEPS, Updater
 from tests.simulator import HubSimulator, make_updater, reasons, serving, simulator, tiny_model
 
 

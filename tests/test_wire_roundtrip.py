@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.errors import MalformedMessage
-from edgefleet.agent.wire import (
+from edgefleet.agent.contract.errors import MalformedMessage
+from edgefleet.agent.contract.wire import (
     KINDS,
     DesiredState,
     Event,

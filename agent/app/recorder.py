@@ -1,0 +1,80 @@
+"""The request path's telemetry recorder.
+
+:class:`Recorder` is what the request path touches: it writes one latency into a preallocated
+array and keeps a bounded sample of input rows, under a lock held for a few hundred
+nanoseconds. ``swap`` hands the closed window to :func:`agent.core.telemetry.fold` as a
+:class:`~agent.core.telemetry.Snapshot`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgefleet.agent.core.telemetry import Snapshot
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    """Per model version. ``record`` is the hot path; ``swap`` closes the window."""
+
+    def __init__(self, version: str, *, capacity: int = 65536, max_rows: int = 4096) -> None:
+        self.version = version
+        self._capacity = capacity
+        self._max_rows = max_rows
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lat = np.empty(self._capacity, dtype=np.float64)
+        self._n = 0
+        self._requests = 0
+        self._errors = 0
+        self._rows = 0
+        self._sampled_rows = 0
+        self._inputs: list[npt.NDArray[Any]] = []
+        self._outputs: list[npt.NDArray[Any]] = []
+
+    def record(
+        self,
+        latency_s: float,
+        rows: npt.NDArray[Any] | None = None,
+        output: npt.NDArray[Any] | None = None,
+        *,
+        error: bool = False,
+    ) -> None:
+        with self._lock:
+            self._requests += 1
+            if error:
+                self._errors += 1
+            if self._n < self._capacity:
+                self._lat[self._n] = latency_s
+            self._n += 1
+            if rows is not None:
+                n = len(rows)
+                self._rows += n
+                if self._sampled_rows < self._max_rows:
+                    self._inputs.append(rows)
+                    if output is not None:
+                        self._outputs.append(output)
+                    self._sampled_rows += n
+
+    def swap(self) -> Snapshot:
+        with self._lock:
+            kept = min(self._n, self._capacity)
+            snap = Snapshot(
+                version=self.version,
+                requests=self._requests,
+                errors=self._errors,
+                rows=self._rows,
+                latencies_s=self._lat[:kept],
+                dropped_latencies=self._n - kept,
+                inputs=self._inputs,
+                outputs=self._outputs,
+            )
+            self._reset()
+        return snap

@@ -1,0 +1,152 @@
+"""Admin API client used by the CLI (and usable from a laptop against a remote hub)."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.tls import client_verify, is_tls_verify_error
+from edgefleet.hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFailed
+
+__all__ = ["HubClient"]
+
+
+class HubClient:
+    def __init__(self, url: str, token: str, *, timeout: float = 120.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+            verify=verify,
+        )
+
+    @classmethod
+    def for_home(cls, home: HubHome, url: str | None = None) -> HubClient:
+        """An https hub is verified against the home's device CA (hub.tls)."""
+        url = url or home.api_url()
+        return cls(url, home.token(), verify=client_verify(home, url))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            if is_tls_verify_error(exc):
+                raise HubTlsFailed(
+                    f"TLS certificate verification failed for {self.url}: {exc}; the hub's "
+                    "certificate must come from the device CA in HOME/pki/ca.pem "
+                    "(rerun `edgefleet-hub https-config` and restart the hub)"
+                ) from exc
+            raise HubNotRunning(
+                f"no hub answers at {self.url} ({type(exc).__name__}); start it with "
+                "`edgefleet-hub serve --home DIR`"
+            ) from exc
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": resp.text[:300]}
+        if resp.status_code >= 400:
+            cls = BY_STATUS.get(resp.status_code, HubRefused)
+            raise cls(f"hub answered {resp.status_code}: {body.get('error', body)}")
+        return body
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/status")
+        return result
+
+    def events(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if device:
+            params["device"] = device
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/events", params=params)["events"]
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/models")["models"]
+        return result
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        path = f"/api/v1/models/{quote(name, safe='')}"
+        if version is not None:
+            path += f"/versions/{quote(version, safe='')}"
+        result: dict[str, Any] = self.request("GET", path)
+        return result
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/api/v1/models/{quote(name, safe='')}/diff",
+                                              params={"a": a, "b": b})
+        return result
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/trace",
+                                              params={"device": device, "request": request_id})
+        return result
+
+    def publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
+        return result
+
+    def add_device(self, device: str, profile: str, credentials: str = "auto",
+                   group: str | None = None) -> dict[str, Any]:
+        body = {"device": device, "profile": profile, "credentials": credentials}
+        if group:
+            body["group"] = group
+        result: dict[str, Any] = self.request("POST", "/api/v1/devices", json=body)
+        return result
+
+    def devices(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/devices")["devices"]
+        return result
+
+    def revoke_device(self, device: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/devices/revoke", json={"device": device}
+        )
+        return result
+
+    def deploy(self, model: str, version: str, devices: list[str],
+               groups: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "version": version, "devices": devices}
+        if groups:
+            body["groups"] = groups
+        result: dict[str, Any] = self.request("POST", "/api/v1/deploy", json=body)
+        return result
+
+    def audit(self, since: float | None = None) -> list[dict[str, Any]]:
+        params = {"since": since} if since is not None else {}
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/audit", params=params)["entries"]
+        return result
+
+    def drift(self, model: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/drift", params={"model": model} if model else {})
+        return result
+
+    def audit_verify(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/audit/verify")
+        return result
+
+    def rollouts(self, key: str | None = None) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/rollouts",
+                                                    params={"id": key} if key else {})["rollouts"]
+        return result
+
+    def rollout_start(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts", json=body)
+        return result
+
+    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "",
+                       actor: str | None = None) -> dict[str, Any]:
+        body = {"action": action, "rollout": rollout, "reason": reason, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollouts/action", json=body)
+        return result
+
+    def rollback(self, model: str, to: str | None = None, actor: str | None = None) -> dict[str, Any]:
+        body = {"model": model, "to": to, **({"actor": actor} if actor else {})}
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json=body)
+        return result

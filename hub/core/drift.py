@@ -1,0 +1,279 @@
+"""Drift statistics and alarm decisions: pure functions over binned histograms.
+
+No I/O, no clock: histograms, references and policies in, scores and decisions out. The adapter
+that feeds it from the database and acts on its decisions is :mod:`hub.services.drift_monitor`.
+
+Histograms are the agent's window form (``agent.core.telemetry.feature_histogram``): ``counts`` on the
+reference bins plus ``below``, ``above`` and ``nan``. They are *mergeable*: summing counts over
+devices and windows gives the histogram of the union, so the fleet view, a device's view and any
+time range come from the same stored aggregates.
+
+Scores, per feature, against the version's signed training reference:
+
+- **PSI** (population stability index) ``sum((a - e) * ln(a / e))`` over the bins, with the
+  out-of-range and NaN counts as extra bins whose reference share is 0. Empty shares are floored at
+  ``EPS`` so the index stays finite. The state is decided on PSI (Evidently's convention):
+  ``< warn`` ok, ``< alarm`` warn, else alarm; fewer than ``min_rows`` observed rows is
+  ``insufficient`` and never alarms.
+- **Jensen-Shannon distance** (base 2, in [0, 1]) over the same bins.
+- **KS statistic** from the bins: the largest gap between the two cumulative distributions over
+  the ordered bins (below, bins..., above); NaN is left out. Binned, so it is a lower bound of the
+  KS statistic of the raw values.
+
+Output drift is scored the same way on class counts against the reference class shares, as a
+pseudo-feature named ``output``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.agent.contract.wire import Reference
+
+__all__ = [
+    "EPS",
+    "STATES",
+    "AlarmTracker",
+    "DriftReport",
+    "FeatureScore",
+    "Policy",
+    "js_distance",
+    "ks_statistic",
+    "merge_classes",
+    "merge_feature_lists",
+    "merge_histograms",
+    "psi",
+    "score_report",
+]
+
+EPS = 1e-4
+STATES = ("insufficient", "ok", "warn", "alarm")
+ACTIONS = ("alert", "rollback", "hook")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-model drift policy (``drift.toml``: top level for all models, ``[models.NAME]`` each)."""
+
+    warn: float = 0.1
+    alarm: float = 0.25
+    min_rows: int = 200
+    on_drift: str = "alert"
+    hook: str | None = None
+    watch_seconds: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.warn <= self.alarm:
+            raise ValueError(f"drift thresholds need 0 < warn <= alarm, got warn={self.warn} alarm={self.alarm}")
+        if self.on_drift not in ACTIONS:
+            raise ValueError(f"on_drift must be one of {ACTIONS}, got {self.on_drift!r}")
+        if self.on_drift == "hook" and not self.hook:
+            raise ValueError("on_drift = 'hook' needs a hook command (hook = \"...\")")
+
+    def state(self, score: float, rows: int) -> str:
+        if rows < self.min_rows:
+            return "insufficient"
+        if score >= self.alarm:
+            return "alarm"
+        return "warn" if score >= self.warn else "ok"
+
+
+# -- merging -------------------------------------------------------------------------------------
+
+
+def merge_histograms(hists: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum histograms on the same bins. Raises ValueError if their bin counts differ."""
+    out: dict[str, Any] = {"counts": [], "below": 0, "above": 0, "nan": 0}
+    for h in hists:
+        counts = [int(c) for c in h.get("counts", [])]
+        if not out["counts"]:
+            out["counts"] = counts
+        elif len(counts) != len(out["counts"]):
+            raise ValueError(f"cannot merge histograms with {len(out['counts'])} and {len(counts)} bins")
+        else:
+            out["counts"] = [a + b for a, b in zip(out["counts"], counts, strict=True)]
+        for k in ("below", "above", "nan"):
+            out[k] += int(h.get(k, 0))
+    return out
+
+
+def merge_feature_lists(windows: Iterable[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Merge the ``inputs`` lists of many windows into one histogram per feature name."""
+    by_name: dict[str, list[Mapping[str, Any]]] = {}
+    for inputs in windows:
+        for h in inputs:
+            by_name.setdefault(str(h.get("name")), []).append(h)
+    return {name: {**merge_histograms(hs), "name": name} for name, hs in by_name.items()}
+
+
+def merge_classes(outputs: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in outputs:
+        for k, v in ((o or {}).get("classes") or {}).items():
+            out[str(k)] = out.get(str(k), 0) + int(v)
+    return out
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+def _shares(values: Sequence[float]) -> list[float]:
+    total = float(sum(values))
+    return [v / total for v in values] if total > 0 else [0.0 for _ in values]
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    """Population stability index of two distributions on the same bins (shares or counts)."""
+    e = [max(x, EPS) for x in _shares(expected)]
+    a = [max(x, EPS) for x in _shares(actual)]
+    return float(sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True)))
+
+
+def js_distance(p: Sequence[float], q: Sequence[float]) -> float:
+    """Jensen-Shannon distance, base 2: 0 for equal distributions, 1 for disjoint ones."""
+    ps, qs = _shares(p), _shares(q)
+    m = [(x + y) / 2 for x, y in zip(ps, qs, strict=True)]
+
+    def kl(x: list[float]) -> float:
+        return sum(xi * math.log2(xi / mi) for xi, mi in zip(x, m, strict=True) if xi > 0)
+
+    return float(math.sqrt(max(0.0, (kl(ps) + kl(qs)) / 2)))
+
+
+def ks_statistic(p: Sequence[float], q: Sequence[float]) -> float:
+    """Largest gap between the cumulative distributions over ordered bins."""
+    ps, qs = _shares(p), _shares(q)
+    cp = cq = gap = 0.0
+    for x, y in zip(ps, qs, strict=True):
+        cp += x
+        cq += y
+        gap = max(gap, abs(cp - cq))
+    return float(gap)
+
+
+@dataclass(frozen=True)
+class FeatureScore:
+    feature: str
+    rows: int
+    psi: float
+    js: float
+    ks: float
+    state: str
+    out_of_range: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "rows": self.rows, "psi": round(self.psi, 6),
+                "js": round(self.js, 6), "ks": round(self.ks, 6), "state": self.state,
+                "out_of_range": self.out_of_range}
+
+
+def score_histogram(name: str, ref_freqs: Sequence[float], hist: Mapping[str, Any], policy: Policy) -> FeatureScore:
+    """Score one merged feature histogram against its reference bin shares."""
+    counts = [int(c) for c in hist.get("counts", [])]
+    if len(counts) != len(ref_freqs):
+        raise ValueError(f"feature {name}: {len(counts)} observed bins, reference has {len(ref_freqs)}")
+    below, above, nan = int(hist.get("below", 0)), int(hist.get("above", 0)), int(hist.get("nan", 0))
+    rows = sum(counts) + below + above + nan
+    ordered_obs = [below, *counts, above]
+    ordered_ref = [0.0, *ref_freqs, 0.0]
+    p = psi([*ordered_ref, 0.0], [*ordered_obs, nan])
+    return FeatureScore(
+        feature=name, rows=rows, psi=p, js=js_distance([*ordered_ref, 0.0], [*ordered_obs, nan]),
+        ks=ks_statistic(ordered_ref, ordered_obs), state=policy.state(p, rows),
+        out_of_range=below + above + nan,
+    )
+
+
+def score_classes(ref_classes: Mapping[str, float], observed: Mapping[str, int], policy: Policy) -> FeatureScore:
+    labels = sorted(set(ref_classes) | set(observed))
+    ref = [float(ref_classes.get(k, 0.0)) for k in labels]
+    obs = [float(observed.get(k, 0)) for k in labels]
+    rows = int(sum(obs))
+    p = psi(ref, obs)
+    return FeatureScore(feature="output", rows=rows, psi=p, js=js_distance(ref, obs),
+                        ks=ks_statistic(ref, obs), state=policy.state(p, rows))
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Scores of one model version over one scope (``fleet`` or ``device:<id>``) and time range."""
+
+    model: str
+    version: str
+    scope: str
+    window_start: float
+    window_end: float
+    windows: int
+    features: tuple[FeatureScore, ...] = ()
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def state(self) -> str:
+        states = [f.state for f in self.features]
+        for s in ("alarm", "warn", "ok"):
+            if s in states:
+                return s
+        return "insufficient"
+
+    def named(self, state: str) -> list[str]:
+        return [f.feature for f in self.features if f.state == state]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "scope": self.scope,
+                "window_start": self.window_start, "window_end": self.window_end,
+                "windows": self.windows, "state": self.state,
+                "features": [f.to_dict() for f in self.features], "problems": list(self.problems)}
+
+
+def score_report(
+    *, model: str, version: str, scope: str, reference: Reference | None,
+    inputs: Mapping[str, Mapping[str, Any]], classes: Mapping[str, int], policy: Policy,
+    window_start: float, window_end: float, windows: int,
+) -> DriftReport:
+    """Score merged input histograms and output class counts against ``reference``."""
+    scores: list[FeatureScore] = []
+    problems: list[str] = []
+    if reference is not None:
+        for feat in reference.features:
+            hist = inputs.get(feat.name)
+            if hist is None:
+                continue
+            try:
+                scores.append(score_histogram(feat.name, feat.freqs, hist, policy))
+            except ValueError as exc:
+                problems.append(str(exc))
+        ref_classes = (reference.output or {}).get("classes")
+        if ref_classes and classes:
+            scores.append(score_classes({str(k): float(v) for k, v in ref_classes.items()}, classes, policy))
+    else:
+        problems.append("version has no reference distribution: publish it with --reference")
+    return DriftReport(model=model, version=version, scope=scope, window_start=window_start,
+                       window_end=window_end, windows=windows, features=tuple(scores),
+                       problems=tuple(problems))
+
+
+class AlarmTracker:
+    """Edge detection on a report's state per (model, version, scope).
+
+    ``update`` returns the previous state when the state changed between ok/warn/alarm (an
+    ``insufficient`` report changes nothing), else ``None``. An alarm is therefore raised once, when
+    the state enters ``alarm``, and raised again only after it has left it.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[tuple[str, str, str], str] = {}
+
+    def update(self, report: DriftReport) -> str | None:
+        new = report.state
+        if new == "insufficient":
+            return None
+        key = (report.model, report.version, report.scope)
+        old = self._state.get(key, "ok")
+        self._state[key] = new
+        return old if old != new else None
+
+    def state(self, model: str, version: str, scope: str = "fleet") -> str:
+        return self._state.get((model, version, scope), "ok")

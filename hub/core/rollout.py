@@ -1,0 +1,573 @@
+"""Staged rollouts: cohorts, gate policy, evidence, decisions and transitions. Pure: no I/O.
+
+A :class:`Rollout` moves one model from ``from_version`` to ``to_version`` over its target
+devices through ``steps`` (percentages, e.g. 5, 25, 100). At step *k* the devices of the cohort
+:func:`cohort` (``targets``, ``percent = steps[k]``) run the candidate beside the stable version
+(shadow or split); everyone else runs the stable one. The clock is passed in everywhere.
+
+Invariants:
+
+* Cohorts are reproducible and nested: a device's rank is ``sha256(rollout_id + ":" + device)``
+  within its device profile; each profile contributes ``ceil(n_profile * percent / 100)`` of its
+  lowest-ranked devices, so every hardware class is in every step's cohort and step *k*'s cohort
+  is a subset of step *k+1*'s. Membership is sticky (``Rollout.members``): a device that joins
+  the targets later never pushes a device out of the cohort it is already in.
+* A gate judges only on evidence gathered during the current step (:class:`Evidence`). Below
+  ``min_inferences`` or ``min_device_windows`` it never passes: before the step deadline the
+  outcome is ``wait``, at the deadline ``pause`` with the reason — never a silent pass.
+* Any enforced gate failing means ``rollback``; every enforced gate passing (and the step older
+  than ``min_step_seconds``) means ``promote`` (the next step, or the end: ``promoted``). A gate in
+  dry-run is evaluated and reported but cannot cause a rollback (:attr:`Decision.would`).
+* Transitions (:func:`advance`, :func:`pause`, :func:`resume`, :func:`abort`, :func:`rollback`,
+  :func:`promote_now`) return a new :class:`Rollout`; they raise :class:`RolloutError` when the
+  state does not allow them. Terminal states: ``promoted``, ``rolled_back``, ``aborted``.
+
+The adapter that stores rollouts, feeds evidence from telemetry and signs desired states is
+:mod:`hub.services.rollout_manager`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edgefleet.hub.core.drift import psi
+from edgefleet.hub.errors import BadRequest
+
+__all__ = [
+    "GATES",
+    "MODES",
+    "STATES",
+    "Decision",
+    "Evidence",
+    "GateResult",
+    "Policy",
+    "Rollout",
+    "RolloutError",
+    "abort",
+    "advance",
+    "cohort",
+    "evaluate",
+    "load_policy",
+    "parse_steps",
+    "pause",
+    "promote_now",
+    "resume",
+    "rollback",
+]
+
+STATES = ("running", "paused", "promoted", "rolled_back", "aborted")
+ACTIVE = ("running", "paused")
+MODES = ("shadow", "split")
+GATES = ("failures", "error_rate", "latency_p95_ratio", "agreement", "output_drift")
+FAILURE_STATES = ("dropped", "preflight_failed")
+FAILURE_EVENTS = ("canary_dropped", "preflight_failed")
+
+
+class RolloutError(BadRequest):
+    """A rollout request or transition that cannot be done as asked (bad policy, wrong state)."""
+
+    reason = "rollout"
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a step must show before it is promoted. Defaults are what ``rollout.toml`` omits."""
+
+    min_inferences: int = 200
+    min_device_windows: int = 3
+    max_latency_p95_ratio: float = 2.0
+    max_error_rate: float = 0.01
+    min_agreement: float = 0.95
+    max_output_drift: float = 0.25
+    max_failures: int = 0
+    min_step_seconds: float = 0.0
+    step_deadline_seconds: float = 1800.0
+    dry_run: tuple[str, ...] = ()
+    limits: Mapping[str, float] = field(default_factory=lambda: {
+        "max_error_rate": 0.05, "max_latency_ratio": 5.0, "min_samples": 50})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.min_inferences >= 0, "min_inferences must be >= 0"),
+            (self.min_device_windows >= 0, "min_device_windows must be >= 0"),
+            (self.max_latency_p95_ratio > 0, "max_latency_p95_ratio must be > 0 (candidate p95 / stable p95)"),
+            (0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]"),
+            (0 <= self.min_agreement <= 1, "min_agreement must be in [0, 1]"),
+            (self.max_output_drift > 0, "max_output_drift must be > 0 (PSI)"),
+            (self.max_failures >= 0, "max_failures must be >= 0"),
+            (self.min_step_seconds >= 0, "min_step_seconds must be >= 0"),
+            (self.step_deadline_seconds > 0, "step_deadline_seconds must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RolloutError(f"rollout policy: {msg}")
+        bad = [g for g in self.dry_run if g not in GATES]
+        if bad:
+            raise RolloutError(f"rollout policy: dry_run names unknown gate {bad[0]!r}; gates: {list(GATES)}")
+        unknown = sorted(set(self.limits) - {"max_error_rate", "max_latency_ratio", "min_samples"})
+        if unknown:
+            raise RolloutError(f"rollout policy: [limits] has unknown key {unknown[0]!r}; "
+                               "allowed: max_error_rate, max_latency_ratio, min_samples")
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str = "policy") -> Policy:
+        """Build from a TOML/JSON object; ``dry_run`` is ``true`` (every gate) or a list of gates."""
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - allowed)
+        if unknown:
+            raise RolloutError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(allowed)}")
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in doc:
+                continue
+            v = doc[f.name]
+            if f.name == "dry_run":
+                if v is True:
+                    v = GATES
+                elif v is False:
+                    v = ()
+                elif isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+                    v = tuple(v)
+                else:
+                    raise RolloutError(f"{where}: dry_run must be true, false or a list of gate names "
+                                       f"from {list(GATES)}, got {v!r}")
+            elif f.name == "limits":
+                if not isinstance(v, Mapping) or not all(
+                        isinstance(x, int | float) and not isinstance(x, bool) for x in v.values()):
+                    raise RolloutError(f"{where}: [limits] must be a table of numbers, got {v!r}")
+                v = {**cls().limits, **{str(k): int(x) if k == "min_samples" else float(x) for k, x in v.items()}}
+            elif f.name in ("min_inferences", "min_device_windows", "max_failures"):
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise RolloutError(f"{where}: {f.name} must be an integer, got {v!r}")
+            elif not isinstance(v, int | float) or isinstance(v, bool):
+                raise RolloutError(f"{where}: {f.name} must be a number, got {v!r}")
+            else:
+                v = float(v)
+            kw[f.name] = v
+        try:
+            return cls(**kw)
+        except RolloutError as exc:
+            raise RolloutError(f"{where}: {str(exc).removeprefix('rollout policy: ')}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["dry_run"] = list(self.dry_run)
+        out["limits"] = dict(self.limits)
+        return out
+
+    def threshold(self, gate: str) -> float:
+        return float({
+            "failures": self.max_failures, "error_rate": self.max_error_rate,
+            "latency_p95_ratio": self.max_latency_p95_ratio, "agreement": self.min_agreement,
+            "output_drift": self.max_output_drift,
+        }[gate])
+
+
+def load_policy(path: Path) -> Policy:
+    """Read a policy TOML file (see docs/rollouts.md); errors name the file and what was expected."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RolloutError(f"cannot read policy file {path}: {exc}") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RolloutError(f"policy file {path} is not valid TOML: {exc}") from exc
+    return Policy.from_dict(doc, str(path))
+
+
+def parse_steps(value: str | Sequence[Any]) -> tuple[int, ...]:
+    """``"5,25,100"`` or ``[5, 25, 100]`` → ``(5, 25, 100)``: increasing percentages ending at 100."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        steps = tuple(int(str(x).strip().rstrip("%")) for x in items)
+    except ValueError:
+        raise RolloutError(f"steps must be percentages like 5,25,100, got {value!r}") from None
+    if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)) or steps[-1] != 100:
+        raise RolloutError(f"steps must be strictly increasing percentages in 1..100 ending at 100, got {value!r}")
+    return steps
+
+
+# -- cohorts -------------------------------------------------------------------------------------
+
+
+def rank(rollout_id: str, device: str) -> str:
+    return hashlib.sha256(f"{rollout_id}:{device}".encode()).hexdigest()
+
+
+def cohort(devices: Mapping[str, str], rollout_id: str, percent: float) -> frozenset[str]:
+    """The devices (id → profile) in a ``percent`` cohort: stable, stratified by profile, nested."""
+    if percent >= 100:
+        return frozenset(devices)
+    by_profile: dict[str, list[str]] = {}
+    for device, profile in devices.items():
+        by_profile.setdefault(profile, []).append(device)
+    out: set[str] = set()
+    for group in by_profile.values():
+        n = math.ceil(len(group) * percent / 100) if percent > 0 else 0
+        out.update(sorted(group, key=lambda d: rank(rollout_id, d))[:n])
+    return frozenset(out)
+
+
+# -- the rollout ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    model: str
+    from_version: str
+    to_version: str
+    targets: Mapping[str, str]  # device -> profile
+    steps: tuple[int, ...] = (5, 25, 100)
+    mode: str = "shadow"
+    fraction: float = 0.2
+    policy: Policy = field(default_factory=Policy)
+    state: str = "running"
+    step: int = 0
+    step_started_at: float = 0.0
+    created_at: float = 0.0
+    members: frozenset[str] = frozenset()
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RolloutError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if not 0 < self.fraction <= 1:
+            raise RolloutError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        if self.state not in STATES:
+            raise RolloutError(f"state must be one of {list(STATES)}, got {self.state!r}")
+        if not self.targets:
+            raise RolloutError("a rollout needs at least one target device")
+        if self.from_version == self.to_version:
+            raise RolloutError(f"{self.model} already runs {self.to_version}: nothing to roll out")
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def percent(self) -> int:
+        return self.steps[min(self.step, len(self.steps) - 1)]
+
+    def with_cohort(self) -> Rollout:
+        """Members updated for the current step and targets (sticky union)."""
+        return replace(self, members=self.members | (cohort(self.targets, self.id, self.percent) & set(self.targets)))
+
+    def runs(self, device: str) -> str:
+        """What ``device`` should run now: ``candidate`` or ``stable`` (or ``promoted`` at the end)."""
+        if self.state == "promoted":
+            return "promoted"
+        if self.active and device in self.members:
+            return "candidate"
+        return "stable"
+
+    def add_target(self, device: str, profile: str) -> Rollout:
+        r = replace(self, targets={**self.targets, device: profile})
+        return r.with_cohort() if r.active else r
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "model": self.model, "from_version": self.from_version,
+            "to_version": self.to_version, "targets": dict(self.targets), "steps": list(self.steps),
+            "mode": self.mode, "fraction": self.fraction, "policy": self.policy.to_dict(),
+            "state": self.state, "step": self.step, "step_started_at": self.step_started_at,
+            "created_at": self.created_at, "members": sorted(self.members), "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Rollout:
+        return cls(
+            id=d["id"], model=d["model"], from_version=d["from_version"], to_version=d["to_version"],
+            targets=dict(d["targets"]), steps=tuple(d["steps"]), mode=d["mode"], fraction=float(d["fraction"]),
+            policy=Policy.from_dict(d["policy"]), state=d["state"], step=int(d["step"]),
+            step_started_at=float(d["step_started_at"]), created_at=float(d["created_at"]),
+            members=frozenset(d["members"]), reason=d.get("reason", ""),
+        )
+
+    @classmethod
+    def start(cls, *, id: str, model: str, from_version: str, to_version: str, targets: Mapping[str, str],
+              now: float, steps: Sequence[int] = (5, 25, 100), mode: str = "shadow", fraction: float = 0.2,
+              policy: Policy | None = None) -> Rollout:
+        r = cls(id=id, model=model, from_version=from_version, to_version=to_version, targets=dict(targets),
+                steps=parse_steps(list(steps)), mode=mode, fraction=fraction, policy=policy or Policy(),
+                step_started_at=now, created_at=now)
+        return r.with_cohort()
+
+
+# -- evidence ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Sums over a step's canary windows (contract "Telemetry") and failure events."""
+
+    windows: int = 0
+    devices: frozenset[str] = frozenset()
+    requests: int = 0
+    errors: int = 0
+    skipped: int = 0
+    compared: int = 0
+    agreed: int = 0
+    distance_sum: float = 0.0
+    cand_p95_sum: float = 0.0  # sum of per-window candidate p95 weighted by the window's requests
+    stable_p95_sum: float = 0.0
+    latency_weight: int = 0
+    classes: Mapping[str, int] = field(default_factory=dict)
+    failures: tuple[tuple[str, str, str], ...] = ()  # (device, kind, reason)
+
+    @classmethod
+    def collect(
+        cls, windows: Iterable[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]],
+        events: Iterable[tuple[str, str, str]] = (),
+    ) -> Evidence:
+        """``windows``: (device, canary dict, the stable ModelWindow's ``latency_ms`` or None);
+        ``events``: (device, event type, reason) of ``canary_dropped`` / ``preflight_failed``."""
+        n = req = err = skip = comp = agr = lw = 0
+        dist = cp95 = sp95 = 0.0
+        devices: set[str] = set()
+        classes: dict[str, int] = {}
+        failures: list[tuple[str, str, str]] = []
+        for device, c, stable_latency in windows:
+            n += 1
+            devices.add(device)
+            r = _count(c.get("requests"))
+            req += r
+            err += _count(c.get("errors"))
+            skip += _count(c.get("skipped"))
+            comp += _count(c.get("compared"))
+            agr += _count(c.get("agreed"))
+            dist += _number(c.get("output_distance_sum"))
+            cand = _p95(c.get("latency_ms"))
+            stab = _p95(c.get("stable_latency_ms")) or _p95(stable_latency)
+            if r > 0 and cand is not None and stab is not None:
+                cp95 += cand * r
+                sp95 += stab * r
+                lw += r
+            outs = c.get("outputs")
+            for k, v in ((outs.get("classes") if isinstance(outs, Mapping) else None) or {}).items():
+                classes[str(k)] = classes.get(str(k), 0) + _count(v)
+            if c.get("state") in FAILURE_STATES:
+                failures.append((device, f"canary_{c['state']}" if c["state"] == "dropped" else str(c["state"]),
+                                 str(c.get("reason") or "")))
+        for device, kind, reason in events:
+            if kind in FAILURE_EVENTS:
+                failures.append((device, kind, reason))
+        # a device reporting the same drop in telemetry and as an event counts once
+        uniq = tuple(sorted(set(failures)))
+        return cls(windows=n, devices=frozenset(devices), requests=req, errors=err, skipped=skip,
+                   compared=comp, agreed=agr, distance_sum=dist, cand_p95_sum=cp95, stable_p95_sum=sp95,
+                   latency_weight=lw, classes=classes, failures=uniq)
+
+    @property
+    def failed_devices(self) -> frozenset[str]:
+        return frozenset(d for d, _, _ in self.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "windows": self.windows, "devices": len(self.devices), "requests": self.requests,
+            "errors": self.errors, "skipped": self.skipped, "compared": self.compared, "agreed": self.agreed,
+            "mean_output_distance": round(self.distance_sum / self.compared, 6) if self.compared else None,
+            "candidate_p95_ms": round(self.cand_p95_sum / self.latency_weight, 4) if self.latency_weight else None,
+            "stable_p95_ms": round(self.stable_p95_sum / self.latency_weight, 4) if self.latency_weight else None,
+            "classes": dict(self.classes),
+            "failures": [{"device": d, "kind": k, "reason": r} for d, k, r in self.failures],
+        }
+
+
+def _count(v: object) -> int:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0
+
+
+def _number(v: object) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+def _p95(lat: object) -> float | None:
+    if not isinstance(lat, Mapping):
+        return None
+    v = lat.get("p95")
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 else None
+
+
+# -- decisions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float | None  # None: not measurable in this mode / without a reference (passes, noted)
+    threshold: float
+    passed: bool
+    dry_run: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": None if self.value is None else round(self.value, 6),
+                "threshold": self.threshold, "passed": self.passed, "dry_run": self.dry_run,
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``outcome`` is what is enforced; ``would`` what it would be with every gate enforced."""
+
+    outcome: str  # promote | rollback | pause | wait
+    would: str
+    reason: str
+    gates: tuple[GateResult, ...] = ()
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "would": self.would, "reason": self.reason,
+                "gates": [g.to_dict() for g in self.gates], "evidence": dict(self.evidence)}
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.4g}"
+
+
+def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float] | None) -> tuple[GateResult, ...]:
+    p = r.policy
+    devs = f"{len(ev.devices)} device{'s' if len(ev.devices) != 1 else ''}"
+
+    def gate(name: str, value: float | None, passed: bool, detail: str) -> GateResult:
+        return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail)
+
+    out = []
+    nf = len(ev.failed_devices)
+    what = ", ".join(sorted({f"{d}: {k}{' (' + rs + ')' if rs else ''}" for d, k, rs in ev.failures})[:5])
+    out.append(gate("failures", float(nf), nf <= p.max_failures,
+                    f"{nf} cohort device(s) dropped the candidate (max {p.max_failures})" + (f": {what}" if what else "")))
+    rate = ev.errors / ev.requests if ev.requests else 0.0
+    out.append(gate("error_rate", rate, rate <= p.max_error_rate,
+                    f"error rate {rate:.4f} {'<=' if rate <= p.max_error_rate else '>'} max {p.max_error_rate} "
+                    f"over {_n(ev.requests)} candidate requests on {devs}"))
+    if ev.latency_weight and ev.stable_p95_sum > 0:
+        cand, stab = ev.cand_p95_sum / ev.latency_weight, ev.stable_p95_sum / ev.latency_weight
+        ratio = cand / stab
+        ok = ratio <= p.max_latency_p95_ratio
+        out.append(gate("latency_p95_ratio", ratio, ok,
+                        f"latency p95 ratio {ratio:.2f} {'<=' if ok else '>'} max {p.max_latency_p95_ratio} "
+                        f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms) over {_n(ev.latency_weight)} requests on {devs}"))
+    else:
+        out.append(gate("latency_p95_ratio", None, True, "no latency measured on both versions yet"))
+    if r.mode == "shadow" and ev.compared:
+        agree = ev.agreed / ev.compared
+        ok = agree >= p.min_agreement
+        out.append(gate("agreement", agree, ok,
+                        f"agreement {agree:.2f} {'>=' if ok else '<'} min {p.min_agreement} over "
+                        f"{_n(ev.compared)} compared pairs on {devs}"))
+    else:
+        why = "split mode compares no pairs" if r.mode == "split" else "no compared pairs"
+        out.append(gate("agreement", None, r.mode == "split", why))
+    if reference_classes and ev.classes:
+        labels = sorted(set(reference_classes) | set(ev.classes))
+        score = psi([float(reference_classes.get(k, 0.0)) for k in labels], [float(ev.classes.get(k, 0)) for k in labels])
+        ok = score <= p.max_output_drift
+        out.append(gate("output_drift", score, ok,
+                        f"output drift PSI {score:.3f} {'<=' if ok else '>'} max {p.max_output_drift} over "
+                        f"{_n(sum(ev.classes.values()))} candidate outputs vs the reference"))
+    else:
+        why = "no reference output distribution for the version" if not reference_classes else "no candidate outputs reported"
+        out.append(gate("output_drift", None, True, why))
+    return tuple(out)
+
+
+def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None) -> Decision:
+    """Judge the current step of a running rollout on ``ev`` at time ``now``."""
+    evd = ev.to_dict()
+    p = r.policy
+    gates = gate_results(r, ev, reference_classes)
+    if r.state != "running":
+        return Decision("wait", "wait", f"rollout is {r.state}", gates, evd)
+    failed = [g for g in gates if not g.passed and g.value is not None]
+    age = now - r.step_started_at
+    enough = (ev.requests >= p.min_inferences and ev.windows >= p.min_device_windows
+              and (r.mode != "shadow" or ev.compared > 0))
+    # A dropped candidate needs no quorum; the other gates judge only on enough evidence.
+    judged = failed if enough else [g for g in failed if g.name == "failures"]
+    enforced = [g for g in judged if not g.dry_run]
+    if enforced:
+        return Decision("rollback", "rollback", "; ".join(g.detail for g in enforced), gates, evd)
+    note = f"; dry-run, not enforced: would roll back ({'; '.join(g.detail for g in judged)})" if judged else ""
+    would = "rollback" if judged else None
+    if not enough:
+        short = (f"{_n(ev.requests)} of min {_n(p.min_inferences)} inferences"
+                 f"{' (' + _n(ev.compared) + ' compared)' if r.mode == 'shadow' else ''} and {ev.windows} of min "
+                 f"{p.min_device_windows} device-windows from {len(ev.devices)} of {len(r.members)} cohort devices")
+        if age >= p.step_deadline_seconds:
+            return Decision("pause", would or "pause", f"not enough evidence by the step deadline ({age:.0f}s >= "
+                            f"{p.step_deadline_seconds:.0f}s): {short}{note}", gates, evd)
+        return Decision("wait", would or "wait", f"gathering evidence: {short}{note}", gates, evd)
+    if age < p.min_step_seconds:
+        return Decision("wait", would or "wait", f"gates pass; the step soaks {p.min_step_seconds:.0f}s, "
+                        f"{age:.0f}s so far{note}", gates, evd)
+    nxt = f"step {r.step + 2} ({r.steps[r.step + 1]} %)" if r.step + 1 < len(r.steps) else "all targets"
+    passed = "; ".join(g.detail for g in gates if g.value is not None and g.passed)
+    return Decision("promote", would or "promote",
+                    f"gates pass at {r.percent} % ({passed}); promote to {nxt}{note}", gates, evd)
+
+
+# -- transitions ---------------------------------------------------------------------------------
+
+
+def _need(r: Rollout, states: Sequence[str], action: str) -> None:
+    if r.state not in states:
+        raise RolloutError(f"cannot {action} rollout {r.id} ({r.model} {r.from_version} -> {r.to_version}): "
+                           f"it is {r.state}; {action} needs it {' or '.join(states)}")
+
+
+def advance(r: Rollout, now: float, reason: str = "") -> Rollout:
+    """Promote to the next step (new cohort, step clock restarts) or, after the last, to ``promoted``."""
+    _need(r, ("running",), "promote")
+    if r.step + 1 >= len(r.steps):
+        return replace(r, state="promoted", members=frozenset(r.targets), reason=reason)
+    return replace(r, step=r.step + 1, step_started_at=now, reason=reason).with_cohort()
+
+
+def promote_now(r: Rollout, now: float, reason: str = "") -> Rollout:
+    """Human promotion: straight to ``promoted`` (every target runs the to-version)."""
+    _need(r, ACTIVE, "promote")
+    return replace(r, state="promoted", step=len(r.steps) - 1, members=frozenset(r.targets), reason=reason)
+
+
+def pause(r: Rollout, now: float, reason: str = "") -> Rollout:
+    _need(r, ("running",), "pause")
+    return replace(r, state="paused", reason=reason)
+
+
+def resume(r: Rollout, now: float, reason: str = "") -> Rollout:
+    """Resume a paused rollout; the step's deadline starts again."""
+    _need(r, ("paused",), "resume")
+    return replace(r, state="running", step_started_at=now, reason=reason)
+
+
+def rollback(r: Rollout, now: float, reason: str = "") -> Rollout:
+    _need(r, (*ACTIVE, "promoted"), "roll back")
+    return replace(r, state="rolled_back", reason=reason)
+
+
+def abort(r: Rollout, now: float, reason: str = "") -> Rollout:
+    _need(r, ACTIVE, "abort")
+    return replace(r, state="aborted", reason=reason)
+
+
+def apply(r: Rollout, d: Decision, now: float) -> Rollout:
+    """The transition a gate decision asks for (``wait`` leaves the rollout as it is)."""
+    if d.outcome == "promote":
+        return advance(r, now, d.reason)
+    if d.outcome == "rollback":
+        return rollback(r, now, d.reason)
+    if d.outcome == "pause":
+        return pause(r, now, d.reason)
+    return r
