@@ -42,7 +42,6 @@ from edgefleet.agent.contract.wire import (
     check_name,
     format_time,
 )
-from edgefleet.hub.adapters.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
 from edgefleet.hub.adapters.fastjson import loads_object
 from edgefleet.hub.adapters.home import HubHome, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
@@ -220,8 +219,8 @@ class Hub:
         if roots.exists():  # root rotations first: the keyring may be signed by the newest root
             self.link.publish(self.topics.roots, roots.read_bytes(), qos=1, retain=True)
         self.link.publish(self.topics.keyring, self._keyring, qos=1, retain=True)
-        for row in self.db.query("SELECT device, envelope FROM desired"):
-            self.link.publish(self.topics.desired(row["device"]), row["envelope"].encode(), qos=1, retain=True)
+        for device, envelope in self.db.desired_envelopes():
+            self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
 
     @property
     def ingest_connected(self) -> bool:
@@ -341,38 +340,19 @@ class Hub:
             raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
         if channel == "telemetry":
             tw = TelemetryWindow.from_dict(obj)
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?)",
-                (device, tw.seq, tw.window_start, tw.window_end, now, _compact(dict(tw.metrics)),
-                 _compact(dict(tw.system))),
-            )
-            if cur.rowcount == 0:
+            if not self.db.insert_telemetry(conn, device, tw, now):
                 counts["duplicates"] += 1
                 return None
-            conn.executemany(
-                "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
-                  _compact(dict(w.latency_ms)), _compact([dict(x) for x in w.inputs]),
-                  _compact(dict(w.outputs)) if w.outputs is not None else None)
-                 for name, w in tw.models.items()],
-            )
             counts["ingested"] += 1
             self.rollouts.add_window(conn, device, tw, now)
             return tw
         if channel == "reported":
-            rep = Reported.from_dict(obj)
-            conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?",
-                         (_compact(rep.to_dict()), now, device))
+            self.db.set_reported(conn, device, Reported.from_dict(obj).to_dict(), now)
         elif channel == "status":
-            st = Status.from_dict(obj)
-            conn.execute("UPDATE devices SET status=?, status_at=? WHERE id=?", (st.state, now, device))
+            self.db.set_status(conn, device, Status.from_dict(obj).state, now)
         elif channel == "events":
             ev = Event.from_dict(obj)
-            conn.execute(
-                "INSERT INTO events (device, time, type, reason, message, model, version, seq, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
-            )
+            self.db.insert_event(conn, device, ev, now)
             self.rollouts.add_event(conn, device, ev, now)
         return None
 
@@ -432,7 +412,7 @@ class Hub:
         with self.db.tx() as conn:
             self.db.insert_model(conn, model)
             if preflight is not None:
-                conn.execute("INSERT INTO model_preflight VALUES (?,?,?)", (name, version, json.dumps(preflight[1])))
+                self.db.insert_preflight(conn, name, version, preflight[1])
             self.db.audit(conn, model["created_at"], actor, "publish",
                           {"model": name, "version": version, "sha256": sha, "size": len(data),
                            "parent": lineage["parent"], "source": lineage.get("source"),
@@ -449,14 +429,13 @@ class Hub:
         group = check_group(req.get("group"))
         now = self.clock()
         with self.db.tx() as conn:
-            if conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone():
+            if self.db.device_registered(conn, device):
                 raise Conflict(f"device {device!r} is already registered")
             creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
             # Data-capture uploads authenticate with this token (only its hash is kept).
             creds["capture_token"] = token = secrets.token_urlsafe(32)
             self._known = None  # the ingest thread re-reads the registered devices
-            conn.execute("INSERT INTO devices (id, profile, created_at, device_group, capture_token_sha256) "
-                         "VALUES (?,?,?,?,?)", (device, profile, now, group, hashlib.sha256(token.encode()).hexdigest()))
+            self.db.insert_device(conn, device, profile, now, group, hashlib.sha256(token.encode()).hexdigest())
             self.db.audit(conn, now, actor, "device_add",
                           {"device": device, "profile": profile, "credentials": creds["kind"],
                            "serial": creds.get("serial"), "group": group})
@@ -488,14 +467,10 @@ class Hub:
     def _assign(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
         now = self.clock()
         with self.db.tx() as conn:
-            row = conn.execute("SELECT version FROM assignments WHERE device=? AND model=?", (device, name)).fetchone()
+            row = self.db.assignment(conn, device, name)
             previous = row["version"] if row else None
             if previous != version:
-                conn.execute(
-                    "INSERT INTO assignments VALUES (?,?,?,?) ON CONFLICT(device, model) DO UPDATE "
-                    "SET version=excluded.version, previous=excluded.previous",
-                    (device, name, version, previous),
-                )
+                self.db.set_assignment(conn, device, name, version, previous)
             seq = self.sign_and_store(conn, device, now)
             self.db.audit(conn, now, actor, "deploy",
                           {"device": device, "model": name, "version": version, "previous": previous, "seq": seq})
@@ -505,35 +480,23 @@ class Hub:
     def sign_and_store(self, conn: Any, device: str, now: float) -> int:
         """Sign the device's next desired state (seq + 1) from its assignments and store it in *conn*'s
         transaction; publish it with :meth:`publish_desired` after the commit."""
-        rows = conn.execute(
-            "SELECT a.model, a.previous, m.* FROM assignments a JOIN models m "
-            "ON m.name = a.model AND m.version = a.version WHERE a.device=?", (device,)
-        ).fetchall()
         entries: dict[str, ModelEntry] = {}
-        for r in rows:
-            m = {**dict(r), "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"]),
-                 "reference": json.loads(r["reference"]) if r["reference"] else None}
-            entries[r["model"]] = model_entry(m, self.public_url, r["previous"])
+        for m in self.db.assigned_models(conn, device):
+            entries[m["model"]] = model_entry(m, self.public_url, m["previous"])
         entries = self.rollouts.adjust(conn, device, entries, now)
-        cur = conn.execute("SELECT seq FROM desired WHERE device=?", (device,)).fetchone()
-        seq = (cur["seq"] if cur else 0) + 1
+        seq = self.db.next_desired_seq(conn, device)
         _state, raw = build_desired(
             fleet=self.config.fleet, device=device, seq=seq, now=now,
             ttl=self.config.desired_ttl_seconds, models=entries, signing_key=self.signing_key,
         )
-        conn.execute(
-            "INSERT INTO desired VALUES (?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET "
-            "seq=excluded.seq, envelope=excluded.envelope, issued_at=excluded.issued_at, "
-            "expires_at=excluded.expires_at",
-            (device, seq, raw.decode(), now, now + self.config.desired_ttl_seconds),
-        )
+        self.db.store_desired(conn, device, seq, raw.decode(), now, now + self.config.desired_ttl_seconds)
         return seq
 
     def publish_desired(self, device: str) -> None:
         """Publish the stored desired state of *device* (retained); nothing without a broker link."""
-        rows = self.db.query("SELECT envelope FROM desired WHERE device=?", (device,))
-        if rows and self.link is not None:
-            self.link.publish(self.topics.desired(device), rows[0]["envelope"].encode(), qos=1, retain=True)
+        envelope = self.db.desired_envelope(device)
+        if envelope is not None and self.link is not None:
+            self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
         """Publish an alert on ``{root}hub/alerts`` (a stream: QoS 1, not retained)."""
@@ -548,7 +511,7 @@ class Hub:
         """Re-sign (with a new seq) every desired state past half its lifetime."""
         now = self.clock()
         half = self.config.desired_ttl_seconds / 2
-        due = [r["device"] for r in self.db.query("SELECT device FROM desired WHERE expires_at - ? < ?", (now, half))]
+        due = self.db.expiring_desired(now, half)
         for device in due:
             with self.db.tx() as conn:
                 self.sign_and_store(conn, device, now)
@@ -557,16 +520,10 @@ class Hub:
 
     def status(self) -> dict[str, Any]:
         devices = []
-        for d in self.db.query("SELECT * FROM devices ORDER BY id"):
+        for d in self.db.devices():
             reported = json.loads(d["reported"]) if d["reported"] else None
-            desired = self.db.query("SELECT seq FROM desired WHERE device=?", (d["id"],))
-            last = self.db.query(
-                "SELECT seq, window_start, window_end, received_at, metrics FROM telemetry "
-                "WHERE device=? ORDER BY seq DESC LIMIT 1", (d["id"],))
-            totals = self.db.query(
-                "SELECT model, version, SUM(requests) AS requests, SUM(errors) AS errors, COUNT(*) AS windows "
-                "FROM telemetry_models WHERE device=? GROUP BY model, version ORDER BY model, version", (d["id"],))
-            assigned = self.db.query("SELECT model, version FROM assignments WHERE device=?", (d["id"],))
+            last = self.db.last_telemetry(d["id"])
+            assigned = self.db.device_assignments(d["id"])
             devices.append({
                 "device": d["id"],
                 "profile": d["profile"],
@@ -574,32 +531,25 @@ class Hub:
                 "status": d["status"] or "never seen",
                 "status_at": format_time(d["status_at"]) if d["status_at"] else None,
                 "desired": {a["model"]: a["version"] for a in assigned},
-                "desired_seq": desired[0]["seq"] if desired else 0,
+                "desired_seq": self.db.desired_seq(d["id"]),
                 "reported_seq": reported["seq"] if reported else None,
                 "models": {n: m["version"] for n, m in (reported or {}).get("models", {}).items()},
                 # a canary the device runs beside the stable model (rollouts): version and mode
                 "candidates": {n: m["candidate"] for n, m in (reported or {}).get("models", {}).items()
                                if isinstance(m.get("candidate"), dict)},
                 "last_telemetry": {
-                    "seq": last[0]["seq"],
-                    "window_start": format_time(last[0]["window_start"]),
-                    "window_end": format_time(last[0]["window_end"]),
-                    "metrics": json.loads(last[0]["metrics"]),
+                    "seq": last["seq"],
+                    "window_start": format_time(last["window_start"]),
+                    "window_end": format_time(last["window_end"]),
+                    "metrics": last["metrics"],
                 } if last else None,
-                "telemetry_totals": totals,
+                "telemetry_totals": self.db.telemetry_totals(d["id"]),
             })
         return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
                 "counters": dict(self.counters)}
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM events"
-        args: list[Any] = []
-        if device:
-            sql += " WHERE device=?"
-            args.append(device)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
-        rows = self.db.query(sql, args)
+        rows = self.db.events(device, limit)
         for r in rows:
             r["time"] = format_time(r["time"])
             r["received_at"] = format_time(r["received_at"])
@@ -638,11 +588,11 @@ class Hub:
             raise BadRequest(f"capture batch: {exc}") from exc
         if fleet != self.config.fleet:
             raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
-        rows = self.db.query("SELECT capture_token_sha256 AS h FROM devices WHERE id=?", (device,))
-        if not rows:
+        row = self.db.get_device(device)
+        if row is None:
             raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
         token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
-        expected = rows[0]["h"]
+        expected = row["capture_token_sha256"]
         if expected is None:
             raise NotAuthorized(f"device {device!r} has no capture token (revoked, or enrolled before "
                                 "capture tokens existed): enrol it again to upload captures")

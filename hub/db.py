@@ -1,13 +1,18 @@
-"""The hub database: the one module that writes it.
+"""The hub database: the one module of the hub that talks SQL.
 
 SQLite in WAL mode, one connection shared under a lock by the daemon's threads (HTTP handlers and
 the ingest thread). Only the running daemon opens it; the CLI goes through the admin API.
+
+Every statement the hub runs is a named method of :class:`Database` (``tests/test_sql_in_db.py``
+fails on SQL text or ``execute`` calls anywhere else in ``edgefleet.hub``). A method that takes
+``conn`` runs inside the caller's transaction (:meth:`Database.tx`), so several of them commit or
+roll back together; one without ``conn`` reads on its own.
 
 Tables: ``models`` (immutable versions with signature, reference and lineage), ``devices``,
 ``assignments`` (what each device should run), ``desired`` (the last signed state per device,
 with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
 ``events``, ``audit``, ``telemetry_agg`` (mergeable sums per model version, device and time
-bucket; its rows are written by :mod:`hub.services.drift_monitor` inside the ingest transaction) and
+bucket; :mod:`hub.services.drift_monitor` writes them inside the ingest transaction) and
 ``captures`` (sampled inference records uploaded by devices, unique per device, request id and
 model).
 Rollouts (:mod:`hub.services.rollout_manager`): ``rollouts`` (one row per rollout, the :class:`hub.core.rollout.Rollout`
@@ -22,10 +27,15 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.hub.adapters.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
+
+if TYPE_CHECKING:
+    from edgefleet.agent.contract.wire import Event, TelemetryWindow
 
 __all__ = ["Database"]
 
@@ -127,6 +137,8 @@ class Database:
             self._conn.execute("COMMIT")
 
     def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of one read, as dicts. The hub's own modules call the named methods below; this is
+        what they are built on (and what tests and benchmarks inspect the database with)."""
         with self._lock:
             return [dict(r) for r in self._conn.execute(sql, tuple(args)).fetchall()]
 
@@ -147,6 +159,14 @@ class Database:
              json.dumps(m["lineage"]), m["created_at"]),
         )
 
+    def insert_preflight(self, conn: sqlite3.Connection, name: str, version: str, preflight: Mapping[str, Any]) -> None:
+        """The preflight blob's description (sha256, size, tolerances) of a version being published."""
+        conn.execute("INSERT INTO model_preflight VALUES (?,?,?)", (name, version, json.dumps(preflight)))
+
+    def get_preflight(self, name: str, version: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT preflight FROM model_preflight WHERE name=? AND version=?", (name, version))
+        return dict(json.loads(rows[0]["preflight"])) if rows else None
+
     # -- devices ---------------------------------------------------------------------------------
 
     def get_device(self, device: str) -> dict[str, Any] | None:
@@ -155,6 +175,273 @@ class Database:
 
     def device_ids(self) -> set[str]:
         return {r["id"] for r in self.query("SELECT id FROM devices")}
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device row (all columns), by id."""
+        return self.query("SELECT * FROM devices ORDER BY id")
+
+    def device_summaries(self) -> list[dict[str, Any]]:
+        """``id, profile, created_at, status, device_group`` of every device, by id."""
+        return self.query("SELECT id, profile, created_at, status, device_group FROM devices ORDER BY id")
+
+    def device_profiles(self) -> dict[str, str]:
+        return {r["id"]: r["profile"] for r in self.query("SELECT id, profile FROM devices")}
+
+    def device_registered(self, conn: sqlite3.Connection, device: str) -> bool:
+        return conn.execute("SELECT 1 FROM devices WHERE id=?", (device,)).fetchone() is not None
+
+    def device_profile(self, conn: sqlite3.Connection, device: str) -> str | None:
+        row = conn.execute("SELECT profile FROM devices WHERE id=?", (device,)).fetchone()
+        return str(row["profile"]) if row else None
+
+    def insert_device(self, conn: sqlite3.Connection, device: str, profile: str, now: float, group: str | None,
+                      capture_token_sha256: str) -> None:
+        conn.execute("INSERT INTO devices (id, profile, created_at, device_group, capture_token_sha256) "
+                     "VALUES (?,?,?,?,?)", (device, profile, now, group, capture_token_sha256))
+
+    def clear_capture_token(self, conn: sqlite3.Connection, device: str) -> None:
+        """Revocation: the device's capture uploads are refused from now on."""
+        conn.execute("UPDATE devices SET capture_token_sha256=NULL WHERE id=?", (device,))
+
+    def set_reported(self, conn: sqlite3.Connection, device: str, reported: Mapping[str, Any], now: float) -> None:
+        conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?", (_compact(reported), now, device))
+
+    def set_status(self, conn: sqlite3.Connection, device: str, state: str, now: float) -> None:
+        conn.execute("UPDATE devices SET status=?, status_at=? WHERE id=?", (state, now, device))
+
+    # -- device groups (hub.services.groups) -----------------------------------------------------
+
+    def group_ids(self) -> list[str]:
+        """Every group some device is in, sorted."""
+        rows = self.query("SELECT DISTINCT device_group AS g FROM devices WHERE device_group IS NOT NULL ORDER BY g")
+        return [r["g"] for r in rows]
+
+    def group_members(self, group: str | None) -> list[str]:
+        return [r["id"] for r in self.query("SELECT id FROM devices WHERE device_group=? ORDER BY id", (group,))]
+
+    # -- assignments (what each device should run) -----------------------------------------------
+
+    def assignment(self, conn: sqlite3.Connection, device: str, model: str) -> dict[str, Any] | None:
+        """``version`` and ``previous`` of *device*'s assignment of *model*, or None."""
+        row = conn.execute("SELECT version, previous FROM assignments WHERE device=? AND model=?",
+                           (device, model)).fetchone()
+        return dict(row) if row else None
+
+    def set_assignment(self, conn: sqlite3.Connection, device: str, model: str, version: str,
+                       previous: str | None) -> None:
+        """The one writer of ``assignments``: *device* should run *version* of *model*, falling back
+        to *previous*. Deploys, drift rollbacks, rollout promotions and rollbacks and fleet
+        rollbacks all come through here, inside the transaction that re-signs the device."""
+        conn.execute(
+            "INSERT INTO assignments VALUES (?,?,?,?) ON CONFLICT(device, model) DO UPDATE "
+            "SET version=excluded.version, previous=excluded.previous",
+            (device, model, version, previous),
+        )
+
+    def model_assignments(self, model: str) -> list[dict[str, Any]]:
+        """``device, version, previous`` of every device assigned *model*."""
+        return self.query("SELECT device, version, previous FROM assignments WHERE model=?", (model,))
+
+    def version_assignments(self, model: str, version: str) -> list[dict[str, Any]]:
+        """``device, previous`` of every device assigned *version* of *model*."""
+        return self.query("SELECT device, previous FROM assignments WHERE model=? AND version=?", (model, version))
+
+    def device_assignments(self, device: str) -> list[dict[str, Any]]:
+        """``model, version`` of every model assigned to *device*."""
+        return self.query("SELECT model, version FROM assignments WHERE device=?", (device,))
+
+    def assigned_models(self, conn: sqlite3.Connection, device: str) -> list[dict[str, Any]]:
+        """The registry rows of the versions assigned to *device* (inputs, outputs and reference
+        decoded), each with its assignment's ``model`` and ``previous``."""
+        rows = conn.execute(
+            "SELECT a.model, a.previous, m.* FROM assignments a JOIN models m "
+            "ON m.name = a.model AND m.version = a.version WHERE a.device=?", (device,)
+        ).fetchall()
+        return [{**dict(r), "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"]),
+                 "reference": json.loads(r["reference"]) if r["reference"] else None} for r in rows]
+
+    # -- desired states (the last signed state per device) ---------------------------------------
+
+    def next_desired_seq(self, conn: sqlite3.Connection, device: str) -> int:
+        """The seq *device*'s next desired state gets: the stored one + 1 (1 for the first)."""
+        cur = conn.execute("SELECT seq FROM desired WHERE device=?", (device,)).fetchone()
+        return int(cur["seq"] if cur else 0) + 1
+
+    def store_desired(self, conn: sqlite3.Connection, device: str, seq: int, envelope: str, issued_at: float,
+                      expires_at: float) -> None:
+        conn.execute(
+            "INSERT INTO desired VALUES (?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET "
+            "seq=excluded.seq, envelope=excluded.envelope, issued_at=excluded.issued_at, "
+            "expires_at=excluded.expires_at",
+            (device, seq, envelope, issued_at, expires_at),
+        )
+
+    def desired_envelope(self, device: str) -> str | None:
+        rows = self.query("SELECT envelope FROM desired WHERE device=?", (device,))
+        return str(rows[0]["envelope"]) if rows else None
+
+    def desired_envelopes(self) -> list[tuple[str, str]]:
+        """``(device, envelope)`` of every stored desired state."""
+        return [(r["device"], r["envelope"]) for r in self.query("SELECT device, envelope FROM desired")]
+
+    def desired_seq(self, device: str) -> int:
+        """The seq of *device*'s stored desired state; 0 when it has none."""
+        rows = self.query("SELECT seq FROM desired WHERE device=?", (device,))
+        return int(rows[0]["seq"]) if rows else 0
+
+    def expiring_desired(self, now: float, within: float) -> list[str]:
+        """Devices whose desired state expires less than *within* seconds after *now*."""
+        return [r["device"] for r in self.query("SELECT device FROM desired WHERE expires_at - ? < ?", (now, within))]
+
+    # -- telemetry and events (written by the ingest transaction) --------------------------------
+
+    def insert_telemetry(self, conn: sqlite3.Connection, device: str, tw: TelemetryWindow, now: float) -> bool:
+        """Store a window and its per-model rows; False (nothing written) if *device* already sent
+        this seq (a QoS 1 duplicate)."""
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?)",
+            (device, tw.seq, tw.window_start, tw.window_end, now, _compact(dict(tw.metrics)),
+             _compact(dict(tw.system))),
+        )
+        if cur.rowcount == 0:
+            return False
+        conn.executemany(
+            "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
+              _compact(dict(w.latency_ms)), _compact([dict(x) for x in w.inputs]),
+              _compact(dict(w.outputs)) if w.outputs is not None else None)
+             for name, w in tw.models.items()],
+        )
+        return True
+
+    def insert_event(self, conn: sqlite3.Connection, device: str, ev: Event, now: float) -> None:
+        conn.execute(
+            "INSERT INTO events (device, time, type, reason, message, model, version, seq, received_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            (device, ev.time, ev.type, ev.reason, ev.message, ev.model, ev.version, ev.seq, now),
+        )
+
+    def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
+        """The newest *limit* events, of one device or of all; newest first."""
+        sql = "SELECT * FROM events"
+        args: list[Any] = []
+        if device:
+            sql += " WHERE device=?"
+            args.append(device)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return self.query(sql, args)
+
+    def last_telemetry(self, device: str) -> dict[str, Any] | None:
+        """``seq, window_start, window_end, received_at, metrics`` (decoded) of *device*'s newest window."""
+        rows = self.query("SELECT seq, window_start, window_end, received_at, metrics FROM telemetry "
+                          "WHERE device=? ORDER BY seq DESC LIMIT 1", (device,))
+        return {**rows[0], "metrics": json.loads(rows[0]["metrics"])} if rows else None
+
+    def telemetry_totals(self, device: str) -> list[dict[str, Any]]:
+        """``model, version, requests, errors, windows`` summed over *device*'s stored windows."""
+        return self.query(
+            "SELECT model, version, SUM(requests) AS requests, SUM(errors) AS errors, COUNT(*) AS windows "
+            "FROM telemetry_models WHERE device=? GROUP BY model, version ORDER BY model, version", (device,))
+
+    def telemetry_counts(self) -> list[dict[str, Any]]:
+        """``device, n`` (windows stored) and ``last`` (highest seq) per device, by device."""
+        return self.query("SELECT device, COUNT(*) AS n, MAX(seq) AS last FROM telemetry GROUP BY device ORDER BY device")
+
+    def last_window_metrics(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(device, metrics)`` of every device's newest window, by device."""
+        rows = self.query(
+            "SELECT t.device, t.metrics FROM telemetry t JOIN (SELECT device, MAX(seq) AS seq FROM telemetry "
+            "GROUP BY device) m ON m.device = t.device AND m.seq = t.seq ORDER BY t.device")
+        return [(r["device"], json.loads(r["metrics"])) for r in rows]
+
+    def model_totals(self) -> list[dict[str, Any]]:
+        """``device, model, version, req, err`` summed over all stored windows."""
+        return self.query("SELECT device, model, version, SUM(requests) AS req, SUM(errors) AS err "
+                          "FROM telemetry_models GROUP BY device, model, version ORDER BY device, model, version")
+
+    # -- telemetry aggregates (hub.services.drift_monitor) ---------------------------------------
+
+    def telemetry_agg_row(self, conn: sqlite3.Connection, model: str, version: str, device: str,
+                          bucket: float) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND device=? AND bucket=?",
+            (model, version, device, bucket)).fetchone()
+        return row
+
+    def put_telemetry_agg(self, conn: sqlite3.Connection, model: str, version: str, device: str, bucket: float, *,
+                          windows: int, requests: int, errors: int, rows: int, latency: list[int],
+                          inputs: Mapping[str, Any], classes: Mapping[str, int], last_end: float) -> None:
+        """Write (or replace) one bucket's sums."""
+        conn.execute(
+            "INSERT OR REPLACE INTO telemetry_agg VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (model, version, device, bucket, windows, requests, errors, rows, _compact(latency),
+             _compact(inputs), _compact(classes), last_end))
+
+    def telemetry_agg_window(self, model: str, version: str, seconds: float) -> list[dict[str, Any]]:
+        """The buckets of *model* *version* newer than its newest bucket minus *seconds*, by device."""
+        return self.query(
+            "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND bucket > "
+            "(SELECT MAX(bucket) FROM telemetry_agg WHERE model=? AND version=?) - ? ORDER BY device",
+            (model, version, model, version, seconds))
+
+    def telemetry_agg_versions(self) -> list[tuple[str, str]]:
+        """Every ``(model, version)`` with aggregated telemetry, sorted."""
+        rows = self.query("SELECT DISTINCT model, version FROM telemetry_agg ORDER BY model, version")
+        return [(r["model"], r["version"]) for r in rows]
+
+    # -- rollouts (hub.services.rollout_manager) -------------------------------------------------
+
+    def save_rollout(self, conn: sqlite3.Connection, rollout: str, model: str, state: str, spec: Mapping[str, Any],
+                     created_at: float, now: float) -> None:
+        conn.execute(
+            "INSERT INTO rollouts (id, model, state, spec, created_at, updated_at) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET state=excluded.state, spec=excluded.spec, updated_at=excluded.updated_at",
+            (rollout, model, state, json.dumps(spec), created_at, now))
+
+    def active_rollout_specs(self) -> list[dict[str, Any]]:
+        """The specs of the running and paused rollouts."""
+        return _specs(self.query("SELECT spec FROM rollouts WHERE state IN ('running','paused')"))
+
+    def rollout_spec(self, rollout: str) -> dict[str, Any] | None:
+        specs = _specs(self.query("SELECT spec FROM rollouts WHERE id=?", (rollout,)))
+        return specs[0] if specs else None
+
+    def model_rollout_specs(self, model: str, limit: int = -1) -> list[dict[str, Any]]:
+        """The specs of *model*'s rollouts, newest first (at most *limit*; -1: all)."""
+        return _specs(self.query("SELECT spec FROM rollouts WHERE model=? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                 (model, limit)))
+
+    def recent_rollout_specs(self, limit: int) -> list[dict[str, Any]]:
+        """The specs of the newest *limit* rollouts, newest first."""
+        return _specs(self.query("SELECT spec FROM rollouts ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)))
+
+    def rollout_count(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM rollouts")[0]["n"])
+
+    def insert_rollout_window(self, conn: sqlite3.Connection, rollout: str, step: int, device: str, seq: int,
+                              now: float, canary: Mapping[str, Any], stable_latency: Mapping[str, Any]) -> None:
+        """A cohort device's canary dict for the rollout's current step (a repeated seq is skipped)."""
+        conn.execute("INSERT OR IGNORE INTO rollout_windows VALUES (?,?,?,?,?,?,?)",
+                     (rollout, step, device, seq, now, json.dumps(dict(canary)), json.dumps(dict(stable_latency))))
+
+    def insert_rollout_event(self, conn: sqlite3.Connection, rollout: str, step: int, device: str, time: float,
+                             type_: str, reason: str, details: Mapping[str, Any]) -> None:
+        conn.execute("INSERT INTO rollout_events (rollout, step, device, time, type, reason, details)"
+                     " VALUES (?,?,?,?,?,?,?)",
+                     (rollout, step, device, time, type_, reason, json.dumps(details)))
+
+    def rollout_windows(self, rollout: str, step: int) -> list[tuple[str, Any, Any]]:
+        """``(device, canary, stable_latency or None)`` of a rollout step's windows, decoded."""
+        rows = self.query("SELECT device, canary, stable_latency FROM rollout_windows WHERE rollout=? AND step=?",
+                          (rollout, step))
+        return [(w["device"], json.loads(w["canary"]), json.loads(w["stable_latency"]) if w["stable_latency"] else None)
+                for w in rows]
+
+    def rollout_events(self, rollout: str, step: int) -> list[tuple[str, str, str]]:
+        """``(device, type, reason)`` of a rollout step's canary events."""
+        rows = self.query("SELECT device, type, reason FROM rollout_events WHERE rollout=? AND step=?", (rollout, step))
+        return [(e["device"], e["type"], e["reason"] or "") for e in rows]
 
     # -- data capture ----------------------------------------------------------------------------
 
@@ -227,6 +514,10 @@ GENESIS = "0" * 64
 def audit_hash(prev_hash: str, entry_id: int, time: float, actor: str, action: str, details: str) -> str:
     body = json.dumps([prev_hash, entry_id, repr(float(time)), actor, action, details], separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _specs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(json.loads(r["spec"])) for r in rows]
 
 
 def _decode_model(r: dict[str, Any]) -> dict[str, Any]:
