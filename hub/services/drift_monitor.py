@@ -68,7 +68,6 @@ from edgefleet.agent.contract.wire import (
     format_time,
 )
 from edgefleet.agent.core.telemetry import LATENCY_BUCKETS_MS
-from edgefleet.hub.adapters.fastjson import dumps_text
 from edgefleet.hub.adapters.home import read_optional_toml
 from edgefleet.hub.core.drift import (
     AlarmTracker,
@@ -300,9 +299,7 @@ class DriftMonitor:
         self._next_flush = mono + self.config.evaluate_seconds
         pending, self._pending = self._pending, {}
         for (model, version, device, bucket), acc in pending.items():
-            row = conn.execute(
-                "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND device=? AND bucket=?",
-                (model, version, device, bucket)).fetchone()
+            row = self.db.telemetry_agg_row(conn, model, version, device, bucket)
             windows, requests, errors, rows, last_end = acc.windows, acc.requests, acc.errors, acc.rows, acc.last_end
             merged_inputs, merged_classes, latency = acc.histograms(), acc.classes, list(acc.latency)
             if row is not None:
@@ -318,10 +315,9 @@ class DriftMonitor:
                                                          list(merged_inputs.values())])
                 except ValueError as exc:  # bins changed under the same version: keep the newest only
                     log.warning("%s %s from %s: %s", model, version, device, exc)
-            conn.execute(
-                "INSERT OR REPLACE INTO telemetry_agg VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (model, version, device, bucket, windows, requests, errors, rows, dumps_text(latency),
-                 dumps_text(merged_inputs), dumps_text(merged_classes), last_end))
+            self.db.put_telemetry_agg(conn, model, version, device, bucket, windows=windows, requests=requests,
+                                      errors=errors, rows=rows, latency=latency, inputs=merged_inputs,
+                                      classes=merged_classes, last_end=last_end)
             self._touched.add((model, version))
 
     def after_batch(self, force: bool = False) -> None:
@@ -352,10 +348,7 @@ class DriftMonitor:
 
     def reports(self, model: str, version: str) -> list[DriftReport]:
         """Fleet report first, then one per device, over the newest ``window_seconds`` of data."""
-        rows = self.db.query(
-            "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND bucket > "
-            "(SELECT MAX(bucket) FROM telemetry_agg WHERE model=? AND version=?) - ? ORDER BY device",
-            (model, version, model, version, self.config.window_seconds))
+        rows = self.db.telemetry_agg_window(model, version, self.config.window_seconds)
         if not rows:
             return []
         policy = self.config.policy(model)
@@ -387,12 +380,11 @@ class DriftMonitor:
 
     def snapshot(self, model: str | None = None) -> dict[str, Any]:
         """Fresh reports of every model version with telemetry (optionally one model's)."""
-        pairs = self.db.query("SELECT DISTINCT model, version FROM telemetry_agg ORDER BY model, version")
         out = []
-        for p in pairs:
-            if model and p["model"] != model:
+        for name, version in self.db.telemetry_agg_versions():
+            if model and name != model:
                 continue
-            for rep in self.reports(p["model"], p["version"]):
+            for rep in self.reports(name, version):
                 d = rep.to_dict()
                 d["window_start"], d["window_end"] = format_time(rep.window_start), format_time(rep.window_end)
                 d["alarm_state"] = self.tracker.state(rep.model, rep.version) if rep.scope == "fleet" else None
@@ -463,8 +455,7 @@ class DriftMonitor:
         age = now - max(deployed)
         if age > policy.watch_seconds:
             return {"done": False, "why": f"deployed {age:.0f}s ago, outside the {policy.watch_seconds:.0f}s watch period"}
-        rows = self.db.query("SELECT device, previous FROM assignments WHERE model=? AND version=?",
-                             (report.model, report.version))
+        rows = self.db.version_assignments(report.model, report.version)
         devices: dict[str, Any] = {}
         for r in rows:
             if r["previous"] and r["previous"] != report.version:

@@ -110,7 +110,7 @@ def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
     else:  # a plain-MQTT hub that never made a device CA: no certificate or password to revoke
         res = {"device": device, "revoked_serials": [], "password_removed": False}
     with hub.db.tx() as conn:
-        conn.execute("UPDATE devices SET capture_token_sha256=NULL WHERE id=?", (device,))
+        hub.db.clear_capture_token(conn, device)
         hub.db.audit(conn, now, actor, "device_revoke", {**res, "capture_token_removed": True})
     return {**res, "capture_token_removed": True, "broker_folders": pki.exports()}
 
@@ -118,7 +118,7 @@ def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
 def list_devices(hub: Hub) -> list[dict[str, Any]]:
     creds = pki_for(hub.home, hub.config.fleet).device_credentials()
     out = []
-    for d in hub.db.query("SELECT id, profile, created_at, status, device_group FROM devices ORDER BY id"):
+    for d in hub.db.device_summaries():
         c = creds.get(d["id"], {"certs": [], "password": False, "revoked_at": None})
         live = [x for x in c["certs"] if not x["revoked_at"]]
         out.append(

@@ -32,8 +32,7 @@ def check_group(value: object) -> str | None:
 
 
 def known_groups(db: Database) -> list[str]:
-    rows = db.query("SELECT DISTINCT device_group AS g FROM devices WHERE device_group IS NOT NULL ORDER BY g")
-    return [r["g"] for r in rows]
+    return db.group_ids()
 
 
 def group_of(row: Mapping[str, Any]) -> str | None:
@@ -57,7 +56,7 @@ def deploy_targets(db: Database, req: Mapping[str, Any]) -> list[str]:
             out.append(d)
     for g in groups:
         group = check_group(g)
-        members = [r["id"] for r in db.query("SELECT id FROM devices WHERE device_group=? ORDER BY id", (group,))]
+        members = db.group_members(group)
         if not members:
             known = known_groups(db)
             raise NotFound(

@@ -24,7 +24,6 @@ proxy) if device names are sensitive. Families (all labelled with ``fleet``):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -66,26 +65,22 @@ def render(hub: Hub) -> str:
     w = _Writer()
     w.family("edgefleet_hub_messages_total", "counter", "Device messages seen by ingest, by result.",
              (({"fleet": fleet, "result": k}, v) for k, v in sorted(hub.counters.items())))
-    devices = db.query("SELECT id, status FROM devices ORDER BY id")
+    devices = db.device_summaries()
     w.family("edgefleet_devices", "gauge", "Registered devices.", [({"fleet": fleet}, len(devices))])
     w.family("edgefleet_device_online", "gauge", "1 if the device's retained status is online.",
              (({"fleet": fleet, "device": d["id"]}, 1.0 if d["status"] == "online" else 0.0) for d in devices))
-    counts = db.query("SELECT device, COUNT(*) AS n, MAX(seq) AS last FROM telemetry GROUP BY device ORDER BY device")
+    counts = db.telemetry_counts()
     w.family("edgefleet_device_windows_total", "counter", "Telemetry windows stored (duplicates dropped).",
              (({"fleet": fleet, "device": r["device"]}, r["n"]) for r in counts))
     w.family("edgefleet_device_last_window_seq", "gauge", "Highest telemetry window seq stored.",
              (({"fleet": fleet, "device": r["device"]}, r["last"]) for r in counts))
-    last = db.query(
-        "SELECT t.device, t.metrics FROM telemetry t JOIN (SELECT device, MAX(seq) AS seq FROM telemetry "
-        "GROUP BY device) m ON m.device = t.device AND m.seq = t.seq ORDER BY t.device")
     samples: list[tuple[Mapping[str, str], float]] = []
-    for r in last:
-        for k, v in sorted(json.loads(r["metrics"]).items()):
+    for device, metrics in db.last_window_metrics():
+        for k, v in sorted(metrics.items()):
             if isinstance(v, int | float) and not isinstance(v, bool):
-                samples.append(({"fleet": fleet, "device": r["device"], "name": k}, float(v)))
+                samples.append(({"fleet": fleet, "device": device, "name": k}, float(v)))
     w.family("edgefleet_device_metric", "gauge", "The flat metrics of the device's last window.", samples)
-    totals = db.query("SELECT device, model, version, SUM(requests) AS req, SUM(errors) AS err "
-                      "FROM telemetry_models GROUP BY device, model, version ORDER BY device, model, version")
+    totals = db.model_totals()
     w.family("edgefleet_model_requests_total", "counter", "Inference requests in stored windows.",
              (({"fleet": fleet, "device": r["device"], "model": r["model"], "version": r["version"]}, r["req"])
               for r in totals))

@@ -30,7 +30,6 @@ Decisions are made by the pure core :mod:`hub.core.rollout`; this module does th
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -153,14 +152,11 @@ class RolloutManager:
     # -- storage ---------------------------------------------------------------------------------
 
     def _reload_active(self) -> None:
-        rows = self.db.query("SELECT spec FROM rollouts WHERE state IN ('running','paused')")
-        self._active = {r.model: r for r in (Rollout.from_dict(json.loads(x["spec"])) for x in rows)}
+        specs = self.db.active_rollout_specs()
+        self._active = {r.model: r for r in (Rollout.from_dict(x) for x in specs)}
 
     def _save(self, conn: Connection, r: Rollout, now: float) -> None:
-        conn.execute(
-            "INSERT INTO rollouts (id, model, state, spec, created_at, updated_at) VALUES (?,?,?,?,?,?) "
-            "ON CONFLICT(id) DO UPDATE SET state=excluded.state, spec=excluded.spec, updated_at=excluded.updated_at",
-            (r.id, r.model, r.state, json.dumps(r.to_dict()), r.created_at, now))
+        self.db.save_rollout(conn, r.id, r.model, r.state, r.to_dict(), r.created_at, now)
         if r.active:
             self._active[r.model] = r
         elif self._active.get(r.model, r).id == r.id:
@@ -168,11 +164,10 @@ class RolloutManager:
 
     def get(self, key: str) -> Rollout:
         """A rollout by id, or the newest rollout of a model name."""
-        rows = self.db.query("SELECT spec FROM rollouts WHERE id=?", (key,)) or self.db.query(
-            "SELECT spec FROM rollouts WHERE model=? ORDER BY created_at DESC, rowid DESC LIMIT 1", (key,))
-        if not rows:
+        spec = self.db.rollout_spec(key) or next(iter(self.db.model_rollout_specs(key, limit=1)), None)
+        if spec is None:
             raise NotFound(f"no rollout with id or model name {key!r}; see `edgefleet-hub rollout status`")
-        return Rollout.from_dict(json.loads(rows[0]["spec"]))
+        return Rollout.from_dict(spec)
 
     def _find(self, key: str | None) -> Rollout:
         if key:
@@ -192,8 +187,7 @@ class RolloutManager:
             if r is None or entry.version != r.from_version:
                 continue
             if device not in r.targets:
-                row = conn.execute("SELECT profile FROM devices WHERE id=?", (device,)).fetchone()
-                r = r.add_target(device, row["profile"] if row else "")
+                r = r.add_target(device, self.db.device_profile(conn, device) or "")
                 self._save(conn, r, now)
                 runs = r.runs(device)
                 self.db.audit(conn, now, "rollout", "rollout_join", {
@@ -213,10 +207,9 @@ class RolloutManager:
         return replace(cand, canary=canary, preflight=self.preflight_entry(r.model, r.to_version))
 
     def preflight_entry(self, name: str, version: str) -> dict[str, Any] | None:
-        rows = self.db.query("SELECT preflight FROM model_preflight WHERE name=? AND version=?", (name, version))
-        if not rows:
+        pf = self.db.get_preflight(name, version)
+        if pf is None:
             return None
-        pf = json.loads(rows[0]["preflight"])
         return {**pf, "url": f"{self.hub.public_url.rstrip('/')}/blobs/{pf['sha256']}"}
 
     # -- evidence (called inside the ingest transaction) -----------------------------------------
@@ -229,9 +222,7 @@ class RolloutManager:
             canary = w.canary
             if not isinstance(canary, Mapping) or canary.get("rollout") != r.id:
                 continue
-            conn.execute("INSERT OR IGNORE INTO rollout_windows VALUES (?,?,?,?,?,?,?)",
-                         (r.id, r.step, device, tw.seq, now, json.dumps(dict(canary)),
-                          json.dumps(dict(w.latency_ms))))
+            self.db.insert_rollout_window(conn, r.id, r.step, device, tw.seq, now, canary, w.latency_ms)
 
     def add_event(self, conn: Connection, device: str, ev: Event, now: float) -> None:
         if ev.type not in CANARY_EVENTS or ev.model is None:
@@ -239,18 +230,10 @@ class RolloutManager:
         r = self._active.get(ev.model)
         if r is None or device not in r.members or ev.extra.get("rollout", r.id) != r.id:
             return
-        conn.execute("INSERT INTO rollout_events (rollout, step, device, time, type, reason, details)"
-                     " VALUES (?,?,?,?,?,?,?)",
-                     (r.id, r.step, device, ev.time, ev.type, ev.reason, json.dumps(ev.to_dict())))
+        self.db.insert_rollout_event(conn, r.id, r.step, device, ev.time, ev.type, ev.reason, ev.to_dict())
 
     def evidence(self, r: Rollout) -> Evidence:
-        wins = self.db.query("SELECT device, canary, stable_latency FROM rollout_windows WHERE rollout=? AND step=?",
-                             (r.id, r.step))
-        evs = self.db.query("SELECT device, type, reason FROM rollout_events WHERE rollout=? AND step=?", (r.id, r.step))
-        return Evidence.collect(
-            [(w["device"], json.loads(w["canary"]), json.loads(w["stable_latency"]) if w["stable_latency"] else None)
-             for w in wins],
-            [(e["device"], e["type"], e["reason"] or "") for e in evs])
+        return Evidence.collect(self.db.rollout_windows(r.id, r.step), self.db.rollout_events(r.id, r.step))
 
     def _reference_classes(self, r: Rollout) -> dict[str, float] | None:
         m = self.db.get_model(r.model, r.to_version)
@@ -334,15 +317,11 @@ class RolloutManager:
             self._save(conn, new, now)
             if version is not None:
                 for device in changed:
-                    row = conn.execute("SELECT version, previous FROM assignments WHERE device=? AND model=?",
-                                       (device, new.model)).fetchone()
+                    row = self.db.assignment(conn, device, new.model)
                     prev = previous if previous is not None else (row["previous"] if row else None)
                     if row is not None and row["version"] == version:
                         prev = row["previous"]
-                    conn.execute(
-                        "INSERT INTO assignments VALUES (?,?,?,?) ON CONFLICT(device, model) DO UPDATE "
-                        "SET version=excluded.version, previous=excluded.previous",
-                        (device, new.model, version, prev))
+                    self.db.set_assignment(conn, device, new.model, version, prev)
             for device in changed:
                 seqs[device] = self.hub.sign_and_store(conn, device, now)
             details = self._details(new, d, state=new.state, previous_state=old.state, **extra)
@@ -380,8 +359,7 @@ class RolloutManager:
                 a = self._active[name]
                 raise Conflict(f"rollout {a.id} of {name} ({a.from_version} -> {a.to_version}) is already {a.state}; "
                                f"abort or finish it first (`edgefleet-hub rollout abort {a.id}`)")
-            assigned = {r["device"]: r["version"] for r in self.db.query(
-                "SELECT device, version FROM assignments WHERE model=?", (name,))}
+            assigned = {r["device"]: r["version"] for r in self.db.model_assignments(name)}
             devices = req.get("devices") or sorted(assigned)
             if not isinstance(devices, list) or not devices:
                 raise BadRequest(f"no device runs {name}: deploy a version first (`edgefleet-hub deploy`)")
@@ -393,9 +371,9 @@ class RolloutManager:
                 by = {v: [d for d in devices if assigned[d] == v] for v in froms}
                 raise BadRequest(f"the target devices run different versions of {name}: {by}; "
                                  "pick devices that run one version (--devices)")
-            profiles = {r["id"]: r["profile"] for r in self.db.query("SELECT id, profile FROM devices")}
+            profiles = self.db.device_profiles()
             now = self.hub.clock()
-            n = self.db.query("SELECT COUNT(*) AS n FROM rollouts")[0]["n"] + 1
+            n = self.db.rollout_count() + 1
             r = Rollout.start(id=f"r-{n}", model=name, from_version=froms[0], to_version=version,
                               targets={d: profiles.get(d, "") for d in devices}, now=now, steps=steps,
                               mode=str(mode), fraction=fraction, policy=policy)
@@ -435,7 +413,7 @@ class RolloutManager:
                 return {"model": name, "to": r.from_version, "rollout": r.id, "skipped": {},
                         "devices": {d: {"from": r.to_version if d in r.members else r.from_version,
                                         "to": r.from_version, "seq": s} for d, s in seqs.items()}}
-            rows = self.db.query("SELECT device, version, previous FROM assignments WHERE model=?", (name,))
+            rows = self.db.model_assignments(name)
             if not rows:
                 raise NotFound(f"no device runs {name}")
             devices: dict[str, dict[str, Any]] = {}
@@ -457,8 +435,7 @@ class RolloutManager:
                 done = None
             with self.db.tx() as conn:
                 for device, change in devices.items():
-                    conn.execute("UPDATE assignments SET version=?, previous=? WHERE device=? AND model=?",
-                                 (change["to"], change["from"], device, name))
+                    self.db.set_assignment(conn, device, name, change["to"], change["from"])
                     change["seq"] = self.hub.sign_and_store(conn, device, now)
                 if done is not None:
                     self._save(conn, rollback(done, now, f"fleet rollback by {actor}"), now)
@@ -474,8 +451,7 @@ class RolloutManager:
 
     def status_rows(self, model: str) -> list[Rollout]:
         """The model's rollouts, newest first."""
-        rows = self.db.query("SELECT spec FROM rollouts WHERE model=? ORDER BY created_at DESC, rowid DESC", (model,))
-        return [Rollout.from_dict(json.loads(x["spec"])) for x in rows]
+        return [Rollout.from_dict(x) for x in self.db.model_rollout_specs(model)]
 
     # -- views -----------------------------------------------------------------------------------
 
@@ -495,5 +471,4 @@ class RolloutManager:
     def status(self, key: str | None = None) -> list[dict[str, Any]]:
         if key:
             return [self.describe(self.get(key))]
-        rows = self.db.query("SELECT spec FROM rollouts ORDER BY created_at DESC, rowid DESC LIMIT 50")
-        return [self.describe(Rollout.from_dict(json.loads(x["spec"]))) for x in rows]
+        return [self.describe(Rollout.from_dict(x)) for x in self.db.recent_rollout_specs(50)]
