@@ -51,7 +51,7 @@ from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged
+from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged, load_drift_config
 from edgefleet.hub.services.enrol import device_broker_url, hub_link_options, issue_credentials
 from edgefleet.hub.services.groups import check_group, deploy_targets, group_of
 from edgefleet.hub.services.keys import roots_path
@@ -132,10 +132,17 @@ class Hub:
         self.link: MqttLink | None = None
         self.http: Any = None
         self.public_url = ""
-        self.drift = DriftMonitor.attach(self)  # telemetry aggregation, drift scores and alerts
+        self.drift = DriftMonitor(  # telemetry aggregation, drift scores and alerts
+            db=self.db, config=load_drift_config(home.path / "drift.toml"), topics=self.topics, clock=clock,
+            publish=self._publish, assign=self._assign)
         self.rollouts = RolloutManager.attach(self, home.path / "rollout.toml")  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        """QoS 1 on the broker link (the drift monitor's alerts); nothing without one."""
+        if self.link is not None:
+            self.link.publish(topic, payload, qos=1, retain=retain)
 
     def _load_keyring(self) -> bytes:
         path = keyring_path(self.home)

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -78,9 +78,6 @@ from edgefleet.hub.core.drift import (
     score_report,
 )
 from edgefleet.hub.db import Database
-
-if TYPE_CHECKING:
-    from edgefleet.hub.daemon import Hub
 
 __all__ = ["ALERT_KIND", "DriftConfig", "DriftMonitor", "Staged", "load_drift_config"]
 
@@ -212,6 +209,10 @@ class DriftMonitor:
         publish: Callable[[str, bytes, bool], None],
         assign: Callable[[str, str, str, str], Any] | None = None,
     ) -> None:
+        """Its ports are these arguments: the database, the clock, ``publish(topic, payload,
+        retain)`` (QoS 1 on the hub's broker link) and ``assign(device, model, version, actor)``,
+        the hub's assignment path that a ``rollback`` policy rolls devices back through (None: no
+        rollbacks). The hub daemon builds it with :func:`load_drift_config` of ``DIR/drift.toml``."""
         self.db = db
         self.config = config
         self.topics = topics
@@ -219,7 +220,7 @@ class DriftMonitor:
         self._publish = publish
         self._assign = assign
         self.tracker = AlarmTracker()
-        self.last: dict[tuple[str, str], list[DriftReport]] = {}
+        self._last: dict[tuple[str, str], list[DriftReport]] = {}  # the newest reports per version
         self.hooks_started = 0
         self._pending: dict[tuple[str, str, str, float], _Acc] = {}
         self._touched: set[tuple[str, str]] = set()
@@ -227,17 +228,6 @@ class DriftMonitor:
         self._next_flush = 0.0  # ... and of the next write of pending sums to telemetry_agg
         self._refs: dict[tuple[str, str], Reference | None] = {}
         self._lock = threading.Lock()
-
-    @classmethod
-    def attach(cls, hub: Hub) -> DriftMonitor:
-        """Build the monitor for a hub daemon (config from ``DIR/drift.toml``)."""
-
-        def publish(topic: str, payload: bytes, retain: bool) -> None:
-            if hub.link is not None:
-                hub.link.publish(topic, payload, qos=1, retain=retain)
-
-        return cls(db=hub.db, config=load_drift_config(hub.home.path / "drift.toml"), topics=hub.topics,
-                   clock=hub.clock, publish=publish, assign=hub._assign)
 
     # -- aggregation (ingest thread) -------------------------------------------------------------
 
@@ -371,12 +361,19 @@ class DriftMonitor:
         if not reports:
             return None
         with self._lock:
-            self.last[(model, version)] = reports
+            self._last[(model, version)] = reports
         fleet = reports[0]
         previous = self.tracker.update(fleet)
         if previous is not None:
             self._changed(fleet, previous)
         return fleet
+
+    def last_reports(self) -> list[DriftReport]:
+        """The reports of the latest scoring of every model version scored since the hub started
+        (fleet first, then per device, for each version), as ``GET /metrics`` shows them. Taken
+        under the lock the ingest thread stores them under, so an HTTP thread may call it."""
+        with self._lock:
+            return [rep for reps in self._last.values() for rep in reps]
 
     def snapshot(self, model: str | None = None) -> dict[str, Any]:
         """Fresh reports of every model version with telemetry (optionally one model's)."""

@@ -87,8 +87,7 @@ def render(hub: Hub) -> str:
     w.family("edgefleet_model_errors_total", "counter", "Failed inference requests in stored windows.",
              (({"fleet": fleet, "device": r["device"], "model": r["model"], "version": r["version"]}, r["err"])
               for r in totals))
-    with hub.drift._lock:
-        reports = [rep for reps in hub.drift.last.values() for rep in reps]
+    reports = hub.drift.last_reports()
     for stat in ("psi", "js", "ks"):
         w.family(f"edgefleet_drift_{stat}", "gauge", f"Last drift {stat.upper()} per feature against the reference.",
                  (({"fleet": fleet, "model": rep.model, "version": rep.version, "scope": rep.scope,
