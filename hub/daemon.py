@@ -51,8 +51,15 @@ from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
+from edgefleet.hub.services import metrics
 from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged, load_drift_config
-from edgefleet.hub.services.enrol import device_broker_url, hub_link_options, issue_credentials
+from edgefleet.hub.services.enrol import (
+    device_broker_url,
+    hub_link_options,
+    issue_credentials,
+    list_devices,
+    revoke_device,
+)
 from edgefleet.hub.services.groups import check_group, deploy_targets, group_of
 from edgefleet.hub.services.keys import roots_path
 from edgefleet.hub.services.rollout_manager import RolloutManager
@@ -438,7 +445,7 @@ class Hub:
         with self.db.tx() as conn:
             if self.db.device_registered(conn, device):
                 raise Conflict(f"device {device!r} is already registered")
-            creds = issue_credentials(self, device, req.get("credentials", "auto"), now)
+            creds = issue_credentials(self.home, self.config, self.broker_url, device, req.get("credentials", "auto"), now)
             # Data-capture uploads authenticate with this token (only its hash is kept).
             creds["capture_token"] = token = secrets.token_urlsafe(32)
             self._known = None  # the ingest thread re-reads the registered devices
@@ -449,7 +456,7 @@ class Hub:
         return {
             "fleet": self.config.fleet,
             "device": device,
-            "broker_url": device_broker_url(self, creds["kind"]),
+            "broker_url": device_broker_url(self.config, self.broker_url, creds["kind"]),
             "blob_url": self.public_url,
             "root_public_key": self.home.root_public_b64(),
             "credentials": creds,
@@ -641,6 +648,40 @@ class Hub:
             return None
         p = self.home.blobs / sha256
         return p if p.is_file() else None
+
+    # -- the rest of the admin API's port (hub.adapters.api.Admin): the services that serve it ---
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus page (:mod:`hub.services.metrics`)."""
+        return metrics.render(fleet=self.config.fleet, db=self.db, counters=dict(self.counters),
+                              drift=self.drift.last_reports(), rollouts=self.rollouts.status())
+
+    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
+        return self.db.audit_entries(since)
+
+    def verify_audit(self) -> list[str]:
+        return self.db.verify_audit()
+
+    def drift_snapshot(self, model: str | None = None) -> dict[str, Any]:
+        return self.drift.snapshot(model)
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return list_devices(self.db, self.home, self.config)
+
+    def revoke_device(self, device: str, actor: str) -> dict[str, Any]:
+        return revoke_device(self.db, self.home, self.config, device, actor, self.clock)
+
+    def rollout_status(self, key: str | None = None) -> list[dict[str, Any]]:
+        return self.rollouts.status(key)
+
+    def start_rollout(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        return self.rollouts.start_rollout(req, actor)
+
+    def rollout_action(self, action: str, key: str | None, actor: str, reason: str = "") -> dict[str, Any]:
+        return self.rollouts.act(action, key, actor, reason)
+
+    def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        return self.rollouts.fleet_rollback(req, actor)
 
 
 def _name(value: object, what: str) -> str:

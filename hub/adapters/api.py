@@ -29,6 +29,9 @@ authenticated admin API the CLI talks to.
 Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
 (a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
+
+The server sees the hub through :class:`Admin`, the operations it serves (the daemon's ``Hub``
+provides them); it parses requests and writes responses, and decides nothing itself.
 """
 
 from __future__ import annotations
@@ -37,25 +40,80 @@ import hmac
 import json
 import re
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgefleet.agent.contract.errors import EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
 from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
-from edgefleet.hub.services.enrol import list_devices, revoke_device
 from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from edgefleet.hub.services.metrics import render as render_metrics
 
 if TYPE_CHECKING:
-    from edgefleet.hub.daemon import Hub
+    from edgefleet.hub.adapters.home import HubConfig, HubHome
 
-__all__ = ["HubHttpServer"]
+__all__ = ["Admin", "HubHttpServer"]
 
 MAX_BODY = 1024 * 1024 * 1024
 MAX_CAPTURE_BODY = 16 * 1024 * 1024
 RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class Admin(Protocol):
+    """The admin API's port onto the hub: one method per operation it serves, plus the hub home
+    (admin token) and config (fleet name, TLS certificate). :class:`edgefleet.hub.daemon.Hub`
+    provides it. Bad input raises :class:`hub.errors.HubRefused` (its status and message are the
+    response); ``actor`` is who asked (the request's ``actor``, else ``admin``)."""
+
+    @property
+    def home(self) -> HubHome: ...
+
+    @property
+    def config(self) -> HubConfig: ...
+
+    def metrics(self) -> str: ...  # GET /metrics, Prometheus text (hub.services.metrics)
+
+    def blob_path(self, sha256: str) -> Path | None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def events(self, device: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    def models(self) -> list[dict[str, Any]]: ...
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+
+    def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]: ...
+
+    def trace(self, device: str, request_id: str) -> dict[str, Any]: ...
+
+    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]: ...
+
+    def verify_audit(self) -> list[str]: ...
+
+    def drift_snapshot(self, model: str | None = None) -> dict[str, Any]: ...
+
+    def list_devices(self) -> list[dict[str, Any]]: ...
+
+    def publish(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def add_device(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def revoke_device(self, device: str, actor: str) -> dict[str, Any]: ...
+
+    def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def rollout_status(self, key: str | None = None) -> list[dict[str, Any]]: ...
+
+    def start_rollout(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def rollout_action(self, action: str, key: str | None, actor: str, reason: str = "") -> dict[str, Any]: ...
+
+    def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]: ...
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -112,14 +170,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        hub = self.server.hub
+        hub = self.server.admin
         try:
             if url.path == "/healthz":
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
             if url.path == "/metrics":
-                return self._text(200, render_metrics(hub), METRICS_CONTENT_TYPE)
+                return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
             self._auth()
             q = parse_qs(url.query)
             if url.path == "/api/v1/status":
@@ -130,12 +188,12 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/models":
                 return self._json(200, {"models": hub.models()})
             if url.path == "/api/v1/devices":
-                return self._json(200, {"devices": list_devices(hub)})
+                return self._json(200, {"devices": hub.list_devices()})
             if url.path == "/api/v1/audit":
                 since = q.get("since", [None])[0]
-                return self._json(200, {"entries": hub.db.audit_entries(float(since) if since else None)})
+                return self._json(200, {"entries": hub.audit_entries(float(since) if since else None)})
             if url.path == "/api/v1/drift":
-                return self._json(200, hub.drift.snapshot(q.get("model", [None])[0]))
+                return self._json(200, hub.drift_snapshot(q.get("model", [None])[0]))
             if url.path.startswith("/api/v1/models/"):
                 parts = [unquote(p) for p in url.path[len("/api/v1/models/"):].split("/")]
                 if len(parts) == 1:
@@ -147,9 +205,9 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/trace" and "device" in q and "request" in q:
                 return self._json(200, hub.trace(q["device"][0], q["request"][0]))
             if url.path == "/api/v1/rollouts":
-                return self._json(200, {"rollouts": hub.rollouts.status(q.get("id", [None])[0])})
+                return self._json(200, {"rollouts": hub.rollout_status(q.get("id", [None])[0])})
             if url.path == "/api/v1/audit/verify":
-                problems = hub.db.verify_audit()
+                problems = hub.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
             raise NotFound(f"no such endpoint: GET {url.path}")
         except EdgefleetError as exc:
@@ -157,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
-        hub = self.server.hub
+        hub = self.server.admin
         try:
             if url.path == "/api/v1/capture":
                 return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY),
@@ -170,22 +228,22 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/devices":
                 return self._json(201, hub.add_device(body, actor))
             if url.path == "/api/v1/devices/revoke":
-                return self._json(200, revoke_device(hub, str(body.get("device")), actor))
+                return self._json(200, hub.revoke_device(str(body.get("device")), actor))
             if url.path == "/api/v1/deploy":
                 return self._json(200, hub.deploy(body, actor))
             if url.path == "/api/v1/rollouts":
-                return self._json(201, hub.rollouts.start_rollout(body, actor))
+                return self._json(201, hub.start_rollout(body, actor))
             if url.path == "/api/v1/rollouts/action":
-                return self._json(200, hub.rollouts.act(str(body.get("action")), body.get("rollout"), actor,
-                                                        str(body.get("reason") or "")))
+                return self._json(200, hub.rollout_action(str(body.get("action")), body.get("rollout"), actor,
+                                                          str(body.get("reason") or "")))
             if url.path == "/api/v1/rollback":
-                return self._json(200, hub.rollouts.fleet_rollback(body, actor))
+                return self._json(200, hub.fleet_rollback(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
         except EdgefleetError as exc:
             self._error(exc)
 
     def _blob(self, sha256: str) -> None:
-        path = self.server.hub.blob_path(sha256)
+        path = self.server.admin.blob_path(sha256)
         if path is None:
             raise NotFound(f"no blob {sha256[:64]!r}")
         size = path.stat().st_size
@@ -225,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    hub: Hub
+    admin: Admin
     token: str
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -234,12 +292,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class HubHttpServer:
-    def __init__(self, hub: Hub, host: str, port: int) -> None:
+    def __init__(self, admin: Admin, host: str, port: int) -> None:
         self._httpd = _Server((host, port), _Handler)
-        self._httpd.hub = hub
-        self._httpd.token = hub.home.token()
+        self._httpd.admin = admin
+        self._httpd.token = admin.home.token()
         self._thread: threading.Thread | None = None
-        tls = server_context(hub.config)  # https when hub.toml names a certificate (hub.tls)
+        tls = server_context(admin.config)  # https when hub.toml names a certificate (hub.tls)
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
                                                  do_handshake_on_connect=False)

@@ -1,8 +1,9 @@
 """Device enrolment on the hub's side: MQTT credentials, revocation, the device list, and the
 hub's own broker credentials.
 
-Called by the daemon (which owns the database) through small hooks; the certificate authority
-itself is :mod:`hub.adapters.pki`. Credential kinds a device can be enrolled with:
+Called by the daemon (which owns the database); each function takes what it uses (the database,
+the hub home, its config, the hub's own broker URL, the time), not the daemon. The certificate
+authority itself is :mod:`hub.adapters.pki`. Credential kinds a device can be enrolled with:
 
     cert       a client certificate + key from the device CA (CN = device id)   [default]
     password   a random password, stored hashed in the Mosquitto password file
@@ -13,6 +14,7 @@ itself is :mod:`hub.adapters.pki`. Credential kinds a device can be enrolled wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +24,11 @@ from edgefleet.hub.adapters.pki import DevicePki
 from edgefleet.hub.errors import BadRequest, NotFound
 
 if TYPE_CHECKING:
-    from edgefleet.hub.daemon import Hub
+    from edgefleet.hub.db import Database
 
 __all__ = [
     "CREDENTIAL_KINDS",
+    "device_broker_url",
     "hub_link_options",
     "issue_credentials",
     "list_devices",
@@ -58,22 +61,24 @@ def hub_link_options(home: HubHome, config: HubConfig) -> dict[str, Any]:
     return opts
 
 
-def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[str, Any]:
-    """Issue what ``kind`` asks for; the result goes back to the enrolling CLI once."""
+def issue_credentials(home: HubHome, config: HubConfig, broker_url: str, device: str, kind: object,
+                      now: float) -> dict[str, Any]:
+    """Issue what ``kind`` asks for; the result goes back to the enrolling CLI once. ``broker_url``
+    is the hub's own (see :func:`device_broker_url`)."""
     if kind not in CREDENTIAL_KINDS:
         raise BadRequest(f"credentials must be one of {CREDENTIAL_KINDS}, got {kind!r}")
-    pki = pki_for(hub.home, hub.config.fleet)
+    pki = pki_for(home, config.fleet)
     if kind == "auto":
-        kind = "cert" if hub.config.device_broker_url and pki.ca_path.exists() else "none"
+        kind = "cert" if config.device_broker_url and pki.ca_path.exists() else "none"
     out: dict[str, Any] = {"kind": kind}
     if kind == "none":
-        if hub.config.http_tls and pki.ca_path.exists():
+        if config.http_tls and pki.ca_path.exists():
             out["ca_pem"] = pki.ca_pem().decode()  # https blobs: the device pins the CA (hub.tls)
         return out
-    if kind in ("cert", "both") and not device_broker_url(hub, kind).startswith("mqtts://"):
+    if kind in ("cert", "both") and not device_broker_url(config, broker_url, kind).startswith("mqtts://"):
         raise BadRequest(
             f"a client certificate needs a TLS broker, but devices would connect to "
-            f"{device_broker_url(hub, kind)!r}; run `edgefleet-hub broker-config` first "
+            f"{device_broker_url(config, broker_url, kind)!r}; run `edgefleet-hub broker-config` first "
             "(or enrol with --credentials password / none)"
         )
     pki.ensure_ca(now)
@@ -91,34 +96,36 @@ def issue_credentials(hub: Hub, device: str, kind: object, now: float) -> dict[s
     return out
 
 
-def device_broker_url(hub: Hub, kind: str) -> str:
-    """Where a device enrolled with credentials ``kind`` connects (hub.brokerconf's listeners)."""
-    if kind in ("cert", "both") and hub.config.device_broker_url:
-        return hub.config.device_broker_url
-    if kind == "password" and hub.config.device_password_broker_url:
-        return hub.config.device_password_broker_url
-    return hub.broker_url
+def device_broker_url(config: HubConfig, broker_url: str, kind: str) -> str:
+    """Where a device enrolled with credentials ``kind`` connects (hub.brokerconf's listeners);
+    ``broker_url`` (the hub's own) when hub.toml names no device listener for it."""
+    if kind in ("cert", "both") and config.device_broker_url:
+        return config.device_broker_url
+    if kind == "password" and config.device_password_broker_url:
+        return config.device_password_broker_url
+    return broker_url
 
 
-def revoke_device(hub: Hub, device: str, actor: str) -> dict[str, Any]:
-    if device not in hub.db.device_ids():
+def revoke_device(db: Database, home: HubHome, config: HubConfig, device: str, actor: str,
+                  clock: Callable[[], float]) -> dict[str, Any]:
+    if device not in db.device_ids():
         raise NotFound(f"no device {device!r}; `edgefleet-hub device list` shows the enrolled ones")
-    now = hub.clock()
-    pki = pki_for(hub.home, hub.config.fleet)
+    now = clock()
+    pki = pki_for(home, config.fleet)
     if pki.ca_path.exists():
         res = pki.revoke(device, now)
     else:  # a plain-MQTT hub that never made a device CA: no certificate or password to revoke
         res = {"device": device, "revoked_serials": [], "password_removed": False}
-    with hub.db.tx() as conn:
-        hub.db.clear_capture_token(conn, device)
-        hub.db.audit(conn, now, actor, "device_revoke", {**res, "capture_token_removed": True})
+    with db.tx() as conn:
+        db.clear_capture_token(conn, device)
+        db.audit(conn, now, actor, "device_revoke", {**res, "capture_token_removed": True})
     return {**res, "capture_token_removed": True, "broker_folders": pki.exports()}
 
 
-def list_devices(hub: Hub) -> list[dict[str, Any]]:
-    creds = pki_for(hub.home, hub.config.fleet).device_credentials()
+def list_devices(db: Database, home: HubHome, config: HubConfig) -> list[dict[str, Any]]:
+    creds = pki_for(home, config.fleet).device_credentials()
     out = []
-    for d in hub.db.device_summaries():
+    for d in db.device_summaries():
         c = creds.get(d["id"], {"certs": [], "password": False, "revoked_at": None})
         live = [x for x in c["certs"] if not x["revoked_at"]]
         out.append(

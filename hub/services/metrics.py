@@ -25,14 +25,15 @@ proxy) if device names are sensitive. Families (all labelled with ``fleet``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.hub.core.drift import STATES
 from edgefleet.hub.core.rollout import STATES as ROLLOUT_STATES
 
 if TYPE_CHECKING:
-    from edgefleet.hub.daemon import Hub
+    from edgefleet.hub.core.drift import DriftReport
+    from edgefleet.hub.db import Database
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -59,12 +60,14 @@ class _Writer:
             self.lines.append(f"{name}{_labels(lab)} {float(val):.10g}")
 
 
-def render(hub: Hub) -> str:
-    fleet = hub.config.fleet
-    db = hub.db
+def render(*, fleet: str, db: Database, counters: Mapping[str, int], drift: Sequence[DriftReport],
+           rollouts: Sequence[Mapping[str, Any]]) -> str:
+    """The page: ingest ``counters`` (result -> count), what ``db`` holds about devices and
+    telemetry, the latest ``drift`` reports (:meth:`~hub.services.drift_monitor.DriftMonitor.last_reports`)
+    and the newest ``rollouts`` (:meth:`~hub.services.rollout_manager.RolloutManager.status`)."""
     w = _Writer()
     w.family("edgefleet_hub_messages_total", "counter", "Device messages seen by ingest, by result.",
-             (({"fleet": fleet, "result": k}, v) for k, v in sorted(hub.counters.items())))
+             (({"fleet": fleet, "result": k}, v) for k, v in sorted(counters.items())))
     devices = db.device_summaries()
     w.family("edgefleet_devices", "gauge", "Registered devices.", [({"fleet": fleet}, len(devices))])
     w.family("edgefleet_device_online", "gauge", "1 if the device's retained status is online.",
@@ -87,15 +90,13 @@ def render(hub: Hub) -> str:
     w.family("edgefleet_model_errors_total", "counter", "Failed inference requests in stored windows.",
              (({"fleet": fleet, "device": r["device"], "model": r["model"], "version": r["version"]}, r["err"])
               for r in totals))
-    reports = hub.drift.last_reports()
     for stat in ("psi", "js", "ks"):
         w.family(f"edgefleet_drift_{stat}", "gauge", f"Last drift {stat.upper()} per feature against the reference.",
                  (({"fleet": fleet, "model": rep.model, "version": rep.version, "scope": rep.scope,
-                    "feature": f.feature}, getattr(f, stat)) for rep in reports for f in rep.features))
+                    "feature": f.feature}, getattr(f, stat)) for rep in drift for f in rep.features))
     w.family("edgefleet_drift_state", "gauge", "Drift state: 0 insufficient, 1 ok, 2 warn, 3 alarm.",
              (({"fleet": fleet, "model": rep.model, "version": rep.version, "scope": rep.scope},
-               STATES.index(rep.state)) for rep in reports))
-    rollouts = hub.rollouts.status()
+               STATES.index(rep.state)) for rep in drift))
     w.family("edgefleet_rollout_state", "gauge",
              "Rollout state: 0 running, 1 paused, 2 promoted, 3 rolled_back, 4 aborted.",
              (({"fleet": fleet, "rollout": r["id"], "model": r["model"], "from_version": r["from_version"],
