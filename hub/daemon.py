@@ -51,7 +51,6 @@ from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from edgefleet.hub.services import metrics
 from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged, load_drift_config
 from edgefleet.hub.services.enrol import (
     device_broker_url,
@@ -62,6 +61,7 @@ from edgefleet.hub.services.enrol import (
 )
 from edgefleet.hub.services.groups import check_group, deploy_targets, group_of
 from edgefleet.hub.services.keys import roots_path
+from edgefleet.hub.services.metrics import render as render_metrics
 from edgefleet.hub.services.rollout_manager import RolloutManager
 
 __all__ = ["Hub"]
@@ -653,8 +653,8 @@ class Hub:
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus page (:mod:`hub.services.metrics`)."""
-        return metrics.render(fleet=self.config.fleet, db=self.db, counters=dict(self.counters),
-                              drift=self.drift.last_reports(), rollouts=self.rollouts.status())
+        return render_metrics(fleet=self.config.fleet, db=self.db, counters=dict(self.counters),
+                            drift=self.drift.last_reports(), rollouts=self.rollouts.status())
 
     def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
         return self.db.audit_entries(since)
