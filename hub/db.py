@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.hub.adapters.fastjson import dumps_text as _compact  # telemetry re-encoded for storage
+import orjson
 
 if TYPE_CHECKING:
     from edgefleet.agent.contract.wire import Event, TelemetryWindow
@@ -514,6 +514,14 @@ GENESIS = "0" * 64
 def audit_hash(prev_hash: str, entry_id: int, time: float, actor: str, action: str, details: str) -> str:
     body = json.dumps([prev_hash, entry_id, repr(float(time)), actor, action, details], separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _compact(obj: Any) -> str:
+    """What the ingest path stores of device messages (``telemetry``, ``telemetry_models``,
+    ``devices.reported``, ``telemetry_agg``): compact JSON text (SQLite TEXT) of data that came from
+    JSON (str keys, finite numbers), by orjson (the hot path), non-ASCII as UTF-8 instead of
+    ``\\uXXXX`` escapes; both read back the same with any JSON parser."""
+    return orjson.dumps(obj).decode()
 
 
 def _specs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

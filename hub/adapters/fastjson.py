@@ -1,4 +1,5 @@
-"""JSON for the hub's ingest hot path, on orjson: parse device messages, re-encode for storage.
+"""JSON for the hub's ingest hot path, on orjson: parse device messages (:mod:`hub.db` re-encodes
+what it stores of them, with orjson too).
 
 :func:`loads_object` takes what :func:`agent.contract.wire.parse_json_object` takes and refuses at least
 what it refuses: more than ``MAX_MESSAGE_BYTES``, anything but one JSON object, ``NaN`` and
@@ -10,9 +11,6 @@ infinity). Integers beyond 64 bits come back as floats, so a field that must be 
 Signed envelopes (:mod:`agent.contract.envelope`, :mod:`agent.core.trust`) keep the stdlib parser and
 :func:`agent.contract.wire.canonical_json`: what is verified must be read one way on both sides. This
 module is for messages the hub only stores and sums.
-
-:func:`dumps_text` writes compact JSON as ``str`` (SQLite TEXT, as before), non-ASCII as UTF-8
-instead of ``\\uXXXX`` escapes; both read back the same with any JSON parser.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import orjson
 from edgefleet.agent.contract.errors import MalformedMessage
 from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES
 
-__all__ = ["dumps_text", "loads_object"]
+__all__ = ["loads_object"]
 
 
 def loads_object(data: bytes, what: str = "message") -> dict[str, Any]:
@@ -38,8 +36,3 @@ def loads_object(data: bytes, what: str = "message") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise MalformedMessage(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
-
-
-def dumps_text(obj: Any) -> str:
-    """Compact JSON text of data that came from JSON (str keys, finite numbers)."""
-    return orjson.dumps(obj).decode()
