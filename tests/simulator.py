@@ -35,11 +35,12 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.adapters.fetch import HttpFetcher
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.app.serving import ModelServer
-from edgefleet.agent.app.updater import Note, Updater
+from edgefleet.agent.app.updater import Updater
 from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
 from edgefleet.agent.contract.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
 from edgefleet.agent.core.trust import RootRotation, TrustedState, roots_message
+from edgefleet.agent.core.update import Note
 
 
 def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | None = None) -> bytes:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from edgefleet.agent import __version__
@@ -34,7 +36,7 @@ from edgefleet.agent.adapters.sysstat import (
     temperature_c,
 )
 from edgefleet.agent.app.serving import ModelServer
-from edgefleet.agent.app.updater import Note, Updater, pause_hook_from_env
+from edgefleet.agent.app.updater import StepHook, Updater
 from edgefleet.agent.contract.config import AgentConfig
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, StoreFailed
@@ -49,10 +51,33 @@ from edgefleet.agent.contract.wire import (
 )
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.agent.core.trust import TrustedState
+from edgefleet.agent.core.update import Note
 
 __all__ = ["Agent", "AgentState"]
 
 log = logging.getLogger("edgefleet.agent")
+
+# Crash tests: the agent pauses at one update step (agent.app.updater.STEPS) so a test can kill it there.
+PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
+PAUSE_MARKER_ENV = "EDGEFLEET_TEST_PAUSE_MARKER"
+
+
+def _pause_hook_from_env(state_dir: Path) -> StepHook | None:
+    """Test hook: with ``EDGEFLEET_TEST_PAUSE_AT=<step>`` the agent writes a marker file and
+    sleeps at that step, so a test can SIGKILL it there. Unset in production: returns ``None``."""
+    step = os.environ.get(PAUSE_ENV)
+    if not step:
+        return None
+    marker = Path(os.environ.get(PAUSE_MARKER_ENV) or state_dir / f"paused-{step}")
+
+    def hook(at: str) -> None:
+        if at == step:
+            marker.write_text(f"{os.getpid()}\n")
+            log.warning("test hook: paused at %s (pid %d)", at, os.getpid())
+            while True:
+                time.sleep(3600)
+
+    return hook
 
 Clock = Callable[[], float]
 RETRY_SECONDS = 5.0
@@ -99,7 +124,7 @@ class Agent:
             guard=SessionGuard(budget_mb=profile.memory_budget_mb,
                                threads=profile.intra_op_threads,
                                opt_level=profile.graph_optimization_level),
-            on_step=pause_hook_from_env(config.state_dir),
+            on_step=_pause_hook_from_env(config.state_dir),
         )
         self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
