@@ -176,3 +176,42 @@ def test_crash_loop_keeps_the_previous_model(device: Device) -> None:
     assert doc["update"] is None and doc["last_seq"] == 1
     device.deploy(3)  # a new state (higher seq) is tried again and goes through
     device.wait_serving({1, 3}, 3)
+
+
+@pytest.mark.parametrize("steps", [STEPS[:3], STEPS[3:]], ids=["download-verify-guard", "stage-switch-commit"])
+@pytest.mark.parametrize("before", ["nothing", "fallback-only"])
+def test_a_kill_at_any_step_of_a_first_install_still_installs(
+    broker: Broker, procs: Procs, fleet: str, tmp_path: Path, before: str, steps: tuple[str, ...]
+) -> None:
+    """Killed during the first install of a model (nothing installed, or a state file holding only a
+    fallback for it), the agent installs and serves it once it runs uninterrupted. Three kills: one
+    fewer than the restarts after which an update is abandoned as a crash loop."""
+    sim = HubSimulator(fleet=fleet)
+    dev = Device(sim, broker, procs, tmp_path)
+    try:
+        dev.publish(dev.topics.keyring, sim.keyring())
+        allowed = {2}
+        if before == "fallback-only":
+            dev.deploy(1)
+            dev.start()
+            dev.wait_serving({1}, 1)
+            assert dev.proc is not None
+            dev.proc.send_signal(signal.SIGTERM)
+            dev.proc.wait(10)
+            doc = dev.check_disk()
+            rec = doc["models"]["m"]  # type: ignore[index]
+            rec["entry"], rec["fallback"] = None, rec["entry"]
+            (dev.state / "state.json").write_text(json.dumps(doc))
+            allowed = {1, 2}
+        dev.deploy(2)
+        for step in steps:
+            dev.start(pause_at=step)
+            dev.kill_when_paused(step)
+            doc = dev.check_disk()
+            assert doc["update"] is not None and doc["failed"] is None
+        dev.start()
+        dev.wait_serving(allowed, 2)
+        doc = dev.check_disk()
+        assert doc["update"] is None and doc["last_seq"] == sim.seq
+    finally:
+        sim.server.close()

@@ -9,6 +9,7 @@ reached, so a device that reboots without network keeps answering.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -265,8 +266,11 @@ class Agent:
                 # Keep-alives only while inference is served: otherwise systemd restarts us.
                 if self.http is not None and self.http.alive:
                     self._notify("WATCHDOG=1")
-            except Exception:  # the loop must outlive any single failure
+            except Exception as exc:  # the loop must outlive any single failure, and say so
                 log.exception("unexpected error in the agent main loop")
+                with contextlib.suppress(Exception):
+                    self._event("agent_error", None, reason="internal_error",
+                                message=f"{type(exc).__name__}: {exc} (in the agent's main loop; see its journal)")
 
     def _turn_seconds(self) -> float:
         """Longest wait per loop turn: 1 s, or less when systemd's watchdog wants pings sooner."""

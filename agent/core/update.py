@@ -315,7 +315,7 @@ class UpdateCore:
     def plan(self, seq: int, models: Mapping[str, ModelEntry], intents: Mapping[str, CanaryIntent]) -> Plan:
         view = {n: intents[n].stable if n in intents else e for n, e in models.items()}
         changed = {n: e for n, e in view.items()
-                   if (self.models.get(n) or {}).get("entry", {}).get("sha256") != e.sha256}
+                   if ((self.models.get(n) or {}).get("entry") or {}).get("sha256") != e.sha256}
         removed = [n for n in self.models if n not in models]
         starting = [n for n, i in intents.items() if not self._same_canary(n, models[n], i)]
         ending = [n for n in self.canaries if n not in intents or n in starting]
@@ -336,7 +336,7 @@ class UpdateCore:
 
     def _retuned(self, name: str, intent: CanaryIntent) -> bool:
         rec = self.canaries.get(name) or {}
-        limits = (rec.get("entry", {}).get("canary") or {}).get("limits") or {}
+        limits = ((rec.get("entry") or {}).get("canary") or {}).get("limits") or {}
         return rec.get("state") == "running" and (rec.get("mode"), rec.get("fraction"), limits) != (
             intent.mode, intent.fraction, dict(intent.limits))
 

@@ -251,3 +251,21 @@ def test_a_failed_commit_write_is_reverted_to_the_snapshot() -> None:
     core.commit(plan, {"m"}, {})
     core.revert(snap)
     assert core.models["m"]["state"] == "staged" and core.update is not None
+
+
+@pytest.mark.parametrize("phase", ["downloading", "verifying", "staged"])
+@pytest.mark.parametrize("fallback", [None, "0"])
+def test_a_first_install_interrupted_at_any_phase_installs_on_the_next_start(phase: str, fallback: str | None) -> None:
+    """A kill during the first install of a model (nothing, or only a fallback, installed) leaves a
+    record with no entry: the next start must plan it as a change like any other."""
+    core = UpdateCore()
+    core.begin(seq=1, digest="d1", raw=b"r1")
+    core.models["m"] = {"entry": None, "fallback": entry(fallback).to_dict() if fallback else None,
+                        "state": phase, "candidate": entry("1").to_dict()}
+    state = core.state_fields()
+    core = UpdateCore()
+    core.load(state)
+    assert core.restart() == (b"r1", [])
+    assert core.phase("m") is Phase.IDLE
+    install(core, 1, m=entry("1"))
+    assert core.models["m"]["entry"]["version"] == "1" and core.models["m"]["state"] == "active"
