@@ -15,7 +15,7 @@ from edgefleet.agent.adapters.sdnotify import Notifier
 from edgefleet.agent.app.daemon import Agent
 from edgefleet.agent.contract.config import load_agent_config
 from edgefleet.agent.contract.envelope import public_key_to_b64
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 
 class FakeClock:
@@ -100,7 +100,7 @@ def test_abstract_namespace_socket_and_no_socket_at_all() -> None:
 
 
 def test_unit_files_exist_with_notify_and_watchdog() -> None:
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    deploy = REPO / "deploy"
     for unit in ("edgefleet-agent.service", "edgefleet-hub.service"):
         text = (deploy / unit).read_text()
         for directive in (
@@ -122,7 +122,7 @@ def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
     """READY once serving, WATCHDOG while healthy; when the inference endpoint is gone the
     pings stop, so systemd's WatchdogSec restarts the agent."""
     path, sock = listener
-    profiles = Path(__file__).resolve().parent.parent / "device-profiles"
+    profiles = REPO / "device-profiles"
     (tmp_path / "profile.toml").write_text((profiles / "generic-x86_64.toml").read_text())
     root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
     (tmp_path / "agent.toml").write_text(
