@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -215,3 +216,12 @@ def test_a_kill_at_any_step_of_a_first_install_still_installs(
         assert doc["update"] is None and doc["last_seq"] == sim.seq
     finally:
         sim.server.close()
+
+
+def test_the_agent_runs_in_an_empty_working_directory(device: Device) -> None:
+    """ONNX Runtime resolves relative external-data paths of a model opened from bytes against the
+    working directory: the agent's is an empty folder of its own, not systemd's default '/'."""
+    assert device.proc is not None
+    cwd = Path(os.readlink(f"/proc/{device.proc.pid}/cwd"))
+    assert cwd == device.state / "empty"
+    assert list(cwd.iterdir()) == []
