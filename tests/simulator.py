@@ -94,6 +94,7 @@ class BlobServer:
     def __init__(self) -> None:
         self.blobs: dict[str, Blob] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.encodings: list[str | None] = []  # Accept-Encoding per request
         self._stop = threading.Event()
         server = self
 
@@ -103,6 +104,7 @@ class BlobServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Range")))
+                server.encodings.append(self.headers.get("Accept-Encoding"))
                 blob = server.blobs.get(self.path)
                 if blob is None or blob.mode == "error":
                     self.send_error(404 if blob is None else 500)
@@ -145,6 +147,15 @@ class BlobServer:
         else:
             h.send_response(200)
         body = data[start:]
+        if blob.mode == "gzip-bomb":  # a small compressed body that inflates far past the signed size
+            import gzip
+
+            bomb = gzip.compress(body + b"\0" * (256 * 2**20), compresslevel=9)
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", str(len(bomb)))
+            h.end_headers()
+            h.wfile.write(bomb)
+            return
         if blob.mode == "endless":
             h.end_headers()  # no Content-Length: the stream just goes on
             h.wfile.write(body)

@@ -133,7 +133,9 @@ class HttpFetcher:
             have = 0
         if have == size:
             return
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        # Blobs are content-addressed: the bytes on the wire are the bytes hashed, never a
+        # compressed form a decoder could inflate past the signed size before it is checked.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
         try:
             with self._client_for(url).stream("GET", url, headers=headers) as resp:
                 if resp.status_code == 206 and have:
@@ -142,6 +144,13 @@ class HttpFetcher:
                     mode, have = "wb", 0
                 else:
                     raise FetchFailed(f"GET {url} answered HTTP {resp.status_code}")
+                encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise FetchFailed(
+                        f"GET {url} answered with Content-Encoding {encoding!r} although identity was "
+                        "asked for; blobs are fetched as stored (fix the server or CDN configuration)",
+                        reason="content_encoding",
+                    )
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and have + int(declared) > size:
                     raise BlobRejected(
@@ -150,7 +159,7 @@ class HttpFetcher:
                     )
                 started, got = time.monotonic(), 0
                 with dest.open(mode) as f:
-                    for chunk in resp.iter_bytes():
+                    for chunk in resp.iter_raw():
                         got += len(chunk)
                         have += len(chunk)
                         if have > size:

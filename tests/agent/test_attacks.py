@@ -164,6 +164,18 @@ def test_endless_blob_is_cut_off(sim: HubSimulator, up: Updater) -> None:
     assert list(up.store.partial.iterdir()) == []
 
 
+def test_a_compressed_blob_is_never_inflated(sim: HubSimulator, up: Updater) -> None:
+    """A server that answers gzip (here a bomb: ~256 KiB inflating to 256 MiB) is refused on the
+    header: the size cap holds on the bytes received because nothing is decoded."""
+    before = blobs(up)
+    notes = up.offer(sim.desired(v2(sim, mode="gzip-bomb")), now=sim.now)
+    assert [(n.type, n.reason) for n in notes] == [("update_failed", "content_encoding")], notes
+    assert "Content-Encoding 'gzip'" in notes[0].message
+    assert serving(up) == ("1", 1.0) and blobs(up) == before
+    assert sum(p.stat().st_size for p in up.store.partial.iterdir()) == 0
+    assert sim.server.encodings and set(sim.server.encodings) == {"identity"}
+
+
 def test_blob_hash_mismatch_is_refused(sim: HubSimulator, up: Updater) -> None:
     before = blobs(up)
     assert refused(up, sim.desired(v2(sim, mode="wrong")), sim.now) == "hash_mismatch"
