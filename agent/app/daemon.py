@@ -36,6 +36,7 @@ from edgefleet.agent.adapters.sysstat import (
     rss_bytes,
     temperature_c,
 )
+from edgefleet.agent.app.heartbeat import Heartbeat
 from edgefleet.agent.app.serving import ModelServer
 from edgefleet.agent.app.updater import StepHook, Updater
 from edgefleet.agent.contract.config import AgentConfig
@@ -107,8 +108,11 @@ class Agent:
         self.topics = Topics(config.fleet, prefix=config.topic_prefix)
         self.store = Store(config.state_dir)
         self.models = ModelServer()
-        self.fetcher: Fetcher = fetcher or HttpFetcher(**config.fetch_options())  # ca_file pins https blobs
         self._notify = notify or (lambda _msg: None)
+        self.heartbeat = Heartbeat(self._notify, interval=getattr(self._notify, "watchdog_interval", None),
+                                   alive=lambda: self.http is not None and self.http.alive)
+        # ca_file pins https blobs; every chunk received tells the heartbeat the download moves.
+        self.fetcher: Fetcher = fetcher or HttpFetcher(**config.fetch_options(), on_progress=self.heartbeat.progress)
         self.trust = TrustedState(
             root=public_key_from_b64(config.root_public_key),
             fleet=config.fleet,
@@ -125,8 +129,9 @@ class Agent:
             guard=SessionGuard(budget_mb=profile.memory_budget_mb,
                                threads=profile.intra_op_threads,
                                opt_level=profile.graph_optimization_level),
-            on_step=_pause_hook_from_env(config.state_dir),
+            on_step=self._on_step,
         )
+        self._pause_hook = _pause_hook_from_env(config.state_dir)
         self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         # A candidate dropped by the local guard (agent.canary) wakes the main loop to report it.
@@ -144,6 +149,11 @@ class Agent:
         self.link: MqttLink | None = None
         self.capture = make_capture(config, clock)
         self.models.capture = self.capture
+
+    def _on_step(self, step: str) -> None:
+        self.heartbeat.progress()
+        if self._pause_hook is not None:
+            self._pause_hook(step)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -176,6 +186,7 @@ class Agent:
             self._inbox.put(("resume", b""))
         self._thread = threading.Thread(target=self._main, name="agent-main", daemon=True)
         self._thread.start()
+        self.heartbeat.start()
         log.info(
             "agent %s/%s serving %s on http://%s:%d",
             self.config.fleet, self.config.device, self.status_line(), *self.http.address,
@@ -185,6 +196,7 @@ class Agent:
         self.state = AgentState.STOPPING
         self._notify("STOPPING=1")
         self._stop.set()
+        self.heartbeat.stop()
         if self._thread is not None:
             self._thread.join(10)
         self.updater.stop_canaries()
@@ -243,22 +255,23 @@ class Agent:
             except queue.Empty:
                 kind, payload = "", b""
             try:
-                if kind == "keyring":
-                    self._handle_keyring(payload)
-                elif kind == "roots":
-                    self._emit_all(self.updater.handle_roots(payload, now=self.clock()))
-                elif kind == "desired":
-                    self._emit_all(self.updater.offer(payload, now=self.clock()))
-                elif kind == "resume":
-                    self._try_desired()
-                elif kind == "connected":
-                    self._publish_presence()
-                elif kind == "acked":
-                    self._spool_acked(int(payload))
-                self._emit_all(self.updater.poll_canary())
-                if self._retry_at is not None and time.monotonic() >= self._retry_at:
-                    self._retry_at = None
-                    self._try_desired()
+                with self.heartbeat.busy():  # a long step that progresses keeps the watchdog fed
+                    if kind == "keyring":
+                        self._handle_keyring(payload)
+                    elif kind == "roots":
+                        self._emit_all(self.updater.handle_roots(payload, now=self.clock()))
+                    elif kind == "desired":
+                        self._emit_all(self.updater.offer(payload, now=self.clock()))
+                    elif kind == "resume":
+                        self._try_desired()
+                    elif kind == "connected":
+                        self._publish_presence()
+                    elif kind == "acked":
+                        self._spool_acked(int(payload))
+                    self._emit_all(self.updater.poll_canary())
+                    if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                        self._retry_at = None
+                        self._try_desired()
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()

@@ -258,14 +258,19 @@ class UpdateCore:
         """After :meth:`load` at start-up: models caught mid-update go back to what they serve;
         an update in progress is resumed (its raw desired state is returned) or, after more than
         ``max_restarts`` interrupted starts, abandoned as ``crash_loop``."""
+        caught = [_phase(rec) for rec in self.models.values() if _phase(rec) in _IN_FLIGHT]
         for name, rec in list(self.models.items()):
             if _phase(rec) in _IN_FLIGHT:
                 # The partial download is kept and continued with Range when the update resumes.
                 self.transition(name, Step.RESTART)
         if self.update is None:
             return None, []
-        # A restart while the update waited for the network is no sign of a crash loop.
-        if not self.update.pop("waiting", False):
+        # Not a sign of a crash loop: a restart while the update waited for the network, or one
+        # that caught it downloading (no byte of the new model had been parsed yet; a slow mirror
+        # and a watchdog or an operator's restart are the usual causes). Restarts during the
+        # checks, the guard, staging or the switch count.
+        downloading = bool(caught) and all(p is Phase.DOWNLOADING for p in caught)
+        if not self.update.pop("waiting", False) and not downloading:
             self.update["restarts"] = int(self.update.get("restarts", 0)) + 1
         if self.update["restarts"] > self.max_restarts:
             return None, [self._abandon_crash_loop()]

@@ -38,8 +38,7 @@ def server(tmp_path: Path) -> Iterator[OipServer]:
 
 
 def connect(srv: OipServer) -> socket.socket:
-    s = socket.create_connection(srv.address, timeout=5)
-    return s
+    return socket.create_connection(srv.address, timeout=5)
 
 
 def response(s: socket.socket) -> bytes:

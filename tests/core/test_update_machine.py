@@ -186,6 +186,7 @@ def test_a_restart_resets_models_in_flight_and_resumes_the_update() -> None:
         assert core.models["m"]["state"] == "active" and core.models["n"]["state"] == "idle"
         assert core.models["m"]["candidate"]["version"] == "2", "the candidate's blob is kept for the resume"
         core.transition("m", Step.FETCH, entry("2"))
+        core.transition("m", Step.VERIFY, entry("2"))  # killed while checking: a restart that counts
         state = core.state_fields()
     core = UpdateCore(max_restarts=2)
     core.load(state)
@@ -269,3 +270,23 @@ def test_a_first_install_interrupted_at_any_phase_installs_on_the_next_start(pha
     assert core.phase("m") is Phase.IDLE
     install(core, 1, m=entry("1"))
     assert core.models["m"]["entry"]["version"] == "1" and core.models["m"]["state"] == "active"
+
+
+def test_a_restart_that_catches_the_update_downloading_is_not_a_crash() -> None:
+    core = UpdateCore(max_restarts=1)
+    install(core, 1, m=entry("1"))
+    core.begin(seq=2, digest="d2", raw=b"r2")
+    for _ in range(5):
+        core.transition("m", Step.FETCH, entry("2"))
+        state = core.state_fields()
+        core = UpdateCore(max_restarts=1)
+        core.load(state)
+        assert core.restart() == (b"r2", [])
+    assert core.update is not None and core.update["restarts"] == 0
+    core.transition("m", Step.FETCH, entry("2"))
+    core.transition("m", Step.VERIFY, entry("2"))  # parsing starts: from here a restart counts
+    state = core.state_fields()
+    core = UpdateCore(max_restarts=1)
+    core.load(state)
+    core.restart()
+    assert core.update is not None and core.update["restarts"] == 1
