@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from edgefleet.agent.contract.errors import BlobRejected, FetchFailed
+from edgefleet.agent.contract.errors import BlobMismatch, FetchFailed
 
 __all__ = ["MIN_BYTES_PER_SECOND", "Fetcher", "HttpFetcher", "is_tls_verify_error"]
 
@@ -117,7 +117,7 @@ class HttpFetcher:
             try:
                 self._fetch_once(url, dest, size=size, deadline=deadline)
                 return
-            except BlobRejected:
+            except BlobMismatch:
                 dest.unlink(missing_ok=True)
                 raise
             except FetchFailed as exc:
@@ -159,7 +159,7 @@ class HttpFetcher:
                     )
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and have + int(declared) > size:
-                    raise BlobRejected(
+                    raise BlobMismatch(
                         f"{url} announces {have + int(declared)} bytes, the signed size is {size}",
                         reason="size_mismatch",
                     )
@@ -169,7 +169,7 @@ class HttpFetcher:
                         got += len(chunk)
                         have += len(chunk)
                         if have > size:
-                            raise BlobRejected(
+                            raise BlobMismatch(
                                 f"{url} sent more than the signed {size} bytes; download stopped",
                                 reason="size_mismatch",
                             )

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.contract.errors import BlobRejected, StoreFailed
+from edgefleet.agent.contract.errors import BlobMismatch, StoreFailed
 
 __all__ = ["Store", "atomic_write", "empty_directory", "sha256_file"]
 
@@ -107,14 +107,14 @@ class Store:
         actual_size = tmp.stat().st_size
         if actual_size != size:
             tmp.unlink(missing_ok=True)
-            raise BlobRejected(
+            raise BlobMismatch(
                 f"blob {sha256[:16]}… is {actual_size} bytes, the signed size is {size}",
                 reason="size_mismatch",
             )
         actual = sha256_file(tmp)
         if actual != sha256:
             tmp.unlink(missing_ok=True)
-            raise BlobRejected(
+            raise BlobMismatch(
                 f"blob hashes to {actual[:16]}…, the signed sha256 is {sha256[:16]}…; "
                 "the blob server sent other bytes than the hub published",
                 reason="hash_mismatch",

@@ -15,6 +15,7 @@ import enum
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +83,17 @@ def _pause_hook_from_env(state_dir: Path) -> StepHook | None:
     return hook
 
 Clock = Callable[[], float]
+# An update that failed for a reason that may pass (network, a mirror sending other bytes than
+# signed) is retried after 5 s, then 10, 20, ... up to 15 min, with +-25 % jitter so a fleet
+# behind one broken mirror does not come back in lockstep.
 RETRY_SECONDS = 5.0
+RETRY_MAX_SECONDS = 900.0
+
+
+def retry_delay(failures: int, rng: random.Random) -> float:
+    """Seconds before retry number ``failures`` (1 = the first)."""
+    base = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2.0 ** max(0, failures - 1))
+    return base * rng.uniform(0.75, 1.25)
 
 
 class AgentState(enum.Enum):
@@ -138,6 +149,8 @@ class Agent:
         self.updater.wake = lambda: self._inbox.put(("canary", b""))
         self._stop = threading.Event()
         self._retry_at: float | None = None
+        self._failures = 0  # consecutive retryable failures of the pending update
+        self._rng = random.Random()
         self._telemetry_seq = 0
         self._window_start = clock()
         # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
@@ -307,7 +320,10 @@ class Agent:
                     self._event("provider_fallback", None, model=note.model,
                                 message=f"execution providers not available here: {missing}")
         if any(n.extra.get("retrying") for n in notes):
-            self._retry_at = time.monotonic() + RETRY_SECONDS
+            self._failures += 1
+            self._retry_at = time.monotonic() + retry_delay(self._failures, self._rng)
+        elif any(n.type in ("update", "noop", "refused", "removed") for n in notes):
+            self._failures = 0
         # Every applied desired state is reported, also one that only starts, retunes or ends a
         # canary (the stable did not change, but the hub must see the seq and the candidate).
         if any(n.type in ("update", "removed", "rollback", "noop", "canary_started", "canary_ended",

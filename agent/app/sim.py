@@ -43,7 +43,7 @@ from edgefleet.agent.adapters.fetch import Fetcher, HttpFetcher
 from edgefleet.agent.adapters.mqttlink import parse_broker_url
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.contract.envelope import public_key_from_b64
-from edgefleet.agent.contract.errors import EdgefleetError, Refused
+from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
 from edgefleet.agent.contract.wire import TOPIC_PREFIX, ModelEntry, ModelReport, Reported, Status, Topics
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
 from edgefleet.agent.core.update import Step, UpdateCore
@@ -139,6 +139,11 @@ class SimAgent:
                 self._stage(name, entry, reusable=name in plan.reusable)
             except Refused as exc:
                 core.refuse(name, entry, seq=desired.seq, digest=verified.digest, reason=exc.reason)
+                self._write_state()
+                raise
+            except Unavailable as exc:  # retried on the next delivery (the real agent: on a timer)
+                core.transition(name, Step.FAIL, entry, reason=exc.reason)
+                core.wait_for_network()
                 self._write_state()
                 raise
         if not plan.noop:
