@@ -190,7 +190,7 @@ class HubSimulator:
 
     fleet: str = "simfleet"
     device: str = "dev1"
-    now: float = 1_800_000_000.0
+    now: float = field(default_factory=lambda: float(int(time.time())))  # real agents check issued_at against their clock
     ttl: float = 3600.0
     root: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     signers: list[Ed25519PrivateKey] = field(default_factory=lambda: [Ed25519PrivateKey.generate()])

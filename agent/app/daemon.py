@@ -51,6 +51,7 @@ from edgefleet.agent.contract.wire import (
     Status,
     TelemetryWindow,
     Topics,
+    format_time,
 )
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.agent.core.trust import TrustedState
@@ -150,6 +151,7 @@ class Agent:
         self._stop = threading.Event()
         self._retry_at: float | None = None
         self._failures = 0  # consecutive retryable failures of the pending update
+        self._stale_reported = False
         self._rng = random.Random()
         self._telemetry_seq = 0
         self._window_start = clock()
@@ -224,9 +226,22 @@ class Agent:
 
     def status_line(self) -> str:
         served = self.models.models()
-        if not served:
-            return "no model installed"
-        return ", ".join(f"{n} {m.version}" for n, m in sorted(served.items()))
+        line = ", ".join(f"{n} {m.version}" for n, m in sorted(served.items())) or "no model installed"
+        if self.trust.stale(self.clock()):
+            line += f"; trust stale: desired seq {self.trust.last_seq} expired, no newer state"
+        return line
+
+    def _check_trust_fresh(self) -> None:
+        """Once per window: an applied state past its expiry keeps serving, but not silently."""
+        stale = self.trust.stale(self.clock())
+        if stale and not self._stale_reported:
+            expired = format_time(self.trust.applied_expires_at or 0.0)
+            self._event("trust_stale", None, reason="expired", seq=self.trust.last_seq,
+                        message=f"the applied desired state (seq {self.trust.last_seq}) expired at {expired} "
+                                "and no newer one has arrived: the hub is down or cut off, or updates are "
+                                "being withheld. The installed models keep serving")
+            self._notify(f"STATUS={self.status_line()}")
+        self._stale_reported = stale
 
     # -- restore ---------------------------------------------------------------------------------
 
@@ -288,6 +303,7 @@ class Agent:
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()
+                    self._check_trust_fresh()
                 self._pump_spool()
                 # Keep-alives only while inference is served: otherwise systemd restarts us.
                 if self.http is not None and self.http.alive:

@@ -177,6 +177,8 @@ class SimAgent:
             "keyring": (self.trust.keyring_raw or b"").decode() or None,
             "last_seq": self.trust.last_seq,
             "last_digest": self.trust.last_digest,
+            "time_floor": self.trust.time_floor,
+            "applied_expires_at": self.trust.applied_expires_at,
             "telemetry_seq": 0,
             **self.core.state_fields(),
         })

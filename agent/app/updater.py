@@ -123,6 +123,8 @@ class Updater:
                 "roots": [r.decode() for r in t.root_chain],
                 "last_seq": t.last_seq,
                 "last_digest": t.last_digest,
+                "time_floor": t.time_floor,
+                "applied_expires_at": t.applied_expires_at,
                 **self.core.state_fields(),
             }
         )
@@ -132,7 +134,8 @@ class Updater:
         update that was in progress when the agent died."""
         notes: list[Note] = []
         state = self.store.read_state()
-        known = {"kind", "keyring", "roots", "last_seq", "last_digest", *STATE_FIELDS}
+        known = {"kind", "keyring", "roots", "last_seq", "last_digest", "time_floor", "applied_expires_at",
+                 *STATE_FIELDS}
         self.extra = {k: v for k, v in state.items() if k not in known}
         for link in state.get("roots") or []:
             try:
@@ -147,6 +150,9 @@ class Updater:
                 log.error("stored keyring no longer verifies (%s); waiting for the hub's", exc)
         self.trust.last_seq = int(state.get("last_seq", 0))
         self.trust.last_digest = state.get("last_digest")
+        self.trust.time_floor = float(state.get("time_floor") or 0.0)
+        expires = state.get("applied_expires_at")
+        self.trust.applied_expires_at = float(expires) if isinstance(expires, int | float) else None
         self.core.load(state)
         resume, crash = self.core.restart()
         for name in list(self.core.models):

@@ -116,4 +116,5 @@ def test_a_sim_agent_and_the_real_updater_leave_the_same_state_file(tmp_path: Pa
         assert want["failed"] is None and fake.refusals and "blob" in fake.refusals[0]
 
 
-STATE_KEYS = ("models", "update", "failed", "canaries", "last_seq", "last_digest")
+STATE_KEYS = ("models", "update", "failed", "canaries", "last_seq", "last_digest", "time_floor",
+              "applied_expires_at")
