@@ -1,7 +1,7 @@
 """edgefleet agent: the device side, and the wire contract that hub and agent share.
 
 The device installs only the base dependencies; nothing in this package may import ``hub``,
-``skl2onnx`` or ``sklearn`` (``tests/test_agent_imports.py`` holds that line).
+``skl2onnx`` or ``sklearn`` (``tests/agent/test_agent_imports.py`` holds that line).
 """
 
 if __name__ != "edgefleet.agent":  # e.g. `import agent` with a source checkout on sys.path

@@ -74,6 +74,7 @@ def desired_state(
     fleet: str = FLEET,
     device: str = DEVICE,
     expires_at: float = NOW + 3600,
+    issued_at: float = NOW - 10,
     models: Mapping[str, ModelEntry] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> DesiredState:
@@ -81,7 +82,7 @@ def desired_state(
         fleet=fleet,
         device=device,
         seq=seq,
-        issued_at=NOW - 10,
+        issued_at=issued_at,
         expires_at=expires_at,
         models=dict(models if models is not None else {"m": model()}),
         extra=dict(extra or {}),

@@ -35,11 +35,12 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.agent.adapters.fetch import HttpFetcher
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.app.serving import ModelServer
-from edgefleet.agent.app.updater import Note, Updater
+from edgefleet.agent.app.updater import Updater
 from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
 from edgefleet.agent.contract.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
 from edgefleet.agent.core.trust import RootRotation, TrustedState, roots_message
+from edgefleet.agent.core.update import Note
 
 
 def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | None = None) -> bytes:
@@ -93,6 +94,7 @@ class BlobServer:
     def __init__(self) -> None:
         self.blobs: dict[str, Blob] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.encodings: list[str | None] = []  # Accept-Encoding per request
         self._stop = threading.Event()
         server = self
 
@@ -102,6 +104,7 @@ class BlobServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Range")))
+                server.encodings.append(self.headers.get("Accept-Encoding"))
                 blob = server.blobs.get(self.path)
                 if blob is None or blob.mode == "error":
                     self.send_error(404 if blob is None else 500)
@@ -144,6 +147,15 @@ class BlobServer:
         else:
             h.send_response(200)
         body = data[start:]
+        if blob.mode == "gzip-bomb":  # a small compressed body that inflates far past the signed size
+            import gzip
+
+            bomb = gzip.compress(body + b"\0" * (256 * 2**20), compresslevel=9)
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", str(len(bomb)))
+            h.end_headers()
+            h.wfile.write(bomb)
+            return
         if blob.mode == "endless":
             h.end_headers()  # no Content-Length: the stream just goes on
             h.wfile.write(body)
@@ -178,7 +190,7 @@ class HubSimulator:
 
     fleet: str = "simfleet"
     device: str = "dev1"
-    now: float = 1_800_000_000.0
+    now: float = field(default_factory=lambda: float(int(time.time())))  # real agents check issued_at against their clock
     ttl: float = 3600.0
     root: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     signers: list[Ed25519PrivateKey] = field(default_factory=lambda: [Ed25519PrivateKey.generate()])

@@ -201,3 +201,19 @@ def test_only_the_demo_runs_the_agent_application_inside_the_hub() -> None:
     users = sorted(m for m, p in modules.items() if m.startswith("edgefleet.hub")
                    and any(i.startswith("edgefleet.agent.app") for i in _imports(m, p, known)))
     assert users == ["edgefleet.hub.cli.demo"]
+
+
+def test_the_core_tests_exercise_only_the_pure_core() -> None:
+    """tests/core/ runs in milliseconds because it touches nothing but contract/ and core/ modules
+    (and the stdlib, pytest, numpy and cryptography to build inputs)."""
+    pure = set(PURE)
+    bad: dict[str, list[str]] = {}
+    for path in sorted((REPO / "tests" / "core").glob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        wrong = sorted(m for m in mods if (m.startswith("edgefleet.") and m not in pure)
+                       or m.split(".")[0] in IMPURE or (m.startswith("tests.") and m != "tests._signing"))
+        if wrong:
+            bad[path.name] = wrong
+    assert bad == {}

@@ -5,6 +5,13 @@ at external data files (a path-traversal vector), use custom operator domains th
 native code, or simply be malformed. :func:`check_model_bytes` parses without touching the
 filesystem and refuses such models with :class:`~agent.contract.errors.ModelRejected`.
 
+External data is looked for in every tensor the format can carry, not only the main graph's
+initializers: subgraphs, local functions and their default attributes, training graphs, node
+attributes (``t``, ``tensors``, ``sparse_tensor``, ``sparse_tensors``), and both halves of sparse
+tensors. The walk follows the protobuf schema itself (:func:`_walk`), so it cannot fall behind it.
+Defence in depth: sessions are opened from bytes with the working directory set to an empty
+folder (the agent's and the guard child's), so a relative location would find nothing.
+
 ``onnx`` is imported on first use: on a device the check runs in the session-guard child
 (:mod:`agent.adapters.sandbox_child`), so the long-running agent never pays the ~8 MiB the module costs.
 """
@@ -22,17 +29,34 @@ ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 MAX_OPSET = {"": 23, "ai.onnx": 23, "ai.onnx.ml": 5}
 
 
-def _graphs(graph: Any) -> Iterator[Any]:
-    import onnx  # lazily: see the module docstring
+def _message_fields(descriptor: Any) -> tuple[tuple[str, bool], ...]:
+    """(name, repeated) of the fields of a message type that hold messages, cached per type."""
+    cached = _FIELDS.get(descriptor.full_name)
+    if cached is None:
+        cached = tuple((f.name, f.label == f.LABEL_REPEATED) for f in descriptor.fields
+                       if f.type == f.TYPE_MESSAGE)
+        _FIELDS[descriptor.full_name] = cached
+    return cached
 
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
+
+_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {}
+
+
+def _walk(model: Any) -> Iterator[tuple[str, Any]]:
+    """Every message inside ``model`` with a readable path, depth first: graphs, subgraphs,
+    functions, training graphs, attributes, sparse tensors' values *and* indices. Generic over
+    the protobuf schema, so a tensor-bearing field added to the format is covered without a
+    change here. Only message fields are read: large ``raw_data`` payloads are never copied."""
+    stack: list[tuple[str, Any]] = [("model", model)]
+    while stack:
+        path, msg = stack.pop()
+        yield path, msg
+        for name, repeated in _message_fields(msg.DESCRIPTOR):
+            if repeated:
+                items = getattr(msg, name)
+                stack.extend((f"{path}.{name}[{i}]", m) for i, m in enumerate(items))
+            elif msg.HasField(name):
+                stack.append((f"{path}.{name}", getattr(msg, name)))
 
 
 def _external(tensor: Any) -> bool:
@@ -62,27 +86,20 @@ def check_model_bytes(data: bytes) -> Any:
                 f"allows up to {MAX_OPSET[opset.domain]}",
                 reason="model_opset",
             )
-    for g in _graphs(model.graph):
-        for t in list(g.initializer) + [s.values for s in g.sparse_initializer]:
-            if _external(t):
-                raise ModelRejected(
-                    f"initializer {t.name!r} keeps its data in an external file; edgefleet "
-                    "only runs self-contained models (re-export without external data)",
-                    reason="model_external_data",
-                )
-        for node in g.node:
-            if node.domain not in ALLOWED_DOMAINS:
-                raise ModelRejected(
-                    f"node {node.name!r} ({node.op_type}) is in domain {node.domain!r}; allowed "
-                    f"are {sorted(ALLOWED_DOMAINS)}",
-                    reason="model_domain",
-                )
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR and _external(attr.t):
-                    raise ModelRejected(
-                        f"node {node.name!r} has a constant with external data",
-                        reason="model_external_data",
-                    )
+    for path, msg in _walk(model):
+        kind = msg.DESCRIPTOR.name
+        if kind == "TensorProto" and _external(msg):
+            raise ModelRejected(
+                f"tensor {msg.name!r} ({path}) keeps its data in an external file; edgefleet "
+                "only runs self-contained models (re-export without external data)",
+                reason="model_external_data",
+            )
+        if kind == "NodeProto" and msg.domain not in ALLOWED_DOMAINS:
+            raise ModelRejected(
+                f"node {msg.name!r} ({msg.op_type}, {path}) is in domain {msg.domain!r}; allowed "
+                f"are {sorted(ALLOWED_DOMAINS)}",
+                reason="model_domain",
+            )
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

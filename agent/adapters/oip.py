@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 from edgefleet.agent import __version__
+from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
 from edgefleet.agent.contract.errors import InferenceError, UnknownModel
 
 __all__ = ["Models", "OipServer"]
@@ -86,6 +87,10 @@ ORT_TO_OIP = {
     "tensor(int32)": "INT32", "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
 }  # fmt: skip
 MAX_BODY = 16 * 1024 * 1024
+# Local applications hold keep-alive connections; a connection idle (or dripping a request) this
+# long is closed, and one past the cap is answered 503 at once (agent.adapters.httpserver).
+MAX_CONNECTIONS = 64
+CONNECTION_TIMEOUT = 30.0
 
 
 class _BadRequest(Exception):
@@ -235,11 +240,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         parts = self._parts()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self.close_connection = True
-            return self._send(413, {"error": f"request body of {length} bytes exceeds {MAX_BODY}"})
-        body = self.rfile.read(length)
+        try:
+            body = read_body(self, MAX_BODY)
+        except HttpError as exc:
+            return self._send(exc.status, {"error": str(exc)})
         version = None
         if len(parts) == 6 and parts[3] == "versions":
             version, parts = parts[4], parts[:3] + parts[5:]
@@ -283,17 +287,16 @@ class _Handler(BaseHTTPRequestHandler):
         }, binary)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(BoundedHTTPServer):
     models: Models
 
 
 class OipServer:
     """The local inference endpoint. ``start`` binds (port 0 picks a free one)."""
 
-    def __init__(self, models: Models, host: str = "127.0.0.1", port: int = 8500) -> None:
-        self._httpd = _Server((host, port), _Handler)
+    def __init__(self, models: Models, host: str = "127.0.0.1", port: int = 8500, *,
+                 max_connections: int = MAX_CONNECTIONS, timeout: float = CONNECTION_TIMEOUT) -> None:
+        self._httpd = _Server((host, port), _Handler, max_connections=max_connections, timeout=timeout)
         self._httpd.models = models
         self._thread: threading.Thread | None = None
 

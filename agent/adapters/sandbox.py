@@ -16,6 +16,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class SessionGuard:
     def __call__(self, path: Path) -> None:
         argv = [
             *self.command,
-            str(path),
+            str(path.resolve()),
             "--budget-mb",
             str(self.budget_mb),
             "--threads",
@@ -55,13 +56,17 @@ class SessionGuard:
             self.opt_level,
         ]
         try:
-            res = subprocess.run(
-                argv,
-                capture_output=True,
-                timeout=self.timeout,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
+            # The child works in an empty folder: a model reference relative to the working
+            # directory (external data that slipped past the structural checks) finds nothing.
+            with tempfile.TemporaryDirectory(prefix="edgefleet-guard-") as empty:
+                res = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    timeout=self.timeout,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                    cwd=empty,
+                )
         except subprocess.TimeoutExpired as exc:
             raise ModelRejected(
                 f"ONNX Runtime did not finish opening {path.name[:16]}… within {self.timeout:g} s "

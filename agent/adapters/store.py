@@ -5,6 +5,7 @@ Layout under the state directory::
     state.json           the one state file (written only through :meth:`Store.write_state`)
     blobs/<sha256>       verified model blobs, named by their hash
     blobs/.partial/      downloads in progress (resumable; never loaded)
+    empty/               the agent's working directory, kept empty (:func:`empty_directory`)
 
 Invariants: a file appears under ``blobs/<sha256>`` only after its bytes hashed to that name
 (rename is the commit); ``state.json`` is replaced atomically (temp file in the same directory,
@@ -21,9 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.contract.errors import BlobRejected, StoreFailed
+from edgefleet.agent.contract.errors import BlobMismatch, StoreFailed
 
-__all__ = ["Store", "atomic_write", "sha256_file"]
+__all__ = ["Store", "atomic_write", "empty_directory", "sha256_file"]
 
 STATE_KIND = "edgefleet.agent-state/v1"
 
@@ -51,6 +52,23 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StoreFailed(f"could not write {path}: {exc}") from exc
+
+
+def empty_directory(path: Path) -> Path:
+    """Create ``path`` (0700) if needed and remove anything in it: a working directory in which
+    a relative file reference from an untrusted model finds nothing."""
+    import shutil
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    except OSError as exc:
+        raise StoreFailed(f"cannot prepare the empty working directory {path}: {exc}") from exc
+    return path
 
 
 def sha256_file(path: Path) -> str:
@@ -89,14 +107,14 @@ class Store:
         actual_size = tmp.stat().st_size
         if actual_size != size:
             tmp.unlink(missing_ok=True)
-            raise BlobRejected(
+            raise BlobMismatch(
                 f"blob {sha256[:16]}… is {actual_size} bytes, the signed size is {size}",
                 reason="size_mismatch",
             )
         actual = sha256_file(tmp)
         if actual != sha256:
             tmp.unlink(missing_ok=True)
-            raise BlobRejected(
+            raise BlobMismatch(
                 f"blob hashes to {actual[:16]}…, the signed sha256 is {sha256[:16]}…; "
                 "the blob server sent other bytes than the hub published",
                 reason="hash_mismatch",

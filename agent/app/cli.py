@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,9 +23,13 @@ __all__ = ["main"]
 
 def _run(args: argparse.Namespace) -> int:
     from edgefleet.agent.adapters.sdnotify import Notifier
+    from edgefleet.agent.adapters.store import empty_directory
     from edgefleet.agent.app.daemon import Agent
 
-    config = load_agent_config(Path(args.config))
+    config = load_agent_config(Path(args.config).resolve())  # absolute paths: we chdir next
+    # ONNX Runtime resolves a model's relative external-data paths against the working directory
+    # (sessions are opened from bytes): run where there is nothing to find (docs/security.md).
+    os.chdir(empty_directory(config.state_dir / "empty"))
     agent = Agent(config, notify=Notifier())
     stop = threading.Event()
 

@@ -9,13 +9,17 @@ reached, so a device that reboots without network keeps answering.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
+import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from edgefleet.agent import __version__
@@ -33,8 +37,9 @@ from edgefleet.agent.adapters.sysstat import (
     rss_bytes,
     temperature_c,
 )
+from edgefleet.agent.app.heartbeat import Heartbeat
 from edgefleet.agent.app.serving import ModelServer
-from edgefleet.agent.app.updater import Note, Updater, pause_hook_from_env
+from edgefleet.agent.app.updater import StepHook, Updater
 from edgefleet.agent.contract.config import AgentConfig
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, StoreFailed
@@ -46,16 +51,50 @@ from edgefleet.agent.contract.wire import (
     Status,
     TelemetryWindow,
     Topics,
+    format_time,
 )
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.agent.core.trust import TrustedState
+from edgefleet.agent.core.update import Note
 
 __all__ = ["Agent", "AgentState"]
 
 log = logging.getLogger("edgefleet.agent")
 
+# Crash tests: the agent pauses at one update step (agent.app.updater.STEPS) so a test can kill it there.
+PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
+PAUSE_MARKER_ENV = "EDGEFLEET_TEST_PAUSE_MARKER"
+
+
+def _pause_hook_from_env(state_dir: Path) -> StepHook | None:
+    """Test hook: with ``EDGEFLEET_TEST_PAUSE_AT=<step>`` the agent writes a marker file and
+    sleeps at that step, so a test can SIGKILL it there. Unset in production: returns ``None``."""
+    step = os.environ.get(PAUSE_ENV)
+    if not step:
+        return None
+    marker = Path(os.environ.get(PAUSE_MARKER_ENV) or state_dir / f"paused-{step}")
+
+    def hook(at: str) -> None:
+        if at == step:
+            marker.write_text(f"{os.getpid()}\n")
+            log.warning("test hook: paused at %s (pid %d)", at, os.getpid())
+            while True:
+                time.sleep(3600)
+
+    return hook
+
 Clock = Callable[[], float]
+# An update that failed for a reason that may pass (network, a mirror sending other bytes than
+# signed) is retried after 5 s, then 10, 20, ... up to 15 min, with +-25 % jitter so a fleet
+# behind one broken mirror does not come back in lockstep.
 RETRY_SECONDS = 5.0
+RETRY_MAX_SECONDS = 900.0
+
+
+def retry_delay(failures: int, rng: random.Random) -> float:
+    """Seconds before retry number ``failures`` (1 = the first)."""
+    base = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2.0 ** max(0, failures - 1))
+    return base * rng.uniform(0.75, 1.25)
 
 
 class AgentState(enum.Enum):
@@ -81,8 +120,11 @@ class Agent:
         self.topics = Topics(config.fleet, prefix=config.topic_prefix)
         self.store = Store(config.state_dir)
         self.models = ModelServer()
-        self.fetcher: Fetcher = fetcher or HttpFetcher(**config.fetch_options())  # ca_file pins https blobs
         self._notify = notify or (lambda _msg: None)
+        self.heartbeat = Heartbeat(self._notify, interval=getattr(self._notify, "watchdog_interval", None),
+                                   alive=lambda: self.http is not None and self.http.alive)
+        # ca_file pins https blobs; every chunk received tells the heartbeat the download moves.
+        self.fetcher: Fetcher = fetcher or HttpFetcher(**config.fetch_options(), on_progress=self.heartbeat.progress)
         self.trust = TrustedState(
             root=public_key_from_b64(config.root_public_key),
             fleet=config.fleet,
@@ -99,14 +141,18 @@ class Agent:
             guard=SessionGuard(budget_mb=profile.memory_budget_mb,
                                threads=profile.intra_op_threads,
                                opt_level=profile.graph_optimization_level),
-            on_step=pause_hook_from_env(config.state_dir),
+            on_step=self._on_step,
         )
+        self._pause_hook = _pause_hook_from_env(config.state_dir)
         self._startup_notes: list[Note] = []
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         # A candidate dropped by the local guard (agent.canary) wakes the main loop to report it.
         self.updater.wake = lambda: self._inbox.put(("canary", b""))
         self._stop = threading.Event()
         self._retry_at: float | None = None
+        self._failures = 0  # consecutive retryable failures of the pending update
+        self._stale_reported = False
+        self._rng = random.Random()
         self._telemetry_seq = 0
         self._window_start = clock()
         # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
@@ -118,6 +164,11 @@ class Agent:
         self.link: MqttLink | None = None
         self.capture = make_capture(config, clock)
         self.models.capture = self.capture
+
+    def _on_step(self, step: str) -> None:
+        self.heartbeat.progress()
+        if self._pause_hook is not None:
+            self._pause_hook(step)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -150,6 +201,7 @@ class Agent:
             self._inbox.put(("resume", b""))
         self._thread = threading.Thread(target=self._main, name="agent-main", daemon=True)
         self._thread.start()
+        self.heartbeat.start()
         log.info(
             "agent %s/%s serving %s on http://%s:%d",
             self.config.fleet, self.config.device, self.status_line(), *self.http.address,
@@ -159,6 +211,7 @@ class Agent:
         self.state = AgentState.STOPPING
         self._notify("STOPPING=1")
         self._stop.set()
+        self.heartbeat.stop()
         if self._thread is not None:
             self._thread.join(10)
         self.updater.stop_canaries()
@@ -173,9 +226,22 @@ class Agent:
 
     def status_line(self) -> str:
         served = self.models.models()
-        if not served:
-            return "no model installed"
-        return ", ".join(f"{n} {m.version}" for n, m in sorted(served.items()))
+        line = ", ".join(f"{n} {m.version}" for n, m in sorted(served.items())) or "no model installed"
+        if self.trust.stale(self.clock()):
+            line += f"; trust stale: desired seq {self.trust.last_seq} expired, no newer state"
+        return line
+
+    def _check_trust_fresh(self) -> None:
+        """Once per window: an applied state past its expiry keeps serving, but not silently."""
+        stale = self.trust.stale(self.clock())
+        if stale and not self._stale_reported:
+            expired = format_time(self.trust.applied_expires_at or 0.0)
+            self._event("trust_stale", None, reason="expired", seq=self.trust.last_seq,
+                        message=f"the applied desired state (seq {self.trust.last_seq}) expired at {expired} "
+                                "and no newer one has arrived: the hub is down or cut off, or updates are "
+                                "being withheld. The installed models keep serving")
+            self._notify(f"STATUS={self.status_line()}")
+        self._stale_reported = stale
 
     # -- restore ---------------------------------------------------------------------------------
 
@@ -217,31 +283,36 @@ class Agent:
             except queue.Empty:
                 kind, payload = "", b""
             try:
-                if kind == "keyring":
-                    self._handle_keyring(payload)
-                elif kind == "roots":
-                    self._emit_all(self.updater.handle_roots(payload, now=self.clock()))
-                elif kind == "desired":
-                    self._emit_all(self.updater.offer(payload, now=self.clock()))
-                elif kind == "resume":
-                    self._try_desired()
-                elif kind == "connected":
-                    self._publish_presence()
-                elif kind == "acked":
-                    self._spool_acked(int(payload))
-                self._emit_all(self.updater.poll_canary())
-                if self._retry_at is not None and time.monotonic() >= self._retry_at:
-                    self._retry_at = None
-                    self._try_desired()
+                with self.heartbeat.busy():  # a long step that progresses keeps the watchdog fed
+                    if kind == "keyring":
+                        self._handle_keyring(payload)
+                    elif kind == "roots":
+                        self._emit_all(self.updater.handle_roots(payload, now=self.clock()))
+                    elif kind == "desired":
+                        self._emit_all(self.updater.offer(payload, now=self.clock()))
+                    elif kind == "resume":
+                        self._try_desired()
+                    elif kind == "connected":
+                        self._publish_presence()
+                    elif kind == "acked":
+                        self._spool_acked(int(payload))
+                    self._emit_all(self.updater.poll_canary())
+                    if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                        self._retry_at = None
+                        self._try_desired()
                 if time.monotonic() >= next_window:
                     next_window += window
                     self._close_window()
+                    self._check_trust_fresh()
                 self._pump_spool()
                 # Keep-alives only while inference is served: otherwise systemd restarts us.
                 if self.http is not None and self.http.alive:
                     self._notify("WATCHDOG=1")
-            except Exception:  # the loop must outlive any single failure
+            except Exception as exc:  # the loop must outlive any single failure, and say so
                 log.exception("unexpected error in the agent main loop")
+                with contextlib.suppress(Exception):
+                    self._event("agent_error", None, reason="internal_error",
+                                message=f"{type(exc).__name__}: {exc} (in the agent's main loop; see its journal)")
 
     def _turn_seconds(self) -> float:
         """Longest wait per loop turn: 1 s, or less when systemd's watchdog wants pings sooner."""
@@ -265,7 +336,10 @@ class Agent:
                     self._event("provider_fallback", None, model=note.model,
                                 message=f"execution providers not available here: {missing}")
         if any(n.extra.get("retrying") for n in notes):
-            self._retry_at = time.monotonic() + RETRY_SECONDS
+            self._failures += 1
+            self._retry_at = time.monotonic() + retry_delay(self._failures, self._rng)
+        elif any(n.type in ("update", "noop", "refused", "removed") for n in notes):
+            self._failures = 0
         # Every applied desired state is reported, also one that only starts, retunes or ends a
         # canary (the stable did not change, but the hub must see the seq and the candidate).
         if any(n.type in ("update", "removed", "rollback", "noop", "canary_started", "canary_ended",

@@ -5,7 +5,9 @@ subscriptions to the keyring and its own desired state), its own state directory
 :class:`~agent.adapters.store.Store`, and its own :class:`~agent.core.trust.TrustedState`: keyrings and desired
 states go through exactly the checks a real agent applies (signatures, ``seq``, expiry, sizes),
 blobs are committed into each device's store with the size and sha256 checks of
-:meth:`Store.commit_blob`, and the state file is written atomically in the real agent's format.
+:meth:`Store.commit_blob`, and every update runs through the real agent's state machine
+(:class:`~agent.core.update.UpdateCore`: the same plan, transitions, refusals and commit), so the
+state file is the real agent's, written atomically; a real agent can take a simulated device over.
 
 What is shared, because 1,000 devices do not fit in one process otherwise:
 
@@ -14,7 +16,8 @@ What is shared, because 1,000 devices do not fit in one process otherwise:
 * one network thread (``sim-net``) driving every paho client through its external-loop API, and a
   small pool of ``sim-work`` threads applying desired states (disk writes release the GIL);
 * no ONNX Runtime session per device: a model counts as active once verified and committed.
-  Serving cost per device is what ``bench.serving_inproc`` measures.
+  Serving cost per device is what ``bench.serving_inproc`` measures. No guard process either,
+  and the state file is written once per update rather than at every transition.
 
 Thread rules: paho callbacks (on ``sim-net``) only enqueue; agents publish through an outbox that
 ``sim-net`` drains, so a paho client is only ever touched by one thread.
@@ -32,7 +35,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -41,9 +43,10 @@ from edgefleet.agent.adapters.fetch import Fetcher, HttpFetcher
 from edgefleet.agent.adapters.mqttlink import parse_broker_url
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.contract.envelope import public_key_from_b64
-from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
 from edgefleet.agent.contract.wire import TOPIC_PREFIX, ModelEntry, ModelReport, Reported, Status, Topics
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
+from edgefleet.agent.core.update import Step, UpdateCore
 
 __all__ = ["BlobCache", "SimAgent", "SimFleet"]
 
@@ -85,8 +88,8 @@ class SimAgent:
         self.trust = TrustedState(root=public_key_from_b64(root_public_key), fleet=fleet,
                                   device=device, max_blob_bytes=max_blob_bytes)
         self.lock = threading.Lock()
+        self.core = UpdateCore()
         self.active: dict[str, ModelEntry] = {}
-        self.entries: dict[str, dict[str, Any]] = {}
         self.pending: bytes | None = None
         self.refusals: list[str] = []
         self.outbox: Callable[[str, bytes, bool], None] = lambda _t, _p, _r: None
@@ -122,37 +125,63 @@ class SimAgent:
         except NoKeyring:
             return
         self.pending = None
-        if verified is not None:
+        if verified is not None and not self.core.reported_failed(verified.digest):
             self._apply(verified)
 
     def _apply(self, verified: VerifiedDesired) -> None:
-        desired = verified.state
-        for entry in desired.models.values():
+        desired, core = verified.state, self.core
+        core.begin(seq=desired.seq, digest=verified.digest, raw=verified.raw)
+        plan = core.plan(desired.seq, desired.models, {})  # a canary entry's candidate is installed as is
+        if plan.noop:
+            core.noop(desired.seq)
+        for name, entry in plan.changed.items():
+            try:
+                self._stage(name, entry, reusable=name in plan.reusable)
+            except Refused as exc:
+                core.refuse(name, entry, seq=desired.seq, digest=verified.digest, reason=exc.reason)
+                self._write_state()
+                raise
+            except Unavailable as exc:  # retried on the next delivery (the real agent: on a timer)
+                core.transition(name, Step.FAIL, entry, reason=exc.reason)
+                core.wait_for_network()
+                self._write_state()
+                raise
+        if not plan.noop:
+            core.commit(plan, set(plan.changed), None)
+        self.trust.mark_applied(verified)
+        self._write_state()
+        self.active = {n: ModelEntry.from_dict(r["entry"]) for n, r in core.models.items() if r.get("entry")}
+        self.store.gc(core.keep())
+        self._publish_reported()
+
+    def _stage(self, name: str, entry: ModelEntry, *, reusable: bool) -> None:
+        """The real agent's steps up to ``stage``, the download replaced by a hard link from the
+        fleet's cache and no session opened."""
+        core = self.core
+        if reusable and self.store.verify_blob(entry.sha256, entry.size):
+            core.transition(name, Step.LOCAL, entry)
+        else:
+            core.transition(name, Step.FETCH, entry)
             if not self.store.has_blob(entry.sha256, entry.size):
                 part = self.store.partial_path(entry.sha256)
                 part.unlink(missing_ok=True)
                 os.link(self.cache.path(entry), part)
+                core.transition(name, Step.VERIFY, entry)
                 self.store.commit_blob(part, entry.sha256, entry.size)
-        entries: dict[str, dict[str, Any]] = {}
-        for name, entry in desired.models.items():
-            prev = self.entries.get(name)
-            changed = prev is None or prev["entry"]["sha256"] != entry.sha256
-            fallback = (prev["entry"] if changed else prev.get("fallback")) if prev else None
-            entries[name] = {"entry": entry.to_dict(), "fallback": fallback}
-        self.trust.mark_applied(verified)
-        self.entries = entries
+            else:
+                core.transition(name, Step.VERIFY, entry)
+        core.transition(name, Step.STAGE, entry)
+
+    def _write_state(self) -> None:
         self.store.write_state({  # the real agent's state format: a real agent can take over
             "keyring": (self.trust.keyring_raw or b"").decode() or None,
             "last_seq": self.trust.last_seq,
             "last_digest": self.trust.last_digest,
+            "time_floor": self.trust.time_floor,
+            "applied_expires_at": self.trust.applied_expires_at,
             "telemetry_seq": 0,
-            "models": entries,
+            **self.core.state_fields(),
         })
-        self.active = dict(desired.models)
-        keep = {r["entry"]["sha256"] for r in entries.values()}
-        keep |= {r["fallback"]["sha256"] for r in entries.values() if r.get("fallback")}
-        self.store.gc(keep)
-        self._publish_reported()
 
     def status(self, state: str) -> bytes:
         return Status(fleet=self.fleet, device=self.device, state=state,
@@ -161,7 +190,7 @@ class SimAgent:
     def _publish_reported(self) -> None:
         rep = Reported(fleet=self.fleet, device=self.device, seq=self.trust.last_seq,
                        time=self.clock(),
-                       models={n: ModelReport(version=e.version, sha256=e.sha256, state="active")
+                       models={n: ModelReport(version=e.version, sha256=e.sha256, state=self.core.phase(n).value)
                                for n, e in self.active.items()},
                        agent_version=f"{__version__}-sim")
         self.outbox(self.topics.device(self.device, "reported"), rep.to_json(), True)

@@ -1,18 +1,15 @@
-"""The update core: trusted state, store, fetcher and guard behind one per-model state machine.
+"""The updater: executes the pure update state machine (:mod:`agent.core.update`) on the device.
 
 :class:`Updater` is what the daemon calls with the bytes MQTT delivered; it returns
-:class:`Note` objects (what happened, with a machine-readable reason) that the daemon publishes
-as events. It owns the agent's state file and is its only writer. No MQTT and no wall clock live
-here: the reference time is passed in, the fetcher and the guard are seams.
+:class:`~agent.core.update.Note` objects (what happened, with a machine-readable reason) that the
+daemon publishes as events. It owns the agent's state file and is its only writer. The decisions
+(what changes, which transition comes next, what a commit or a refusal leaves in the state) are
+:class:`~agent.core.update.UpdateCore`'s; this module does the work they announce: downloads,
+the guard process, ONNX Runtime sessions, the model server, the disk. No MQTT and no wall clock
+live here: the reference time is passed in, the fetcher and the guard are seams.
 
-Per model, each transition is persisted (atomic write) before the work it announces::
-
-    idle/active --> downloading --> verifying --> staged --> active
-                        |               |           |
-                        +---------------+-----------+--> failed       (stable keeps serving)
-    active --> rolled-back   (local, instant: the fallback blob is on disk and was verified)
-
-The steps of one update, with the names a test hook can pause at (``EDGEFLEET_TEST_PAUSE_AT``):
+Every transition is persisted (atomic write) before the work it announces. The steps of one
+update, with the names the ``on_step`` hook is called with (a crash test pauses the agent there):
 
     download  bytes go to ``blobs/.partial/<sha256>`` (resumable, never loaded)
     verify    size + sha256 checked, then renamed into ``blobs/<sha256>``; structural checks
@@ -42,15 +39,11 @@ without ``canary`` ends it: the candidate's version becomes the stable through t
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import enum
 import logging
-import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,67 +56,19 @@ from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
 from edgefleet.agent.contract.wire import ModelEntry
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
+from edgefleet.agent.core.update import STATE_FIELDS, Note, Plan, Step, UpdateCore, canary_end_reason
 
 if TYPE_CHECKING:  # imported where used: agent.canary costs ~1 MiB RSS and most agents never run a canary
     from edgefleet.agent.app.shadow import CanaryRun, CandidateModel
     from edgefleet.agent.core.canary import CanarySpec, CanaryStats, PreflightResult, Verdict
 
-__all__ = ["STEPS", "Note", "Phase", "Updater", "pause_hook_from_env"]
+__all__ = ["STEPS", "Guard", "StepHook", "Updater"]
 
 log = logging.getLogger("edgefleet.agent.update")
 
 STEPS = ("download", "verify", "guard", "stage", "switch", "commit")
-PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
-PAUSE_MARKER_ENV = "EDGEFLEET_TEST_PAUSE_MARKER"
-
-
-class Phase(enum.StrEnum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGED = "staged"
-    ACTIVE = "active"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
-
-
-@dataclass(frozen=True)
-class Note:
-    """Something the operator should hear about; the daemon turns it into an ``Event``."""
-
-    type: str  # update | refused | update_failed | noop | rollback | removed | restored
-    reason: str = ""
-    message: str = ""
-    model: str | None = None
-    version: str | None = None
-    seq: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, type_: str, exc: EdgefleetError, **kw: Any) -> Note:
-        return cls(type=type_, reason=exc.reason, message=str(exc), **kw)
-
-
 Guard = Callable[[Path], None]
 StepHook = Callable[[str], None]
-
-
-def pause_hook_from_env(state_dir: Path) -> StepHook | None:
-    """Test hook: with ``EDGEFLEET_TEST_PAUSE_AT=<step>`` the agent writes a marker file and
-    sleeps at that step, so a test can SIGKILL it there. Unset in production: returns ``None``."""
-    step = os.environ.get(PAUSE_ENV)
-    if not step:
-        return None
-    marker = Path(os.environ.get(PAUSE_MARKER_ENV) or state_dir / f"paused-{step}")
-
-    def hook(at: str) -> None:
-        if at == step:
-            marker.write_text(f"{os.getpid()}\n")
-            log.warning("test hook: paused at %s (pid %d)", at, os.getpid())
-            while True:
-                time.sleep(3600)
-
-    return hook
 
 
 class Updater:
@@ -149,18 +94,23 @@ class Updater:
         self.max_restarts = max_restarts
         self.provisioned_root = trust.root
         self.extra: dict[str, Any] = {}  # fields other owners keep in the state file
-        self.models: dict[str, dict[str, Any]] = {}
-        self.update: dict[str, Any] | None = None
-        self.failed: dict[str, Any] | None = None
+        self.core = UpdateCore(max_restarts=max_restarts)
         self.pending: bytes | None = None  # desired state waiting for a keyring or a retry
         self.last_keyring: bytes | None = None  # retried after a root rotation
-        # Canary: persisted records per model, the attached runs, drops reported by their threads.
-        self.canaries: dict[str, dict[str, Any]] = {}
+        # Canary: the attached runs, drops reported by their threads (the records are the core's).
         self._runs: dict[str, CanaryRun] = {}
         self._retired: dict[str, CanaryStats] = {}
         self._drops: queue.SimpleQueue[tuple[CanaryRun, Verdict]] = queue.SimpleQueue()
         self.wake: Callable[[], None] = lambda: None  # the daemon's main loop sets this
         self.memory_probe: Callable[[], int] = rss_bytes
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.core.models
+
+    @property
+    def canaries(self) -> dict[str, dict[str, Any]]:
+        return self.core.canaries
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -173,10 +123,9 @@ class Updater:
                 "roots": [r.decode() for r in t.root_chain],
                 "last_seq": t.last_seq,
                 "last_digest": t.last_digest,
-                "models": self.models,
-                "update": self.update,
-                "failed": self.failed,
-                "canaries": self.canaries,
+                "time_floor": t.time_floor,
+                "applied_expires_at": t.applied_expires_at,
+                **self.core.state_fields(),
             }
         )
 
@@ -185,17 +134,8 @@ class Updater:
         update that was in progress when the agent died."""
         notes: list[Note] = []
         state = self.store.read_state()
-        known = {
-            "kind",
-            "keyring",
-            "roots",
-            "last_seq",
-            "last_digest",
-            "models",
-            "update",
-            "failed",
-            "canaries",
-        }
+        known = {"kind", "keyring", "roots", "last_seq", "last_digest", "time_floor", "applied_expires_at",
+                 *STATE_FIELDS}
         self.extra = {k: v for k, v in state.items() if k not in known}
         for link in state.get("roots") or []:
             try:
@@ -210,36 +150,27 @@ class Updater:
                 log.error("stored keyring no longer verifies (%s); waiting for the hub's", exc)
         self.trust.last_seq = int(state.get("last_seq", 0))
         self.trust.last_digest = state.get("last_digest")
-        self.models = dict(state.get("models") or {})
-        self.update = state.get("update")
-        self.failed = state.get("failed")
-        self.canaries = dict(state.get("canaries") or {})
-        for name, rec in self.models.items():
-            notes += self._serve_stable(name, rec)
+        self.trust.time_floor = float(state.get("time_floor") or 0.0)
+        expires = state.get("applied_expires_at")
+        self.trust.applied_expires_at = float(expires) if isinstance(expires, int | float) else None
+        self.core.load(state)
+        resume, crash = self.core.restart()
+        for name in list(self.core.models):
+            notes += self._serve_stable(name)
         notes += self._resume_canaries()
-        if self.update is not None:
-            # A restart while the update waited for the network is no sign of a crash loop.
-            if not self.update.pop("waiting", False):
-                self.update["restarts"] = int(self.update.get("restarts", 0)) + 1
-            if self.update["restarts"] > self.max_restarts:
-                notes += self._abandon_crash_loop()
-            else:
-                self.pending = base64.b64decode(self.update["raw"])
-                log.warning(
-                    "resuming the update to seq %s (restart %d of %d)",
-                    self.update["seq"],
-                    self.update["restarts"],
-                    self.max_restarts,
-                )
+        if crash:
+            log.error(crash[0].message)
+            notes += crash
+        if resume is not None and self.core.update is not None:
+            self.pending = resume
+            log.warning("resuming the update to seq %s (restart %d of %d)", self.core.update["seq"],
+                        self.core.update["restarts"], self.max_restarts)
         self.persist()
         self._gc()
         return notes
 
-    def _serve_stable(self, name: str, rec: dict[str, Any]) -> list[Note]:
-        if rec.get("state") not in (Phase.ACTIVE, Phase.ROLLED_BACK, Phase.FAILED):
-            # An update was in flight for this model: it resumes from scratch (the partial
-            # download is kept and continued with Range).
-            rec["state"] = Phase.ACTIVE.value if rec.get("entry") else Phase.IDLE.value
+    def _serve_stable(self, name: str) -> list[Note]:
+        rec = self.core.models[name]
         if not rec.get("entry") and not rec.get("fallback"):
             return []
         for which in ("entry", "fallback"):
@@ -258,7 +189,7 @@ class Updater:
                 log.error("cannot load installed %s %s: %s", name, entry.version, exc)
                 continue
             if which == "fallback":
-                rec["entry"], rec["fallback"], rec["state"] = raw, None, Phase.ROLLED_BACK.value
+                self.core.serving_fallback(name)
                 return [
                     Note(
                         "rollback",
@@ -277,25 +208,6 @@ class Updater:
                 model=name,
             )
         ]
-
-    def _abandon_crash_loop(self) -> list[Note]:
-        assert self.update is not None
-        up, self.update = self.update, None
-        self.failed = {"digest": up["digest"], "seq": up["seq"], "reason": "crash_loop"}
-        for rec in self.models.values():
-            if rec.get("candidate") is not None:
-                rec["state"], rec["reason"], rec["candidate"] = (
-                    Phase.FAILED.value,
-                    "crash_loop",
-                    None,
-                )
-        msg = (
-            f"the update to seq {up['seq']} was interrupted by {up['restarts'] - 1} restarts; "
-            "it is abandoned and the previous models keep serving. Publish a new desired "
-            "state (higher seq) after fixing the cause"
-        )
-        log.error(msg)
-        return [Note("update_failed", "crash_loop", msg, seq=up["seq"])]
 
     # -- trust inputs ----------------------------------------------------------------------------
 
@@ -351,36 +263,27 @@ class Updater:
             return []
         except Refused as exc:
             self.pending = None
-            if self.update is not None and self.update["raw"] == base64.b64encode(raw).decode():
-                self.update = None
+            if self.core.forget(raw):
                 self.persist()
             return [Note.of("refused", exc)]
         if verified is None:
             self.pending = None
             return []
-        if self.failed is not None and self.failed.get("digest") == verified.digest:
+        if self.core.reported_failed(verified.digest):
             self.pending = None
             return []  # already reported; only a new state (higher seq) is tried again
         try:
             return self._apply(verified)
         except Unavailable as exc:
-            if self.update is not None:
-                self.update["waiting"] = True
-                with contextlib.suppress(StoreFailed):
-                    self.persist()
+            self.core.wait_for_network()
+            with contextlib.suppress(StoreFailed):
+                self.persist()
             return [Note.of("update_failed", exc, seq=verified.state.seq, extra={"retrying": True})]
 
     def _apply(self, verified: VerifiedDesired) -> list[Note]:
         desired = verified.state
         seq = desired.seq
-        if self.update is None or self.update.get("digest") != verified.digest:
-            self.update = {
-                "seq": seq,
-                "digest": verified.digest,
-                "restarts": 0,
-                "raw": base64.b64encode(verified.raw).decode(),
-            }
-        self.update["waiting"] = False
+        self.core.begin(seq=seq, digest=verified.digest, raw=verified.raw)
         specs: dict[str, CanarySpec] = {}
         for n, e in desired.models.items():
             if e.canary is not None:
@@ -393,45 +296,29 @@ class Updater:
                 except Refused as exc:
                     return self._refuse(n, e, verified, exc)
                 specs[n] = spec
-        # The model each name serves as its stable: a canary entry's stable is ``canary.stable``.
-        view = {n: specs[n].stable if n in specs else e for n, e in desired.models.items()}
-        changed = {
-            n: e
-            for n, e in view.items()
-            if (self.models.get(n) or {}).get("entry", {}).get("sha256") != e.sha256
-        }
-        removed = [n for n in self.models if n not in desired.models]
-        starting = {n: s for n, s in specs.items() if not self._same_canary(n, desired.models[n], s)}
-        ending = [n for n in self.canaries if n not in specs or n in starting]
-        retuned = [n for n, sp in specs.items() if n not in starting and self._retuned(n, sp)]
-        if not changed and not removed and not starting and not ending and not retuned:
+        plan = self.core.plan(seq, desired.models, specs)
+        if plan.noop:
             self.trust.mark_applied(verified)
-            self.update, self.pending = None, None
+            self.pending = None
+            note = self.core.noop(seq)
             self.persist()
-            return [
-                Note(
-                    "noop",
-                    "already_installed",
-                    f"seq {seq}: every model is already installed at the desired version",
-                    seq=seq,
-                )
-            ]
+            return [note]
         staged: dict[str, LoadedModel] = {}
-        for name, entry in changed.items():
+        for name, entry in plan.changed.items():
             try:
-                staged[name] = self._stage(name, entry)
+                staged[name] = self._stage(name, entry, reusable=name in plan.reusable)
             except Refused as exc:
                 return self._refuse(name, entry, verified, exc)
             except Unavailable as exc:
-                self._transition(name, Phase.FAILED, entry, reason=exc.reason)
+                self.core.transition(name, Step.FAIL, entry, reason=exc.reason)
+                self.persist()
                 raise
-        canaries = {n: r for n, r in self.canaries.items() if n not in ending}
+        canaries = {n: r for n, r in self.core.canaries.items() if n not in plan.ending}
         runs: dict[str, CanaryRun] = {}
         canary_notes: list[Note] = []
-        for name in retuned:  # same rollout and candidate, new mode/fraction/limits: no new preflight
+        for name in plan.retuned:  # same rollout and candidate, new mode/fraction/limits: no new preflight
             spec = specs[name]
-            canaries[name] = {**canaries[name], "mode": spec.mode, "fraction": spec.fraction,
-                              "entry": desired.models[name].to_dict(), "seq": seq}
+            self.core.retune(canaries, name, desired.models[name], spec, seq)
             old = self._runs.get(name)
             if old is not None:
                 runs[name] = self._new_run(old.candidate, spec)
@@ -440,14 +327,14 @@ class Updater:
                                          model=name, version=old.version, seq=seq,
                                          extra={"rollout": spec.rollout, "mode": spec.mode,
                                                 "fraction": spec.fraction}))
-        for name, spec in starting.items():
-            run, rec, notes = self._prepare_canary(name, desired.models[name], spec, seq)
+        for name in plan.starting:
+            run, rec, notes = self._prepare_canary(name, desired.models[name], specs[name], seq)
             canaries[name] = rec
             canary_notes += notes
             if run is not None:
                 runs[name] = run
-        notes = self._switch_and_commit(verified, staged, removed, view=view, canaries=canaries)
-        notes += self._end_canaries(ending, desired.models, seq)
+        notes = self._switch_and_commit(verified, plan, staged, canaries)
+        notes += self._end_canaries(plan.ending, desired.models, seq)
         for name, run in runs.items():
             old = self._runs.pop(name, None)
             self._runs[name] = run
@@ -457,26 +344,23 @@ class Updater:
             run.start()
         return notes + canary_notes
 
-    def _stage(self, name: str, entry: ModelEntry) -> LoadedModel:
-        rec = self.models.get(name) or {}
-        running = self.canaries.get(name) or {}
-        candidate = running.get("entry") if running.get("state") == "running" else None
-        local = [e for e in (rec.get("fallback"), candidate) if e and e.get("sha256") == entry.sha256]
-        if local and self.store.verify_blob(entry.sha256, entry.size):
+    def _stage(self, name: str, entry: ModelEntry, *, reusable: bool) -> LoadedModel:
+        local = reusable and self.store.verify_blob(entry.sha256, entry.size)
+        if local:
             # Instant rollback or promotion of the canary: the blob was downloaded, verified and
             # guarded before.
-            self._transition(name, Phase.VERIFYING, entry)
+            self._transition(name, Step.LOCAL, entry)
         else:
-            self._transition(name, Phase.DOWNLOADING, entry)
+            self._transition(name, Step.FETCH, entry)
             self.on_step("download")
             if not self.store.has_blob(entry.sha256, entry.size):
                 part = self.store.partial_path(entry.sha256)
                 self.fetcher.fetch(entry.url, part, size=entry.size)
-                self._transition(name, Phase.VERIFYING, entry)
+                self._transition(name, Step.VERIFY, entry)
                 self.on_step("verify")
                 self.store.commit_blob(part, entry.sha256, entry.size)
             else:
-                self._transition(name, Phase.VERIFYING, entry)
+                self._transition(name, Step.VERIFY, entry)
                 self.on_step("verify")
                 if not self.store.verify_blob(entry.sha256, entry.size):
                     self.store.blob_path(entry.sha256).unlink(missing_ok=True)
@@ -499,74 +383,46 @@ class Updater:
                 from edgefleet.agent.core.canary import PreflightFailed
 
                 raise PreflightFailed(f"{name} {entry.version}: {result.message}", reason=result.reason)
-        self._transition(name, Phase.STAGED, entry)
+        self._transition(name, Step.STAGE, entry)
         self.on_step("stage")
         return model
 
-    def _transition(self, name: str, phase: Phase, candidate: ModelEntry, reason: str = "") -> None:
-        rec = self.models.setdefault(name, {"entry": None, "fallback": None})
-        rec["state"], rec["reason"] = phase.value, reason
-        rec["candidate"] = candidate.to_dict() if phase is not Phase.FAILED else None
-        if rec.get("entry") is None and phase is Phase.FAILED:
-            del self.models[name]
+    def _transition(self, name: str, step: Step, candidate: ModelEntry) -> None:
+        self.core.transition(name, step, candidate)
         self.persist()
 
     def _refuse(
         self, name: str, entry: ModelEntry, verified: VerifiedDesired, exc: Refused
     ) -> list[Note]:
-        self._transition(name, Phase.FAILED, entry, reason=exc.reason)
-        for other in self.models.values():  # models staged before this one are dropped too
-            if other.get("candidate") is not None:
-                other["state"], other["candidate"] = Phase.ACTIVE.value, None
-        self.update, self.pending = None, None
-        self.failed = {"digest": verified.digest, "seq": verified.state.seq, "reason": exc.reason}
+        seq = verified.state.seq
+        self.core.refuse(name, entry, seq=seq, digest=verified.digest, reason=exc.reason)
+        self.pending = None
         self.persist()
         self._gc()
-        return [Note.of("refused", exc, model=name, version=entry.version, seq=verified.state.seq)]
+        return [Note.of("refused", exc, model=name, version=entry.version, seq=seq)]
 
     def _switch_and_commit(
         self,
         verified: VerifiedDesired,
+        plan: Plan,
         staged: dict[str, LoadedModel],
-        removed: list[str],
-        *,
-        view: dict[str, ModelEntry] | None = None,
         canaries: dict[str, dict[str, Any]] | None = None,
     ) -> list[Note]:
-        desired = verified.state
         self.on_step("switch")
         before = dict(self.server.models())
         for model in staged.values():
             self.server.install(model)
-        for name in removed:
+        for name in plan.removed:
             self.server.remove(name)
         self.on_step("commit")
-        old_models, old_seq = self.models, (self.trust.last_seq, self.trust.last_digest)
-        models: dict[str, dict[str, Any]] = {}
-        for name, entry in (desired.models if view is None else view).items():
-            prev = self.models.get(name) or {}
-            if name in staged:
-                models[name] = {
-                    "entry": entry.to_dict(),
-                    "fallback": prev.get("entry"),
-                    "state": Phase.ACTIVE.value,
-                    "candidate": None,
-                    "reason": "",
-                }
-            else:
-                models[name] = {**prev, "entry": entry.to_dict()}
-        self.models = models
-        old_canaries = self.canaries
-        if canaries is not None:
-            self.canaries = canaries
+        snap, old_seq = self.core.snapshot(), (self.trust.last_seq, self.trust.last_digest)
+        self.core.commit(plan, set(staged), canaries)
         self.trust.mark_applied(verified)
-        update, failed = self.update, self.failed
-        self.update, self.failed, self.pending = None, None, None
+        self.pending = None
         try:
             self.persist()
         except StoreFailed:
-            self.models, self.update, self.failed = old_models, update, failed
-            self.canaries = old_canaries
+            self.core.revert(snap)
             self.trust.last_seq, self.trust.last_digest = old_seq
             for name in list(self.server.models()):
                 if name not in before:
@@ -575,27 +431,12 @@ class Updater:
                 self.server.install(model)
             raise
         self._gc()
-        notes = [
-            Note(
-                "update", "", f"{n} {m.version} active", model=n, version=m.version, seq=desired.seq
-            )
-            for n, m in staged.items()
-        ]
-        notes += [Note("removed", "", f"{n} removed", model=n, seq=desired.seq) for n in removed]
+        notes = [Note("update", "", f"{n} {m.version} active", model=n, version=m.version, seq=plan.seq)
+                 for n, m in staged.items()]
+        notes += [Note("removed", "", f"{n} removed", model=n, seq=plan.seq) for n in plan.removed]
         return notes
 
     # -- canary ----------------------------------------------------------------------------------
-
-    def _same_canary(self, name: str, entry: ModelEntry, spec: CanarySpec) -> bool:
-        """True if this rollout's candidate is already attached, or was dropped here before."""
-        rec = self.canaries.get(name)
-        return bool(rec and rec.get("rollout") == spec.rollout and rec["entry"]["sha256"] == entry.sha256)
-
-    def _retuned(self, name: str, spec: CanarySpec) -> bool:
-        rec = self.canaries.get(name) or {}
-        limits = (rec.get("entry", {}).get("canary") or {}).get("limits") or {}
-        return rec.get("state") == "running" and (rec.get("mode"), rec.get("fraction"), limits) != (
-            spec.mode, spec.fraction, dict(spec.limits))
 
     def _new_run(self, model: CandidateModel, spec: CanarySpec) -> CanaryRun:
         from edgefleet.agent.app.shadow import CanaryRun
@@ -614,10 +455,7 @@ class Updater:
         """Fetch, verify, guard, load and preflight the candidate. Raises only Unavailable (the
         whole update retries); a refused candidate or a failed preflight becomes a record that
         keeps it from being attached again, and a note."""
-        rec: dict[str, Any] = {
-            "rollout": spec.rollout, "mode": spec.mode, "fraction": spec.fraction,
-            "entry": entry.to_dict(), "seq": seq, "state": "running", "reason": None,
-        }  # fmt: skip
+        rec = self.core.canary_record(name, entry, spec, seq)
         extra: dict[str, Any] = {"rollout": spec.rollout, "mode": spec.mode}
         try:
             path = self._fetch_candidate(entry)
@@ -701,15 +539,7 @@ class Updater:
                 continue
             self.server.detach_canary(name, run)
             run.stop()
-            entry = models.get(name)
-            if entry is None:
-                why = "removed"
-            elif entry.sha256 == run.sha256 and entry.canary is None:
-                why = "promoted"
-            elif entry.canary is not None:
-                why = "replaced"
-            else:
-                why = "rollback"
+            why = canary_end_reason(models.get(name), run.sha256)
             notes.append(Note("canary_ended", why, f"{name} {run.version}: canary ended ({why})", model=name,
                               version=run.version, seq=seq, extra={"rollout": run.spec.rollout}))
         return notes
@@ -761,9 +591,7 @@ class Updater:
                 continue  # ended meanwhile
             del self._runs[run.name]
             self._retired[run.name] = run.stats  # its last numbers go out with the next window
-            rec = self.canaries.get(run.name)
-            if rec is not None:
-                rec.update(state="dropped", reason=verdict.reason, numbers=dict(verdict.numbers))
+            self.core.canary_dropped(run.name, verdict.reason, verdict.numbers)
             notes.append(Note("canary_dropped", verdict.reason, f"{run.name} {run.version}: {verdict.message}",
                               model=run.name, version=run.version,
                               extra={"rollout": run.spec.rollout, "mode": run.mode, **verdict.numbers}))
@@ -799,54 +627,27 @@ class Updater:
 
     def rollback(self, name: str, reason: str) -> list[Note]:
         """Serve the fallback of ``name`` now (no download, no hub); persisted as rolled-back."""
-        rec = self.models.get(name)
-        if not rec or not rec.get("fallback"):
-            return [
-                Note(
-                    "rollback_failed", "no_fallback", f"{name} has no fallback on disk", model=name
-                )
-            ]
-        entry = ModelEntry.from_dict(rec["fallback"])
+        entry = self.core.fallback(name)
+        if entry is None:
+            return [Note("rollback_failed", "no_fallback", f"{name} has no fallback on disk", model=name)]
         if not self.store.verify_blob(entry.sha256, entry.size):
-            return [
-                Note(
-                    "rollback_failed",
-                    "fallback_corrupt",
-                    f"{name}: fallback {entry.version} blob is missing or corrupt",
-                    model=name,
-                )
-            ]
+            return [Note("rollback_failed", "fallback_corrupt",
+                         f"{name}: fallback {entry.version} blob is missing or corrupt", model=name)]
         model = load(name, entry, self.store.blob_path(entry.sha256), self.profile)
         self.server.install(model)
-        rec["entry"], rec["fallback"] = rec["fallback"], rec["entry"]
-        rec["state"], rec["reason"] = Phase.ROLLED_BACK.value, reason
+        self.core.rolled_back(name, reason)
         self.persist()
-        return [
-            Note(
-                "rollback",
-                reason,
-                f"{name} rolled back to {entry.version}",
-                model=name,
-                version=entry.version,
-            )
-        ]
+        return [Note("rollback", reason, f"{name} rolled back to {entry.version}", model=name,
+                     version=entry.version)]
 
     # -- queries and housekeeping ----------------------------------------------------------------
 
     def model_state(self, name: str) -> str:
-        return str((self.models.get(name) or {}).get("state") or Phase.ACTIVE.value)
+        return self.core.phase(name).value
 
     def _gc(self) -> None:
-        keep: set[str] = set()
-        for rec in self.models.values():
-            for which in ("entry", "fallback", "candidate"):
-                if rec.get(which):
-                    keep.add(rec[which]["sha256"])
-        for rec in self.canaries.values():
-            if rec.get("state") == "running":
-                keep.add(rec["entry"]["sha256"])
-        self.store.gc(keep)
-        if self.update is None:
+        self.store.gc(self.core.keep())
+        if self.core.update is None:
             for p in self.store.partial.iterdir():
                 with contextlib.suppress(OSError):
                     p.unlink()

@@ -11,11 +11,12 @@ Two roots, because an operator acts differently on each::
     │   ├── Expired             the message's ``expires_at`` lies before the reference time
     │   ├── WrongTarget         the desired state names another device or fleet
     │   ├── IncompleteModel     a model entry lacks what the agent needs to fetch and check it
-    │   ├── BlobRejected        a blob's size or sha256 differs from what was signed, or it is too big
     │   ├── ModelRejected       the ONNX file is malformed, unsafe or does not load
     │   └── ConfigError         a configuration or device-profile file is wrong
     └── Unavailable             we could not do this now; retrying later may work
         ├── FetchFailed         the blob server could not be reached or answered an error
+        ├── BlobMismatch        a download's size or sha256 differs from what was signed (the mirror
+        │                       is wrong or tampered with; retried with backoff, never installed)
         └── StoreFailed         the local disk refused a write
 
 Every error carries a short machine-readable ``reason`` (used in events and logs) and a message
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadSignature",
-    "BlobRejected",
+    "BlobMismatch",
     "ConfigError",
     "EdgefleetError",
     "Expired",
@@ -94,10 +95,6 @@ class IncompleteModel(Refused):
     reason = "incomplete_model"
 
 
-class BlobRejected(Refused):
-    reason = "blob_rejected"
-
-
 class ModelRejected(Refused):
     reason = "model_rejected"
 
@@ -130,3 +127,11 @@ class FetchFailed(Unavailable):
 
 class StoreFailed(Unavailable):
     reason = "store_failed"
+
+
+class BlobMismatch(Unavailable):
+    """The bytes a server sent are not the signed ones (size or sha256). Nothing of them is kept or
+    installed; the signed state stays valid, so the download is retried with backoff: a mirror
+    fixed after the fact serves the update without the hub re-signing anything."""
+
+    reason = "blob_mismatch"

@@ -41,8 +41,15 @@ Desired state (``{root}devices/{device}/desired``, retained)
      redelivered on every reconnect, and a signing-key rotation must not turn that redelivery
      into a refusal. The same ``seq`` with other content is refused
      (``seq_conflict``) and nothing is stored.
-  5. ``expires_at`` lies after the reference time ``now``, one value the caller takes at the
-     start of a cycle and passes to every check of that cycle.
+  5. ``expires_at`` lies after the reference time: the device clock ``now`` (one value the caller
+     takes at the start of a cycle and passes to every check of that cycle), but never earlier
+     than the *time floor*: the latest ``issued_at`` of a state this device applied, and at least
+     :data:`MIN_PLAUSIBLE_TIME` (before this agent was released nothing can have been signed for
+     it). A device without a real-time clock that boots at 1970 therefore refuses states that
+     expired long ago. When the clock is plausible (not behind the floor), a state issued more
+     than :data:`MAX_FUTURE_SKEW` after it is refused (``issued_in_future``): otherwise one state
+     from a hub with a wrong clock, or from a stolen key, would push the floor past every honest
+     state's expiry. A root rotation with ``reset_seq`` also resets the floor.
   6. Every model entry names a version, a 64-hex sha256, a positive size within the device's
      cap, and an http(s) URL, before any byte is downloaded.
 """
@@ -74,7 +81,16 @@ from edgefleet.agent.contract.errors import (
 )
 from edgefleet.agent.contract.wire import DesiredState, Keyring, check_name, format_time, parse_json_object
 
+# The earliest moment anything can have been signed for this agent version (2026-01-01T00:00Z):
+# raised with releases. A device clock earlier than this is known to be wrong.
+MIN_PLAUSIBLE_TIME = 1_767_225_600.0
+# How far ahead of a plausible device clock a state's issued_at may be (clock drift between hub
+# and device, and devices whose NTP has not settled yet).
+MAX_FUTURE_SKEW = 24 * 3600.0
+
 __all__ = [
+    "MAX_FUTURE_SKEW",
+    "MIN_PLAUSIBLE_TIME",
     "ROOTS_KIND",
     "ROOT_KIND",
     "NoKeyring",
@@ -147,6 +163,9 @@ class TrustedState:
     last_digest: str | None = None
     root_version: int = 1
     root_chain: list[bytes] = field(default_factory=list)  # accepted rotations, oldest first
+    # Latest issued_at among applied states, and the applied state's expiry (both persisted).
+    time_floor: float = 0.0
+    applied_expires_at: float | None = None
     _keys: dict[str, VerifyKey] = field(default_factory=dict, repr=False)
     _revoked: frozenset[str] = field(default_factory=frozenset, repr=False)
 
@@ -183,6 +202,7 @@ class TrustedState:
         self.root_chain = [*self.root_chain, raw]
         if rot.reset_seq:
             self.last_seq, self.last_digest = 0, None
+            self.time_floor, self.applied_expires_at = 0.0, None
             self._drop_keyring()
         elif self.keyring_raw is not None and not valid_signers(
             open_envelope(self.keyring_raw), {new_id: new}
@@ -295,10 +315,21 @@ class TrustedState:
                 "issues a new state with a higher seq",
                 reason="seq_conflict" if same else "stale_seq",
             )
-        if state.expires_at <= now:
+        floor = self.floor()
+        if now >= floor and state.issued_at > now + MAX_FUTURE_SKEW:
+            raise Expired(
+                f"desired state seq {state.seq} is issued at {format_time(state.issued_at)}, more than "
+                f"{MAX_FUTURE_SKEW / 3600:g} h after this device's clock ({format_time(now)}); check the "
+                "hub's clock (a state from the future would make every later honest one look expired)",
+                reason="issued_in_future",
+            )
+        ref = max(now, floor)
+        if state.expires_at <= ref:
+            why = "" if ref == now else (f" (the device clock says {format_time(now)}, but this device "
+                                         f"has verified a state issued at {format_time(floor)})")
             raise Expired(
                 f"desired state seq {state.seq} expired at {format_time(state.expires_at)}, "
-                f"reference time is {format_time(now)}; the hub must re-sign it"
+                f"reference time is {format_time(ref)}{why}; the hub must re-sign it"
             )
         for name, entry in state.models.items():
             self._check_model(name, entry.version, entry.sha256, entry.size, entry.url)
@@ -307,6 +338,17 @@ class TrustedState:
     def mark_applied(self, verified: VerifiedDesired) -> None:
         self.last_seq = verified.state.seq
         self.last_digest = verified.digest
+        self.time_floor = max(self.time_floor, verified.state.issued_at)
+        self.applied_expires_at = verified.state.expires_at
+
+    def floor(self) -> float:
+        """The earliest time it can be: nothing verified here was issued later than now."""
+        return max(MIN_PLAUSIBLE_TIME, self.time_floor)
+
+    def stale(self, now: float) -> bool:
+        """The applied state has expired and no newer one came: the hub is down, cut off, or
+        someone is withholding updates (a freeze). The device keeps serving and says so."""
+        return self.applied_expires_at is not None and self.applied_expires_at <= max(now, self.floor())
 
     def _check_signatures(self, env: Envelope) -> None:
         assert self.keyring is not None

@@ -3,6 +3,7 @@ and the agent keeps serving what it had. The session guard runs in a real child 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,22 @@ def test_guard_child_that_crashes_is_refused(sim: HubSimulator, tmp_path: Path) 
     reason, message = offer_bad(sim, up, tiny_model(2.0))
     assert reason == "guard_crash"
     assert "SIGSEGV" in message
+
+
+def test_the_guard_child_runs_in_an_empty_working_directory(sim: HubSimulator, tmp_path: Path) -> None:
+    """Defence in depth: a relative external-data path that got past the structural checks would be
+    resolved against the child's working directory, which holds nothing."""
+    (tmp_path / "secret").write_text("device file")
+    probe = [sys.executable, "-c",
+             "import json, os; here = os.listdir('.');"
+             "print(json.dumps({'ok': False, 'reason': 'probe', 'message': f'{os.getcwd()} {here}'}))"]
+    up = agent_with(sim, tmp_path / "s", SessionGuard(timeout=30))
+    up.guard = SessionGuard(timeout=10, command=probe)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        reason, message = offer_bad(sim, up, tiny_model(2.0))
+    finally:
+        os.chdir(cwd)
+    where, listing = message.rsplit(" ", 1)
+    assert reason == "probe" and listing == "[]" and Path(where) != tmp_path

@@ -157,18 +157,48 @@ def test_fast_forward_is_recovered_only_by_root_rotation(sim: HubSimulator, up: 
 # -- blobs --------------------------------------------------------------------------------------
 
 
-def test_endless_blob_is_cut_off(sim: HubSimulator, up: Updater) -> None:
+def retried(up: Updater, raw: bytes, now: float) -> str:
+    """Offer a state whose download fails in a way a retry may fix: the stable keeps serving,
+    nothing of the bad bytes is kept, and the state stays pending (not refused for good)."""
+    notes = up.offer(raw, now=now)
+    assert [(n.type, n.extra.get("retrying")) for n in notes] == [("update_failed", True)], notes
+    assert serving(up) == ("1", 1.0)
+    assert up.core.failed is None and up.core.update is not None and up.pending is not None
+    return notes[0].reason
+
+
+def test_endless_blob_is_cut_off_and_retried(sim: HubSimulator, up: Updater) -> None:
     before = blobs(up)
-    assert refused(up, sim.desired(v2(sim, mode="endless")), sim.now) == "size_mismatch"
+    assert retried(up, sim.desired(v2(sim, mode="endless")), sim.now) == "size_mismatch"
     assert blobs(up) == before
     assert list(up.store.partial.iterdir()) == []
 
 
-def test_blob_hash_mismatch_is_refused(sim: HubSimulator, up: Updater) -> None:
+def test_a_compressed_blob_is_never_inflated(sim: HubSimulator, up: Updater) -> None:
+    """A server that answers gzip (here a bomb: ~256 KiB inflating to 256 MiB) is refused on the
+    header: the size cap holds on the bytes received because nothing is decoded."""
     before = blobs(up)
-    assert refused(up, sim.desired(v2(sim, mode="wrong")), sim.now) == "hash_mismatch"
+    notes = up.offer(sim.desired(v2(sim, mode="gzip-bomb")), now=sim.now)
+    assert [(n.type, n.reason) for n in notes] == [("update_failed", "content_encoding")], notes
+    assert "Content-Encoding 'gzip'" in notes[0].message
+    assert serving(up) == ("1", 1.0) and blobs(up) == before
+    assert sum(p.stat().st_size for p in up.store.partial.iterdir()) == 0
+    assert sim.server.encodings and set(sim.server.encodings) == {"identity"}
+
+
+def test_blob_hash_mismatch_is_retried_and_installs_once_the_mirror_is_fixed(sim: HubSimulator, up: Updater) -> None:
+    """A mirror serving other bytes than signed is no reason to drop the signed state: once it is
+    fixed, the retry installs the update with no new seq from the hub."""
+    before = blobs(up)
+    state = v2(sim, mode="wrong")
+    assert retried(up, sim.desired(state), sim.now) == "hash_mismatch"
     assert blobs(up) == before
     assert list(up.store.partial.iterdir()) == []
+    assert retried(up, up.pending or b"", sim.now) == "hash_mismatch"  # still broken: still pending
+    for blob in sim.server.blobs.values():
+        blob.mode = "ok"
+    assert [n.type for n in up.retry(now=sim.now)] == ["update"]
+    assert serving(up) == ("2", 2.0)
 
 
 def test_blob_over_profile_cap_is_refused_before_download(sim: HubSimulator, up: Updater) -> None:

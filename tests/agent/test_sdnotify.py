@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from edgefleet.agent.adapters.sdnotify import Notifier
 from edgefleet.agent.app.daemon import Agent
 from edgefleet.agent.contract.config import load_agent_config
 from edgefleet.agent.contract.envelope import public_key_to_b64
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 
 class FakeClock:
@@ -100,7 +103,7 @@ def test_abstract_namespace_socket_and_no_socket_at_all() -> None:
 
 
 def test_unit_files_exist_with_notify_and_watchdog() -> None:
-    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    deploy = REPO / "deploy"
     for unit in ("edgefleet-agent.service", "edgefleet-hub.service"):
         text = (deploy / unit).read_text()
         for directive in (
@@ -122,7 +125,7 @@ def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
     """READY once serving, WATCHDOG while healthy; when the inference endpoint is gone the
     pings stop, so systemd's WatchdogSec restarts the agent."""
     path, sock = listener
-    profiles = Path(__file__).resolve().parent.parent / "device-profiles"
+    profiles = REPO / "device-profiles"
     (tmp_path / "profile.toml").write_text((profiles / "generic-x86_64.toml").read_text())
     root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
     (tmp_path / "agent.toml").write_text(
@@ -146,3 +149,42 @@ def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
     finally:
         agent.stop()
     assert drain(sock) == ["STOPPING=1"]
+
+
+def test_a_slow_download_that_progresses_keeps_the_watchdog_fed(
+    listener: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    """The main loop is busy for the whole download; the heartbeat thread pings while bytes keep
+    arriving, so systemd does not kill a healthy agent at WatchdogSec (half of it here: 0.2 s)."""
+    from tests.simulator import simulator, tiny_model
+
+    path, sock = listener
+    with simulator() as sim:
+        (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
+        (tmp_path / "agent.toml").write_text(
+            f'fleet = "{sim.fleet}"\ndevice = "{sim.device}"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+            f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{sim.provisioned_root}"\n'
+            f'profile = "profile.toml"\nstate_dir = "state"\nlisten = "127.0.0.1:0"\n'
+        )
+        notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        agent = Agent(load_agent_config(tmp_path / "agent.toml"), notify=notifier)
+        agent.start()
+        try:
+            sock.settimeout(10)
+            assert sock.recv(4096).decode().startswith("READY=1")
+            data = tiny_model(2.0)  # ~200 bytes dripped 16 at a time every 0.15 s: about 2 s
+            entry = sim.entry("2", data, mode="drip", drip_delay=0.15)
+            agent._inbox.put(("keyring", sim.keyring()))
+            agent._inbox.put(("desired", sim.desired({"m": entry})))
+            sock.settimeout(2.0)
+            pings: list[float] = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "m" not in agent.models.models():
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(4096) == b"WATCHDOG=1":
+                        pings.append(time.monotonic())
+            assert "m" in agent.models.models(), "the model was not installed"
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
+            assert len(pings) >= 5 and max(gaps) < 0.6, f"watchdog gaps during the download: {gaps}"
+        finally:
+            agent.stop()

@@ -170,3 +170,15 @@ def test_restarts_while_waiting_for_the_network_are_not_a_crash_loop(
     sim.server.blobs[entry.url.split(str(sim.server.port))[1]].mode = "ok"
     assert [n.type for n in up.retry(now=sim.now)] == ["update"]
     assert serving(up) == ("2", 2.0)
+
+
+def test_retries_back_off_from_5_s_to_15_min_with_jitter() -> None:
+    import random
+
+    from edgefleet.agent.app.daemon import RETRY_MAX_SECONDS, retry_delay
+
+    rng = random.Random(1)
+    delays = [retry_delay(n, rng) for n in range(1, 12)]
+    assert 3.75 <= delays[0] <= 6.25 and 7.5 <= delays[1] <= 12.5
+    assert all(0.75 * RETRY_MAX_SECONDS <= d <= 1.25 * RETRY_MAX_SECONDS for d in delays[-2:])
+    assert delays == sorted(delays[:8]) + delays[8:], "the first steps grow"

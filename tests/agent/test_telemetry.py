@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from edgefleet.agent.app.recorder import Recorder
 from edgefleet.agent.contract.wire import FeatureReference, Reference
 from edgefleet.agent.core.telemetry import LATENCY_BUCKETS_MS, feature_histogram, fold
+from tests.conftest import REPO
 
 
 def test_feature_histogram_counts_bins_out_of_range_and_nan() -> None:
@@ -72,6 +72,6 @@ def test_release_free_heap_returns_freed_malloc_pages_to_the_kernel() -> None:
         "print(ok, (freed - p.memory_info().rss) / 2**20)\n"
     )
     out = {arg: subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).resolve().parents[1]).stdout.split() for arg in ("none", "trim")}
+                               cwd=REPO).stdout.split() for arg in ("none", "trim")}
     assert out["none"][0] == "True" and float(out["none"][1]) < 5  # free() alone keeps them
     assert out["trim"][0] == "True" and float(out["trim"][1]) > 60

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -154,8 +155,8 @@ def test_kill_at_every_step_serves_old_or_new(device: Device) -> None:
             assert doc["update"] is not None and doc["update"]["seq"] == device.sim.seq
         device.start()
         device.wait_serving({old, new}, new)
-        doc = device.check_disk()
-        assert doc["update"] is None and doc["last_seq"] == device.sim.seq
+        wait_for(lambda: device.check_disk()["update"] is None, 10, "the commit to reach the disk")
+        assert device.check_disk()["last_seq"] == device.sim.seq
         old = new
 
 
@@ -176,3 +177,52 @@ def test_crash_loop_keeps_the_previous_model(device: Device) -> None:
     assert doc["update"] is None and doc["last_seq"] == 1
     device.deploy(3)  # a new state (higher seq) is tried again and goes through
     device.wait_serving({1, 3}, 3)
+
+
+@pytest.mark.parametrize("steps", [STEPS[:3], STEPS[3:]], ids=["download-verify-guard", "stage-switch-commit"])
+@pytest.mark.parametrize("before", ["nothing", "fallback-only"])
+def test_a_kill_at_any_step_of_a_first_install_still_installs(
+    broker: Broker, procs: Procs, fleet: str, tmp_path: Path, before: str, steps: tuple[str, ...]
+) -> None:
+    """Killed during the first install of a model (nothing installed, or a state file holding only a
+    fallback for it), the agent installs and serves it once it runs uninterrupted. Three kills: one
+    fewer than the restarts after which an update is abandoned as a crash loop."""
+    sim = HubSimulator(fleet=fleet)
+    dev = Device(sim, broker, procs, tmp_path)
+    try:
+        dev.publish(dev.topics.keyring, sim.keyring())
+        allowed = {2}
+        if before == "fallback-only":
+            dev.deploy(1)
+            dev.start()
+            dev.wait_serving({1}, 1)
+            assert dev.proc is not None
+            dev.proc.send_signal(signal.SIGTERM)
+            dev.proc.wait(10)
+            doc = dev.check_disk()
+            rec = doc["models"]["m"]  # type: ignore[index]
+            rec["entry"], rec["fallback"] = None, rec["entry"]
+            (dev.state / "state.json").write_text(json.dumps(doc))
+            allowed = {1, 2}
+        dev.deploy(2)
+        for step in steps:
+            dev.start(pause_at=step)
+            dev.kill_when_paused(step)
+            doc = dev.check_disk()
+            assert doc["update"] is not None and doc["failed"] is None
+        dev.start()
+        dev.wait_serving(allowed, 2)
+        # Version 2 answers from the switch on; the commit's write follows a moment later.
+        wait_for(lambda: dev.check_disk()["update"] is None, 10, "the commit to reach the disk")
+        assert dev.check_disk()["last_seq"] == sim.seq
+    finally:
+        sim.server.close()
+
+
+def test_the_agent_runs_in_an_empty_working_directory(device: Device) -> None:
+    """ONNX Runtime resolves relative external-data paths of a model opened from bytes against the
+    working directory: the agent's is an empty folder of its own, not systemd's default '/'."""
+    assert device.proc is not None
+    cwd = Path(os.readlink(f"/proc/{device.proc.pid}/cwd"))
+    assert cwd == device.state / "empty"
+    assert list(cwd.iterdir()) == []

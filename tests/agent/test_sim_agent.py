@@ -85,3 +85,36 @@ def test_sim_agent_refuses_a_state_signed_by_a_key_outside_the_keyring(tmp_path:
                         signing_key=rogue)[1]
     a.handle("desired", raw)
     assert a.active == {} and a.refusals and "unknown_key" in a.refusals[0]
+
+
+def test_a_sim_agent_and_the_real_updater_leave_the_same_state_file(tmp_path: Path) -> None:
+    """Both run agent.core.update: the same desired states (an update, a rollback, a refused blob,
+    a removal) leave the same models, update, failed and canaries in their state files."""
+    from edgefleet.agent.app.sim import BlobCache as Cache
+    from tests.simulator import make_updater, simulator, tiny_model
+
+    with simulator() as hub:
+        real = make_updater(hub, tmp_path / "real")
+        fake = SimAgent(fleet=hub.fleet, device=hub.device, root_public_key=hub.provisioned_root,
+                        state_dir=tmp_path / "sim", cache=Cache(tmp_path / "cache"), clock=lambda: hub.now,
+                        max_blob_bytes=real.trust.max_blob_bytes)
+        v1, v2 = hub.entry("1", tiny_model(1.0)), hub.entry("2", tiny_model(2.0))
+        other = hub.entry("o1", tiny_model(3.0))
+        liar = ModelEntry(version="3", sha256="0" * 64, size=v2.size, url=v2.url)  # wrong digest
+        ring = hub.keyring()
+        real.handle_keyring(ring, now=hub.now)
+        fake.handle("keyring", ring)
+        for models in ({"m": v1, "o": other}, {"m": v2, "o": other}, {"m": v1, "o": other},
+                       {"m": liar, "o": other}, {"m": v1}):
+            raw = hub.desired(models)
+            real.offer(raw, now=hub.now)
+            fake.handle("desired", raw)
+            got = {k: v for k, v in Store(tmp_path / "sim").read_state().items() if k in STATE_KEYS}
+            want = {k: v for k, v in Store(tmp_path / "real").read_state().items() if k in STATE_KEYS}
+            assert got == want, f"after {sorted((n, e.version) for n, e in models.items())}"
+        assert want["models"]["m"]["entry"]["version"] == "1" and "o" not in want["models"]
+        assert want["failed"] is None and fake.refusals and "blob" in fake.refusals[0]
+
+
+STATE_KEYS = ("models", "update", "failed", "canaries", "last_seq", "last_digest", "time_floor",
+              "applied_expires_at")

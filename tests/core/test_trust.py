@@ -297,3 +297,50 @@ def test_rotated_key_listed_as_revoked_is_named_revoked() -> None:
     old, new = f.signers[0], new_key()
     f.trusted.update_keyring(keyring(f.root, [new], version=2, extra={"revoked": [kid(old)]}))
     _refusal(UnknownKey, "revoked_key", f.trusted.check_desired, desired([old]), now=NOW)
+
+
+# --- the clock ----------------------------------------------------------------------------------
+
+
+def test_a_device_clock_at_1970_cannot_revive_states_that_expired_long_ago(fleet: Fleet) -> None:
+    from edgefleet.agent.core.trust import MIN_PLAUSIBLE_TIME
+
+    old = desired(fleet.signers, issued_at=MIN_PLAUSIBLE_TIME - 7200, expires_at=MIN_PLAUSIBLE_TIME - 3600)
+    msg = _refusal(Expired, "expired", fleet.trusted.check_desired, old, now=3600.0)
+    assert "the device clock says 1970" in msg
+
+
+def test_the_floor_is_the_latest_issued_at_this_device_applied(fleet: Fleet) -> None:
+    t = fleet.trusted
+    v = t.check_desired(desired(fleet.signers, seq=1, issued_at=NOW, expires_at=NOW + 3600), now=NOW)
+    assert v is not None
+    t.mark_applied(v)
+    assert t.time_floor == NOW and t.applied_expires_at == NOW + 3600
+    # The clock jumps back a day (RTC battery, a bad NTP answer): a state that expired before the
+    # last one was issued is still refused.
+    stale = desired(fleet.signers, seq=2, issued_at=NOW - 7200, expires_at=NOW - 1)
+    _refusal(Expired, "expired", t.check_desired, stale, now=NOW - 86400)
+    fresh = desired(fleet.signers, seq=3, issued_at=NOW + 60, expires_at=NOW + 7200)
+    assert t.check_desired(fresh, now=NOW - 86400) is not None, "behind its floor, the clock cannot judge the future"
+
+
+def test_a_state_issued_far_ahead_of_a_plausible_clock_is_refused(fleet: Fleet) -> None:
+    ahead = desired(fleet.signers, issued_at=NOW + 2 * 86400, expires_at=NOW + 3 * 86400)
+    msg = _refusal(Expired, "issued_in_future", fleet.trusted.check_desired, ahead, now=NOW)
+    assert "check the hub's clock" in msg
+    assert fleet.trusted.time_floor == 0.0
+    near = desired(fleet.signers, issued_at=NOW + 3600, expires_at=NOW + 7200)
+    assert fleet.trusted.check_desired(near, now=NOW) is not None, "an hour of skew is normal"
+
+
+def test_an_applied_state_past_its_expiry_is_stale_until_a_newer_one_comes(fleet: Fleet) -> None:
+    t = fleet.trusted
+    assert not t.stale(NOW)
+    v = t.check_desired(desired(fleet.signers, seq=1, expires_at=NOW + 60), now=NOW)
+    assert v is not None
+    t.mark_applied(v)
+    assert not t.stale(NOW + 59) and t.stale(NOW + 60)
+    v2 = t.check_desired(desired(fleet.signers, seq=2, expires_at=NOW + 3600), now=NOW + 61)
+    assert v2 is not None
+    t.mark_applied(v2)
+    assert not t.stale(NOW + 61)

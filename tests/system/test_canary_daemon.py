@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Broker, Procs, wait_for
 from tests.simulator import HubSimulator, tiny_model
-from tests.test_crash_safety import Device, serving_device
+from tests.system.test_crash_safety import Device, serving_device
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

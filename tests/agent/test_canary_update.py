@@ -124,13 +124,17 @@ def test_a_failed_preflight_drops_the_candidate_with_its_reason_for_good(sim: Hu
     assert not (up.store.blobs / cand.sha256).exists()  # the refused candidate is not kept
 
 
-def test_a_tampered_preflight_blob_fails_preflight(sim: HubSimulator, tmp_path: Path) -> None:
+def test_a_tampered_preflight_blob_is_retried_not_judged(sim: HubSimulator, tmp_path: Path) -> None:
+    """Other bytes than signed for the preflight set say nothing about the candidate: the update
+    waits and retries (a mirror fixed later serves it), and no verdict is recorded."""
     up = installed(sim, tmp_path / "s")
     ref = preflight_ref(sim, preflight_npz(GOOD_EST))
     sim.server.blobs["/blobs/" + ref["sha256"]].mode = "wrong"
     notes = up.offer(sim.desired({"m": canary_entry(sim, "2", GOOD, preflight=ref)}), now=sim.now)
-    assert kinds(notes) == [("preflight_failed", "preflight_blob")]
-    assert notes[0].extra["details"]["cause"] == "hash_mismatch"
+    assert kinds(notes) == [("update_failed", "hash_mismatch")] and notes[0].extra["retrying"]
+    assert up.canaries == {}
+    sim.server.blobs["/blobs/" + ref["sha256"]].mode = "ok"
+    assert ("canary_started", "") in kinds(up.retry(now=sim.now))
 
 
 def test_the_local_guard_drops_a_nan_candidate_once_and_redelivery_does_not_reattach(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Broker, Procs
-from tests.test_crash_safety import Device, serving_device
+from tests.system.test_crash_safety import Device, serving_device
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

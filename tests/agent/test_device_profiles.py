@@ -16,8 +16,9 @@ from edgefleet.agent.contract.config import load_agent_config, load_profile
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import ModelEntry
 from edgefleet.hub.cli.bundle import RUNTIME_OVERHEAD_MB, systemd_dropin
+from tests.conftest import REPO
 
-PROFILES = Path(__file__).resolve().parent.parent / "device-profiles"
+PROFILES = REPO / "device-profiles"
 SHIPPED = sorted(PROFILES.glob("*.toml"))
 
 

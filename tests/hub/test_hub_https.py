@@ -31,7 +31,7 @@ from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.adapters.pki import DevicePki
 from edgefleet.hub.errors import HubTlsFailed
-from tests.conftest import Broker, Procs, free_port, run_cli, wait_for
+from tests.conftest import REPO, Broker, Procs, free_port, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -249,7 +249,7 @@ def test_groups_in_device_list_status_and_deploy(env: Env) -> None:
 
 
 def test_agent_toml_pins_ca_file_for_the_hubs_https_blobs(tmp_path: Path) -> None:
-    profile = Path(__file__).resolve().parent.parent / "device-profiles" / "raspberry-pi-5.toml"
+    profile = REPO / "device-profiles" / "raspberry-pi-5.toml"
     (tmp_path / "profile.toml").write_text(profile.read_text())
     (tmp_path / "ca.pem").write_text("x")
 

@@ -11,8 +11,9 @@ import pytest
 
 from edgefleet.agent.contract.config import load_profile
 from edgefleet.hub.cli.bundle import write_systemd_dropin
+from tests.conftest import REPO
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = REPO / "deploy"
 ANALYZE = shutil.which("systemd-analyze")
 
 pytestmark = pytest.mark.skipif(

@@ -1,0 +1,40 @@
+"""An applied desired state past its expiry keeps serving, but the agent says so: one event, and
+its status line, until a newer state arrives (a freeze attack or a hub cut off is visible)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgefleet.agent.app.daemon import Agent
+from edgefleet.agent.contract.config import load_agent_config
+from edgefleet.agent.contract.envelope import public_key_to_b64
+from tests.conftest import REPO, free_port
+
+
+def test_a_stale_trust_is_reported_once_and_shown_in_the_status(tmp_path: Path) -> None:
+    (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
+    root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
+    (tmp_path / "agent.toml").write_text(
+        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root}"\nprofile = "profile.toml"\n'
+        f'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
+    )
+    now = [1_800_000_000.0]
+    agent = Agent(load_agent_config(tmp_path / "agent.toml"), clock=lambda: now[0])
+    sent: list[dict[str, object]] = []
+    agent._publish = lambda channel, payload, retain=False: sent.append(json.loads(payload))  # type: ignore[method-assign]
+    agent.trust.last_seq, agent.trust.applied_expires_at = 7, now[0] + 60
+    agent._check_trust_fresh()
+    assert sent == [] and "stale" not in agent.status_line()
+    now[0] += 61
+    agent._check_trust_fresh()
+    agent._check_trust_fresh()
+    assert [(e["type"], e["reason"], e["seq"]) for e in sent] == [("trust_stale", "expired", 7)]
+    assert "keep serving" in str(sent[0]["message"])
+    assert "trust stale: desired seq 7 expired" in agent.status_line()
+    agent.trust.applied_expires_at = now[0] + 3600  # a newer state was applied
+    agent._check_trust_fresh()
+    assert "stale" not in agent.status_line() and len(sent) == 1
