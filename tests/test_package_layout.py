@@ -220,3 +220,13 @@ def test_the_core_tests_exercise_only_the_pure_core() -> None:
         if wrong:
             bad[path.name] = wrong
     assert bad == {}
+
+
+def test_every_package_folder_ships_in_the_wheel() -> None:
+    """pyproject lists its packages by name: a new subpackage left out would be silently missing
+    from the wheel (an editable install would not notice)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert folders - listed == set()
