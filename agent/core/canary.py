@@ -59,14 +59,20 @@ __all__ = [
     "latency_summary",
     "load_preflight",
     "local_verdict",
+    "quantile_bounds",
     "row_count",
     "run_preflight",
+    "wilson_bounds",
 ]
 
 MODES = ("shadow", "split")
 # A regressor's pair "agrees" when the rows differ by at most this relative distance.
 REGRESSION_AGREEMENT = 0.01
 LATENCY_HISTORY = 2048  # cumulative latency samples kept per side for the guard
+# The local guard drops a candidate only on clear evidence (docs/rollouts.md, "The device's guard"):
+WARMUP_SAMPLES = 20  # a new session's first answers (allocation, caches, lazy init) are not timed
+GUARD_Z = 2.576  # the guard's confidence bounds are 99 % two-sided (99.5 % one-sided)
+SLO_MARGIN = 0.2  # the candidate's p95 must be above the SLO by this fraction, at that confidence
 MAX_PREFLIGHT_ROWS = 4096
 MAX_PREFLIGHT_BYTES = 64 * 2**20  # uncompressed: a small compressed .npz must not expand without bound
 
@@ -285,8 +291,12 @@ class _Ring:
         self._buf[:k - head] = values[head:]
         self._n += k
 
-    def values(self) -> Array:
-        return self._buf[:min(self._n, len(self._buf))].copy()
+    def values(self, skip_first: int = 0) -> Array:
+        """The samples kept; ``skip_first`` leaves out the very first ones ever added while they
+        are still here (a new session's warm-up), once the ring wrapped they are gone anyway."""
+        if self._n <= len(self._buf):
+            return self._buf[min(skip_first, self._n):self._n].copy()
+        return self._buf.copy()
 
 
 class CanaryStats:
@@ -394,7 +404,7 @@ class CanaryStats:
                 nonfinite=self._t_nonfinite,
                 compared=self._t_compared,
                 agreed=self._t_agreed,
-                candidate_ms=self._t_cand.values(),
+                candidate_ms=self._t_cand.values(skip_first=WARMUP_SAMPLES),
                 stable_ms=self._t_stable.values(),
             )
 
@@ -460,34 +470,85 @@ def _p95(values: Sequence[float] | Array) -> float:
     return above - diff * (1 - gamma) if gamma >= 0.5 else below + diff * gamma
 
 
+def quantile_bounds(values: Sequence[float] | Array, q: float, z: float = GUARD_Z) -> tuple[float, float]:
+    """Distribution-free confidence bounds of the ``q``-quantile: order statistics whose ranks are
+    the binomial's normal approximation ``nq -+ z sqrt(nq(1-q))``. Any latency distribution, no
+    assumption of normality; with few samples the bounds are wide, as they should be."""
+    a = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(a)
+    if n == 0:
+        return math.nan, math.nan
+    half = z * math.sqrt(n * q * (1 - q))
+    lo = min(n - 1, max(0, math.floor(n * q - half) - 1))
+    hi = min(n - 1, max(0, math.ceil(n * q + half)))
+    return float(a[lo]), float(a[hi])
+
+
+def wilson_bounds(k: int, n: int, z: float = GUARD_Z) -> tuple[float, float]:
+    """Wilson score interval of a rate ``k / n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def local_verdict(t: Totals, limits: CanaryLimits) -> Verdict | None:
-    """Drop the candidate? NaN/inf outputs drop it at once; error rate, latency ratio (candidate
-    p95 / stable p95) and the profile's latency SLO are judged once ``min_samples`` requests have
-    been seen. Returns ``None`` while it may keep running."""
-    numbers: dict[str, Any] = {"requests": t.requests, "errors": t.errors, "min_samples": limits.min_samples}
+    """Drop the candidate? Only on clear evidence that it is broken; returns ``None`` while it may
+    keep running. The hub's gate, not this guard, judges "worse than the stable".
+
+    * NaN/inf outputs drop it at once.
+    * Errors: once ``min_samples`` requests were seen, when the Wilson lower bound of the error
+      rate is above ``max_error_rate`` (3 errors in 50 requests is not proof of 5 %).
+    * The profile's latency SLO: when the lower bound of the candidate's p95 is above the SLO by
+      ``SLO_MARGIN``.
+    * Latency against the stable: when the lower bound of the candidate's median is above
+      ``max_latency_ratio`` times the upper bound of the stable's median: a gross slowdown, not a
+      noisy tail (a shadow replay runs on another thread than the request, so tails differ even
+      for identical models).
+
+    Latency is judged on at least ``min_samples`` candidate samples after the first
+    ``WARMUP_SAMPLES`` of its session; every bound is at 99 % (``GUARD_Z``)."""
+    numbers: dict[str, Any] = {"requests": t.requests, "errors": t.errors, "min_samples": limits.min_samples,
+                               "confidence": 0.99}
     if t.nonfinite:
         return Verdict("nan_output", f"the candidate returned NaN/inf on {t.nonfinite} request(s)",
                        {**numbers, "nonfinite": t.nonfinite})
     if t.requests < max(1, limits.min_samples):
         return None
     rate = t.errors / t.requests
-    if rate > limits.max_error_rate:
-        return Verdict("error_rate", f"candidate error rate {rate:.3f} above {limits.max_error_rate:g}",
-                       {**numbers, "error_rate": round(rate, 4), "max_error_rate": limits.max_error_rate})
-    if len(t.candidate_ms) >= limits.min_samples:
-        cand = _p95(t.candidate_ms)
-        if limits.latency_slo_ms is not None and cand > limits.latency_slo_ms:
-            return Verdict("latency_slo", f"candidate p95 {cand:.3f} ms above the profile's SLO "
-                           f"{limits.latency_slo_ms:g} ms",
-                           {**numbers, "candidate_p95_ms": round(cand, 4), "latency_slo_ms": limits.latency_slo_ms})
-        if len(t.stable_ms):
-            stable = _p95(t.stable_ms)
-            ratio = cand / stable if stable > 0 else math.inf
-            if ratio > limits.max_latency_ratio:
-                return Verdict("latency_ratio", f"candidate p95 {cand:.3f} ms is {ratio:.1f}x the stable's "
-                               f"{stable:.3f} ms (limit {limits.max_latency_ratio:g}x)",
-                               {**numbers, "candidate_p95_ms": round(cand, 4), "stable_p95_ms": round(stable, 4),
-                                "latency_ratio": round(ratio, 3), "max_latency_ratio": limits.max_latency_ratio})
+    rate_lo, _ = wilson_bounds(t.errors, t.requests)
+    if rate_lo > limits.max_error_rate:
+        return Verdict("error_rate", f"candidate error rate {rate:.3f} ({t.errors} of {t.requests}; at 99 % "
+                       f"confidence at least {rate_lo:.3f}) above {limits.max_error_rate:g}",
+                       {**numbers, "error_rate": round(rate, 4), "error_rate_lower": round(rate_lo, 4),
+                        "max_error_rate": limits.max_error_rate})
+    n = len(t.candidate_ms)
+    if n < max(1, limits.min_samples):
+        return None
+    numbers["latency_samples"] = n
+    if limits.latency_slo_ms is not None:
+        p95_lo, _ = quantile_bounds(t.candidate_ms, 0.95)
+        if p95_lo > limits.latency_slo_ms * (1 + SLO_MARGIN):
+            cand = _p95(t.candidate_ms)
+            return Verdict("latency_slo", f"candidate p95 {cand:.3f} ms (at 99 % confidence at least "
+                           f"{p95_lo:.3f} ms) above the profile's SLO {limits.latency_slo_ms:g} ms "
+                           f"by more than {SLO_MARGIN:.0%}",
+                           {**numbers, "candidate_p95_ms": round(cand, 4), "candidate_p95_lower_ms": round(p95_lo, 4),
+                            "latency_slo_ms": limits.latency_slo_ms})
+    if len(t.stable_ms) >= max(1, limits.min_samples):
+        cand_lo, _ = quantile_bounds(t.candidate_ms, 0.5)
+        _, stable_hi = quantile_bounds(t.stable_ms, 0.5)
+        ratio_lo = cand_lo / stable_hi if stable_hi > 0 else math.inf
+        if ratio_lo > limits.max_latency_ratio:
+            cand, stable = float(np.median(t.candidate_ms)), float(np.median(t.stable_ms))
+            return Verdict("latency_ratio", f"candidate median {cand:.3f} ms is {cand / stable:.1f}x the stable's "
+                           f"{stable:.3f} ms; at 99 % confidence at least {ratio_lo:.1f}x "
+                           f"(limit {limits.max_latency_ratio:g}x)",
+                           {**numbers, "candidate_median_ms": round(cand, 4), "stable_median_ms": round(stable, 4),
+                            "latency_ratio": round(cand / stable, 3) if stable > 0 else None,
+                            "latency_ratio_lower": round(ratio_lo, 3), "max_latency_ratio": limits.max_latency_ratio})
     return None
 
 
