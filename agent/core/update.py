@@ -180,6 +180,14 @@ def _phase(rec: Mapping[str, Any]) -> Phase:
         return Phase.DOWNLOADING
 
 
+def _same_install(rec: Mapping[str, Any] | None, entry: ModelEntry) -> bool:
+    """Installed already: the same bytes *and* the same version label. The same bytes under a new
+    label (a retrain that converged to the stable, a re-tag) is a change: it is installed as a
+    relabel from the blob on disk, so the device serves and reports the version the hub desires."""
+    installed = (rec or {}).get("entry") or {}
+    return installed.get("sha256") == entry.sha256 and installed.get("version") == entry.version
+
+
 def _next(name: str, rec: Mapping[str, Any], step: Step) -> Phase:
     current = _phase(rec)
     target = TRANSITIONS.get((current, step))
@@ -319,8 +327,7 @@ class UpdateCore:
 
     def plan(self, seq: int, models: Mapping[str, ModelEntry], intents: Mapping[str, CanaryIntent]) -> Plan:
         view = {n: intents[n].stable if n in intents else e for n, e in models.items()}
-        changed = {n: e for n, e in view.items()
-                   if ((self.models.get(n) or {}).get("entry") or {}).get("sha256") != e.sha256}
+        changed = {n: e for n, e in view.items() if not _same_install(self.models.get(n), e)}
         removed = [n for n in self.models if n not in models]
         starting = [n for n, i in intents.items() if not self._same_canary(n, models[n], i)]
         ending = [n for n in self.canaries if n not in intents or n in starting]
@@ -332,7 +339,8 @@ class UpdateCore:
         rec = self.models.get(name) or {}
         running = self.canaries.get(name) or {}
         candidate = running.get("entry") if running.get("state") == "running" else None
-        return {e["sha256"] for e in (rec.get("fallback"), candidate) if e}
+        # The stable's own blob too: a new version label on the same bytes is a relabel.
+        return {e["sha256"] for e in (rec.get("entry"), rec.get("fallback"), candidate) if e}
 
     def _same_canary(self, name: str, entry: ModelEntry, intent: CanaryIntent) -> bool:
         """True if this rollout's candidate is already attached, or was dropped here before."""

@@ -182,3 +182,18 @@ def test_retries_back_off_from_5_s_to_15_min_with_jitter() -> None:
     assert 3.75 <= delays[0] <= 6.25 and 7.5 <= delays[1] <= 12.5
     assert all(0.75 * RETRY_MAX_SECONDS <= d <= 1.25 * RETRY_MAX_SECONDS for d in delays[-2:])
     assert delays == sorted(delays[:8]) + delays[8:], "the first steps grow"
+
+
+def test_the_same_bytes_under_a_new_version_are_served_and_reported_as_that_version(
+    sim: HubSimulator, tmp_path: Path
+) -> None:
+    """Issue 15's desync: the hub promoted 1.0.1, published from the stable's bytes, and devices
+    kept reporting 1.0.0. Now the relabel is installed from the blob on disk."""
+    up = installed(sim, tmp_path / "s")
+    fetched = len(sim.server.requests)
+    relabel = sim.entry("1.0.1", tiny_model(1.0))
+    notes = up.offer(sim.desired({"m": relabel}), now=sim.now)
+    assert [(n.type, n.version) for n in notes] == [("update", "1.0.1")]
+    assert serving(up) == ("1.0.1", 1.0)
+    assert len(sim.server.requests) == fetched, "no download: the blob is the stable's"
+    assert up.models["m"]["entry"]["version"] == "1.0.1"

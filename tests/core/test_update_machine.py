@@ -290,3 +290,17 @@ def test_a_restart_that_catches_the_update_downloading_is_not_a_crash() -> None:
     core.load(state)
     core.restart()
     assert core.update is not None and core.update["restarts"] == 1
+
+
+def test_a_new_version_label_on_the_stables_bytes_is_installed_as_a_relabel() -> None:
+    """Hub and device must agree after a promotion of a version published from the stable's very
+    bytes: the device serves and reports the new label, from the blob it has (no download)."""
+    core = UpdateCore()
+    install(core, 1, m=entry("1"))
+    relabel = ModelEntry(version="1.0.1", sha256=entry("1").sha256, size=10, url="http://blobs/other")
+    plan = core.plan(2, {"m": relabel}, {})
+    assert list(plan.changed) == ["m"] and plan.reusable == {"m"}
+    install(core, 2, m=relabel)
+    assert core.models["m"]["entry"]["version"] == "1.0.1" and core.models["m"]["fallback"]["version"] == "1"
+    assert core.keep() == {entry("1").sha256}
+    assert core.plan(3, {"m": relabel}, {}).noop
