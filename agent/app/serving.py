@@ -60,6 +60,17 @@ class InferResult:
                 f"outputs={sorted(self.outputs)})")
 
 
+def stable_runner(model: LoadedModel) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``feeds -> outputs by name`` on ``model``'s session: how a shadow replays the stable."""
+    names, outputs = model.input_names, model.output_names
+
+    def run(feeds: dict[str, Any]) -> dict[str, Any]:
+        values = model.session.run(None, {k: feeds[k] for k in names})
+        return dict(zip(outputs, values, strict=True))
+
+    return run
+
+
 def session_options(profile: DeviceProfile) -> ort.SessionOptions:
     # Memory: no option here would shrink a session. Measured (ORT 1.32, x86_64, logistic
     # regression and a 100-tree forest): of a small model's ~10 MiB, ~8.5 MiB are onnxruntime's
@@ -177,8 +188,9 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
 
 
 class CanaryHook(Protocol):
-    """A candidate running beside a stable (:class:`agent.core.canary.CanaryRun`). The request path
-    calls it; none of its methods may block or raise."""
+    """A candidate running beside a stable (:class:`agent.app.shadow.CanaryRun`). The request path
+    calls it; none of its methods may block or raise. ``bind_stable`` is told which stable it runs
+    beside (at attach, and whenever that stable is replaced), so a shadow can time both alike."""
 
     @property
     def version(self) -> str: ...
@@ -189,6 +201,7 @@ class CanaryHook(Protocol):
     def split_pick(self) -> bool: ...
     def serve(self, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, Any] | None: ...
     def observe(self, feeds: dict[str, npt.NDArray[Any]], outputs: Mapping[str, Any], ms: float) -> None: ...
+    def bind_stable(self, run: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None: ...
 
 
 class ModelServer:
@@ -208,6 +221,8 @@ class ModelServer:
         """Run ``hook``'s candidate beside the stable of ``name`` (shadow or split)."""
         with self._lock:
             self._canaries = {**self._canaries, name: hook}
+            stable = self._models.get(name)
+        hook.bind_stable(stable_runner(stable) if stable is not None else None)
 
     def detach_canary(self, name: str, hook: CanaryHook | None = None) -> CanaryHook | None:
         """Stop routing to the candidate of ``name`` (only if it is ``hook``, when given)."""
@@ -228,6 +243,9 @@ class ModelServer:
         with self._lock:
             old = self._models.get(model.name)
             self._models = {**self._models, model.name: model}
+            hook = self._canaries.get(model.name)
+        if hook is not None:
+            hook.bind_stable(stable_runner(model))
         return old
 
     def remove(self, name: str) -> LoadedModel | None:

@@ -95,6 +95,11 @@ class Shadow:
         self.name = name
         self.capacity = capacity
         self._items: deque[_Item] = deque()
+        # Like for like: with the stable's session bound, each batch runs on both, on this thread,
+        # in alternating order, and both latencies are timed the same way (issue 15: a request-path
+        # stable against shadow-thread replays carried a 1.5x bias for identical models).
+        self.stable_replay: Replay | None = None
+        self._stable_first = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,6 +157,11 @@ class Shadow:
         # what counts is how many requests wait, not how long one does, so a replay takes the
         # GIL twice (before and after the candidate's run) and does everything else in one go,
         # with numpy calls on whole batches (about 0.3 ms for 256 requests on the bench machine).
+        stable_replay = self.stable_replay
+        self._stable_first = first = not self._stable_first
+        stable_ms: float | None = None
+        if stable_replay is not None and first:
+            stable_ms = self._time_stable(stable_replay, feeds)
         t0 = self.clock()
         try:
             out = self.replay(feeds)
@@ -162,21 +172,24 @@ class Shadow:
                 self.stats.record_candidate(ms / len(group), ok=False)
             return
         ms = (self.clock() - t0) * 1000.0
+        if stable_replay is not None and not first:
+            stable_ms = self._time_stable(stable_replay, feeds)
+        cand_ms = _shares(group, feeds, ms)
+        s_ms = (_shares(group, feeds, stable_ms) if stable_ms is not None
+                else np.array([s for _, _, s in group], dtype=np.float64))  # the request path's
         if len(group) == 1:
-            self.stats.record_pair(group[0][1], out, group[0][2], ms)
+            self.stats.record_pair(group[0][1], out, s_ms, cand_ms)
             return
-        # One comparison for the whole batch; its time is shared by rows (the per-request cost
-        # a batch amortises: see docs/update-path.md on what that means for the latency ratio).
-        first = next(iter(feeds), None)
-        total = row_count(feeds[first]) if first is not None else len(group)
-        if total == len(group):  # one row per request (the usual case): an equal share each
-            cand_ms = np.full(total, ms / total)
-        elif first is not None:
-            cand_ms = np.array([row_count(f[first]) for f, _, _ in group], dtype=np.float64) * (ms / total)
-        else:
-            cand_ms = np.full(len(group), ms / len(group))
         stable = {k: _concat([s[k] for _, s, _ in group]) for k in group[0][1]}
-        self.stats.record_pair(stable, out, np.array([s_ms for _, _, s_ms in group], dtype=np.float64), cand_ms)
+        self.stats.record_pair(stable, out, s_ms, cand_ms)
+
+    def _time_stable(self, run: Replay, feeds: dict[str, Array]) -> float | None:
+        t0 = self.clock()
+        try:
+            run(feeds)
+        except Exception:  # the stable answered this request once already; fall back to that time
+            return None
+        return (self.clock() - t0) * 1000.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -194,6 +207,18 @@ class Shadow:
                 self.process(timeout=0.2, linger_s=self.linger_s)
             except Exception:  # the shadow must never take the agent down
                 log.exception("shadow replay failed")
+
+
+def _shares(group: list[_Item], feeds: dict[str, Array], ms: float) -> Array:
+    """One batch's time shared by its requests, by rows (the per-request cost a batch amortises:
+    see docs/update-path.md on what that means for the latency ratio)."""
+    first = next(iter(feeds), None)
+    total = row_count(feeds[first]) if first is not None else len(group)
+    if total == len(group):  # one row per request (the usual case): an equal share each
+        return np.full(total, ms / total)
+    if first is not None:
+        return np.array([row_count(f[first]) for f, _, _ in group], dtype=np.float64) * (ms / total)
+    return np.full(len(group), ms / len(group))
 
 
 def _concat(values: list[Any]) -> Any:
@@ -296,6 +321,11 @@ class CanaryRun:
     @property
     def sha256(self) -> str:
         return self.candidate.entry.sha256
+
+    def bind_stable(self, run: Replay | None) -> None:
+        """The stable's session to time beside the candidate (shadow mode; see :class:`Shadow`)."""
+        if self.shadow is not None:
+            self.shadow.stable_replay = run
 
     def _run(self, feeds: dict[str, Array]) -> dict[str, Any]:
         values = self.candidate.session.run(None, {k: feeds[k] for k in self.candidate.input_names})

@@ -485,3 +485,27 @@ def test_labels_of_different_integer_or_bool_dtypes_compare_by_value() -> None:
     s = {"label": np.array([True, False, True])}
     c = {"label": np.array([1, 0, 0], dtype=np.int32)}
     assert compare_outputs(s, c)[:2] == (2, 3)
+
+
+def test_a_shadow_times_the_stable_and_the_candidate_alike_on_the_same_batches(tmp_path: Path) -> None:
+    """Issue 15: an identical candidate showed a 1.5x latency ratio because it was timed in batched
+    replays on the shadow thread and the stable on the request path. With the stable bound, each
+    batch runs on both sessions on the shadow thread, in alternating order."""
+    server = ModelServer()
+    forest_blob = forest(50, 8)[0]
+    server.install(loaded(tmp_path, "1", forest_blob))
+    run = CanaryRun(candidate=loaded(tmp_path, "2", forest_blob), spec=spec("shadow", 1.0),
+                    limits=CanaryLimits(), on_drop=lambda r, v: None, linger_s=0.0)
+    server.attach_canary("m", run)
+    assert run.shadow is not None and run.shadow.stable_replay is not None
+    X = data()[0][:1]
+    for _ in range(30):
+        for _ in range(8):
+            server.infer("m", {"x": X})
+        run.shadow.process()
+    t = run.stats.totals()
+    assert t.compared >= 200 and t.agreed == t.compared
+    ratio = float(np.median(t.candidate_ms) / np.median(t.stable_ms))
+    assert 0.6 < ratio < 1.6, f"identical models timed alike should be close to 1x, got {ratio:.2f}"
+    server.install(loaded(tmp_path, "1b", forest_blob))  # a new stable is bound too
+    assert run.shadow.stable_replay is not None
