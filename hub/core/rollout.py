@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -322,7 +322,10 @@ class Evidence:
     cand_p95_sum: float = 0.0  # sum of per-window candidate p95 weighted by the window's requests
     stable_p95_sum: float = 0.0
     latency_weight: int = 0
+    # (candidate p95, stable p95) per window that measured both: the latency gate's samples.
+    latency_pairs: tuple[tuple[float, float], ...] = ()
     classes: Mapping[str, int] = field(default_factory=dict)
+    stable_classes: Mapping[str, int] = field(default_factory=dict)  # the stable's, same windows
     failures: tuple[tuple[str, str, str], ...] = ()  # (device, kind, reason)
 
     @classmethod
@@ -336,6 +339,8 @@ class Evidence:
         dist = cp95 = sp95 = 0.0
         devices: set[str] = set()
         classes: dict[str, int] = {}
+        stable_classes: dict[str, int] = {}
+        pairs: list[tuple[float, float]] = []
         failures: list[tuple[str, str, str]] = []
         for device, c, stable_latency in windows:
             n += 1
@@ -353,9 +358,14 @@ class Evidence:
                 cp95 += cand * r
                 sp95 += stab * r
                 lw += r
+                if cand > 0 and stab > 0:
+                    pairs.append((cand, stab))
             outs = c.get("outputs")
             for k, v in ((outs.get("classes") if isinstance(outs, Mapping) else None) or {}).items():
                 classes[str(k)] = classes.get(str(k), 0) + _count(v)
+            theirs = c.get("stable_outputs")
+            for k, v in (theirs if isinstance(theirs, Mapping) else {}).items():
+                stable_classes[str(k)] = stable_classes.get(str(k), 0) + _count(v)
             if c.get("state") in FAILURE_STATES:
                 failures.append((device, f"canary_{c['state']}" if c["state"] == "dropped" else str(c["state"]),
                                  str(c.get("reason") or "")))
@@ -366,7 +376,8 @@ class Evidence:
         uniq = tuple(sorted(set(failures)))
         return cls(windows=n, devices=frozenset(devices), requests=req, errors=err, skipped=skip,
                    compared=comp, agreed=agr, distance_sum=dist, cand_p95_sum=cp95, stable_p95_sum=sp95,
-                   latency_weight=lw, classes=classes, failures=uniq)
+                   latency_weight=lw, latency_pairs=tuple(pairs), classes=classes,
+                   stable_classes=stable_classes, failures=uniq)
 
     @property
     def failed_devices(self) -> frozenset[str]:
@@ -380,6 +391,8 @@ class Evidence:
             "candidate_p95_ms": round(self.cand_p95_sum / self.latency_weight, 4) if self.latency_weight else None,
             "stable_p95_ms": round(self.stable_p95_sum / self.latency_weight, 4) if self.latency_weight else None,
             "classes": dict(self.classes),
+            "stable_classes": dict(self.stable_classes),
+            "latency_windows": len(self.latency_pairs),
             "failures": [{"device": d, "kind": k, "reason": r} for d, k, r in self.failures],
         }
 
@@ -410,11 +423,14 @@ class GateResult:
     passed: bool
     dry_run: bool
     detail: str
+    # False: the evidence is compatible with both pass and fail at the gate's confidence; the step
+    # waits for more (and pauses at its deadline) rather than promote on a point estimate.
+    conclusive: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": None if self.value is None else round(self.value, 6),
                 "threshold": self.threshold, "passed": self.passed, "dry_run": self.dry_run,
-                "detail": self.detail}
+                "detail": self.detail, "conclusive": self.conclusive}
 
 
 @dataclass(frozen=True)
@@ -440,8 +456,8 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
     p = r.policy
     devs = f"{len(ev.devices)} device{'s' if len(ev.devices) != 1 else ''}"
 
-    def gate(name: str, value: float | None, passed: bool, detail: str) -> GateResult:
-        return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail)
+    def gate(name: str, value: float | None, passed: bool, detail: str, conclusive: bool = True) -> GateResult:
+        return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail, conclusive)
 
     out = []
     nf = len(ev.failed_devices)
@@ -453,12 +469,7 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
                     f"error rate {rate:.4f} {'<=' if rate <= p.max_error_rate else '>'} max {p.max_error_rate} "
                     f"over {_n(ev.requests)} candidate requests on {devs}"))
     if ev.latency_weight and ev.stable_p95_sum > 0:
-        cand, stab = ev.cand_p95_sum / ev.latency_weight, ev.stable_p95_sum / ev.latency_weight
-        ratio = cand / stab
-        ok = ratio <= p.max_latency_p95_ratio
-        out.append(gate("latency_p95_ratio", ratio, ok,
-                        f"latency p95 ratio {ratio:.2f} {'<=' if ok else '>'} max {p.max_latency_p95_ratio} "
-                        f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms) over {_n(ev.latency_weight)} requests on {devs}"))
+        out.append(_latency_gate(gate, ev, p.max_latency_p95_ratio, devs))
     else:
         out.append(gate("latency_p95_ratio", None, True, "no latency measured on both versions yet"))
     if r.mode == "shadow" and ev.compared:
@@ -470,17 +481,91 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
     else:
         why = "split mode compares no pairs" if r.mode == "split" else "no compared pairs"
         out.append(gate("agreement", None, r.mode == "split", why))
+    against_ref = None
     if reference_classes and ev.classes:
         labels = sorted(set(reference_classes) | set(ev.classes))
-        score = psi([float(reference_classes.get(k, 0.0)) for k in labels], [float(ev.classes.get(k, 0)) for k in labels])
+        against_ref = psi([float(reference_classes.get(k, 0.0)) for k in labels],
+                          [float(ev.classes.get(k, 0)) for k in labels])
+    if ev.stable_classes and ev.classes:
+        # Judged against the stable's outputs over the same windows and inputs: drifted inputs
+        # shift both alike, so they are no reason to blame the candidate (issue 15). The PSI
+        # against the training reference stays in the detail, as information.
+        labels = sorted(set(ev.stable_classes) | set(ev.classes))
+        score = psi([float(ev.stable_classes.get(k, 0)) for k in labels], [float(ev.classes.get(k, 0)) for k in labels])
+        ok = score <= p.max_output_drift
+        ref_note = f"; vs the reference {against_ref:.3f}, information only" if against_ref is not None else ""
+        out.append(gate("output_drift", score, ok,
+                        f"output PSI {score:.3f} {'<=' if ok else '>'} max {p.max_output_drift}: "
+                        f"{_n(sum(ev.classes.values()))} candidate outputs vs {_n(sum(ev.stable_classes.values()))} "
+                        f"of the stable in the same windows{ref_note}"))
+    elif against_ref is not None:
+        score = against_ref
         ok = score <= p.max_output_drift
         out.append(gate("output_drift", score, ok,
                         f"output drift PSI {score:.3f} {'<=' if ok else '>'} max {p.max_output_drift} over "
-                        f"{_n(sum(ev.classes.values()))} candidate outputs vs the reference"))
+                        f"{_n(sum(ev.classes.values()))} candidate outputs vs the reference (the stable reported "
+                        "no outputs to compare with)"))
     else:
         why = "no reference output distribution for the version" if not reference_classes else "no candidate outputs reported"
         out.append(gate("output_drift", None, True, why))
     return tuple(out)
+
+
+# Two-sided 99 % quantiles of Student's t by degrees of freedom (1-30), then by 1/df to the normal.
+_T99 = (63.657, 9.925, 5.841, 4.604, 4.032, 3.707, 3.499, 3.355, 3.250, 3.169, 3.106, 3.055, 3.012, 2.977,
+        2.947, 2.921, 2.898, 2.878, 2.861, 2.845, 2.831, 2.819, 2.807, 2.797, 2.787, 2.779, 2.771, 2.763,
+        2.756, 2.750)
+
+
+def t99(df: int) -> float:
+    if df < 1:
+        return math.inf
+    if df <= len(_T99):
+        return _T99[df - 1]
+    return 2.576 + (2.750 - 2.576) * 30 / df  # within 0.01 of the table's 40, 60 and 120
+
+
+def ratio_bounds(pairs: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+    """Geometric mean of candidate/stable over windows, and its 99 % bounds (t interval on the
+    log ratios: each window is one paired measurement, and logs make 2x and 0.5x symmetric)."""
+    logs = [math.log(c / s) for c, s in pairs]
+    k = len(logs)
+    mean = sum(logs) / k
+    if k < 2:
+        return math.exp(mean), 0.0, math.inf
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (k - 1))
+    half = t99(k - 1) * sd / math.sqrt(k)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, devs: str) -> GateResult:
+    """Roll back only when the ratio's lower 99 % bound is above the limit; pass only when its upper
+    bound is at or below it; between the two, wait for more windows (and say how many)."""
+    cand, stab = ev.cand_p95_sum / ev.latency_weight, ev.stable_p95_sum / ev.latency_weight
+    pairs = ev.latency_pairs
+    if not pairs:  # windows without usable per-window pairs: the weighted point estimate alone
+        ratio = cand / stab
+        ok = ratio <= limit
+        return gate("latency_p95_ratio", ratio, ok, f"latency p95 ratio {ratio:.2f} {'<=' if ok else '>'} max "
+                    f"{limit} (candidate {cand:.3f} ms vs stable {stab:.3f} ms) over {_n(ev.latency_weight)} "
+                    f"requests on {devs}")
+    ratio, lo, hi = ratio_bounds(pairs)
+    span = f"99 % bounds {lo:.2f}-{hi:.2f}" if math.isfinite(hi) else "bounds need 2 windows"
+    where = (f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms; {span} over {len(pairs)} windows, "
+             f"{_n(ev.latency_weight)} requests on {devs})")
+    if lo > limit:
+        return gate("latency_p95_ratio", ratio, False, f"latency p95 ratio {ratio:.2f} > max {limit} {where}")
+    if hi <= limit:
+        return gate("latency_p95_ratio", ratio, True, f"latency p95 ratio {ratio:.2f} <= max {limit} {where}")
+    more = ""
+    logs = [math.log(c / s) for c, s in pairs]
+    if len(logs) >= 2 and abs(math.log(ratio) - math.log(limit)) > 0:
+        mean = sum(logs) / len(logs)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+        need = math.ceil((2.576 * sd / abs(mean - math.log(limit))) ** 2)
+        more = f"; about {max(1, need - len(logs))} more windows at this spread"
+    return gate("latency_p95_ratio", ratio, True, f"latency p95 ratio {ratio:.2f} vs max {limit} is "
+                f"inconclusive {where}{more}", conclusive=False)
 
 
 def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None) -> Decision:
@@ -509,6 +594,13 @@ def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[st
             return Decision("pause", would or "pause", f"not enough evidence by the step deadline ({age:.0f}s >= "
                             f"{p.step_deadline_seconds:.0f}s): {short}{note}", gates, evd)
         return Decision("wait", would or "wait", f"gathering evidence: {short}{note}", gates, evd)
+    open_ = [g for g in gates if not g.conclusive and not g.dry_run]
+    if open_:
+        why = "; ".join(g.detail for g in open_)
+        if age >= p.step_deadline_seconds:
+            return Decision("pause", would or "pause", f"no conclusive evidence by the step deadline ({age:.0f}s >= "
+                            f"{p.step_deadline_seconds:.0f}s): {why}{note}", gates, evd)
+        return Decision("wait", would or "wait", f"gathering evidence: {why}{note}", gates, evd)
     if age < p.min_step_seconds:
         return Decision("wait", would or "wait", f"gates pass; the step soaks {p.min_step_seconds:.0f}s, "
                         f"{age:.0f}s so far{note}", gates, evd)

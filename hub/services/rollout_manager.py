@@ -222,7 +222,11 @@ class RolloutManager:
             canary = w.canary
             if not isinstance(canary, Mapping) or canary.get("rollout") != r.id:
                 continue
-            self.db.insert_rollout_window(conn, r.id, r.step, device, tw.seq, now, canary, w.latency_ms)
+            # The stable's output classes of the same window go with the candidate's, so the output
+            # gate compares the two on the same inputs (hub.core.rollout, "output_drift").
+            theirs = (w.outputs or {}).get("classes") if isinstance(w.outputs, Mapping) else None
+            stored = {**canary, "stable_outputs": dict(theirs)} if isinstance(theirs, Mapping) else canary
+            self.db.insert_rollout_window(conn, r.id, r.step, device, tw.seq, now, stored, w.latency_ms)
 
     def add_event(self, conn: Connection, device: str, ev: Event, now: float) -> None:
         if ev.type not in CANARY_EVENTS or ev.model is None:
