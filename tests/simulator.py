@@ -17,6 +17,7 @@ No hub code is used: the simulator builds messages with the wire contract (``age
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 import time
@@ -80,6 +81,18 @@ def external_data_model() -> bytes:
 # --- blob server ------------------------------------------------------------------------------
 
 
+@functools.cache
+def _gzip_bomb(body: bytes) -> bytes:
+    """``body`` then 64 MiB of zeros, gzip'd once per body (about 64 KiB). ``put`` makes it ahead
+    of the request: compressing takes longer than a test fetcher's read timeout on a loaded machine."""
+    import zlib
+
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: gzip container
+    chunk = b"\0" * 2**20
+    parts = [z.compress(body)] + [z.compress(chunk) for _ in range(64)]
+    return b"".join([*parts, z.flush()])
+
+
 @dataclass
 class Blob:
     data: bytes
@@ -127,6 +140,8 @@ class BlobServer:
     def put(self, data: bytes, **behaviour: Any) -> str:
         path = f"/blobs/{hashlib.sha256(data).hexdigest()}"
         self.blobs[path] = Blob(data, **behaviour)
+        if behaviour.get("mode") == "gzip-bomb":
+            _gzip_bomb(data)  # made now, not inside the request
         return path
 
     def close(self) -> None:
@@ -148,9 +163,7 @@ class BlobServer:
             h.send_response(200)
         body = data[start:]
         if blob.mode == "gzip-bomb":  # a small compressed body that inflates far past the signed size
-            import gzip
-
-            bomb = gzip.compress(body + b"\0" * (256 * 2**20), compresslevel=9)
+            bomb = _gzip_bomb(body)
             h.send_header("Content-Encoding", "gzip")
             h.send_header("Content-Length", str(len(bomb)))
             h.end_headers()

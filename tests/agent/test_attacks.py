@@ -175,7 +175,7 @@ def test_endless_blob_is_cut_off_and_retried(sim: HubSimulator, up: Updater) -> 
 
 
 def test_a_compressed_blob_is_never_inflated(sim: HubSimulator, up: Updater) -> None:
-    """A server that answers gzip (here a bomb: ~256 KiB inflating to 256 MiB) is refused on the
+    """A server that answers gzip (here a bomb: ~64 KiB inflating to 64 MiB) is refused on the
     header: the size cap holds on the bytes received because nothing is decoded."""
     before = blobs(up)
     notes = up.offer(sim.desired(v2(sim, mode="gzip-bomb")), now=sim.now)
