@@ -14,7 +14,6 @@ import binascii
 import contextlib
 import gc
 import hashlib
-import hmac
 import json
 import logging
 import queue
@@ -592,27 +591,31 @@ class Hub:
     def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
         return diff_versions(self.model(name, a), self.model(name, b))
 
-    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]:
-        """Store a device's capture batch. Not the admin token: ``authorization`` is
-        ``Bearer <the device's capture token>`` (issued at enrolment, cleared by revocation), and
-        the batch must name this fleet, that device, and published versions with their sha256."""
+    def capture_device(self, authorization: str) -> str:
+        """The device a data-capture upload comes from, known from its ``Authorization: Bearer
+        <capture token>`` alone (issued at enrolment, only its hash kept, cleared by revocation),
+        so the admin API checks it before it reads the body."""
+        token = authorization[len("Bearer "):].strip() if authorization.startswith("Bearer ") else ""
+        device = self.db.device_by_capture_token(hashlib.sha256(token.encode()).hexdigest()) if token else None
+        if device is None:
+            raise NotAuthorized(
+                "capture upload refused: missing or wrong capture token, or its device was revoked or "
+                "enrolled before capture tokens existed (enrol it again); send Authorization: Bearer "
+                "<capture.token from the device's bundle>")
+        return device
+
+    def ingest_capture(self, device: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a capture batch from ``device`` (:meth:`capture_device`): the batch must name this
+        fleet, that device, and published versions with their sha256."""
         try:
-            fleet, device, records = parse_batch(body)
+            fleet, named, records = parse_batch(body)
         except MalformedMessage as exc:
             raise BadRequest(f"capture batch: {exc}") from exc
         if fleet != self.config.fleet:
             raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
-        row = self.db.get_device(device)
-        if row is None:
-            raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
-        token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
-        expected = row["capture_token_sha256"]
-        if expected is None:
-            raise NotAuthorized(f"device {device!r} has no capture token (revoked, or enrolled before "
-                                "capture tokens existed): enrol it again to upload captures")
-        if not token or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), expected):
-            raise NotAuthorized(f"capture upload for {device!r}: missing or wrong capture token "
-                                "(Authorization: Bearer <capture.token from the device's bundle>)")
+        if named != device:
+            raise NotAuthorized(f"capture upload for {named!r}: missing or wrong capture token (the token "
+                                f"sent is another device's; use the capture.token from {named!r}'s bundle)")
         shas = {(m["name"], m["version"]): m["sha256"] for m in self.db.list_models()}
         bad = [r for r in records if shas.get((r["model"], r["version"])) != r["sha256"]]
         if bad:

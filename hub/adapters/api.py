@@ -30,6 +30,12 @@ Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_fil
 (a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
 ``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
 
+Clients are not trusted to be well-behaved (:mod:`agent.adapters.httpserver`): the credential of
+a request is checked before any of its body is read; a body is read only with a plain decimal
+``Content-Length`` within the endpoint's limit (:data:`POST_LIMITS`; 411, 400, 413 otherwise, and
+501 for ``Transfer-Encoding``); each connection has a socket timeout and at most
+``http_max_connections`` are open at once (one more gets 503), both from hub.toml.
+
 The server sees the hub through :class:`Admin`, the operations it serves (the daemon's ``Hub``
 provides them); it parses requests and writes responses, and decides nothing itself.
 """
@@ -41,11 +47,12 @@ import json
 import re
 import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
 from edgefleet.agent.contract.errors import EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
 from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
@@ -56,8 +63,23 @@ if TYPE_CHECKING:
 
 __all__ = ["Admin", "HubHttpServer"]
 
-MAX_BODY = 1024 * 1024 * 1024
-MAX_CAPTURE_BODY = 16 * 1024 * 1024
+MiB = 1024 * 1024
+# The largest body each POST endpoint reads, checked against Content-Length before reading (413):
+# a publish carries the model in base64 (a Jetson profile allows 1 GiB blobs); deploys and
+# rollouts carry device lists; the rest a few fields.
+MAX_PUBLISH_BODY = 1024 * MiB
+MAX_LIST_BODY = 4 * MiB
+MAX_SMALL_BODY = 64 * 1024
+MAX_CAPTURE_BODY = 16 * MiB  # a device's capture batch (the device's capture token)
+POST_LIMITS = {
+    "/api/v1/models": MAX_PUBLISH_BODY,
+    "/api/v1/devices": MAX_SMALL_BODY,
+    "/api/v1/devices/revoke": MAX_SMALL_BODY,
+    "/api/v1/deploy": MAX_LIST_BODY,
+    "/api/v1/rollouts": MAX_LIST_BODY,
+    "/api/v1/rollouts/action": MAX_SMALL_BODY,
+    "/api/v1/rollback": MAX_SMALL_BODY,
+}
 RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
@@ -113,7 +135,9 @@ class Admin(Protocol):
 
     def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
 
-    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]: ...
+    def capture_device(self, authorization: str) -> str: ...  # the capture token's device, or NotAuthorized
+
+    def ingest_capture(self, device: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -145,9 +169,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, exc: EdgefleetError) -> None:
-        status = exc.status if isinstance(exc, HubRefused) else (400 if isinstance(exc, EdgefleetError) else 500)
-        self._json(status, {"error": str(exc), "reason": exc.reason})
+    def _error(self, exc: EdgefleetError | HttpError) -> None:
+        if self._has_unread_body():
+            self.close_connection = True  # its bytes must not be parsed as the next request
+        if isinstance(exc, HttpError):
+            self._json(exc.status, {"error": str(exc), "reason": "body_refused"})
+        else:
+            self._json(exc.status if isinstance(exc, HubRefused) else 400, {"error": str(exc), "reason": exc.reason})
+
+    def _has_unread_body(self) -> bool:
+        if getattr(self, "_body_read", False):
+            return False
+        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
     def _auth(self) -> None:
         got = self.headers.get("Authorization", "")
@@ -155,13 +188,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(got.encode(), want.encode()):
             raise NotAuthorized("missing or wrong admin token (Authorization: Bearer <DIR/admin.token>)")
 
-    def _body(self, limit: int = MAX_BODY) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            self.close_connection = True
-            raise BadRequest(f"request body of {length} bytes exceeds {limit}")
+    def _body(self, limit: int) -> dict[str, Any]:
+        """The request's JSON object; call it only once the request's credential is checked."""
+        raw = read_body(self, limit)
+        self._body_read = True
         try:
-            obj = json.loads(self.rfile.read(length) or b"{}")
+            obj = json.loads(raw or b"{}")
         except ValueError as exc:
             raise BadRequest(f"request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
@@ -171,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         hub = self.server.admin
+        self._body_read = False
+        if self._has_unread_body():
+            self.close_connection = True  # a GET's body is never read
         try:
             if url.path == "/healthz":
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
@@ -212,16 +247,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise NotFound(f"no such endpoint: GET {url.path}")
         except EdgefleetError as exc:
             self._error(exc)
+        except ValueError as exc:  # a query parameter that is not a number
+            self._error(BadRequest(f"bad query in GET {url.path}: {exc}"))
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         hub = self.server.admin
+        self._body_read = False
         try:
-            if url.path == "/api/v1/capture":
-                return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY),
-                                                          self.headers.get("Authorization", "")))
+            if url.path == "/api/v1/capture":  # the device's capture token, checked before the body
+                device = hub.capture_device(self.headers.get("Authorization", ""))
+                return self._json(200, hub.ingest_capture(device, self._body(MAX_CAPTURE_BODY)))
             self._auth()
-            body = self._body()
+            limit = POST_LIMITS.get(url.path)
+            if limit is None:
+                raise NotFound(f"no such endpoint: POST {url.path}")
+            body = self._body(limit)
             actor = str(body.pop("actor", "") or "admin")
             if url.path == "/api/v1/models":
                 return self._json(201, hub.publish(body, actor))
@@ -239,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/rollback":
                 return self._json(200, hub.fleet_rollback(body, actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
-        except EdgefleetError as exc:
+        except (EdgefleetError, HttpError) as exc:
             self._error(exc)
 
     def _blob(self, sha256: str) -> None:
@@ -280,9 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(BoundedHTTPServer):
     admin: Admin
     token: str
 
@@ -292,8 +331,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class HubHttpServer:
-    def __init__(self, admin: Admin, host: str, port: int) -> None:
-        self._httpd = _Server((host, port), _Handler)
+    """``max_connections`` and ``timeout`` default to hub.toml's ``http_max_connections`` and
+    ``http_timeout_seconds``."""
+
+    def __init__(self, admin: Admin, host: str, port: int, *, max_connections: int | None = None,
+                 timeout: float | None = None) -> None:
+        cfg = admin.config
+        self._httpd = _Server((host, port), _Handler,
+                              max_connections=max_connections or cfg.http_max_connections,
+                              timeout=timeout or cfg.http_timeout_seconds)
         self._httpd.admin = admin
         self._httpd.token = admin.home.token()
         self._thread: threading.Thread | None = None

@@ -63,6 +63,10 @@ class HubConfig:
     # a server certificate from the device CA and its key; empty = plain HTTP
     http_cert_file: str = ""
     http_key_file: str = ""
+    # The HTTP server's bounds (hub.adapters.api): connections open at once (one more is answered
+    # 503 at once; agents retry downloads with backoff) and the socket timeout of each
+    http_max_connections: int = 256
+    http_timeout_seconds: float = 30.0
 
     @property
     def http_tls(self) -> bool:
@@ -120,7 +124,7 @@ class HubHome:
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
-                 *_SECURITY_KEYS}
+                 "http_max_connections", "http_timeout_seconds", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -130,8 +134,16 @@ class HubHome:
             http_listen=str(doc["http_listen"]),
             public_url=str(doc.get("public_url", "")),
             desired_ttl_seconds=int(doc.get("desired_ttl_seconds", 30 * 86400)),
+            http_max_connections=int(self._positive(doc, "http_max_connections", 256)),
+            http_timeout_seconds=float(self._positive(doc, "http_timeout_seconds", 30.0)),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
+
+    def _positive(self, doc: dict[str, Any], key: str, default: float) -> float:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{self.config_path}: {key} must be a positive number, got {value!r}")
+        return float(value)
 
     def _path_or_str(self, key: str, value: object) -> str:
         if not isinstance(value, str):
