@@ -137,6 +137,7 @@ class Hub:
         self._counters_lock = threading.Lock()
         self.link: MqttLink | None = None
         self.http: Any = None
+        self.metrics_http: Any = None  # hub.toml metrics_listen: /metrics without a token
         self.public_url = ""
         self.drift = DriftMonitor(  # telemetry aggregation, drift scores and alerts
             db=self.db, config=load_drift_config(home.path / "drift.toml"), topics=self.topics, clock=clock,
@@ -167,10 +168,13 @@ class Hub:
         return base + (f"-{self.replica}" if self.replica else "")
 
     def start(self) -> None:
-        from edgefleet.hub.adapters.api import HubHttpServer
+        from edgefleet.hub.adapters.api import HubHttpServer, MetricsHttpServer, split_listen
 
         host, _, port = self.http_listen.rpartition(":")
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
+        if self.config.metrics_listen:
+            self.metrics_http = MetricsHttpServer(self.metrics, *split_listen(self.config.metrics_listen,
+                                                                              "hub.toml metrics_listen"))
         bound_host, bound_port = self.http.address
         self.public_url = self.config.public_url or f"{self.http.scheme}://{bound_host}:{bound_port}"
         subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
@@ -190,16 +194,20 @@ class Hub:
             link.start()
             self._ingest_links.append(link)
         self.http.start()
+        if self.metrics_http is not None:
+            self.metrics_http.start()
         workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
         for name, target in (*workers, ("hub-main", self._main_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self.rollouts.start()
-        self.home.write_run({"http": self.http.url, "broker": self.broker_url,
-                             "public_url": self.public_url})
+        self.home.write_run({"http": self.http.url, "broker": self.broker_url, "public_url": self.public_url,
+                             **({"metrics": self.metrics_http.url} if self.metrics_http is not None else {})})
         log.info("hub for fleet %s: %s://%s:%d, broker %s", self.config.fleet, self.http.scheme, bound_host,
                  bound_port, self.broker_url)
+        if self.metrics_http is not None:
+            log.info("Prometheus metrics without a token on %s (metrics_listen)", self.metrics_http.url)
 
     def stop(self) -> None:
         for link in self._ingest_links:  # first: no new messages; then store what they took
@@ -217,6 +225,8 @@ class Hub:
         self._score_drift()  # the last interval's sums
         if self.http is not None:
             self.http.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
         if self.link is not None:
             self.link.stop()
         self.home.clear_run()

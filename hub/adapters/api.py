@@ -1,9 +1,11 @@
 """The hub's HTTP server: blob downloads (no secret needed: blobs are hashed and signed) and the
-authenticated admin API the CLI talks to.
+authenticated admin API the CLI talks to. Every endpoint but these two needs a token:
 
     GET  /healthz                     liveness (no auth)
-    GET  /metrics                     fleet metrics, Prometheus text format (no auth; hub.metrics)
-    GET  /blobs/{sha256}              a published blob; honours ``Range: bytes=N-`` (resume)
+    GET  /blobs/{sha256}              a published blob (no auth); honours ``Range: bytes=N-`` (resume)
+
+    GET  /metrics                     fleet metrics, Prometheus text format (hub.services.metrics);
+                                      without a token on ``metrics_listen`` alone (MetricsHttpServer)
     GET  /api/v1/status               devices, what they run, status, last telemetry
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
@@ -46,14 +48,14 @@ import hmac
 import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
-from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.contract.errors import ConfigError, EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
 from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
 from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -61,7 +63,7 @@ from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 if TYPE_CHECKING:
     from edgefleet.hub.adapters.home import HubConfig, HubHome
 
-__all__ = ["Admin", "HubHttpServer"]
+__all__ = ["Admin", "HubHttpServer", "MetricsHttpServer", "split_listen"]
 
 MiB = 1024 * 1024
 # The largest body each POST endpoint reads, checked against Content-Length before reading (413):
@@ -211,9 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
+            self._auth()  # everything else names devices, their states and what they run
             if url.path == "/metrics":
                 return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
-            self._auth()
             q = parse_qs(url.query)
             if url.path == "/api/v1/status":
                 return self._json(200, hub.status())
@@ -321,6 +323,67 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """``GET /metrics`` and nothing else, without a token: the ``metrics_listen`` port."""
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = -1
+    server: _MetricsServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # a GET's body is never read
+        if urlsplit(self.path).path == "/metrics":
+            status, body, ctype = 200, self.server.render().encode(), METRICS_CONTENT_TYPE
+        else:
+            status, ctype = 404, "text/plain; charset=utf-8"
+            body = b"this port serves GET /metrics only; the admin API is on the hub's http_listen\n"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _MetricsServer(BoundedHTTPServer):
+    render: Callable[[], str]
+
+
+class MetricsHttpServer:
+    """The Prometheus page alone, unauthenticated, on its own address (hub.toml ``metrics_listen``,
+    e.g. ``127.0.0.1:9108``): for a scraper that should hold no token. Plain HTTP; bind it to
+    loopback or a private interface, since the page names every device and its state."""
+
+    def __init__(self, render: Callable[[], str], host: str, port: int, *, max_connections: int = 16,
+                 timeout: float = 10.0) -> None:
+        self._httpd = _MetricsServer((host, port), _MetricsHandler, max_connections=max_connections,
+                                     timeout=timeout)
+        self._httpd.render = render
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host  # noqa: S104
+        return f"http://{host}:{port}/metrics"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
 class _Server(BoundedHTTPServer):
     admin: Admin
     token: str
@@ -328,6 +391,16 @@ class _Server(BoundedHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         if handshake(request):  # TLS (hub.tls): the handshake runs in this connection's thread
             super().finish_request(request, client_address)
+
+
+def split_listen(listen: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → ``(host, port)``; an empty host is 127.0.0.1."""
+    host, _, port = listen.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what} must be HOST:PORT, got {listen!r}") from None
+    return host.strip("[]") or "127.0.0.1", number
 
 
 class HubHttpServer:

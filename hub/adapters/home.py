@@ -67,6 +67,9 @@ class HubConfig:
     # 503 at once; agents retry downloads with backoff) and the socket timeout of each
     http_max_connections: int = 256
     http_timeout_seconds: float = 30.0
+    # HOST:PORT of a second, unauthenticated listener serving GET /metrics alone (Prometheus);
+    # empty = none (then /metrics is on http_listen, with a token like every admin call)
+    metrics_listen: str = ""
 
     @property
     def http_tls(self) -> bool:
@@ -124,7 +127,7 @@ class HubHome:
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
-                 "http_max_connections", "http_timeout_seconds", *_SECURITY_KEYS}
+                 "http_max_connections", "http_timeout_seconds", "metrics_listen", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -136,6 +139,7 @@ class HubHome:
             desired_ttl_seconds=int(doc.get("desired_ttl_seconds", 30 * 86400)),
             http_max_connections=int(self._positive(doc, "http_max_connections", 256)),
             http_timeout_seconds=float(self._positive(doc, "http_timeout_seconds", 30.0)),
+            metrics_listen=self._path_or_str("metrics_listen", doc.get("metrics_listen", "")),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
 

@@ -4,54 +4,23 @@ serves. A real ``Hub`` (SQLite, signing) behind the real ``HubHttpServer``; no b
 
 from __future__ import annotations
 
-import base64
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from edgefleet.hub.adapters.api import MAX_CAPTURE_BODY, HubHttpServer
-from edgefleet.hub.adapters.home import HubHome
-from edgefleet.hub.daemon import Hub
-from tests.simulator import tiny_model
+from edgefleet.hub.adapters.api import MAX_CAPTURE_BODY
+from tests.hub._served import Served, serve
 
 MAX_LIST_BODY = 4 * 2**20  # hub.adapters.api's limit for deploys and rollouts
 
 
-@dataclass
-class Served:
-    hub: Hub
-    http: HubHttpServer
-    token: str  # the admin token of the home
-    capture_token: str  # device d1's
-
-    @property
-    def url(self) -> str:
-        return self.http.url
-
-    def auth(self) -> str:
-        return f"Authorization: Bearer {self.token}\r\n"
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    home = HubHome(tmp_path / "hub")
-    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
-    hub = Hub(home)
-    hub.public_url = "http://hub.example"
-    hub.publish({"name": "m", "version": "1", "model_b64": base64.b64encode(tiny_model(1.0)).decode()}, "admin")
-    creds = hub.add_device({"device": "d1", "profile": "generic-x86_64"}, "admin")["credentials"]
-    http = HubHttpServer(hub, "127.0.0.1", 0, max_connections=4, timeout=1.0)
-    http.start()
-    try:
-        yield Served(hub, http, home.token(), creds["capture_token"])
-    finally:
-        http.stop()
-        hub.db.close()
+    with serve(tmp_path, max_connections=4, timeout=1.0) as s:
+        yield s
 
 
 def connect(s: Served) -> socket.socket:
@@ -87,7 +56,7 @@ def push(sock: socket.socket, seconds: float = 0.5) -> int:
 
 
 def still_serves(s: Served) -> None:
-    r = httpx.get(s.url + "/api/v1/status", headers={"Authorization": f"Bearer {s.token}"}, timeout=5)
+    r = s.get("/api/v1/status")
     assert r.status_code == 200, f"after the attack the hub answered {r.status_code}: {r.text[:200]}"
 
 

@@ -185,7 +185,8 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         assert {g["name"] for g in ro["decision"]["gates"]} >= {"agreement", "latency_p95_ratio"}
         assert "pause" in run_cli("edgefleet.hub.cli.main", "rollout", "pause", *base).stdout.lower()
         metrics = {(f.name, s.labels.get("rollout")): s.value
-                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+                   for f in text_string_to_metric_families(
+                       httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {h.home.token()}"}).text) for s in f.samples}
         assert metrics[("edgefleet_rollout_state", ro["id"])] == 1  # paused
         assert metrics[("edgefleet_rollout_percent", ro["id"])] == 10
         assert metrics[("edgefleet_rollout_cohort_devices", ro["id"])] == 2
