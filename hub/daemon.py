@@ -46,6 +46,8 @@ from edgefleet.hub.adapters.home import HubHome, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
 from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
+from edgefleet.hub.adapters.tokens import TokenStore
+from edgefleet.hub.core.access import Token, check_role, check_token_name
 from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
@@ -128,6 +130,8 @@ class Hub:
         self.clock = clock
         self.topics = Topics(self.config.fleet)
         self.db = Database(home.db_path)
+        self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
+        self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
         self._keyring = self._load_keyring()
         self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue(INBOX_LIMIT)
@@ -656,6 +660,27 @@ class Hub:
         return {"device": device, "request_id": request_id, "traces": out,
                 "audit_chain_ok": not problems, "audit_problems": problems}
 
+    # -- API tokens (hub.core.access, hub.adapters.tokens) ----------------------------------------
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [_public_token(t) for t in self.tokens.tokens()]
+
+    def add_token(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """A new named token; its secret is in the answer and nowhere else."""
+        name, role = check_token_name(req.get("name")), check_role(req.get("role"))
+        now = self.clock()
+        with self.db.tx() as conn:  # the audit entry is rolled back if the token file is not written
+            self.db.audit(conn, now, actor, "token_add", {"name": name, "role": role})
+            token, secret = self.tokens.add(name, role, now, actor)
+        return {**_public_token(token), "token": secret}
+
+    def revoke_token(self, name: str, actor: str) -> dict[str, Any]:
+        now = self.clock()
+        with self.db.tx() as conn:
+            self.db.audit(conn, now, actor, "token_revoke", {"name": name})
+            token = self.tokens.revoke(name, now)
+        return _public_token(token)
+
     def blob_path(self, sha256: str) -> Path | None:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             return None
@@ -702,6 +727,11 @@ def _name(value: object, what: str) -> str:
         return check_name(value, what)
     except MalformedMessage as exc:
         raise BadRequest(str(exc)) from exc
+
+
+def _public_token(t: Token) -> dict[str, Any]:
+    return {**t.public(), "created_at": format_time(t.created_at),
+            "revoked_at": format_time(t.revoked_at) if t.revoked_at is not None else None}
 
 
 def _public_model(m: Mapping[str, Any]) -> dict[str, Any]:

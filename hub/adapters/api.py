@@ -1,5 +1,7 @@
 """The hub's HTTP server: blob downloads (no secret needed: blobs are hashed and signed) and the
-authenticated admin API the CLI talks to. Every endpoint but these two needs a token:
+authenticated admin API the CLI talks to. Every endpoint but these two needs a token, whose role
+(:mod:`hub.core.access`) allows the call: viewer for every GET, operator for publish, deploy,
+rollouts and rollback, admin for devices and tokens.
 
     GET  /healthz                     liveness (no auth)
     GET  /blobs/{sha256}              a published blob (no auth); honours ``Range: bytes=N-`` (resume)
@@ -26,15 +28,21 @@ authenticated admin API the CLI talks to. Every endpoint but these two needs a t
                                       dry_run?}
     POST /api/v1/rollouts/action      {action: pause|resume|abort|promote, rollout?: ID or model name}
     POST /api/v1/rollback             fleet rollback {model, to?}
+    GET  /api/v1/tokens               named API tokens: name, role, created, revoked (admin)
+    POST /api/v1/tokens               {name, role}: a new token, its secret in the answer once (admin)
+    POST /api/v1/tokens/revoke        {name} (admin)
     POST /api/v1/capture              device data capture batch (the device's capture token)
 
 Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
-(a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
-``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
+(a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization:
+Bearer <token>`` (401 without a token the hub knows, or a revoked one; 403 when its role does not
+allow the call). The token's name is the actor of the audit entries the call writes; an
+``actor`` in the request body is ignored. Errors are ``{"error": message, "reason": code}`` with
+the status of :mod:`hub.errors`.
 
-Clients are not trusted to be well-behaved (:mod:`agent.adapters.httpserver`): the credential of
-a request is checked before any of its body is read; a body is read only with a plain decimal
-``Content-Length`` within the endpoint's limit (:data:`POST_LIMITS`; 411, 400, 413 otherwise, and
+Clients are not trusted to be well-behaved (:mod:`agent.adapters.httpserver`): the credential and
+role of a request are checked before any of its body is read; a body is read only with a plain
+decimal ``Content-Length`` within the endpoint's limit (:data:`POST_ROUTES`; 411, 400, 413 otherwise, and
 501 for ``Transfer-Encoding``); each connection has a socket timeout and at most
 ``http_max_connections`` are open at once (one more gets 503), both from hub.toml.
 
@@ -44,7 +52,6 @@ provides them); it parses requests and writes responses, and decides nothing its
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import threading
@@ -57,11 +64,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
 from edgefleet.agent.contract.errors import ConfigError, EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
-from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
+from edgefleet.hub.adapters.tokens import TokenStore
+from edgefleet.hub.core.access import Token, allows
+from edgefleet.hub.errors import BadRequest, Forbidden, HubRefused, NotFound
 from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from edgefleet.hub.adapters.home import HubConfig, HubHome
+    from edgefleet.hub.adapters.home import HubConfig
 
 __all__ = ["Admin", "HubHttpServer", "MetricsHttpServer", "split_listen"]
 
@@ -73,26 +82,30 @@ MAX_PUBLISH_BODY = 1024 * MiB
 MAX_LIST_BODY = 4 * MiB
 MAX_SMALL_BODY = 64 * 1024
 MAX_CAPTURE_BODY = 16 * MiB  # a device's capture batch (the device's capture token)
-POST_LIMITS = {
-    "/api/v1/models": MAX_PUBLISH_BODY,
-    "/api/v1/devices": MAX_SMALL_BODY,
-    "/api/v1/devices/revoke": MAX_SMALL_BODY,
-    "/api/v1/deploy": MAX_LIST_BODY,
-    "/api/v1/rollouts": MAX_LIST_BODY,
-    "/api/v1/rollouts/action": MAX_SMALL_BODY,
-    "/api/v1/rollback": MAX_SMALL_BODY,
+# POST endpoint -> (the role it needs, the largest body it reads)
+POST_ROUTES = {
+    "/api/v1/models": ("operator", MAX_PUBLISH_BODY),
+    "/api/v1/deploy": ("operator", MAX_LIST_BODY),
+    "/api/v1/rollouts": ("operator", MAX_LIST_BODY),
+    "/api/v1/rollouts/action": ("operator", MAX_SMALL_BODY),
+    "/api/v1/rollback": ("operator", MAX_SMALL_BODY),
+    "/api/v1/devices": ("admin", MAX_SMALL_BODY),
+    "/api/v1/devices/revoke": ("admin", MAX_SMALL_BODY),
+    "/api/v1/tokens": ("admin", MAX_SMALL_BODY),
+    "/api/v1/tokens/revoke": ("admin", MAX_SMALL_BODY),
 }
+GET_ROLES = {"/api/v1/tokens": "admin"}  # every other GET needs viewer
 RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
 class Admin(Protocol):
-    """The admin API's port onto the hub: one method per operation it serves, plus the hub home
-    (admin token) and config (fleet name, TLS certificate). :class:`edgefleet.hub.daemon.Hub`
-    provides it. Bad input raises :class:`hub.errors.HubRefused` (its status and message are the
-    response); ``actor`` is who asked (the request's ``actor``, else ``admin``)."""
+    """The admin API's port onto the hub: one method per operation it serves, plus its tokens
+    and config (fleet name, TLS certificate). :class:`edgefleet.hub.daemon.Hub` provides it. Bad
+    input raises :class:`hub.errors.HubRefused` (its status and message are the response);
+    ``actor`` is who asked: the name of the request's token."""
 
     @property
-    def home(self) -> HubHome: ...
+    def tokens(self) -> TokenStore: ...
 
     @property
     def config(self) -> HubConfig: ...
@@ -136,6 +149,12 @@ class Admin(Protocol):
     def rollout_action(self, action: str, key: str | None, actor: str, reason: str = "") -> dict[str, Any]: ...
 
     def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def list_tokens(self) -> list[dict[str, Any]]: ...
+
+    def add_token(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def revoke_token(self, name: str, actor: str) -> dict[str, Any]: ...
 
     def capture_device(self, authorization: str) -> str: ...  # the capture token's device, or NotAuthorized
 
@@ -184,11 +203,14 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
-    def _auth(self) -> None:
-        got = self.headers.get("Authorization", "")
-        want = f"Bearer {self.server.token}"
-        if not hmac.compare_digest(got.encode(), want.encode()):
-            raise NotAuthorized("missing or wrong admin token (Authorization: Bearer <DIR/admin.token>)")
+    def _auth(self, need: str) -> Token:
+        """The request's token (401 without a valid one), if its role allows ``need`` (403)."""
+        token = self.server.admin.tokens.authenticate(self.headers.get("Authorization", ""))
+        if not allows(token.role, need):
+            raise Forbidden(f"token {token.name!r} has role {token.role}; {self.command} {urlsplit(self.path).path} "
+                            f"needs {need}" + (" or admin" if need == "operator" else "")
+                            + " (an admin can make one: `edgefleet-hub token add NAME --role ROLE`)")
+        return token
 
     def _body(self, limit: int) -> dict[str, Any]:
         """The request's JSON object; call it only once the request's credential is checked."""
@@ -213,7 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
-            self._auth()  # everything else names devices, their states and what they run
+            # everything else names devices, their states and what they run
+            self._auth(GET_ROLES.get(url.path, "viewer"))
             if url.path == "/metrics":
                 return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
             q = parse_qs(url.query)
@@ -246,6 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/audit/verify":
                 problems = hub.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
+            if url.path == "/api/v1/tokens":
+                return self._json(200, {"tokens": hub.list_tokens()})
             raise NotFound(f"no such endpoint: GET {url.path}")
         except EdgefleetError as exc:
             self._error(exc)
@@ -260,12 +285,13 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/capture":  # the device's capture token, checked before the body
                 device = hub.capture_device(self.headers.get("Authorization", ""))
                 return self._json(200, hub.ingest_capture(device, self._body(MAX_CAPTURE_BODY)))
-            self._auth()
-            limit = POST_LIMITS.get(url.path)
-            if limit is None:
+            route = POST_ROUTES.get(url.path)
+            token = self._auth(route[0] if route else "viewer")
+            if route is None:
                 raise NotFound(f"no such endpoint: POST {url.path}")
-            body = self._body(limit)
-            actor = str(body.pop("actor", "") or "admin")
+            body = self._body(route[1])
+            body.pop("actor", None)  # who acts is the token, not what the request says
+            actor = token.name
             if url.path == "/api/v1/models":
                 return self._json(201, hub.publish(body, actor))
             if url.path == "/api/v1/devices":
@@ -281,6 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
                                                           str(body.get("reason") or "")))
             if url.path == "/api/v1/rollback":
                 return self._json(200, hub.fleet_rollback(body, actor))
+            if url.path == "/api/v1/tokens":
+                return self._json(201, hub.add_token(body, actor))
+            if url.path == "/api/v1/tokens/revoke":
+                return self._json(200, hub.revoke_token(str(body.get("name")), actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
         except (EdgefleetError, HttpError) as exc:
             self._error(exc)
@@ -386,7 +416,6 @@ class MetricsHttpServer:
 
 class _Server(BoundedHTTPServer):
     admin: Admin
-    token: str
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if handshake(request):  # TLS (hub.tls): the handshake runs in this connection's thread
@@ -414,7 +443,6 @@ class HubHttpServer:
                               max_connections=max_connections or cfg.http_max_connections,
                               timeout=timeout or cfg.http_timeout_seconds)
         self._httpd.admin = admin
-        self._httpd.token = admin.home.token()
         self._thread: threading.Thread | None = None
         tls = server_context(admin.config)  # https when hub.toml names a certificate (hub.tls)
         if tls is not None:

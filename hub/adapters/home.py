@@ -1,7 +1,8 @@
 """The hub's home folder: keys, configuration, admin token, database and blobs.
 
     DIR/hub.toml          fleet, broker URL, HTTP listen address, public blob URL, TTLs
-    DIR/admin.token       bearer token of the admin API (0600)
+    DIR/admin.token       the admin API token the CLI on this machine sends (0600)
+    DIR/tokens.json       named API tokens: name, role, sha256 (0600; hub.adapters.tokens)
     DIR/keys/root.pem     fleet root key (signs keyrings; keep it offline in production)
     DIR/keys/signing.pem  signing key (signs desired states; listed in the keyring)
     DIR/hub.db            SQLite, owned by the running daemon (hub.db module)
@@ -81,6 +82,7 @@ class HubHome:
         self.path = path
         self.config_path = path / "hub.toml"
         self.token_path = path / "admin.token"
+        self.tokens_path = path / "tokens.json"
         self.keys = path / "keys"
         self.db_path = path / "hub.db"
         self.blobs = path / "blobs"
@@ -178,7 +180,8 @@ class HubHome:
         try:
             return self.token_path.read_text().strip()
         except FileNotFoundError as exc:
-            raise ConfigError(f"no admin token at {self.token_path}; is {self.path} a hub home?") from exc
+            raise ConfigError(f"no admin token at {self.token_path}; is {self.path} a hub home? (from "
+                              "another machine: --hub URL with $EDGEFLEET_TOKEN set to your token)") from exc
 
     def _key(self, name: str) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key((self.keys / f"{name}.pem").read_bytes(), None)

@@ -84,7 +84,6 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "author": args.author or getpass.getuser(),
             **lineage_options(args),
         },
-        "actor": args.author or getpass.getuser(),
     }
 
 

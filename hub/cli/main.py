@@ -1,7 +1,8 @@
-"""``edgefleet-hub``: keys, publish, deploy, status, devices, serve, demo.
+"""``edgefleet-hub``: keys, publish, deploy, status, devices, tokens, serve, demo.
 
 Every command but ``init``, ``serve`` and ``demo`` talks to the running hub over its admin API
-(address and token from the hub home), never to the database behind the daemon's back.
+(address from the hub home or ``--hub``; token from ``$EDGEFLEET_TOKEN`` or the hub home's
+``admin.token``), never to the database behind the daemon's back.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "")
     print(f"hub home ready in {home.path} (fleet {args.fleet})")
     print(f"  root key:  {home.keys / 'root.pem'}  (keep it safe: it is the fleet's trust anchor)")
-    print(f"  token:     {home.token_path}")
+    print(f"  token:     {home.token_path}  (the admin token; named ones: edgefleet-hub token add)")
     print(f"next: edgefleet-hub serve --home {home.path}")
     return 0
 
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--broker", help="use this broker instead of the embedded one")
     add_keys_commands(sub, cmd)
     add_rollout_commands(sub, cmd)
+    from edgefleet.hub.cli.tokens import add_token_commands
+
+    add_token_commands(sub, cmd, client)
     return p
 
 

@@ -8,7 +8,6 @@ sent (the hub validates again).
 from __future__ import annotations
 
 import argparse
-import getpass
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ def format_rollout(r: dict[str, Any]) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"actor": getpass.getuser(), "model": args.name, "version": args.version,
+    body: dict[str, Any] = {"model": args.name, "version": args.version,
                             "steps": list(parse_steps(args.steps)),
                             "mode": args.mode, "fraction": args.fraction, "dry_run": args.dry_run}
     if args.policy:
@@ -68,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _action(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        r = _client(args).rollout_action(action, args.rollout, args.reason or "", getpass.getuser())
+        r = _client(args).rollout_action(action, args.rollout, args.reason or "")
         emit(args, r, format_rollout(r))
         return 0
 
@@ -76,7 +75,7 @@ def _action(action: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    res = _client(args).rollback(args.name, args.to, getpass.getuser())
+    res = _client(args).rollback(args.name, args.to)
     lines = [f"rolled back {args.name}" + (f" (rollout {res['rollout']})" if res.get("rollout") else "") + ":"]
     lines += [f"  {d}: {c.get('from', '?')} -> {c['to']} seq {c['seq']}" for d, c in sorted(res["devices"].items())]
     lines += [f"  {d}: skipped, {why}" for d, why in sorted(res["skipped"].items())]
