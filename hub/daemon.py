@@ -42,7 +42,7 @@ from edgefleet.agent.contract.wire import (
     format_time,
 )
 from edgefleet.hub.adapters.fastjson import loads_object
-from edgefleet.hub.adapters.home import HubHome, keyring_path
+from edgefleet.hub.adapters.home import HubHome, create_private, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
 from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
@@ -129,6 +129,10 @@ class Hub:
         self.http_listen = http_listen or self.config.http_listen
         self.clock = clock
         self.topics = Topics(self.config.fleet)
+        loose = home.open_to_others()
+        if loose:
+            log.warning("the hub home is open to other users (%s): chmod -R go= %s", ", ".join(loose), home.path)
+        create_private(home.db_path)  # before SQLite creates it with the umask's mode
         self.db = Database(home.db_path)
         self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
@@ -160,7 +164,7 @@ class Hub:
         if path.exists():
             return path.read_bytes()
         raw = build_keyring(self.config.fleet, 1, [self.signing_key], self.home.root_key(), self.clock())
-        atomic_write(path, raw, mode=0o644)
+        atomic_write(path, raw, mode=0o600)
         return raw
 
     @property
@@ -422,9 +426,9 @@ class Hub:
             )
         blob = self.home.blobs / sha
         if not blob.exists():
-            atomic_write(blob, data, mode=0o644)
+            atomic_write(blob, data, mode=0o600)
         if preflight is not None and not (self.home.blobs / preflight[1]["sha256"]).exists():
-            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o644)
+            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o600)
         lineage = clean_lineage(req.get("lineage"))
         if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
             raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "

@@ -9,10 +9,16 @@
     DIR/blobs/<sha256>    published model blobs
     DIR/hub.run.json      written by `serve`: where the running daemon answers
     DIR/pki/              device CA, CRL, password file (hub.pki); http.pem/http.key (hub.tls)
+
+Only the hub's user may read any of it: ``init`` makes the folder and its sub-folders 0700 and
+every file 0600 (the database too, whose WAL files SQLite gives the same mode), and the hub
+writes what it adds (blobs, keyring, tokens, hub.run.json) 0600. A home made before that keeps
+its modes; the hub warns at start while the home or a secret in it is open to other users.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -29,11 +35,18 @@ from edgefleet.agent.contract.envelope import public_key_to_b64
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
 
-__all__ = ["HubConfig", "HubHome", "read_optional_toml"]
+__all__ = ["HubConfig", "HubHome", "create_private", "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username",
                   "broker_password_file", "http_cert_file", "http_key_file")
 
+
+
+def create_private(path: Path) -> None:
+    """Create an empty file readable by its owner alone, unless it exists (for files another
+    library fills, such as the SQLite database)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def read_optional_toml(path: Path) -> dict[str, Any] | None:
@@ -97,9 +110,11 @@ class HubHome:
         if self.exists():
             raise ConfigError(f"{self.path} is already a hub home (found {self.config_path}); "
                               "choose another --home or remove it")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)  # also a folder that existed, empty, before init
         self.keys.mkdir(mode=0o700, exist_ok=True)
-        self.blobs.mkdir(exist_ok=True)
+        self.blobs.mkdir(mode=0o700, exist_ok=True)
+        create_private(self.db_path)
         for name in ("root", "signing"):
             key = Ed25519PrivateKey.generate()
             pem = key.private_bytes(
@@ -119,7 +134,7 @@ class HubHome:
             "# desired states are re-signed before they expire\n"
             "desired_ttl_seconds = 2592000\n"
         )
-        atomic_write(self.config_path, text.encode(), mode=0o644)
+        atomic_write(self.config_path, text.encode(), mode=0o600)
 
     def config(self) -> HubConfig:
         try:
@@ -169,8 +184,22 @@ class HubHome:
                     break
             else:
                 lines.append(new)
-        atomic_write(self.config_path, ("\n".join(lines) + "\n").encode(), mode=0o644)
+        atomic_write(self.config_path, ("\n".join(lines) + "\n").encode(), mode=0o600)
         self.config()  # refuse to leave a file we cannot read back
+
+    def open_to_others(self) -> list[str]:
+        """The home and the secrets in it that users other than the owner may read or enter
+        (``path mode``), for the warning at start."""
+        out = []
+        for p in (self.path, self.keys, self.pki_path, self.config_path, self.token_path, self.tokens_path,
+                  self.db_path, self.keys / "root.pem", self.keys / "signing.pem", self.pki_path / "ca.key"):
+            try:
+                mode = p.stat().st_mode & 0o777
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                out.append(f"{p} {mode:04o}")
+        return out
 
     @property
     def pki_path(self) -> Path:
@@ -201,7 +230,7 @@ class HubHome:
     # -- where the daemon answers ----------------------------------------------------------------
 
     def write_run(self, info: dict[str, Any]) -> None:
-        atomic_write(self.run_path, json.dumps({**info, "pid": os.getpid()}).encode(), mode=0o644)
+        atomic_write(self.run_path, json.dumps({**info, "pid": os.getpid()}).encode(), mode=0o600)
 
     def clear_run(self) -> None:
         self.run_path.unlink(missing_ok=True)
