@@ -18,11 +18,37 @@ from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.errors import BadRequest
 
-__all__ = ["build_publish_request", "cmd_status", "emit", "lineage_options", "progress", "write_agent_bundle"]
+__all__ = ["build_publish_request", "cmd_status", "emit", "lineage_options", "progress", "safe", "safe_lines",
+           "write_agent_bundle"]
+
+# What a terminal acts on instead of showing: C0 controls (newline, carriage return, ESC that
+# starts ANSI sequences, ...), DEL, C1 controls (0x9b is a one-byte CSI), and the Unicode line
+# separators and bidirectional overrides that reorder or split what is shown.
+_UNSAFE = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                    *range(0x2066, 0x206A))},
+}
+
+
+def safe(value: object) -> str:
+    """``value`` as text a terminal shows as is: control characters as ``\\xNN`` / ``\\uNNNN``
+    escapes, so a device's event message, reported version or reason cannot add a line,
+    overwrite one (``\\r``), or send an escape sequence. Apply it to each field a device (or an
+    API caller) chose before it goes into a line."""
+    return str(value).translate(_UNSAFE)
+
+
+def safe_lines(text: str) -> str:
+    """Every line of ``text`` through :func:`safe`; the line breaks themselves stay."""
+    return "\n".join(safe(line) for line in text.split("\n"))
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else text)
+    """Print the result: JSON (``--json``: escapes every control character) or ``text``, whose
+    lines are passed through :func:`safe_lines` (its fields should have been through :func:`safe`
+    already: only they know which line breaks are the command's own)."""
+    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else safe_lines(text))
 
 
 def progress(msg: str) -> None:
@@ -111,14 +137,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
         cands = d.get("candidates") or {}
-        runs = ", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
-                                        if k in cands else "")
-                         for k, v in d["models"].items()) or "-"
-        want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
+        runs = safe(", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
+                                             if k in cands else "")
+                              for k, v in d["models"].items()) or "-")  # as the device reported it
+        want = safe(", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-")
         reqs = sum(t["requests"] for t in d["telemetry_totals"])
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
-        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last:24} "
-                     f"{d.get('group') or '-'}")
+        lines.append(f"{safe(d['device']):20} {safe(d['status']):10} {runs:28} {want:28} {reqs:>7} {last:24} "
+                     f"{safe(d.get('group') or '-')}")
     emit(args, st, "\n".join(lines))
     return 0
 

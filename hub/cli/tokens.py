@@ -11,7 +11,7 @@ from typing import Any
 
 from edgefleet.hub.adapters.client import TOKEN_ENV, HubClient
 from edgefleet.hub.adapters.home import HubHome
-from edgefleet.hub.cli.commands import emit
+from edgefleet.hub.cli.commands import emit, safe
 from edgefleet.hub.core.access import ROLES
 
 __all__ = ["add_token_commands"]
@@ -33,7 +33,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     tokens = _client(args).tokens()
     lines = [f"{'NAME':20} {'ROLE':9} {'CREATED':22} {'BY':24} REVOKED"]
-    lines += [f"{t['name']:20} {t['role']:9} {t['created_at']:22} {t['created_by'] or '-':24} "
+    lines += [f"{safe(t['name']):20} {safe(t['role']):9} {t['created_at']:22} {safe(t['created_by'] or '-'):24} "
               f"{t['revoked_at'] or '-'}" for t in tokens]
     emit(args, {"tokens": tokens}, "\n".join(lines) if tokens else "no tokens")
     return 0
