@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.adapters.store import atomic_write
+from edgefleet.agent.contract.config import toml_string
 from edgefleet.agent.contract.envelope import public_key_to_b64
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
@@ -126,11 +127,11 @@ class HubHome:
         atomic_write(self.token_path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
         text = (
             "# edgefleet hub configuration\n"
-            f'fleet = "{fleet}"\n'
-            f'broker_url = "{broker_url}"\n'
-            f'http_listen = "{http_listen}"\n'
+            f"fleet = {toml_string(fleet)}\n"
+            f"broker_url = {toml_string(broker_url)}\n"
+            f"http_listen = {toml_string(http_listen)}\n"
             "# URL agents use to reach this hub's HTTP server (blobs); empty = http://<http_listen>\n"
-            f'public_url = "{public_url}"\n'
+            f"public_url = {toml_string(public_url)}\n"
             "# desired states are re-signed before they expire\n"
             "desired_ttl_seconds = 2592000\n"
         )
@@ -177,7 +178,7 @@ class HubHome:
         """Set top-level string keys of hub.toml, keeping every other line (and comment) as is."""
         lines = self.config_path.read_text(encoding="utf-8").splitlines()
         for key, value in changes.items():
-            new = f"{key} = {json.dumps(value)}"
+            new = f"{key} = {toml_string(value)}"
             for i, line in enumerate(lines):
                 if line.split("=", 1)[0].strip() == key:
                     lines[i] = new

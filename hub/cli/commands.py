@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.contract.config import toml_string, toml_value
+from edgefleet.agent.contract.wire import check_name
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.errors import BadRequest
@@ -153,26 +155,30 @@ def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
     overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
 ) -> Path:
-    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
+    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path.
+    Every value is written as a TOML value (:func:`agent.contract.config.toml_string`), so what
+    the hub or the operator gave (URLs, names, paths) reads back as given, quotes, backslashes
+    and newlines included, and can never add a key."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(profile_path, out / "profile.toml")
-    (out / "root.pub").write_text(info["root_public_key"] + "\n")
+    (out / "root.pub").write_text(info["root_public_key"] + "\n", encoding="utf-8")
     lines = [
         "# edgefleet agent configuration, written by `edgefleet-hub device add`",
-        f'fleet = "{info["fleet"]}"',
-        f'device = "{info["device"]}"',
-        f'broker_url = "{info["broker_url"]}"',
-        f'blob_url = "{info["blob_url"]}"',
+        f"fleet = {toml_string(info['fleet'])}",
+        f"device = {toml_string(info['device'])}",
+        f"broker_url = {toml_string(info['broker_url'])}",
+        f"blob_url = {toml_string(info['blob_url'])}",
         "# the fleet root public key (Ed25519, base64): the device's trust anchor",
-        f'root_public_key = "{info["root_public_key"]}"',
-        f"state_dir = {json.dumps(state_dir)}",
-        f'listen = "{listen}"',
+        f"root_public_key = {toml_string(info['root_public_key'])}",
+        f"state_dir = {toml_string(state_dir)}",
+        f"listen = {toml_string(listen)}",
         'profile = "profile.toml"',
         *(extra_lines or []),
     ]
     for section, values in (overrides or {}).items():
+        check_name(section, "overrides section")
         lines.append(f"\n[overrides.{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{check_name(k, 'overrides key')} = {toml_value(v)}" for k, v in values.items()]
     path = out / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
