@@ -14,7 +14,6 @@ import binascii
 import contextlib
 import gc
 import hashlib
-import hmac
 import json
 import logging
 import queue
@@ -43,10 +42,12 @@ from edgefleet.agent.contract.wire import (
     format_time,
 )
 from edgefleet.hub.adapters.fastjson import loads_object
-from edgefleet.hub.adapters.home import HubHome, keyring_path
+from edgefleet.hub.adapters.home import HubHome, create_private, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
 from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
+from edgefleet.hub.adapters.tokens import TokenStore
+from edgefleet.hub.core.access import Token, check_role, check_token_name
 from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
@@ -128,7 +129,13 @@ class Hub:
         self.http_listen = http_listen or self.config.http_listen
         self.clock = clock
         self.topics = Topics(self.config.fleet)
+        loose = home.open_to_others()
+        if loose:
+            log.warning("the hub home is open to other users (%s): chmod -R go= %s", ", ".join(loose), home.path)
+        create_private(home.db_path)  # before SQLite creates it with the umask's mode
         self.db = Database(home.db_path)
+        self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
+        self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
         self._keyring = self._load_keyring()
         self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue(INBOX_LIMIT)
@@ -138,6 +145,7 @@ class Hub:
         self._counters_lock = threading.Lock()
         self.link: MqttLink | None = None
         self.http: Any = None
+        self.metrics_http: Any = None  # hub.toml metrics_listen: /metrics without a token
         self.public_url = ""
         self.drift = DriftMonitor(  # telemetry aggregation, drift scores and alerts
             db=self.db, config=load_drift_config(home.path / "drift.toml"), topics=self.topics, clock=clock,
@@ -156,7 +164,7 @@ class Hub:
         if path.exists():
             return path.read_bytes()
         raw = build_keyring(self.config.fleet, 1, [self.signing_key], self.home.root_key(), self.clock())
-        atomic_write(path, raw, mode=0o644)
+        atomic_write(path, raw, mode=0o600)
         return raw
 
     @property
@@ -168,10 +176,13 @@ class Hub:
         return base + (f"-{self.replica}" if self.replica else "")
 
     def start(self) -> None:
-        from edgefleet.hub.adapters.api import HubHttpServer
+        from edgefleet.hub.adapters.api import HubHttpServer, MetricsHttpServer, split_listen
 
         host, _, port = self.http_listen.rpartition(":")
         self.http = HubHttpServer(self, host or "127.0.0.1", int(port))
+        if self.config.metrics_listen:
+            self.metrics_http = MetricsHttpServer(self.metrics, *split_listen(self.config.metrics_listen,
+                                                                              "hub.toml metrics_listen"))
         bound_host, bound_port = self.http.address
         self.public_url = self.config.public_url or f"{self.http.scheme}://{bound_host}:{bound_port}"
         subs = [(self.topics.all_devices(c), 1) for c in ("reported", "telemetry", "events", "status")]
@@ -191,16 +202,20 @@ class Hub:
             link.start()
             self._ingest_links.append(link)
         self.http.start()
+        if self.metrics_http is not None:
+            self.metrics_http.start()
         workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
         for name, target in (*workers, ("hub-main", self._main_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self.rollouts.start()
-        self.home.write_run({"http": self.http.url, "broker": self.broker_url,
-                             "public_url": self.public_url})
+        self.home.write_run({"http": self.http.url, "broker": self.broker_url, "public_url": self.public_url,
+                             **({"metrics": self.metrics_http.url} if self.metrics_http is not None else {})})
         log.info("hub for fleet %s: %s://%s:%d, broker %s", self.config.fleet, self.http.scheme, bound_host,
                  bound_port, self.broker_url)
+        if self.metrics_http is not None:
+            log.info("Prometheus metrics without a token on %s (metrics_listen)", self.metrics_http.url)
 
     def stop(self) -> None:
         for link in self._ingest_links:  # first: no new messages; then store what they took
@@ -218,6 +233,8 @@ class Hub:
         self._score_drift()  # the last interval's sums
         if self.http is not None:
             self.http.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
         if self.link is not None:
             self.link.stop()
         self.home.clear_run()
@@ -409,9 +426,9 @@ class Hub:
             )
         blob = self.home.blobs / sha
         if not blob.exists():
-            atomic_write(blob, data, mode=0o644)
+            atomic_write(blob, data, mode=0o600)
         if preflight is not None and not (self.home.blobs / preflight[1]["sha256"]).exists():
-            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o644)
+            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o600)
         lineage = clean_lineage(req.get("lineage"))
         if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
             raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
@@ -592,27 +609,31 @@ class Hub:
     def model_diff(self, name: str, a: str, b: str) -> dict[str, Any]:
         return diff_versions(self.model(name, a), self.model(name, b))
 
-    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]:
-        """Store a device's capture batch. Not the admin token: ``authorization`` is
-        ``Bearer <the device's capture token>`` (issued at enrolment, cleared by revocation), and
-        the batch must name this fleet, that device, and published versions with their sha256."""
+    def capture_device(self, authorization: str) -> str:
+        """The device a data-capture upload comes from, known from its ``Authorization: Bearer
+        <capture token>`` alone (issued at enrolment, only its hash kept, cleared by revocation),
+        so the admin API checks it before it reads the body."""
+        token = authorization[len("Bearer "):].strip() if authorization.startswith("Bearer ") else ""
+        device = self.db.device_by_capture_token(hashlib.sha256(token.encode()).hexdigest()) if token else None
+        if device is None:
+            raise NotAuthorized(
+                "capture upload refused: missing or wrong capture token, or its device was revoked or "
+                "enrolled before capture tokens existed (enrol it again); send Authorization: Bearer "
+                "<capture.token from the device's bundle>")
+        return device
+
+    def ingest_capture(self, device: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a capture batch from ``device`` (:meth:`capture_device`): the batch must name this
+        fleet, that device, and published versions with their sha256."""
         try:
-            fleet, device, records = parse_batch(body)
+            fleet, named, records = parse_batch(body)
         except MalformedMessage as exc:
             raise BadRequest(f"capture batch: {exc}") from exc
         if fleet != self.config.fleet:
             raise BadRequest(f"capture batch names fleet {fleet!r}; this hub serves {self.config.fleet!r}")
-        row = self.db.get_device(device)
-        if row is None:
-            raise NotFound(f"device {device!r} is not registered in fleet {fleet}")
-        token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
-        expected = row["capture_token_sha256"]
-        if expected is None:
-            raise NotAuthorized(f"device {device!r} has no capture token (revoked, or enrolled before "
-                                "capture tokens existed): enrol it again to upload captures")
-        if not token or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), expected):
-            raise NotAuthorized(f"capture upload for {device!r}: missing or wrong capture token "
-                                "(Authorization: Bearer <capture.token from the device's bundle>)")
+        if named != device:
+            raise NotAuthorized(f"capture upload for {named!r}: missing or wrong capture token (the token "
+                                f"sent is another device's; use the capture.token from {named!r}'s bundle)")
         shas = {(m["name"], m["version"]): m["sha256"] for m in self.db.list_models()}
         bad = [r for r in records if shas.get((r["model"], r["version"])) != r["sha256"]]
         if bad:
@@ -642,6 +663,27 @@ class Hub:
         problems = self.db.verify_audit()
         return {"device": device, "request_id": request_id, "traces": out,
                 "audit_chain_ok": not problems, "audit_problems": problems}
+
+    # -- API tokens (hub.core.access, hub.adapters.tokens) ----------------------------------------
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [_public_token(t) for t in self.tokens.tokens()]
+
+    def add_token(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """A new named token; its secret is in the answer and nowhere else."""
+        name, role = check_token_name(req.get("name")), check_role(req.get("role"))
+        now = self.clock()
+        with self.db.tx() as conn:  # the audit entry is rolled back if the token file is not written
+            self.db.audit(conn, now, actor, "token_add", {"name": name, "role": role})
+            token, secret = self.tokens.add(name, role, now, actor)
+        return {**_public_token(token), "token": secret}
+
+    def revoke_token(self, name: str, actor: str) -> dict[str, Any]:
+        now = self.clock()
+        with self.db.tx() as conn:
+            self.db.audit(conn, now, actor, "token_revoke", {"name": name})
+            token = self.tokens.revoke(name, now)
+        return _public_token(token)
 
     def blob_path(self, sha256: str) -> Path | None:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -689,6 +731,11 @@ def _name(value: object, what: str) -> str:
         return check_name(value, what)
     except MalformedMessage as exc:
         raise BadRequest(str(exc)) from exc
+
+
+def _public_token(t: Token) -> dict[str, Any]:
+    return {**t.public(), "created_at": format_time(t.created_at),
+            "revoked_at": format_time(t.revoked_at) if t.revoked_at is not None else None}
 
 
 def _public_model(m: Mapping[str, Any]) -> dict[str, Any]:

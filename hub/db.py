@@ -173,6 +173,12 @@ class Database:
         rows = self.query("SELECT * FROM devices WHERE id=?", (device,))
         return rows[0] if rows else None
 
+    def device_by_capture_token(self, sha256: str) -> str | None:
+        """The device whose data-capture token hashes to ``sha256`` (None: no such device, or
+        revoked: revocation clears the hash)."""
+        rows = self.query("SELECT id FROM devices WHERE capture_token_sha256=?", (sha256,))
+        return str(rows[0]["id"]) if rows else None
+
     def device_ids(self) -> set[str]:
         return {r["id"] for r in self.query("SELECT id FROM devices")}
 

@@ -4,7 +4,8 @@
     ├── Refused
     │   └── HubRefused          the hub will not do this as asked (HTTP 4xx)
     │       ├── BadRequest      input of the wrong shape or value (400)
-    │       ├── NotAuthorized   missing or wrong admin token (401)
+    │       ├── NotAuthorized   missing, wrong or revoked token (401)
+    │       ├── Forbidden       the token's role does not allow the call (403)
     │       ├── NotFound        no such model, version or device (404)
     │       └── Conflict        it exists already, differently (409)
     └── Unavailable
@@ -19,7 +20,8 @@ from __future__ import annotations
 from edgefleet.agent.contract.errors import Refused, Unavailable
 
 __all__ = [
-    "BadRequest", "Conflict", "HubNotRunning", "HubRefused", "HubTlsFailed", "NotAuthorized", "NotFound",
+    "BadRequest", "Conflict", "Forbidden", "HubNotRunning", "HubRefused", "HubTlsFailed", "NotAuthorized",
+    "NotFound",
 ]
 
 
@@ -36,6 +38,11 @@ class BadRequest(HubRefused):
 class NotAuthorized(HubRefused):
     status = 401
     reason = "not_authorized"
+
+
+class Forbidden(HubRefused):
+    status = 403
+    reason = "forbidden"
 
 
 class NotFound(HubRefused):
@@ -57,5 +64,5 @@ class HubTlsFailed(Unavailable):
 
 
 BY_STATUS: dict[int, type[HubRefused]] = {
-    400: BadRequest, 401: NotAuthorized, 404: NotFound, 409: Conflict,
+    400: BadRequest, 401: NotAuthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
 }  # fmt: skip

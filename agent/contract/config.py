@@ -8,6 +8,7 @@ so a typo never silently falls back to a default. Per-device overrides live in t
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -18,9 +19,39 @@ from urllib.parse import urlsplit
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
 
-__all__ = ["AgentConfig", "DeviceProfile", "load_agent_config", "load_profile"]
+__all__ = ["AgentConfig", "DeviceProfile", "load_agent_config", "load_profile", "toml_string", "toml_value"]
 
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+# TOML basic strings: the short escapes, then \uXXXX for every other control character.
+_TOML_ESCAPES = {
+    **{c: f"\\u{c:04X}" for c in (*range(0x20), 0x7F)},
+    ord("\b"): "\\b", ord("\t"): "\\t", ord("\n"): "\\n", ord("\f"): "\\f", ord("\r"): "\\r",
+    ord('"'): '\\"', ord("\\"): "\\\\",
+}
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (quotes included) that reads back as exactly ``value``:
+    how the hub writes every string of ``agent.toml`` and ``hub.toml``, operator-given URLs,
+    names and paths included, so a quote, backslash or newline in one cannot end the string
+    and add keys. Other characters stay as they are (the files are UTF-8)."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise ConfigError(f"{value!r} holds a lone surrogate, which no TOML (or UTF-8) file can hold")
+    return '"' + value.translate(_TOML_ESCAPES) + '"'
+
+
+def toml_value(value: object) -> str:
+    """A string, boolean or finite number as a TOML value (for ``[overrides]``)."""
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    raise ConfigError(f"cannot write {value!r} as a TOML value: expected a string, boolean or finite number")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """The hub's HTTP server: blob downloads (no secret needed: blobs are hashed and signed) and the
-authenticated admin API the CLI talks to.
+authenticated admin API the CLI talks to. Every endpoint but these two needs a token, whose role
+(:mod:`hub.core.access`) allows the call: viewer for every GET, operator for publish, deploy,
+rollouts and rollback, admin for devices and tokens.
 
     GET  /healthz                     liveness (no auth)
-    GET  /metrics                     fleet metrics, Prometheus text format (no auth; hub.metrics)
-    GET  /blobs/{sha256}              a published blob; honours ``Range: bytes=N-`` (resume)
+    GET  /blobs/{sha256}              a published blob (no auth); honours ``Range: bytes=N-`` (resume)
+
+    GET  /metrics                     fleet metrics, Prometheus text format (hub.services.metrics);
+                                      without a token on ``metrics_listen`` alone (MetricsHttpServer)
     GET  /api/v1/status               devices, what they run, status, last telemetry
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
@@ -24,11 +28,23 @@ authenticated admin API the CLI talks to.
                                       dry_run?}
     POST /api/v1/rollouts/action      {action: pause|resume|abort|promote, rollout?: ID or model name}
     POST /api/v1/rollback             fleet rollback {model, to?}
+    GET  /api/v1/tokens               named API tokens: name, role, created, revoked (admin)
+    POST /api/v1/tokens               {name, role}: a new token, its secret in the answer once (admin)
+    POST /api/v1/tokens/revoke        {name} (admin)
     POST /api/v1/capture              device data capture batch (the device's capture token)
 
 Plain HTTP, or HTTPS once ``edgefleet-hub https-config`` has set ``http_cert_file`` in hub.toml
-(a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization: Bearer <token>`` (the token in the hub home). Errors are
-``{"error": message, "reason": code}`` with the status of :mod:`hub.errors`.
+(a certificate from the device CA; :mod:`hub.adapters.tls`). Admin calls need ``Authorization:
+Bearer <token>`` (401 without a token the hub knows, or a revoked one; 403 when its role does not
+allow the call). The token's name is the actor of the audit entries the call writes; an
+``actor`` in the request body is ignored. Errors are ``{"error": message, "reason": code}`` with
+the status of :mod:`hub.errors`.
+
+Clients are not trusted to be well-behaved (:mod:`agent.adapters.httpserver`): the credential and
+role of a request are checked before any of its body is read; a body is read only with a plain
+decimal ``Content-Length`` within the endpoint's limit (:data:`POST_ROUTES`; 411, 400, 413 otherwise, and
+501 for ``Transfer-Encoding``); each connection has a socket timeout and at most
+``http_max_connections`` are open at once (one more gets 503), both from hub.toml.
 
 The server sees the hub through :class:`Admin`, the operations it serves (the daemon's ``Hub``
 provides them); it parses requests and writes responses, and decides nothing itself.
@@ -36,39 +52,60 @@ provides them); it parses requests and writes responses, and decides nothing its
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import threading
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
+from edgefleet.agent.contract.errors import ConfigError, EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
-from edgefleet.hub.errors import BadRequest, HubRefused, NotAuthorized, NotFound
+from edgefleet.hub.adapters.tokens import TokenStore
+from edgefleet.hub.core.access import Token, allows
+from edgefleet.hub.errors import BadRequest, Forbidden, HubRefused, NotFound
 from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from edgefleet.hub.adapters.home import HubConfig, HubHome
+    from edgefleet.hub.adapters.home import HubConfig
 
-__all__ = ["Admin", "HubHttpServer"]
+__all__ = ["Admin", "HubHttpServer", "MetricsHttpServer", "split_listen"]
 
-MAX_BODY = 1024 * 1024 * 1024
-MAX_CAPTURE_BODY = 16 * 1024 * 1024
+MiB = 1024 * 1024
+# The largest body each POST endpoint reads, checked against Content-Length before reading (413):
+# a publish carries the model in base64 (a Jetson profile allows 1 GiB blobs); deploys and
+# rollouts carry device lists; the rest a few fields.
+MAX_PUBLISH_BODY = 1024 * MiB
+MAX_LIST_BODY = 4 * MiB
+MAX_SMALL_BODY = 64 * 1024
+MAX_CAPTURE_BODY = 16 * MiB  # a device's capture batch (the device's capture token)
+# POST endpoint -> (the role it needs, the largest body it reads)
+POST_ROUTES = {
+    "/api/v1/models": ("operator", MAX_PUBLISH_BODY),
+    "/api/v1/deploy": ("operator", MAX_LIST_BODY),
+    "/api/v1/rollouts": ("operator", MAX_LIST_BODY),
+    "/api/v1/rollouts/action": ("operator", MAX_SMALL_BODY),
+    "/api/v1/rollback": ("operator", MAX_SMALL_BODY),
+    "/api/v1/devices": ("admin", MAX_SMALL_BODY),
+    "/api/v1/devices/revoke": ("admin", MAX_SMALL_BODY),
+    "/api/v1/tokens": ("admin", MAX_SMALL_BODY),
+    "/api/v1/tokens/revoke": ("admin", MAX_SMALL_BODY),
+}
+GET_ROLES = {"/api/v1/tokens": "admin"}  # every other GET needs viewer
 RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
 class Admin(Protocol):
-    """The admin API's port onto the hub: one method per operation it serves, plus the hub home
-    (admin token) and config (fleet name, TLS certificate). :class:`edgefleet.hub.daemon.Hub`
-    provides it. Bad input raises :class:`hub.errors.HubRefused` (its status and message are the
-    response); ``actor`` is who asked (the request's ``actor``, else ``admin``)."""
+    """The admin API's port onto the hub: one method per operation it serves, plus its tokens
+    and config (fleet name, TLS certificate). :class:`edgefleet.hub.daemon.Hub` provides it. Bad
+    input raises :class:`hub.errors.HubRefused` (its status and message are the response);
+    ``actor`` is who asked: the name of the request's token."""
 
     @property
-    def home(self) -> HubHome: ...
+    def tokens(self) -> TokenStore: ...
 
     @property
     def config(self) -> HubConfig: ...
@@ -113,7 +150,15 @@ class Admin(Protocol):
 
     def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
 
-    def ingest_capture(self, body: Mapping[str, Any], authorization: str = "") -> dict[str, Any]: ...
+    def list_tokens(self) -> list[dict[str, Any]]: ...
+
+    def add_token(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]: ...
+
+    def revoke_token(self, name: str, actor: str) -> dict[str, Any]: ...
+
+    def capture_device(self, authorization: str) -> str: ...  # the capture token's device, or NotAuthorized
+
+    def ingest_capture(self, device: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -145,23 +190,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, exc: EdgefleetError) -> None:
-        status = exc.status if isinstance(exc, HubRefused) else (400 if isinstance(exc, EdgefleetError) else 500)
-        self._json(status, {"error": str(exc), "reason": exc.reason})
+    def _error(self, exc: EdgefleetError | HttpError) -> None:
+        if self._has_unread_body():
+            self.close_connection = True  # its bytes must not be parsed as the next request
+        if isinstance(exc, HttpError):
+            self._json(exc.status, {"error": str(exc), "reason": "body_refused"})
+        else:
+            self._json(exc.status if isinstance(exc, HubRefused) else 400, {"error": str(exc), "reason": exc.reason})
 
-    def _auth(self) -> None:
-        got = self.headers.get("Authorization", "")
-        want = f"Bearer {self.server.token}"
-        if not hmac.compare_digest(got.encode(), want.encode()):
-            raise NotAuthorized("missing or wrong admin token (Authorization: Bearer <DIR/admin.token>)")
+    def _has_unread_body(self) -> bool:
+        if getattr(self, "_body_read", False):
+            return False
+        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
-    def _body(self, limit: int = MAX_BODY) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            self.close_connection = True
-            raise BadRequest(f"request body of {length} bytes exceeds {limit}")
+    def _auth(self, need: str) -> Token:
+        """The request's token (401 without a valid one), if its role allows ``need`` (403)."""
+        token = self.server.admin.tokens.authenticate(self.headers.get("Authorization", ""))
+        if not allows(token.role, need):
+            raise Forbidden(f"token {token.name!r} has role {token.role}; {self.command} {urlsplit(self.path).path} "
+                            f"needs {need}" + (" or admin" if need == "operator" else "")
+                            + " (an admin can make one: `edgefleet-hub token add NAME --role ROLE`)")
+        return token
+
+    def _body(self, limit: int) -> dict[str, Any]:
+        """The request's JSON object; call it only once the request's credential is checked."""
+        raw = read_body(self, limit)
+        self._body_read = True
         try:
-            obj = json.loads(self.rfile.read(length) or b"{}")
+            obj = json.loads(raw or b"{}")
         except ValueError as exc:
             raise BadRequest(f"request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
@@ -171,14 +227,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         hub = self.server.admin
+        self._body_read = False
+        if self._has_unread_body():
+            self.close_connection = True  # a GET's body is never read
         try:
             if url.path == "/healthz":
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
+            # everything else names devices, their states and what they run
+            self._auth(GET_ROLES.get(url.path, "viewer"))
             if url.path == "/metrics":
                 return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
-            self._auth()
             q = parse_qs(url.query)
             if url.path == "/api/v1/status":
                 return self._json(200, hub.status())
@@ -209,20 +269,29 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/v1/audit/verify":
                 problems = hub.verify_audit()
                 return self._json(200, {"ok": not problems, "problems": problems})
+            if url.path == "/api/v1/tokens":
+                return self._json(200, {"tokens": hub.list_tokens()})
             raise NotFound(f"no such endpoint: GET {url.path}")
         except EdgefleetError as exc:
             self._error(exc)
+        except ValueError as exc:  # a query parameter that is not a number
+            self._error(BadRequest(f"bad query in GET {url.path}: {exc}"))
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         hub = self.server.admin
+        self._body_read = False
         try:
-            if url.path == "/api/v1/capture":
-                return self._json(200, hub.ingest_capture(self._body(MAX_CAPTURE_BODY),
-                                                          self.headers.get("Authorization", "")))
-            self._auth()
-            body = self._body()
-            actor = str(body.pop("actor", "") or "admin")
+            if url.path == "/api/v1/capture":  # the device's capture token, checked before the body
+                device = hub.capture_device(self.headers.get("Authorization", ""))
+                return self._json(200, hub.ingest_capture(device, self._body(MAX_CAPTURE_BODY)))
+            route = POST_ROUTES.get(url.path)
+            token = self._auth(route[0] if route else "viewer")
+            if route is None:
+                raise NotFound(f"no such endpoint: POST {url.path}")
+            body = self._body(route[1])
+            body.pop("actor", None)  # who acts is the token, not what the request says
+            actor = token.name
             if url.path == "/api/v1/models":
                 return self._json(201, hub.publish(body, actor))
             if url.path == "/api/v1/devices":
@@ -238,8 +307,12 @@ class _Handler(BaseHTTPRequestHandler):
                                                           str(body.get("reason") or "")))
             if url.path == "/api/v1/rollback":
                 return self._json(200, hub.fleet_rollback(body, actor))
+            if url.path == "/api/v1/tokens":
+                return self._json(201, hub.add_token(body, actor))
+            if url.path == "/api/v1/tokens/revoke":
+                return self._json(200, hub.revoke_token(str(body.get("name")), actor))
             raise NotFound(f"no such endpoint: POST {url.path}")
-        except EdgefleetError as exc:
+        except (EdgefleetError, HttpError) as exc:
             self._error(exc)
 
     def _blob(self, sha256: str) -> None:
@@ -280,22 +353,96 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """``GET /metrics`` and nothing else, without a token: the ``metrics_listen`` port."""
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = -1
+    server: _MetricsServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # a GET's body is never read
+        if urlsplit(self.path).path == "/metrics":
+            status, body, ctype = 200, self.server.render().encode(), METRICS_CONTENT_TYPE
+        else:
+            status, ctype = 404, "text/plain; charset=utf-8"
+            body = b"this port serves GET /metrics only; the admin API is on the hub's http_listen\n"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _MetricsServer(BoundedHTTPServer):
+    render: Callable[[], str]
+
+
+class MetricsHttpServer:
+    """The Prometheus page alone, unauthenticated, on its own address (hub.toml ``metrics_listen``,
+    e.g. ``127.0.0.1:9108``): for a scraper that should hold no token. Plain HTTP; bind it to
+    loopback or a private interface, since the page names every device and its state."""
+
+    def __init__(self, render: Callable[[], str], host: str, port: int, *, max_connections: int = 16,
+                 timeout: float = 10.0) -> None:
+        self._httpd = _MetricsServer((host, port), _MetricsHandler, max_connections=max_connections,
+                                     timeout=timeout)
+        self._httpd.render = render
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host  # noqa: S104
+        return f"http://{host}:{port}/metrics"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _Server(BoundedHTTPServer):
     admin: Admin
-    token: str
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if handshake(request):  # TLS (hub.tls): the handshake runs in this connection's thread
             super().finish_request(request, client_address)
 
 
+def split_listen(listen: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) → ``(host, port)``; an empty host is 127.0.0.1."""
+    host, _, port = listen.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{what} must be HOST:PORT, got {listen!r}") from None
+    return host.strip("[]") or "127.0.0.1", number
+
+
 class HubHttpServer:
-    def __init__(self, admin: Admin, host: str, port: int) -> None:
-        self._httpd = _Server((host, port), _Handler)
+    """``max_connections`` and ``timeout`` default to hub.toml's ``http_max_connections`` and
+    ``http_timeout_seconds``."""
+
+    def __init__(self, admin: Admin, host: str, port: int, *, max_connections: int | None = None,
+                 timeout: float | None = None) -> None:
+        cfg = admin.config
+        self._httpd = _Server((host, port), _Handler,
+                              max_connections=max_connections or cfg.http_max_connections,
+                              timeout=timeout or cfg.http_timeout_seconds)
         self._httpd.admin = admin
-        self._httpd.token = admin.home.token()
         self._thread: threading.Thread | None = None
         tls = server_context(admin.config)  # https when hub.toml names a certificate (hub.tls)
         if tls is not None:

@@ -1,7 +1,12 @@
-"""Admin API client used by the CLI (and usable from a laptop against a remote hub)."""
+"""Admin API client used by the CLI (and usable from a laptop against a remote hub).
+
+The token it sends: ``$EDGEFLEET_TOKEN`` when set (a named token from ``edgefleet-hub token
+add``), else the hub home's ``admin.token``.
+"""
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 from urllib.parse import quote
@@ -12,7 +17,9 @@ from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.adapters.tls import client_verify, is_tls_verify_error
 from edgefleet.hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFailed
 
-__all__ = ["HubClient"]
+__all__ = ["TOKEN_ENV", "HubClient"]
+
+TOKEN_ENV = "EDGEFLEET_TOKEN"  # noqa: S105 - the name of an environment variable
 
 
 class HubClient:
@@ -26,9 +33,11 @@ class HubClient:
 
     @classmethod
     def for_home(cls, home: HubHome, url: str | None = None) -> HubClient:
-        """An https hub is verified against the home's device CA (hub.tls)."""
+        """An https hub is verified against the home's device CA (hub.tls). The token is
+        ``$EDGEFLEET_TOKEN`` if set, else ``HOME/admin.token``."""
         url = url or home.api_url()
-        return cls(url, home.token(), verify=client_verify(home, url))
+        token = os.environ.get(TOKEN_ENV, "").strip() or home.token()
+        return cls(url, token, verify=client_verify(home, url))
 
     def close(self) -> None:
         self._http.close()
@@ -140,13 +149,23 @@ class HubClient:
         result: dict[str, Any] = self.request("POST", "/api/v1/rollouts", json=body)
         return result
 
-    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "",
-                       actor: str | None = None) -> dict[str, Any]:
-        body = {"action": action, "rollout": rollout, "reason": reason, **({"actor": actor} if actor else {})}
+    def rollout_action(self, action: str, rollout: str | None = None, reason: str = "") -> dict[str, Any]:
+        body = {"action": action, "rollout": rollout, "reason": reason}
         result: dict[str, Any] = self.request("POST", "/api/v1/rollouts/action", json=body)
         return result
 
-    def rollback(self, model: str, to: str | None = None, actor: str | None = None) -> dict[str, Any]:
-        body = {"model": model, "to": to, **({"actor": actor} if actor else {})}
-        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json=body)
+    def rollback(self, model: str, to: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/rollback", json={"model": model, "to": to})
+        return result
+
+    def tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/tokens")["tokens"]
+        return result
+
+    def add_token(self, name: str, role: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/tokens", json={"name": name, "role": role})
+        return result
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/tokens/revoke", json={"name": name})
         return result

@@ -1,17 +1,24 @@
 """The hub's home folder: keys, configuration, admin token, database and blobs.
 
     DIR/hub.toml          fleet, broker URL, HTTP listen address, public blob URL, TTLs
-    DIR/admin.token       bearer token of the admin API (0600)
+    DIR/admin.token       the admin API token the CLI on this machine sends (0600)
+    DIR/tokens.json       named API tokens: name, role, sha256 (0600; hub.adapters.tokens)
     DIR/keys/root.pem     fleet root key (signs keyrings; keep it offline in production)
     DIR/keys/signing.pem  signing key (signs desired states; listed in the keyring)
     DIR/hub.db            SQLite, owned by the running daemon (hub.db module)
     DIR/blobs/<sha256>    published model blobs
     DIR/hub.run.json      written by `serve`: where the running daemon answers
     DIR/pki/              device CA, CRL, password file (hub.pki); http.pem/http.key (hub.tls)
+
+Only the hub's user may read any of it: ``init`` makes the folder and its sub-folders 0700 and
+every file 0600 (the database too, whose WAL files SQLite gives the same mode), and the hub
+writes what it adds (blobs, keyring, tokens, hub.run.json) 0600. A home made before that keeps
+its modes; the hub warns at start while the home or a secret in it is open to other users.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,15 +31,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.adapters.store import atomic_write
+from edgefleet.agent.contract.config import toml_string
 from edgefleet.agent.contract.envelope import public_key_to_b64
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
 
-__all__ = ["HubConfig", "HubHome", "read_optional_toml"]
+__all__ = ["HubConfig", "HubHome", "create_private", "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username",
                   "broker_password_file", "http_cert_file", "http_key_file")
 
+
+
+def create_private(path: Path) -> None:
+    """Create an empty file readable by its owner alone, unless it exists (for files another
+    library fills, such as the SQLite database)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def read_optional_toml(path: Path) -> dict[str, Any] | None:
@@ -63,6 +78,13 @@ class HubConfig:
     # a server certificate from the device CA and its key; empty = plain HTTP
     http_cert_file: str = ""
     http_key_file: str = ""
+    # The HTTP server's bounds (hub.adapters.api): connections open at once (one more is answered
+    # 503 at once; agents retry downloads with backoff) and the socket timeout of each
+    http_max_connections: int = 256
+    http_timeout_seconds: float = 30.0
+    # HOST:PORT of a second, unauthenticated listener serving GET /metrics alone (Prometheus);
+    # empty = none (then /metrics is on http_listen, with a token like every admin call)
+    metrics_listen: str = ""
 
     @property
     def http_tls(self) -> bool:
@@ -74,6 +96,7 @@ class HubHome:
         self.path = path
         self.config_path = path / "hub.toml"
         self.token_path = path / "admin.token"
+        self.tokens_path = path / "tokens.json"
         self.keys = path / "keys"
         self.db_path = path / "hub.db"
         self.blobs = path / "blobs"
@@ -88,9 +111,11 @@ class HubHome:
         if self.exists():
             raise ConfigError(f"{self.path} is already a hub home (found {self.config_path}); "
                               "choose another --home or remove it")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)  # also a folder that existed, empty, before init
         self.keys.mkdir(mode=0o700, exist_ok=True)
-        self.blobs.mkdir(exist_ok=True)
+        self.blobs.mkdir(mode=0o700, exist_ok=True)
+        create_private(self.db_path)
         for name in ("root", "signing"):
             key = Ed25519PrivateKey.generate()
             pem = key.private_bytes(
@@ -102,15 +127,15 @@ class HubHome:
         atomic_write(self.token_path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
         text = (
             "# edgefleet hub configuration\n"
-            f'fleet = "{fleet}"\n'
-            f'broker_url = "{broker_url}"\n'
-            f'http_listen = "{http_listen}"\n'
+            f"fleet = {toml_string(fleet)}\n"
+            f"broker_url = {toml_string(broker_url)}\n"
+            f"http_listen = {toml_string(http_listen)}\n"
             "# URL agents use to reach this hub's HTTP server (blobs); empty = http://<http_listen>\n"
-            f'public_url = "{public_url}"\n'
+            f"public_url = {toml_string(public_url)}\n"
             "# desired states are re-signed before they expire\n"
             "desired_ttl_seconds = 2592000\n"
         )
-        atomic_write(self.config_path, text.encode(), mode=0o644)
+        atomic_write(self.config_path, text.encode(), mode=0o600)
 
     def config(self) -> HubConfig:
         try:
@@ -120,7 +145,7 @@ class HubHome:
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
-                 *_SECURITY_KEYS}
+                 "http_max_connections", "http_timeout_seconds", "metrics_listen", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -130,8 +155,17 @@ class HubHome:
             http_listen=str(doc["http_listen"]),
             public_url=str(doc.get("public_url", "")),
             desired_ttl_seconds=int(doc.get("desired_ttl_seconds", 30 * 86400)),
+            http_max_connections=int(self._positive(doc, "http_max_connections", 256)),
+            http_timeout_seconds=float(self._positive(doc, "http_timeout_seconds", 30.0)),
+            metrics_listen=self._path_or_str("metrics_listen", doc.get("metrics_listen", "")),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
+
+    def _positive(self, doc: dict[str, Any], key: str, default: float) -> float:
+        value = doc.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{self.config_path}: {key} must be a positive number, got {value!r}")
+        return float(value)
 
     def _path_or_str(self, key: str, value: object) -> str:
         if not isinstance(value, str):
@@ -144,15 +178,29 @@ class HubHome:
         """Set top-level string keys of hub.toml, keeping every other line (and comment) as is."""
         lines = self.config_path.read_text(encoding="utf-8").splitlines()
         for key, value in changes.items():
-            new = f"{key} = {json.dumps(value)}"
+            new = f"{key} = {toml_string(value)}"
             for i, line in enumerate(lines):
                 if line.split("=", 1)[0].strip() == key:
                     lines[i] = new
                     break
             else:
                 lines.append(new)
-        atomic_write(self.config_path, ("\n".join(lines) + "\n").encode(), mode=0o644)
+        atomic_write(self.config_path, ("\n".join(lines) + "\n").encode(), mode=0o600)
         self.config()  # refuse to leave a file we cannot read back
+
+    def open_to_others(self) -> list[str]:
+        """The home and the secrets in it that users other than the owner may read or enter
+        (``path mode``), for the warning at start."""
+        out = []
+        for p in (self.path, self.keys, self.pki_path, self.config_path, self.token_path, self.tokens_path,
+                  self.db_path, self.keys / "root.pem", self.keys / "signing.pem", self.pki_path / "ca.key"):
+            try:
+                mode = p.stat().st_mode & 0o777
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                out.append(f"{p} {mode:04o}")
+        return out
 
     @property
     def pki_path(self) -> Path:
@@ -162,7 +210,8 @@ class HubHome:
         try:
             return self.token_path.read_text().strip()
         except FileNotFoundError as exc:
-            raise ConfigError(f"no admin token at {self.token_path}; is {self.path} a hub home?") from exc
+            raise ConfigError(f"no admin token at {self.token_path}; is {self.path} a hub home? (from "
+                              "another machine: --hub URL with $EDGEFLEET_TOKEN set to your token)") from exc
 
     def _key(self, name: str) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key((self.keys / f"{name}.pem").read_bytes(), None)
@@ -182,7 +231,7 @@ class HubHome:
     # -- where the daemon answers ----------------------------------------------------------------
 
     def write_run(self, info: dict[str, Any]) -> None:
-        atomic_write(self.run_path, json.dumps({**info, "pid": os.getpid()}).encode(), mode=0o644)
+        atomic_write(self.run_path, json.dumps({**info, "pid": os.getpid()}).encode(), mode=0o600)
 
     def clear_run(self) -> None:
         self.run_path.unlink(missing_ok=True)

@@ -59,13 +59,15 @@ def server_context(config: HubConfig) -> ssl.SSLContext | None:
 
 def handshake(request: object) -> bool:
     """Finish the TLS handshake of an accepted connection in its handler thread (a slow or
-    hostile client never holds up ``accept``). False: drop the connection."""
+    hostile client never holds up ``accept``). False: drop the connection. The socket's own
+    timeout (the server's per-connection timeout) bounds the handshake too, and is kept."""
     if not isinstance(request, ssl.SSLSocket):
         return True
+    timeout = request.gettimeout()
     try:
-        request.settimeout(HANDSHAKE_TIMEOUT)
+        request.settimeout(min(HANDSHAKE_TIMEOUT, timeout) if timeout else HANDSHAKE_TIMEOUT)
         request.do_handshake()
-        request.settimeout(None)
+        request.settimeout(timeout)
     except (OSError, ssl.SSLError) as exc:
         log.info("TLS handshake failed: %s", exc)
         return False

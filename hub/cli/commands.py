@@ -14,15 +14,43 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.contract.config import toml_string, toml_value
+from edgefleet.agent.contract.wire import check_name
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.errors import BadRequest
 
-__all__ = ["build_publish_request", "cmd_status", "emit", "lineage_options", "progress", "write_agent_bundle"]
+__all__ = ["build_publish_request", "cmd_status", "emit", "lineage_options", "progress", "safe", "safe_lines",
+           "write_agent_bundle"]
+
+# What a terminal acts on instead of showing: C0 controls (newline, carriage return, ESC that
+# starts ANSI sequences, ...), DEL, C1 controls (0x9b is a one-byte CSI), and the Unicode line
+# separators and bidirectional overrides that reorder or split what is shown.
+_UNSAFE = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                    *range(0x2066, 0x206A))},
+}
+
+
+def safe(value: object) -> str:
+    """``value`` as text a terminal shows as is: control characters as ``\\xNN`` / ``\\uNNNN``
+    escapes, so a device's event message, reported version or reason cannot add a line,
+    overwrite one (``\\r``), or send an escape sequence. Apply it to each field a device (or an
+    API caller) chose before it goes into a line."""
+    return str(value).translate(_UNSAFE)
+
+
+def safe_lines(text: str) -> str:
+    """Every line of ``text`` through :func:`safe`; the line breaks themselves stay."""
+    return "\n".join(safe(line) for line in text.split("\n"))
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else text)
+    """Print the result: JSON (``--json``: escapes every control character) or ``text``, whose
+    lines are passed through :func:`safe_lines` (its fields should have been through :func:`safe`
+    already: only they know which line breaks are the command's own)."""
+    print(json.dumps(obj, indent=2) if getattr(args, "json", False) else safe_lines(text))
 
 
 def progress(msg: str) -> None:
@@ -84,7 +112,6 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "author": args.author or getpass.getuser(),
             **lineage_options(args),
         },
-        "actor": args.author or getpass.getuser(),
     }
 
 
@@ -112,14 +139,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
         cands = d.get("candidates") or {}
-        runs = ", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
-                                        if k in cands else "")
-                         for k, v in d["models"].items()) or "-"
-        want = ", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-"
+        runs = safe(", ".join(f"{k} {v}" + (f" +{cands[k]['version']} {cands[k].get('mode') or ''}".rstrip()
+                                             if k in cands else "")
+                              for k, v in d["models"].items()) or "-")  # as the device reported it
+        want = safe(", ".join(f"{k} {v}" for k, v in d["desired"].items()) or "-")
         reqs = sum(t["requests"] for t in d["telemetry_totals"])
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
-        lines.append(f"{d['device']:20} {d['status']:10} {runs:28} {want:28} {reqs:>7} {last:24} "
-                     f"{d.get('group') or '-'}")
+        lines.append(f"{safe(d['device']):20} {safe(d['status']):10} {runs:28} {want:28} {reqs:>7} {last:24} "
+                     f"{safe(d.get('group') or '-')}")
     emit(args, st, "\n".join(lines))
     return 0
 
@@ -128,26 +155,30 @@ def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
     overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
 ) -> Path:
-    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path."""
+    """Write agent.toml, profile.toml and root.pub into ``out``; return the agent.toml path.
+    Every value is written as a TOML value (:func:`agent.contract.config.toml_string`), so what
+    the hub or the operator gave (URLs, names, paths) reads back as given, quotes, backslashes
+    and newlines included, and can never add a key."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(profile_path, out / "profile.toml")
-    (out / "root.pub").write_text(info["root_public_key"] + "\n")
+    (out / "root.pub").write_text(info["root_public_key"] + "\n", encoding="utf-8")
     lines = [
         "# edgefleet agent configuration, written by `edgefleet-hub device add`",
-        f'fleet = "{info["fleet"]}"',
-        f'device = "{info["device"]}"',
-        f'broker_url = "{info["broker_url"]}"',
-        f'blob_url = "{info["blob_url"]}"',
+        f"fleet = {toml_string(info['fleet'])}",
+        f"device = {toml_string(info['device'])}",
+        f"broker_url = {toml_string(info['broker_url'])}",
+        f"blob_url = {toml_string(info['blob_url'])}",
         "# the fleet root public key (Ed25519, base64): the device's trust anchor",
-        f'root_public_key = "{info["root_public_key"]}"',
-        f"state_dir = {json.dumps(state_dir)}",
-        f'listen = "{listen}"',
+        f"root_public_key = {toml_string(info['root_public_key'])}",
+        f"state_dir = {toml_string(state_dir)}",
+        f"listen = {toml_string(listen)}",
         'profile = "profile.toml"',
         *(extra_lines or []),
     ]
     for section, values in (overrides or {}).items():
+        check_name(section, "overrides section")
         lines.append(f"\n[overrides.{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{check_name(k, 'overrides key')} = {toml_value(v)}" for k, v in values.items()]
     path = out / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

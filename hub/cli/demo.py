@@ -156,7 +156,7 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
             args.atol, args.rtol, args.label_agreement = 1e-4, 1e-3, 1.0
             client.publish(build_publish_request(args))
             ro = client.rollout_start({"model": "iris", "version": "1.1.0", "steps": [50, 100], "mode": "shadow",
-                                       "fraction": 1.0, "actor": "demo",
+                                       "fraction": 1.0,
                                        "policy": {"min_inferences": 30, "min_device_windows": 1,
                                                   "step_deadline_seconds": 120}})
             print(f"[demo] published iris 1.1.0 (trained on shuffled labels) and started rollout {ro['id']}: "

@@ -1,7 +1,8 @@
-"""``edgefleet-hub``: keys, publish, deploy, status, devices, serve, demo.
+"""``edgefleet-hub``: keys, publish, deploy, status, devices, tokens, serve, demo.
 
 Every command but ``init``, ``serve`` and ``demo`` talks to the running hub over its admin API
-(address and token from the hub home), never to the database behind the daemon's back.
+(address from the hub home or ``--hub``; token from ``$EDGEFLEET_TOKEN`` or the hub home's
+``admin.token``), never to the database behind the daemon's back.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from edgefleet.hub.cli.commands import (
     cmd_status,
     emit,
     progress,
+    safe,
+    safe_lines,
     write_agent_bundle,
 )
 from edgefleet.hub.errors import BadRequest
@@ -42,7 +45,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "")
     print(f"hub home ready in {home.path} (fleet {args.fleet})")
     print(f"  root key:  {home.keys / 'root.pem'}  (keep it safe: it is the fleet's trust anchor)")
-    print(f"  token:     {home.token_path}")
+    print(f"  token:     {home.token_path}  (the admin token; named ones: edgefleet-hub token add)")
     print(f"next: edgefleet-hub serve --home {home.path}")
     return 0
 
@@ -104,8 +107,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         check_name(g, "group id")
     res = HubClient.for_home(home, args.hub).deploy(args.model, args.version, args.device or [],
                                                      args.group)
-    lines = [f"deployed {args.model} {args.version}:"]
-    lines += [f"  {d}: seq {v['seq']} (was {v['previous'] or 'none'})" for d, v in res["devices"].items()]
+    lines = [f"deployed {safe(args.model)} {safe(args.version)}:"]
+    lines += [f"  {safe(d)}: seq {v['seq']} (was {safe(v['previous'] or 'none')})" for d, v in res["devices"].items()]
     emit(args, res, "\n".join(lines))
     return 0
 
@@ -113,7 +116,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     evs = HubClient.for_home(home, args.hub).events(args.device, args.limit)
-    lines = [f"{e['time']} {e['device']:16} {e['type']:14} {e['reason'] or '-':18} {e['message']}" for e in evs]
+    # every field but the hub's own time is the device's say: one event, one line, whatever it sent
+    lines = [f"{safe(e['time'])} {safe(e['device']):16} {safe(e['type']):14} {safe(e['reason'] or '-'):18} "
+             f"{safe(e['message'])}" for e in evs]
     emit(args, {"events": evs}, "\n".join(lines) or "no events")
     return 0
 
@@ -127,7 +132,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.args:
         raise BadRequest(f"models list takes no arguments, got {args.args}")
     ms = HubClient.for_home(home, args.hub).models()
-    lines = [f"{m['name']:20} {m['version']:12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}" for m in ms]
+    lines = [f"{safe(m['name']):20} {safe(m['version']):12} {m['sha256'][:16]} {m['size']:>9} {m['created_at']}"
+             for m in ms]
     emit(args, {"models": ms}, "\n".join(lines) or "no models")
     return 0
 
@@ -138,19 +144,21 @@ def _models_show(args: argparse.Namespace, client: HubClient) -> int:
     name, _, version = args.args[0].partition(":")
     m = client.model(name, version or None)
     lin = m["lineage"]
-    lines = [f"{m['name']} {m['version']}  sha256 {m['sha256']}  {m['size']} bytes  created {m['created_at']}",
-             f"  parent:   {lin.get('parent') or '-'}",
-             f"  source:   {lin.get('source') or '-'}  ({lin.get('converted_from') or '?'})",
-             f"  author:   {lin.get('author') or '-'}  published by {lin.get('published_by') or '-'}",
-             f"  training: sha256 {lin.get('training_data_sha256') or '-'}  rows {lin.get('training_rows') or '-'}",
-             "  inputs:   " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
-             "  outputs:  " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
-             "  metrics:  " + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"),
-             "  tags:     " + (", ".join(f"{k}={v}" for k, v in sorted(lin.get("tags", {}).items())) or "-")]
+    lines = [f"{safe(m['name'])} {safe(m['version'])}  sha256 {m['sha256']}  {m['size']} bytes  created "
+             f"{m['created_at']}",
+             f"  parent:   {safe(lin.get('parent') or '-')}",
+             f"  source:   {safe(lin.get('source') or '-')}  ({safe(lin.get('converted_from') or '?')})",
+             f"  author:   {safe(lin.get('author') or '-')}  published by {safe(lin.get('published_by') or '-')}",
+             f"  training: sha256 {safe(lin.get('training_data_sha256') or '-')}  rows "
+             f"{safe(lin.get('training_rows') or '-')}",
+             "  inputs:   " + safe(", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"])),
+             "  outputs:  " + safe(", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"])),
+             "  metrics:  " + safe(", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"),
+             "  tags:     " + safe(", ".join(f"{k}={v}" for k, v in sorted(lin.get("tags", {}).items())) or "-")]
     ref = m.get("reference")
     if ref:
         lines.append(f"  reference: {ref.get('rows')} rows, features "
-                     + ", ".join(f"{f['name']}({len(f['freqs'])} bins)" for f in ref["features"]))
+                     + safe(", ".join(f"{f['name']}({len(f['freqs'])} bins)" for f in ref["features"])))
     emit(args, m, "\n".join(lines))
     return 0
 
@@ -190,26 +198,26 @@ def _models_diff(args: argparse.Namespace, client: HubClient) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     t = HubClient.for_home(home, args.hub).trace(args.device, args.request)
-    lines = [f"request {t['request_id']} on device {t['device']}"]
+    lines = [f"request {safe(t['request_id'])} on device {safe(t['device'])}"]
     for tr in t["traces"]:
         r, m, dec = tr["record"], tr["model"], tr["decision"]
-        lines.append(f"  at {r['time']}: {r['model']} {r['version']} (sha256 {r['sha256'][:12]})")
+        lines.append(f"  at {safe(r['time'])}: {safe(r['model'])} {safe(r['version'])} (sha256 {safe(r['sha256'][:12])})")
         lines.append("    inputs:  " + json.dumps(r["inputs"])[:400])
         lines.append("    outputs: " + json.dumps(r["outputs"])[:400])
         if m:
             lin = m["lineage"]
-            lines.append(f"    model:   published {m['created_at']} by {lin.get('published_by')}, source "
-                         f"{lin.get('source') or '-'}, parent {lin.get('parent') or '-'}")
-            lines.append(f"    trained on sha256 {lin.get('training_data_sha256') or '-'} "
-                         f"({lin.get('training_rows') or '?'} rows); metrics "
-                         + (", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"))
+            lines.append(f"    model:   published {m['created_at']} by {safe(lin.get('published_by'))}, source "
+                         f"{safe(lin.get('source') or '-')}, parent {safe(lin.get('parent') or '-')}")
+            lines.append(f"    trained on sha256 {safe(lin.get('training_data_sha256') or '-')} "
+                         f"({safe(lin.get('training_rows') or '?')} rows); metrics "
+                         + safe(", ".join(f"{k}={v:g}" for k, v in sorted(lin.get("metrics", {}).items())) or "-"))
         if dec:
-            lines.append(f"    put there by audit #{dec['id']} {dec['action']} at {dec['time']} by {dec['actor']}: "
-                         + json.dumps(dec["details"], sort_keys=True))
+            lines.append(f"    put there by audit #{dec['id']} {safe(dec['action'])} at {dec['time']} by "
+                         f"{safe(dec['actor'])}: " + json.dumps(dec["details"], sort_keys=True))
         else:
             lines.append("    no deploy or rollout decision found in the audit log")
     lines.append("audit chain intact" if t["audit_chain_ok"] else
-                 "audit chain BROKEN: " + "; ".join(t["audit_problems"]))
+                 "audit chain BROKEN: " + safe("; ".join(t["audit_problems"])))
     emit(args, t, "\n".join(lines))
     return 0
 
@@ -219,7 +227,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     client = HubClient.for_home(home, args.hub)
     if args.action == "verify":
         res = client.audit_verify()
-        emit(args, res, "audit chain intact" if res["ok"] else "audit chain BROKEN:\n  " + "\n  ".join(res["problems"]))
+        emit(args, res, "audit chain intact" if res["ok"] else
+             "audit chain BROKEN:\n  " + "\n  ".join(safe(p) for p in res["problems"]))
         return 0 if res["ok"] else 1
     since = None
     if args.since:
@@ -231,7 +240,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         for e in entries:
             print(json.dumps(e, sort_keys=True))
         return 0
-    lines = [f"{format_time(e['time'])} #{e['id']:<5} {e['actor']:12} {e['action']:16} "
+    lines = [f"{format_time(e['time'])} #{e['id']:<5} {safe(e['actor']):12} {safe(e['action']):16} "
              f"{json.dumps(e['details'], sort_keys=True)}" for e in entries]
     emit(args, {"entries": entries}, "\n".join(lines) or "audit log is empty")
     return 0
@@ -245,11 +254,12 @@ def cmd_drift(args: argparse.Namespace) -> int:
     for rep in res["reports"]:
         alarm = f" (alert state: {rep['alarm_state']})" if rep.get("alarm_state") else ""
         for f in rep["features"]:
-            lines.append(f"{rep['model']:14} {rep['version']:10} {rep['scope']:18} {f['feature']:12} "
-                         f"{f['rows']:>7} {f['psi']:>8.4f} {f['js']:>6.3f} {f['ks']:>6.3f} {f['state']}")
-        lines.append(f"{'':14} {'':10} {rep['scope']:18} => {rep['state']}{alarm} over {rep['windows']} "
-                     f"window(s) {rep['window_start']} .. {rep['window_end']}")
-        lines += [f"  problem: {p}" for p in rep["problems"]]
+            lines.append(f"{safe(rep['model']):14} {safe(rep['version']):10} {safe(rep['scope']):18} "
+                         f"{safe(f['feature']):12} {f['rows']:>7} {f['psi']:>8.4f} {f['js']:>6.3f} {f['ks']:>6.3f} "
+                         f"{safe(f['state'])}")
+        lines.append(f"{'':14} {'':10} {safe(rep['scope']):18} => {safe(rep['state'])}{safe(alarm)} over "
+                     f"{rep['windows']} window(s) {rep['window_start']} .. {rep['window_end']}")
+        lines += [f"  problem: {safe(p)}" for p in rep["problems"]]
     emit(args, res, "\n".join(lines) if res["reports"] else "no telemetry with inputs yet")
     return 0
 
@@ -416,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--broker", help="use this broker instead of the embedded one")
     add_keys_commands(sub, cmd)
     add_rollout_commands(sub, cmd)
+    from edgefleet.hub.cli.tokens import add_token_commands
+
+    add_token_commands(sub, cmd, client)
     return p
 
 
@@ -429,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except EdgefleetError as exc:
-        print(f"edgefleet-hub: {exc}", file=sys.stderr)
+        print(f"edgefleet-hub: {safe_lines(str(exc))}", file=sys.stderr)  # it may quote what a device sent
         return 2
 
 

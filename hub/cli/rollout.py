@@ -8,7 +8,6 @@ sent (the hub validates again).
 from __future__ import annotations
 
 import argparse
-import getpass
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
-from edgefleet.hub.cli.commands import emit
+from edgefleet.hub.cli.commands import emit, safe
 from edgefleet.hub.core.rollout import MODES, Policy, load_policy, parse_steps
 
 __all__ = ["add_rollout_commands", "format_rollout"]
@@ -27,11 +26,12 @@ def _client(args: argparse.Namespace) -> HubClient:
 
 
 def format_rollout(r: dict[str, Any]) -> str:
-    lines = [f"{r['id']}  {r['model']} {r['from_version']} -> {r['to_version']}  {r['state'].upper()}  "
+    lines = [f"{safe(r['id'])}  {safe(r['model'])} {safe(r['from_version'])} -> {safe(r['to_version'])}  "
+             f"{safe(r['state'].upper())}  "
              f"step {r['step_number']}/{len(r['steps'])} ({r['percent']} %)  cohort {r['cohort_size']} of "
              f"{r['target_count']} device(s)  mode {r['mode']} fraction {r['fraction']}  since {r['step_started']}"]
     if r.get("reason"):
-        lines.append(f"  last: {r['reason']}")
+        lines.append(f"  last: {safe(r['reason'])}")  # may quote a device's event
     d = r.get("decision")
     if d:
         ev = d["evidence"]
@@ -41,13 +41,14 @@ def format_rollout(r: dict[str, Any]) -> str:
             value = "-" if g["value"] is None else f"{g['value']:.4g}"
             mark = "ok  " if g["passed"] else ("FAIL" if g["value"] is not None else "n/a ")
             dry = " (dry-run)" if g["dry_run"] else ""
-            lines.append(f"  {mark} {g['name']:18} {value:>10} vs {g['threshold']:<8} {g['detail']}{dry}")
-        lines.append(f"  gate now: {d['outcome']} — {d['reason']}")
+            lines.append(f"  {mark} {safe(g['name']):18} {value:>10} vs {safe(g['threshold']):<8} "
+                         f"{safe(g['detail'])}{dry}")
+        lines.append(f"  gate now: {safe(d['outcome'])} — {safe(d['reason'])}")
     return "\n".join(lines)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"actor": getpass.getuser(), "model": args.name, "version": args.version,
+    body: dict[str, Any] = {"model": args.name, "version": args.version,
                             "steps": list(parse_steps(args.steps)),
                             "mode": args.mode, "fraction": args.fraction, "dry_run": args.dry_run}
     if args.policy:
@@ -56,7 +57,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.devices:
         body["devices"] = [d for item in args.devices for d in item.split(",") if d]
     r = _client(args).rollout_start(body)
-    emit(args, r, f"started {format_rollout(r)}\n  cohort: {', '.join(r['members'])}")
+    emit(args, r, f"started {format_rollout(r)}\n  cohort: {safe(', '.join(r['members']))}")
     return 0
 
 
@@ -68,7 +69,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _action(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        r = _client(args).rollout_action(action, args.rollout, args.reason or "", getpass.getuser())
+        r = _client(args).rollout_action(action, args.rollout, args.reason or "")
         emit(args, r, format_rollout(r))
         return 0
 
@@ -76,10 +77,12 @@ def _action(action: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    res = _client(args).rollback(args.name, args.to, getpass.getuser())
-    lines = [f"rolled back {args.name}" + (f" (rollout {res['rollout']})" if res.get("rollout") else "") + ":"]
-    lines += [f"  {d}: {c.get('from', '?')} -> {c['to']} seq {c['seq']}" for d, c in sorted(res["devices"].items())]
-    lines += [f"  {d}: skipped, {why}" for d, why in sorted(res["skipped"].items())]
+    res = _client(args).rollback(args.name, args.to)
+    lines = [f"rolled back {safe(args.name)}" + (f" (rollout {safe(res['rollout'])})" if res.get("rollout") else "")
+             + ":"]
+    lines += [f"  {safe(d)}: {safe(c.get('from', '?'))} -> {safe(c['to'])} seq {c['seq']}"
+              for d, c in sorted(res["devices"].items())]
+    lines += [f"  {safe(d)}: skipped, {safe(why)}" for d, why in sorted(res["skipped"].items())]
     emit(args, res, "\n".join(lines))
     return 0
 

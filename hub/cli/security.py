@@ -19,7 +19,7 @@ from edgefleet.hub.adapters.brokerconf import BrokerLayout, default_hostnames, w
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.adapters.pki import hub_username
-from edgefleet.hub.cli.commands import emit
+from edgefleet.hub.cli.commands import emit, safe
 from edgefleet.hub.services.enrol import pki_for
 
 __all__ = ["add_security_commands"]
@@ -53,7 +53,8 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         cred = "REVOKED" if d["revoked"] else ("+".join(k for k, on in has if on) or "none")
         exp = format_time(d["cert_not_after"]) if d["cert_not_after"] else "-"
         group = d.get("group") or "-"
-        lines.append(f"{d['device']:20} {group:12} {d['profile']:18} {d['status']:11} {cred:16} {exp}")
+        lines.append(f"{safe(d['device']):20} {safe(group):12} {safe(d['profile']):18} {safe(d['status']):11} "
+                     f"{cred:16} {exp}")
     emit(args, {"devices": devs}, "\n".join(lines) if devs else "no devices enrolled")
     return 0
 

@@ -64,7 +64,7 @@ def _chain(home: HubHome) -> list[bytes]:
 
 
 def _write_ring(home: HubHome, ring: Keyring, root: Ed25519PrivateKey) -> None:
-    atomic_write(keyring_path(home), sign_envelope(ring.to_dict(), [root]), mode=0o644)
+    atomic_write(keyring_path(home), sign_envelope(ring.to_dict(), [root]), mode=0o600)
 
 
 def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = None) -> Keyring:
@@ -99,7 +99,7 @@ def rotate_root(home: HubHome, *, reset_seq: bool = False, now: float | None = N
                        reset_seq=reset_seq)
     chain.append(sign_envelope(rot.to_dict(), [old, new]))
     _retire(home, "root", old)
-    atomic_write(roots_path(home), roots_message(chain), mode=0o644)
+    atomic_write(roots_path(home), roots_message(chain), mode=0o600)
     atomic_write(home.keys / "root.pem", _pem(new), mode=0o600)
     if reset_seq:  # a state signed by the old signing key must not be replayable from seq 1
         rotate_signing(home, revoke=True, now=now)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import getpass
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,7 +184,8 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         assert {g["name"] for g in ro["decision"]["gates"]} >= {"agreement", "latency_p95_ratio"}
         assert "pause" in run_cli("edgefleet.hub.cli.main", "rollout", "pause", *base).stdout.lower()
         metrics = {(f.name, s.labels.get("rollout")): s.value
-                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+                   for f in text_string_to_metric_families(
+                       httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {h.home.token()}"}).text) for s in f.samples}
         assert metrics[("edgefleet_rollout_state", ro["id"])] == 1  # paused
         assert metrics[("edgefleet_rollout_percent", ro["id"])] == 10
         assert metrics[("edgefleet_rollout_cohort_devices", ro["id"])] == 2
@@ -195,6 +195,7 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         audit = json.loads(run_cli("edgefleet.hub.cli.main", "audit", "--json", *base).stdout)["entries"]
         acts = [e["action"] for e in audit]
         assert acts[-3:] == ["rollout_start", "rollout_pause", "rollout_abort"]
-        assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == getpass.getuser()
+        # the actor is the CLI's token (admin.token: the token named admin), not the login name
+        assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == "admin"
     finally:
         http.stop()

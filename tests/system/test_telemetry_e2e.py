@@ -69,6 +69,7 @@ class Env:
     procs: Procs
     X: np.ndarray
     hook_out: Path
+    metrics: str  # the metrics_listen URL
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
     shift: dict[str, float] = field(default_factory=dict)  # device -> shift added to feature 2
     traffic: set[str] = field(default_factory=set)
@@ -142,6 +143,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     http_port = free_port()
     run_cli("edgefleet.hub.cli.main", "init", "--home", str(home), "--fleet", fleet, "--broker", broker.url,
             "--http", f"127.0.0.1:{http_port}")
+    metrics_port = free_port()
+    with (home / "hub.toml").open("a") as f:
+        f.write(f'metrics_listen = "127.0.0.1:{metrics_port}"\n')  # Prometheus without a token
     (tmp / "hook.py").write_text(HOOK)
     hook_out = tmp / "hook.jsonl"
     hook_cmd = f"{sys.executable} {tmp / 'hook.py'} {hook_out}"
@@ -154,7 +158,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (tmp / "model.pkl").write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(X, y)))
     np.save(tmp / "train.npy", X)
     e = Env(tmp=tmp, home=home, fleet=fleet, http=f"http://127.0.0.1:{http_port}", broker=broker,
-            procs=procs, X=X, hook_out=hook_out)
+            procs=procs, X=X, hook_out=hook_out, metrics=f"http://127.0.0.1:{metrics_port}/metrics")
     stop = threading.Event()
     pump = threading.Thread(target=_traffic, args=(e, stop), daemon=True)
     try:
@@ -278,7 +282,9 @@ def test_outage_kill_and_overflow_every_window_once_or_counted_as_dropped(env: E
 
 
 def test_metrics_endpoint_parses_as_prometheus_text(env: Env) -> None:
-    text = httpx.get(env.http + "/metrics", timeout=10).text  # no token needed
+    assert httpx.get(env.http + "/metrics", timeout=10).status_code == 401  # the admin port needs a token
+    assert "edgefleet_devices" in env.api("/metrics")  # with a token it does
+    text = httpx.get(env.metrics, timeout=10).text  # metrics_listen: no token
     families = {f.name: f for f in text_string_to_metric_families(text)}
     windows = {s.labels["device"]: s.value for s in families["edgefleet_device_windows"].samples
                if s.name == "edgefleet_device_windows_total"}

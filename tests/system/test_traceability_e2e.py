@@ -198,10 +198,14 @@ def test_capture_upload_needs_a_registered_device_and_its_own_token(env: Env) ->
             "device": "intruder", "records": [{"request_id": "x", "time": 1.0, "model": "clf",
                                                "version": "1.0.0", "sha256": "0" * 64,
                                                "inputs": {}, "outputs": {}}]}
-    r = httpx.post(f"{url}/api/v1/capture", json=body, timeout=10)
-    assert r.status_code == 404 and "not registered" in r.json()["error"]
-    body["device"] = "dev-off"
     token = {d: (env.tmp / d / "capture.token").read_text().strip() for d in ("dev-off", "dev-cap")}
+    # The token is checked before the body is read: without one, nothing about the body matters.
+    r = httpx.post(f"{url}/api/v1/capture", json=body, timeout=10)
+    assert r.status_code == 401 and "missing or wrong capture token" in r.json()["error"]
+    r = httpx.post(f"{url}/api/v1/capture", json=body, headers={"Authorization": f"Bearer {token['dev-off']}"},
+                   timeout=10)
+    assert r.status_code == 401 and "missing or wrong capture token" in r.json()["error"]
+    body["device"] = "dev-off"
     for auth in ({}, {"Authorization": f"Bearer {token['dev-cap']}"}, {"Authorization": "Bearer guess"}):
         r = httpx.post(f"{url}/api/v1/capture", json=body, headers=auth, timeout=10)
         assert r.status_code == 401 and "missing or wrong capture token" in r.json()["error"], auth
