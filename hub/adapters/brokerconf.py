@@ -16,8 +16,9 @@ each with its own persistent session, and a forced id would have them knock each
 turn. Its client ids start with the hub user, whose ``@`` no device id may contain, so no device
 can take one over. Anonymous access is off. The ACL gives the
 hub user the whole fleet root, and every other user, through ``pattern`` lines on ``%u``, read
-access to its own ``desired`` and the keyring and write access to its own ``reported``,
-``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
+access to its own ``desired``, the keyring and the root-rotation chain (``roots``: without it a
+device never learns a new root, and refuses every keyring signed by it) and write access to its
+own ``reported``, ``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
 briefly absent hub does not make the broker drop QoS 1 telemetry (Mosquitto's default keeps
 only 1000 messages per client).
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.wire import TOPIC_PREFIX
+from edgefleet.agent.contract.wire import TOPIC_PREFIX, Topics
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
 
 __all__ = ["BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
@@ -63,11 +64,15 @@ def acl_text(fleet: str, prefix: str = TOPIC_PREFIX) -> str:
         f"user {hub_username(fleet)}",
         f"topic readwrite {root}#",
         "",
-        "# Every device: its own desired state and the keyring in, its own reports out.",
-        "# (Mosquitto warns that the keyring line has no %u: it is meant for every user.)",
+        "# Every device: its own desired state, the keyring and the root rotations in, its own",
+        "# reports out. (Mosquitto warns that the keyring and roots lines have no %u: they are",
+        "# meant for every user.)",
     ]
     lines += [f"pattern read {root}devices/%u/{c}" for c in DEVICE_READS]
-    lines.append(f"pattern read {root}keyring")
+    # Fleet-wide topics every device subscribes to (agent.app.daemon): named by the wire contract,
+    # so the ACL cannot drift from what agents read.
+    topics = Topics(fleet, prefix)
+    lines += [f"pattern read {t}" for t in (topics.keyring, topics.roots)]
     lines += [f"pattern write {root}devices/%u/{c}" for c in DEVICE_WRITES]
     return "\n".join(lines) + "\n"
 
