@@ -20,7 +20,11 @@ access to its own ``desired``, the keyring and the root-rotation chain (``roots`
 device never learns a new root, and refuses every keyring signed by it) and write access to its
 own ``reported``, ``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
 briefly absent hub does not make the broker drop QoS 1 telemetry (Mosquitto's default keeps
-only 1000 messages per client).
+only 1000 messages per client). Packets are capped just above the largest message either side
+accepts (:data:`agent.contract.wire.MAX_MESSAGE_BYTES`, 4 MiB: desired states, keyrings, root
+chains and telemetry windows alike): a client that sends more is disconnected before the broker
+buffers it (``max_packet_size``), and a payload above the cap is never forwarded
+(``message_size_limit``).
 
 The text builders are pure functions; :func:`write_broker_config` does the files.
 """
@@ -33,10 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.wire import TOPIC_PREFIX, Topics
+from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Topics
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
 
-__all__ = ["BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
+__all__ = ["MAX_PACKET_BYTES", "BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
+
+# A PUBLISH packet carries its payload plus a fixed header (at most 5 bytes), the topic (under
+# 200 bytes for ours: check_name caps fleet and device ids at 64), a packet id and, in MQTT 5,
+# properties: 64 KiB of headroom keeps every payload of MAX_MESSAGE_BYTES within the packet cap.
+PACKET_HEADROOM = 64 * 1024
+MAX_PACKET_BYTES = MAX_MESSAGE_BYTES + PACKET_HEADROOM
 
 DEVICE_READS = ("desired",)
 DEVICE_WRITES = ("reported", "telemetry", "events", "status")
@@ -102,6 +112,12 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "max_inflight_messages 100",
         "queue_qos0_messages false",
         "upgrade_outgoing_qos false",
+        "",
+        f"# No message is larger than {MAX_MESSAGE_BYTES} bytes: hub and agents refuse bigger payloads",
+        "# (desired states, keyrings, root chains, telemetry windows). A client that sends a bigger",
+        "# packet is disconnected before the broker buffers it; a bigger payload is not forwarded.",
+        f"max_packet_size {MAX_PACKET_BYTES}",
+        f"message_size_limit {MAX_MESSAGE_BYTES}",
         "",
     ]
     if layout.persistence:
