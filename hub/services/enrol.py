@@ -34,6 +34,7 @@ __all__ = [
     "list_devices",
     "pki_for",
     "revoke_device",
+    "undo_credentials",
 ]
 
 CREDENTIAL_KINDS = ("cert", "password", "both", "none", "auto")
@@ -94,6 +95,16 @@ def issue_credentials(home: HubHome, config: HubConfig, broker_url: str, device:
     if kind in ("password", "both"):
         out.update(username=device, password=pki.set_password(device))
     return out
+
+
+def undo_credentials(home: HubHome, config: HubConfig, device: str, *, serial: str | None,
+                     password: bool) -> None:
+    """Take back what :func:`issue_credentials` issued for an enrolment that failed or was
+    cancelled: the certificate ``serial`` leaves the index, the password (if ``password``) the
+    password files."""
+    if serial is None and not password:
+        return
+    pki_for(home, config.fleet).forget(device, [serial] if serial else [], password=password)
 
 
 def device_broker_url(config: HubConfig, broker_url: str, kind: str) -> str:

@@ -1,18 +1,25 @@
-"""Key ceremonies on a hub home: rotate the signing key, rotate the root key, show the keys.
+"""Key ceremonies on a hub home: rotate the signing key, rotate the root key, renew the keyring,
+show the keys.
 
 Files under ``DIR/keys/``::
 
-    root.pem, signing.pem   the current keys
+    root.pub                the current root public key: all the daemon and enrolment need
+    root.pem                the current root private key, unless it is kept offline (then every
+                            ceremony that signs with it takes ``--root-key PATH``)
+    signing.pem             the signing key (online: the daemon signs desired states with it)
     keyring.json            the root-signed keyring the daemon publishes (retained)
     roots.json              the chain of root rotations (``edgefleet.roots/v1``), published retained
-    retired/                every replaced private key, named by key id (kept for audit)
+    retired/                every replaced signing key, named by key id (kept for audit); a replaced
+                            root key is retired beside the root key file, in ``retired/`` there
 
 A signing-key rotation writes keyring version N+1 listing the new key, and by default revokes the
 old one (devices then refuse anything it signs). A root rotation signs root version N+1 with the
 old *and* the new root key, appends it to the chain, and re-signs the keyring with the new root;
 ``--reset-seq`` also lets devices accept lower ``seq`` values again (recovery from a stolen
-signing key that pushed ``seq`` up) and therefore also rotates the signing key. Devices need no
-re-provisioning. The daemon loads keys at start: restart it (``edgefleet-hub serve``) to publish.
+signing key that pushed ``seq`` up) and therefore also rotates the signing key. A renewal re-signs
+the keyring as it is, as version N+1. Devices need no re-provisioning. The root private key is
+read only here, from ``--root-key`` or ``DIR/keys/root.pem``, and must match ``root.pub``. The
+daemon loads keys at start: restart it (``edgefleet-hub serve``) to publish.
 """
 
 from __future__ import annotations
@@ -24,36 +31,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.envelope import key_id, open_envelope, public_key_to_b64, sign_envelope
+from edgefleet.agent.contract.envelope import (
+    key_id,
+    open_envelope,
+    public_key_from_b64,
+    public_key_to_b64,
+    sign_envelope,
+)
 from edgefleet.agent.contract.wire import KeyEntry, Keyring, parse_json_object
 from edgefleet.agent.core.trust import RootRotation, roots_message
-from edgefleet.hub.adapters.home import HubHome, keyring_path
+from edgefleet.hub.adapters.home import HubHome, keyring_path, private_pem
 
-__all__ = ["add_keys_commands", "roots_path", "rotate_root", "rotate_signing", "show_keys"]
+__all__ = ["add_keys_commands", "renew_keyring", "roots_path", "rotate_root", "rotate_signing", "show_keys"]
 
 
 def roots_path(home: HubHome) -> Path:
     return home.keys / "roots.json"
 
 
-def _pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _retire(home: HubHome, name: str, key: Ed25519PrivateKey) -> None:
-    retired = home.keys / "retired"
+def _retire(folder: Path, name: str, key: Ed25519PrivateKey) -> None:
+    retired = folder / "retired"
     retired.mkdir(mode=0o700, exist_ok=True)
-    atomic_write(retired / f"{name}-{key_id(key.public_key())[:16]}.pem", _pem(key), mode=0o600)
+    atomic_write(retired / f"{name}-{key_id(key.public_key())[:16]}.pem", private_pem(key), mode=0o600)
 
 
-def _current_ring(home: HubHome) -> Keyring:
-    raw = keyring_path(home).read_bytes()
-    return Keyring.from_dict(parse_json_object(open_envelope(raw).payload, "keyring"))
+def _current_ring(home: HubHome) -> Keyring | None:
+    path = keyring_path(home)
+    if not path.exists():
+        return None
+    return Keyring.from_dict(parse_json_object(open_envelope(path.read_bytes()).payload, "keyring"))
 
 
 def _chain(home: HubHome) -> list[bytes]:
@@ -67,10 +76,17 @@ def _write_ring(home: HubHome, ring: Keyring, root: Ed25519PrivateKey) -> None:
     atomic_write(keyring_path(home), sign_envelope(ring.to_dict(), [root]), mode=0o644)
 
 
-def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = None) -> Keyring:
-    """New signing key; keyring N+1 lists only it (and revokes the old one unless told not)."""
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = None,
+                   root_key: Path | None = None) -> Keyring:
+    """New signing key; keyring N+1 lists only it (and revokes the old one unless told not).
+    Signed by the root key at ``root_key`` (default ``DIR/keys/root.pem``)."""
     fleet = home.config().fleet
-    ring = _current_ring(home) if keyring_path(home).exists() else None
+    root = home.root_key(root_key)  # before anything changes: no key, no ceremony
+    ring = _current_ring(home)
     old = home.signing_key()
     new = Ed25519PrivateKey.generate()
     entry = KeyEntry(keyid=key_id(new.public_key()), public=public_key_to_b64(new.public_key()))
@@ -80,43 +96,70 @@ def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = No
     new_ring = Keyring(
         fleet=fleet, version=(ring.version if ring else 0) + 1, threshold=1,
         keys=(entry,),
-        issued_at=time.time() if now is None else now,
+        issued_at=_now(now),
         extra={"revoked": revoked} if revoked else {},
     )
-    _retire(home, "signing", old)
-    atomic_write(home.keys / "signing.pem", _pem(new), mode=0o600)
-    _write_ring(home, new_ring, home.root_key())
+    _retire(home.keys, "signing", old)
+    atomic_write(home.keys / "signing.pem", private_pem(new), mode=0o600)
+    _write_ring(home, new_ring, root)
     return new_ring
 
 
-def rotate_root(home: HubHome, *, reset_seq: bool = False, now: float | None = None) -> int:
-    """New root key N+1 signed by old and new; keyring re-signed. Returns the new root version."""
+def rotate_root(home: HubHome, *, reset_seq: bool = False, now: float | None = None,
+                root_key: Path | None = None, new_root_key: Path | None = None) -> int:
+    """New root key N+1 signed by old and new; keyring re-signed. Returns the new root version.
+
+    The current root key is read from ``root_key`` (default ``DIR/keys/root.pem``); the new one
+    is written to ``new_root_key`` (default: the same file, the old key retired into
+    ``retired/`` beside it), so a root kept offline stays offline."""
     fleet = home.config().fleet
+    old = home.root_key(root_key)
+    dest = new_root_key or root_key or home.root_key_path
     chain = _chain(home)
     version = len(chain) + 2
-    old, new = home.root_key(), Ed25519PrivateKey.generate()
+    new = Ed25519PrivateKey.generate()
     rot = RootRotation(fleet=fleet, version=version, public=public_key_to_b64(new.public_key()),
                        reset_seq=reset_seq)
     chain.append(sign_envelope(rot.to_dict(), [old, new]))
-    _retire(home, "root", old)
+    # The new private key is on disk before anything names it; the old one stays retired.
+    _retire((root_key or home.root_key_path).parent, "root", old)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(dest, private_pem(new), mode=0o600)
     atomic_write(roots_path(home), roots_message(chain), mode=0o644)
-    atomic_write(home.keys / "root.pem", _pem(new), mode=0o600)
+    home.set_root_public(new.public_key())
     if reset_seq:  # a state signed by the old signing key must not be replayable from seq 1
-        rotate_signing(home, revoke=True, now=now)
-    elif keyring_path(home).exists():
+        rotate_signing(home, revoke=True, now=now, root_key=dest)
+    else:
         ring = _current_ring(home)
-        bumped = Keyring(fleet=ring.fleet, version=ring.version + 1, keys=ring.keys,
-                         threshold=ring.threshold, issued_at=time.time() if now is None else now,
-                         extra=ring.extra)
-        _write_ring(home, bumped, new)
+        if ring is not None:
+            bumped = Keyring(fleet=ring.fleet, version=ring.version + 1, keys=ring.keys,
+                             threshold=ring.threshold, issued_at=_now(now), extra=ring.extra)
+            _write_ring(home, bumped, new)
     return version
 
 
+def renew_keyring(home: HubHome, *, now: float | None = None, root_key: Path | None = None) -> Keyring:
+    """Re-sign the keyring as it is (same keys, threshold and revocations) as version N+1; a home
+    without a keyring gets version 1 listing its signing key."""
+    fleet = home.config().fleet
+    root = home.root_key(root_key)
+    ring = _current_ring(home)
+    if ring is None:
+        signer = home.signing_key().public_key()
+        ring = Keyring(fleet=fleet, version=0, threshold=1,
+                       keys=(KeyEntry(keyid=key_id(signer), public=public_key_to_b64(signer)),))
+    renewed = Keyring(fleet=fleet, version=ring.version + 1, keys=ring.keys, threshold=ring.threshold,
+                      issued_at=_now(now), extra=ring.extra)
+    _write_ring(home, renewed, root)
+    return renewed
+
+
 def show_keys(home: HubHome) -> dict[str, Any]:
-    ring = _current_ring(home) if keyring_path(home).exists() else None
+    ring = _current_ring(home)
     return {
-        "root_keyid": key_id(home.root_key().public_key()),
+        "root_keyid": key_id(public_key_from_b64(home.root_public_b64())),
         "root_version": len(_chain(home)) + 1,
+        "root_private_key": "in the hub home" if home.root_key_path.exists() else "offline",
         "keyring_version": ring.version if ring else None,
         "signing_keys": [k.keyid for k in ring.keys] if ring else [],
         "revoked": list(ring.extra.get("revoked", [])) if ring else [],
@@ -126,16 +169,22 @@ def show_keys(home: HubHome) -> dict[str, Any]:
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
+    root_key = Path(args.root_key) if args.root_key else None
+    publish = "restart `edgefleet-hub serve` to publish it"
     if args.action == "rotate-signing":
-        ring = rotate_signing(home, revoke=not args.keep_old)
+        ring = rotate_signing(home, revoke=not args.keep_old, root_key=root_key)
         print(f"keyring v{ring.version}: signing key {ring.keys[0].keyid[:16]}…"
-              + ("" if args.keep_old else " (old key revoked)")
-              + "; restart `edgefleet-hub serve` to publish it")
+              + ("" if args.keep_old else " (old key revoked)") + f"; {publish}")
     elif args.action == "rotate-root":
-        version = rotate_root(home, reset_seq=args.reset_seq)
+        new_key = Path(args.new_root_key) if args.new_root_key else None
+        version = rotate_root(home, reset_seq=args.reset_seq, root_key=root_key, new_root_key=new_key)
+        where = new_key or root_key or home.root_key_path
         print(f"root v{version} written to {roots_path(home)} (signed by the old and the new root"
-              f"{'; seq reset and signing key rotated' if args.reset_seq else ''}); "
-              "restart `edgefleet-hub serve` to publish it. Keep the new root.pem offline.")
+              f"{'; seq reset and signing key rotated' if args.reset_seq else ''}); {publish}. "
+              f"The new root private key is {where}: keep it offline.")
+    elif args.action == "renew-keyring":
+        ring = renew_keyring(home, root_key=root_key)
+        print(f"keyring v{ring.version} re-signed by the root key; {publish}")
     else:
         info = show_keys(home)
         if args.json:
@@ -147,10 +196,16 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def add_keys_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``edgefleet-hub keys {show,rotate-signing,rotate-root}``."""
+    """Register ``edgefleet-hub keys {show,rotate-signing,rotate-root,renew-keyring}``."""
     sp = cmd("keys", _cmd_keys, "show or rotate the fleet's keys (run while the hub is stopped)")
-    sp.add_argument("action", nargs="?", choices=["show", "rotate-signing", "rotate-root"],
+    sp.add_argument("action", nargs="?", choices=["show", "rotate-signing", "rotate-root", "renew-keyring"],
                     default="show")
+    sp.add_argument("--root-key", metavar="PATH",
+                    help="the root private key these ceremonies sign with (default HOME/keys/root.pem; "
+                         "give its offline location when it is not in the hub home)")
+    sp.add_argument("--new-root-key", metavar="PATH",
+                    help="rotate-root: where to write the new root private key (default: replace "
+                         "--root-key, the old key kept in retired/ beside it)")
     sp.add_argument("--keep-old", action="store_true",
                     help="rotate-signing: keep the old key valid instead of revoking it")
     sp.add_argument("--reset-seq", action="store_true",

@@ -3,14 +3,17 @@ broker-config` writes (TLS, client certificates, passwords, the ACL), a hub proc
 process enrolled with `device add`. tests/system/test_rotation_live.py runs on an anonymous broker
 without an ACL, so it cannot see a rotation the ACL keeps from devices.
 
-The ceremony is the documented one: stop the hub, rotate the root and then the signing key (the
-old one revoked), restart the hub. The device must adopt root 2, trust the keyring it signs, and
-keep updating with states signed by the new signing key.
+The ceremony is the documented one, with the root private key kept offline from `init` on (the
+hub and enrolment use keys/root.pub alone): stop the hub, rotate the root and then the signing key
+(the old one revoked) with --root-key pointing at the offline copy, restart the hub. The device
+must adopt root 2, trust the keyring it signs, and keep updating with states signed by the new
+signing key.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -33,6 +36,9 @@ class SecureFleet:
         self.home = tmp / "hub"
         self.http_port = free_port()
         run_cli(HUB, "init", "--home", str(self.home), "--fleet", fleet, "--http", f"127.0.0.1:{self.http_port}")
+        self.offline = tmp / "usb" / "root.pem"  # the root private key leaves the hub home at once
+        self.offline.parent.mkdir()
+        shutil.move(self.home / "keys" / "root.pem", self.offline)
         self.broker: GeneratedBroker = start_generated_broker(self.home, fleet, tmp)
         self.hub: subprocess.Popen[bytes] | None = None
 
@@ -79,10 +85,11 @@ def test_a_root_rotation_reaches_a_device_behind_the_generated_acl(tmp_path: Pat
         wait_for(lambda: env.runs("dev-1", "1.0.0"), 40, "dev-1 to run m 1.0.0 over TLS")
 
         env.stop_hub()  # the ceremony: hub stopped, root rotated, then the signing key
-        env.cli("keys", "rotate-root")
-        env.cli("keys", "rotate-signing")
+        env.cli("keys", "rotate-root", "--root-key", str(env.offline))
+        env.cli("keys", "rotate-signing", "--root-key", str(env.offline))
         keys = json.loads(env.cli("keys", "show", "--json"))
         assert keys["root_version"] == 2 and len(keys["revoked"]) == 1
+        assert keys["root_private_key"] == "offline" and not (env.home / "keys" / "root.pem").exists()
         env.start_hub()
 
         wait_for(lambda: [e for e in env.events("dev-1") if e["type"] == "root_rotated"], 30,
