@@ -30,9 +30,11 @@ from edgefleet.agent import __version__
 from edgefleet.agent.adapters.capture import parse_batch
 from edgefleet.agent.adapters.mqttlink import MqttLink
 from edgefleet.agent.adapters.store import atomic_write
+from edgefleet.agent.contract.envelope import open_envelope
 from edgefleet.agent.contract.errors import ConfigError, EdgefleetError, MalformedMessage
 from edgefleet.agent.contract.wire import (
     Event,
+    Keyring,
     ModelEntry,
     Reference,
     Reported,
@@ -42,17 +44,18 @@ from edgefleet.agent.contract.wire import (
     canonical_json,
     check_name,
     format_time,
+    parse_json_object,
 )
 from edgefleet.hub.adapters.fastjson import loads_object
 from edgefleet.hub.adapters.home import HubHome, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
 from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
-from edgefleet.hub.core.desired import build_desired, model_entry
+from edgefleet.hub.core.desired import KEYRING_RENEW_DAYS, build_desired, keyring_expiry, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged, load_drift_config
+from edgefleet.hub.services.drift_monitor import ALERT_KIND, DriftMonitor, Staged, load_drift_config
 from edgefleet.hub.services.enrol import (
     device_broker_url,
     hub_link_options,
@@ -75,6 +78,7 @@ INGEST_BATCH = 1000
 # broker keeps the rest (QoS 1, unacknowledged) instead of this process's memory.
 INBOX_LIMIT = 20_000
 INGEST_LINGER, INGEST_LINGER_BELOW = 0.005, 100  # wait 5 ms for more when fewer than 100 are queued
+KEYRING_ALERT_EVERY = 86400.0  # a keyring alert is repeated daily while the keyring needs renewing
 # How long the `device add` that enrolled a device may cancel it (it could not write the bundle).
 ENROLMENT_CANCEL_SECONDS = 600.0
 
@@ -146,6 +150,7 @@ class Hub:
         home.root_public_b64()  # a home from before keys/root.pub gets it now, or the hub does not start
         # Enrolments the CLI may still cancel (it could not write the bundle): device -> record.
         self._enrolments: dict[str, _Enrolment] = {}
+        self._keyring_alert: tuple[str, float] | None = None  # (state, when) of the last keyring alert
         self._enrol_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue(INBOX_LIMIT)
         self._stop = threading.Event()
@@ -392,11 +397,43 @@ class Hub:
         return None
 
     def _main_loop(self) -> None:
+        self._watch_keyring()
         while not self._stop.wait(60):
             try:
                 self.refresh_expiring()
             except Exception:
                 log.exception("re-signing desired states failed")
+            self._watch_keyring()
+
+    # -- keyring expiry --------------------------------------------------------------------------
+
+    def keyring_status(self) -> dict[str, Any]:
+        """The published keyring's expiry (:func:`hub.core.desired.keyring_expiry`)."""
+        ring = Keyring.from_dict(parse_json_object(open_envelope(self._keyring).payload, "keyring"))
+        return keyring_expiry(ring, self.clock(), KEYRING_RENEW_DAYS)
+
+    def _watch_keyring(self) -> None:
+        """Warn ahead of the keyring's expiry: only a person with the root key can renew it. An
+        ``edgefleet.alert/v1`` of type ``keyring`` on ``{root}hub/alerts`` when it enters
+        ``renew`` or ``expired``, then once a day while it stays there; a log line each time."""
+        try:
+            info = self.keyring_status()
+        except EdgefleetError:
+            log.exception("the keyring at %s cannot be read", keyring_path(self.home))
+            return
+        now = self.clock()
+        if info["state"] not in ("renew", "expired"):
+            self._keyring_alert = None
+            return
+        last = self._keyring_alert
+        if last is not None and last[0] == info["state"] and now - last[1] < KEYRING_ALERT_EVERY:
+            return
+        self._keyring_alert = (info["state"], now)
+        log.warning("%s", info["message"])
+        self.publish_alert({"kind": ALERT_KIND, "fleet": self.config.fleet, "time": format_time(now),
+                            "type": "keyring", "state": info["state"], "keyring_version": info["version"],
+                            "expires_at": format_time(info["expires_at"]), "days_left": info["days_left"],
+                            "message": info["message"]})
 
     # -- operations (called by the admin API) ----------------------------------------------------
 
@@ -631,7 +668,7 @@ class Hub:
                 "telemetry_totals": self.db.telemetry_totals(d["id"]),
             })
         return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters), "keyring": self.keyring_status()}
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
         rows = self.db.events(device, limit)

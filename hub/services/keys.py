@@ -17,7 +17,9 @@ old one (devices then refuse anything it signs). A root rotation signs root vers
 old *and* the new root key, appends it to the chain, and re-signs the keyring with the new root;
 ``--reset-seq`` also lets devices accept lower ``seq`` values again (recovery from a stolen
 signing key that pushed ``seq`` up) and therefore also rotates the signing key. A renewal re-signs
-the keyring as it is, as version N+1. Devices need no re-provisioning. The root private key is
+the keyring as it is, as version N+1. Every keyring a ceremony signs expires after
+``--lifetime-days`` (default :data:`hub.core.desired.KEYRING_LIFETIME_DAYS`, a year); the daemon
+warns ahead (``hub/alerts``, ``edgefleet-hub status``). Devices need no re-provisioning. The root private key is
 read only here, from ``--root-key`` or ``DIR/keys/root.pem``, and must match ``root.pub``. The
 daemon loads keys at start: restart it (``edgefleet-hub serve``) to publish.
 """
@@ -41,11 +43,15 @@ from edgefleet.agent.contract.envelope import (
     public_key_to_b64,
     sign_envelope,
 )
-from edgefleet.agent.contract.wire import KeyEntry, Keyring, parse_json_object
+from edgefleet.agent.contract.errors import ConfigError
+from edgefleet.agent.contract.wire import KeyEntry, Keyring, format_time, parse_json_object
 from edgefleet.agent.core.trust import RootRotation, roots_message
 from edgefleet.hub.adapters.home import HubHome, keyring_path, private_pem
+from edgefleet.hub.core.desired import KEYRING_LIFETIME_DAYS, KEYRING_RENEW_DAYS
 
 __all__ = ["add_keys_commands", "renew_keyring", "roots_path", "rotate_root", "rotate_signing", "show_keys"]
+
+MAX_LIFETIME_DAYS = 3650  # a keyring valid for more than ten years would not expire in practice
 
 
 def roots_path(home: HubHome) -> Path:
@@ -80,11 +86,20 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+def _expiry(now: float, lifetime_days: float) -> float:
+    if not 1 <= lifetime_days <= MAX_LIFETIME_DAYS:
+        raise ConfigError(f"a keyring lifetime is 1 to {MAX_LIFETIME_DAYS} days, got {lifetime_days:g}")
+    return now + lifetime_days * 86400
+
+
 def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = None,
-                   root_key: Path | None = None) -> Keyring:
+                   root_key: Path | None = None, lifetime_days: float = KEYRING_LIFETIME_DAYS) -> Keyring:
     """New signing key; keyring N+1 lists only it (and revokes the old one unless told not).
-    Signed by the root key at ``root_key`` (default ``DIR/keys/root.pem``)."""
+    Signed by the root key at ``root_key`` (default ``DIR/keys/root.pem``); expires
+    ``lifetime_days`` from now."""
     fleet = home.config().fleet
+    now = _now(now)
+    expires = _expiry(now, lifetime_days)
     root = home.root_key(root_key)  # before anything changes: no key, no ceremony
     ring = _current_ring(home)
     old = home.signing_key()
@@ -96,8 +111,9 @@ def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = No
     new_ring = Keyring(
         fleet=fleet, version=(ring.version if ring else 0) + 1, threshold=1,
         keys=(entry,),
-        issued_at=_now(now),
+        issued_at=now,
         extra={"revoked": revoked} if revoked else {},
+        expires_at=expires,
     )
     _retire(home.keys, "signing", old)
     atomic_write(home.keys / "signing.pem", private_pem(new), mode=0o600)
@@ -106,13 +122,16 @@ def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = No
 
 
 def rotate_root(home: HubHome, *, reset_seq: bool = False, now: float | None = None,
-                root_key: Path | None = None, new_root_key: Path | None = None) -> int:
+                root_key: Path | None = None, new_root_key: Path | None = None,
+                lifetime_days: float = KEYRING_LIFETIME_DAYS) -> int:
     """New root key N+1 signed by old and new; keyring re-signed. Returns the new root version.
 
     The current root key is read from ``root_key`` (default ``DIR/keys/root.pem``); the new one
     is written to ``new_root_key`` (default: the same file, the old key retired into
     ``retired/`` beside it), so a root kept offline stays offline."""
     fleet = home.config().fleet
+    now = _now(now)
+    expires = _expiry(now, lifetime_days)
     old = home.root_key(root_key)
     dest = new_root_key or root_key or home.root_key_path
     chain = _chain(home)
@@ -128,20 +147,24 @@ def rotate_root(home: HubHome, *, reset_seq: bool = False, now: float | None = N
     atomic_write(roots_path(home), roots_message(chain), mode=0o644)
     home.set_root_public(new.public_key())
     if reset_seq:  # a state signed by the old signing key must not be replayable from seq 1
-        rotate_signing(home, revoke=True, now=now, root_key=dest)
+        rotate_signing(home, revoke=True, now=now, root_key=dest, lifetime_days=lifetime_days)
     else:
         ring = _current_ring(home)
         if ring is not None:
             bumped = Keyring(fleet=ring.fleet, version=ring.version + 1, keys=ring.keys,
-                             threshold=ring.threshold, issued_at=_now(now), extra=ring.extra)
+                             threshold=ring.threshold, issued_at=now, extra=ring.extra, expires_at=expires)
             _write_ring(home, bumped, new)
     return version
 
 
-def renew_keyring(home: HubHome, *, now: float | None = None, root_key: Path | None = None) -> Keyring:
-    """Re-sign the keyring as it is (same keys, threshold and revocations) as version N+1; a home
-    without a keyring gets version 1 listing its signing key."""
+def renew_keyring(home: HubHome, *, now: float | None = None, root_key: Path | None = None,
+                  lifetime_days: float = KEYRING_LIFETIME_DAYS) -> Keyring:
+    """Re-sign the keyring as it is (same keys, threshold and revocations) as version N+1,
+    expiring ``lifetime_days`` from now; a home without a keyring gets version 1 listing its
+    signing key."""
     fleet = home.config().fleet
+    now = _now(now)
+    expires = _expiry(now, lifetime_days)
     root = home.root_key(root_key)
     ring = _current_ring(home)
     if ring is None:
@@ -149,7 +172,7 @@ def renew_keyring(home: HubHome, *, now: float | None = None, root_key: Path | N
         ring = Keyring(fleet=fleet, version=0, threshold=1,
                        keys=(KeyEntry(keyid=key_id(signer), public=public_key_to_b64(signer)),))
     renewed = Keyring(fleet=fleet, version=ring.version + 1, keys=ring.keys, threshold=ring.threshold,
-                      issued_at=_now(now), extra=ring.extra)
+                      issued_at=now, extra=ring.extra, expires_at=expires)
     _write_ring(home, renewed, root)
     return renewed
 
@@ -161,6 +184,7 @@ def show_keys(home: HubHome) -> dict[str, Any]:
         "root_version": len(_chain(home)) + 1,
         "root_private_key": "in the hub home" if home.root_key_path.exists() else "offline",
         "keyring_version": ring.version if ring else None,
+        "keyring_expires_at": format_time(ring.expires_at) if ring and ring.expires_at else None,
         "signing_keys": [k.keyid for k in ring.keys] if ring else [],
         "revoked": list(ring.extra.get("revoked", [])) if ring else [],
         "threshold": ring.threshold if ring else None,
@@ -170,21 +194,24 @@ def show_keys(home: HubHome) -> dict[str, Any]:
 def _cmd_keys(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     root_key = Path(args.root_key) if args.root_key else None
+    life = args.lifetime_days
     publish = "restart `edgefleet-hub serve` to publish it"
     if args.action == "rotate-signing":
-        ring = rotate_signing(home, revoke=not args.keep_old, root_key=root_key)
+        ring = rotate_signing(home, revoke=not args.keep_old, root_key=root_key, lifetime_days=life)
         print(f"keyring v{ring.version}: signing key {ring.keys[0].keyid[:16]}…"
               + ("" if args.keep_old else " (old key revoked)") + f"; {publish}")
     elif args.action == "rotate-root":
         new_key = Path(args.new_root_key) if args.new_root_key else None
-        version = rotate_root(home, reset_seq=args.reset_seq, root_key=root_key, new_root_key=new_key)
+        version = rotate_root(home, reset_seq=args.reset_seq, root_key=root_key, new_root_key=new_key,
+                              lifetime_days=life)
         where = new_key or root_key or home.root_key_path
         print(f"root v{version} written to {roots_path(home)} (signed by the old and the new root"
               f"{'; seq reset and signing key rotated' if args.reset_seq else ''}); {publish}. "
               f"The new root private key is {where}: keep it offline.")
     elif args.action == "renew-keyring":
-        ring = renew_keyring(home, root_key=root_key)
-        print(f"keyring v{ring.version} re-signed by the root key; {publish}")
+        ring = renew_keyring(home, root_key=root_key, lifetime_days=life)
+        print(f"keyring v{ring.version} re-signed by the root key, valid until "
+              f"{format_time(ring.expires_at or 0.0)}; {publish}")
     else:
         info = show_keys(home)
         if args.json:
@@ -206,6 +233,9 @@ def add_keys_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> 
     sp.add_argument("--new-root-key", metavar="PATH",
                     help="rotate-root: where to write the new root private key (default: replace "
                          "--root-key, the old key kept in retired/ beside it)")
+    sp.add_argument("--lifetime-days", type=float, default=KEYRING_LIFETIME_DAYS, metavar="DAYS",
+                    help=f"how long the keyring a ceremony signs is valid (default {KEYRING_LIFETIME_DAYS}; "
+                         f"the hub warns {KEYRING_RENEW_DAYS} days before it expires)")
     sp.add_argument("--keep-old", action="store_true",
                     help="rotate-signing: keep the old key valid instead of revoking it")
     sp.add_argument("--reset-seq", action="store_true",

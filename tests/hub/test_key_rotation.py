@@ -114,3 +114,14 @@ def test_rotate_root_can_write_the_new_key_elsewhere(home: HubHome, tmp_path: Pa
                    "--new-root-key", str(new)).returncode == 0
     assert home.root_public_b64() == public_key_to_b64(load_private_key(new).public_key())
     assert new.stat().st_mode & 0o077 == 0
+
+
+def test_renew_keyring_cli_sets_the_lifetime_and_refuses_a_silly_one(home: HubHome) -> None:
+    bad = run_cli("edgefleet.hub.cli.main", "keys", "renew-keyring", "--home", str(home.path),
+                  "--lifetime-days", "0", check=False)
+    assert bad.returncode == 2 and "lifetime is 1 to 3650 days, got 0" in bad.stderr
+    out = run_cli("edgefleet.hub.cli.main", "keys", "renew-keyring", "--home", str(home.path),
+                  "--lifetime-days", "90").stdout
+    assert "keyring v2 re-signed by the root key, valid until" in out
+    info = json.loads(run_cli("edgefleet.hub.cli.main", "keys", "show", "--home", str(home.path), "--json").stdout)
+    assert info["keyring_version"] == 2 and info["keyring_expires_at"]
