@@ -84,16 +84,20 @@ def issue_credentials(home: HubHome, config: HubConfig, broker_url: str, device:
         )
     pki.ensure_ca(now)
     out["ca_pem"] = pki.ca_pem().decode()
-    if kind in ("cert", "both"):
-        issued = pki.issue_client(device, now)
-        out.update(
-            cert_pem=issued.cert_pem.decode(),
-            key_pem=issued.key_pem.decode(),
-            serial=format(issued.serial, "x"),
-            not_after=issued.not_after,
-        )
-    if kind in ("password", "both"):
-        out.update(username=device, password=pki.set_password(device))
+    try:
+        if kind in ("cert", "both"):
+            issued = pki.issue_client(device, now)
+            out.update(
+                cert_pem=issued.cert_pem.decode(),
+                key_pem=issued.key_pem.decode(),
+                serial=format(issued.serial, "x"),
+                not_after=issued.not_after,
+            )
+        if kind in ("password", "both"):
+            out.update(username=device, password=pki.set_password(device))
+    except BaseException:  # "both": the certificate is issued, the password fails: take it back
+        undo_credentials(home, config, device, serial=out.get("serial"), password=False)
+        raise
     return out
 
 

@@ -176,3 +176,21 @@ def test_device_add_that_cannot_write_its_bundle_cancels_the_enrolment(
     hub.send_signal(signal.SIGTERM)
     assert hub.wait(15) == 0
     assert json.loads((home_dir / "pki" / "index.json").read_text())["passwords"].get("d1")
+
+
+def test_a_password_that_fails_after_the_certificate_takes_the_certificate_back(
+    home: HubHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home.update_config(device_broker_url="mqtts://127.0.0.1:8883")
+    hub = Hub(home, clock=lambda: NOW)
+    try:
+        def fail(*a: Any, **kw: Any) -> str:
+            raise OSError(28, "No space left on device (injected)")
+
+        monkeypatch.setattr(DevicePki, "set_password", fail)
+        with pytest.raises(OSError, match="injected"):
+            hub.add_device({"device": "d1", "credentials": "both"}, "test")
+        assert "d1" not in hub.db.device_ids()
+        assert _pki_of(home, "d1") == {"certs": [], "password": False, "passwd_line": False}
+    finally:
+        hub.db.close()
