@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -21,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,11 @@ from edgefleet.agent import __version__
 from edgefleet.agent.adapters.capture import parse_batch
 from edgefleet.agent.adapters.mqttlink import MqttLink
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.errors import EdgefleetError, MalformedMessage
+from edgefleet.agent.contract.envelope import open_envelope
+from edgefleet.agent.contract.errors import ConfigError, EdgefleetError, MalformedMessage
 from edgefleet.agent.contract.wire import (
     Event,
+    Keyring,
     ModelEntry,
     Reference,
     Reported,
@@ -40,6 +44,7 @@ from edgefleet.agent.contract.wire import (
     canonical_json,
     check_name,
     format_time,
+    parse_json_object,
 )
 from edgefleet.hub.adapters.fastjson import loads_object
 from edgefleet.hub.adapters.home import HubHome, create_private, keyring_path
@@ -48,17 +53,18 @@ from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
 from edgefleet.hub.adapters.tokens import TokenStore
 from edgefleet.hub.core.access import Token, check_role, check_token_name
-from edgefleet.hub.core.desired import build_desired, build_keyring, model_entry
+from edgefleet.hub.core.desired import KEYRING_RENEW_DAYS, build_desired, keyring_expiry, model_entry
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
-from edgefleet.hub.services.drift_monitor import DriftMonitor, Staged, load_drift_config
+from edgefleet.hub.services.drift_monitor import ALERT_KIND, DriftMonitor, Staged, load_drift_config
 from edgefleet.hub.services.enrol import (
     device_broker_url,
     hub_link_options,
     issue_credentials,
     list_devices,
     revoke_device,
+    undo_credentials,
 )
 from edgefleet.hub.services.groups import check_group, deploy_targets, group_of
 from edgefleet.hub.services.keys import roots_path
@@ -74,6 +80,17 @@ INGEST_BATCH = 1000
 # broker keeps the rest (QoS 1, unacknowledged) instead of this process's memory.
 INBOX_LIMIT = 20_000
 INGEST_LINGER, INGEST_LINGER_BELOW = 0.005, 100  # wait 5 ms for more when fewer than 100 are queued
+KEYRING_ALERT_EVERY = 86400.0  # a keyring alert is repeated daily while the keyring needs renewing
+# How long the `device add` that enrolled a device may cancel it (it could not write the bundle).
+ENROLMENT_CANCEL_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class _Enrolment:
+    secret_sha256: str
+    at: float
+    serial: str | None  # what to take back: the certificate, the password
+    password: bool
 
 
 def freeze_startup_heap() -> None:
@@ -138,6 +155,11 @@ class Hub:
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
         self._keyring = self._load_keyring()
+        home.root_public_b64()  # a home from before keys/root.pub gets it now, or the hub does not start
+        # Enrolments the CLI may still cancel (it could not write the bundle): device -> record.
+        self._enrolments: dict[str, _Enrolment] = {}
+        self._keyring_alert: tuple[str, float] | None = None  # (state, when) of the last keyring alert
+        self._enrol_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue(INBOX_LIMIT)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -160,12 +182,17 @@ class Hub:
             self.link.publish(topic, payload, qos=1, retain=retain)
 
     def _load_keyring(self) -> bytes:
+        """The root-signed keyring (written by ``init`` and the key ceremonies): the daemon never
+        holds the root private key, so it cannot sign one itself."""
         path = keyring_path(self.home)
-        if path.exists():
+        try:
             return path.read_bytes()
-        raw = build_keyring(self.config.fleet, 1, [self.signing_key], self.home.root_key(), self.clock())
-        atomic_write(path, raw, mode=0o600)
-        return raw
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no keyring at {path}: it is signed by the fleet root key, which the hub does not "
+                f"hold while it runs; sign one with `edgefleet-hub keys renew-keyring --home {self.home.path} "
+                "--root-key PATH` (the root private key; default HOME/keys/root.pem)"
+            ) from None
 
     @property
     def _client_id(self) -> str:
@@ -388,11 +415,43 @@ class Hub:
         return None
 
     def _main_loop(self) -> None:
+        self._watch_keyring()
         while not self._stop.wait(60):
             try:
                 self.refresh_expiring()
             except Exception:
                 log.exception("re-signing desired states failed")
+            self._watch_keyring()
+
+    # -- keyring expiry --------------------------------------------------------------------------
+
+    def keyring_status(self) -> dict[str, Any]:
+        """The published keyring's expiry (:func:`hub.core.desired.keyring_expiry`)."""
+        ring = Keyring.from_dict(parse_json_object(open_envelope(self._keyring).payload, "keyring"))
+        return keyring_expiry(ring, self.clock(), KEYRING_RENEW_DAYS)
+
+    def _watch_keyring(self) -> None:
+        """Warn ahead of the keyring's expiry: only a person with the root key can renew it. An
+        ``edgefleet.alert/v1`` of type ``keyring`` on ``{root}hub/alerts`` when it enters
+        ``renew`` or ``expired``, then once a day while it stays there; a log line each time."""
+        try:
+            info = self.keyring_status()
+        except EdgefleetError:
+            log.exception("the keyring at %s cannot be read", keyring_path(self.home))
+            return
+        now = self.clock()
+        if info["state"] not in ("renew", "expired"):
+            self._keyring_alert = None
+            return
+        last = self._keyring_alert
+        if last is not None and last[0] == info["state"] and now - last[1] < KEYRING_ALERT_EVERY:
+            return
+        self._keyring_alert = (info["state"], now)
+        log.warning("%s", info["message"])
+        self.publish_alert({"kind": ALERT_KIND, "fleet": self.config.fleet, "time": format_time(now),
+                            "type": "keyring", "state": info["state"], "keyring_version": info["version"],
+                            "expires_at": format_time(info["expires_at"]), "days_left": info["days_left"],
+                            "message": info["message"]})
 
     # -- operations (called by the admin API) ----------------------------------------------------
 
@@ -453,31 +512,81 @@ class Hub:
                 "preflight": preflight[1] if preflight is not None else None}
 
     def add_device(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """Register a device and issue its credentials, all or nothing: what can fail without
+        changing anything (names, the root public key, the broker URL) is checked first, and if
+        anything fails once credentials are issued they are taken back and the registration
+        rolls back. The answer carries ``enrolment``, a secret with which the enrolling CLI
+        cancels the enrolment (``{"device", "cancel": enrolment}``) when it cannot write the
+        bundle, for :data:`ENROLMENT_CANCEL_SECONDS`, while the device has never been seen."""
+        if "cancel" in req:
+            return self.cancel_enrolment(req, actor)
         device = _name(req.get("device"), "device id")
         profile = req.get("profile", "generic-x86_64")
         if not isinstance(profile, str) or not profile:
             raise BadRequest(f"profile must be a profile name, got {profile!r}")
         group = check_group(req.get("group"))
+        root_public = self.home.root_public_b64()  # keys/root.pub: the root private key may be offline
         now = self.clock()
-        with self.db.tx() as conn:
-            if self.db.device_registered(conn, device):
-                raise Conflict(f"device {device!r} is already registered")
-            creds = issue_credentials(self.home, self.config, self.broker_url, device, req.get("credentials", "auto"), now)
-            # Data-capture uploads authenticate with this token (only its hash is kept).
-            creds["capture_token"] = token = secrets.token_urlsafe(32)
-            self._known = None  # the ingest thread re-reads the registered devices
-            self.db.insert_device(conn, device, profile, now, group, hashlib.sha256(token.encode()).hexdigest())
-            self.db.audit(conn, now, actor, "device_add",
-                          {"device": device, "profile": profile, "credentials": creds["kind"],
-                           "serial": creds.get("serial"), "group": group})
-        return {
-            "fleet": self.config.fleet,
-            "device": device,
-            "broker_url": device_broker_url(self.config, self.broker_url, creds["kind"]),
-            "blob_url": self.public_url,
-            "root_public_key": self.home.root_public_b64(),
-            "credentials": creds,
-        }
+        creds: dict[str, Any] | None = None
+        try:
+            with self.db.tx() as conn:
+                if self.db.device_registered(conn, device):
+                    raise Conflict(f"device {device!r} is already registered")
+                creds = issue_credentials(self.home, self.config, self.broker_url, device,
+                                          req.get("credentials", "auto"), now)
+                # Data-capture uploads authenticate with this token (only its hash is kept).
+                creds["capture_token"] = token = secrets.token_urlsafe(32)
+                self.db.insert_device(conn, device, profile, now, group, hashlib.sha256(token.encode()).hexdigest())
+                self.db.audit(conn, now, actor, "device_add",
+                              {"device": device, "profile": profile, "credentials": creds["kind"],
+                               "serial": creds.get("serial"), "group": group})
+                answer = {
+                    "fleet": self.config.fleet,
+                    "device": device,
+                    "broker_url": device_broker_url(self.config, self.broker_url, creds["kind"]),
+                    "blob_url": self.public_url,
+                    "root_public_key": root_public,
+                    "credentials": creds,
+                }
+        except BaseException:
+            if creds is not None:
+                undo_credentials(self.home, self.config, device, serial=creds.get("serial"),
+                                 password="password" in creds)
+            raise
+        self._known = None  # the ingest thread re-reads the registered devices
+        secret = secrets.token_urlsafe(24)
+        with self._enrol_lock:
+            self._enrolments = {d: e for d, e in self._enrolments.items()
+                                if now - e.at <= ENROLMENT_CANCEL_SECONDS}
+            self._enrolments[device] = _Enrolment(hashlib.sha256(secret.encode()).hexdigest(), now,
+                                                  creds.get("serial"), "password" in creds)
+        return {**answer, "enrolment": secret}
+
+    def cancel_enrolment(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """Undo an enrolment whose bundle could not be written: the registration goes, the
+        certificate and password are taken back, the id is free again (an audit entry says so)."""
+        device = _name(req.get("device"), "device id")
+        secret = req.get("cancel")
+        now = self.clock()
+        with self._enrol_lock:
+            pending = self._enrolments.get(device)
+            if pending is None or not isinstance(secret, str) or not hmac.compare_digest(
+                    hashlib.sha256(secret.encode()).hexdigest(), pending.secret_sha256):
+                raise NotAuthorized(f"no enrolment of {device!r} to cancel with this secret (only the "
+                                    "`device add` that enrolled it can cancel it)")
+            if now - pending.at > ENROLMENT_CANCEL_SECONDS:
+                raise Conflict(f"the enrolment of {device!r} is older than {ENROLMENT_CANCEL_SECONDS:.0f} s "
+                               "and can no longer be cancelled; revoke the device instead")
+            with self.db.tx() as conn:
+                if not self.db.delete_unseen_device(conn, device):
+                    raise Conflict(f"device {device!r} has been seen or deployed to since its enrolment; "
+                                   "revoke it instead")
+                self.db.audit(conn, now, actor, "device_add_cancelled",
+                              {"device": device, "serial": pending.serial})
+            del self._enrolments[device]
+        undo_credentials(self.home, self.config, device, serial=pending.serial, password=pending.password)
+        self._known = None
+        return {"device": device, "cancelled": True}
 
     def deploy(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
         name = _name(req.get("model"), "model name")
@@ -577,7 +686,7 @@ class Hub:
                 "telemetry_totals": self.db.telemetry_totals(d["id"]),
             })
         return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters), "keyring": self.keyring_status()}
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
         rows = self.db.events(device, limit)

@@ -205,6 +205,14 @@ class Database:
         conn.execute("INSERT INTO devices (id, profile, created_at, device_group, capture_token_sha256) "
                      "VALUES (?,?,?,?,?)", (device, profile, now, group, capture_token_sha256))
 
+    def delete_unseen_device(self, conn: sqlite3.Connection, device: str) -> bool:
+        """Cancel an enrolment: remove *device* if it has never said anything (no status, no
+        report, no desired state); return whether it was removed."""
+        if conn.execute("SELECT 1 FROM desired WHERE device=?", (device,)).fetchone() is not None:
+            return False
+        cur = conn.execute("DELETE FROM devices WHERE id=? AND status IS NULL AND reported IS NULL", (device,))
+        return cur.rowcount == 1
+
     def clear_capture_token(self, conn: sqlite3.Connection, device: str) -> None:
         """Revocation: the device's capture uploads are refused from now on."""
         conn.execute("UPDATE devices SET capture_token_sha256=NULL WHERE id=?", (device,))

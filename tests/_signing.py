@@ -42,15 +42,19 @@ def keyring(
     threshold: int = 1,
     fleet: str = FLEET,
     extra: Mapping[str, Any] | None = None,
+    issued_at: float = NOW - 60,
+    expires_at: float | None = None,
 ) -> bytes:
-    """A keyring envelope listing ``signers``, signed by ``root`` (one key or several)."""
+    """A keyring envelope listing ``signers``, signed by ``root`` (one key or several); without
+    ``expires_at`` it is a keyring of the kind signed before keyrings expired."""
     ring = Keyring(
         fleet=fleet,
         version=version,
         keys=tuple(key_entry(k) for k in signers),
         threshold=threshold,
-        issued_at=NOW - 60,
+        issued_at=issued_at,
         extra=dict(extra or {}),
+        expires_at=expires_at,
     )
     roots = [root] if isinstance(root, Ed25519PrivateKey) else list(root)
     return sign_envelope(ring.to_dict(), roots)

@@ -151,7 +151,7 @@ class Agent:
         self._stop = threading.Event()
         self._retry_at: float | None = None
         self._failures = 0  # consecutive retryable failures of the pending update
-        self._stale_reported = False
+        self._stale_reported: frozenset[str] = frozenset()  # TrustedState.stale_reasons already reported
         self._rng = random.Random()
         self._telemetry_seq = 0
         self._window_start = clock()
@@ -227,21 +227,37 @@ class Agent:
     def status_line(self) -> str:
         served = self.models.models()
         line = ", ".join(f"{n} {m.version}" for n, m in sorted(served.items())) or "no model installed"
-        if self.trust.stale(self.clock()):
-            line += f"; trust stale: desired seq {self.trust.last_seq} expired, no newer state"
+        for reason in self.trust.stale_reasons(self.clock()):
+            if reason == "expired":
+                line += f"; trust stale: desired seq {self.trust.last_seq} expired, no newer state"
+            elif reason == "keyring_expired" and self.trust.keyring is not None:
+                line += f"; trust stale: keyring v{self.trust.keyring.version} expired, no renewed keyring"
         return line
 
     def _check_trust_fresh(self) -> None:
-        """Once per window: an applied state past its expiry keeps serving, but not silently."""
-        stale = self.trust.stale(self.clock())
-        if stale and not self._stale_reported:
-            expired = format_time(self.trust.applied_expires_at or 0.0)
-            self._event("trust_stale", None, reason="expired", seq=self.trust.last_seq,
-                        message=f"the applied desired state (seq {self.trust.last_seq}) expired at {expired} "
-                                "and no newer one has arrived: the hub is down or cut off, or updates are "
-                                "being withheld. The installed models keep serving")
+        """Once per window: what the device trusts past its expiry (the applied desired state, the
+        keyring) keeps serving, but not silently: one ``trust_stale`` event per reason, when it
+        becomes stale."""
+        reasons = frozenset(self.trust.stale_reasons(self.clock()))
+        for reason in sorted(reasons - self._stale_reported):
+            if reason == "expired":
+                expired = format_time(self.trust.applied_expires_at or 0.0)
+                self._event("trust_stale", None, reason="expired", seq=self.trust.last_seq,
+                            message=f"the applied desired state (seq {self.trust.last_seq}) expired at {expired} "
+                                    "and no newer one has arrived: the hub is down or cut off, or updates are "
+                                    "being withheld. The installed models keep serving")
+            elif reason == "keyring_expired" and self.trust.keyring is not None:
+                ring = self.trust.keyring
+                self._event("trust_stale", None, reason="keyring_expired", seq=self.trust.last_seq,
+                            keyring_version=ring.version,
+                            message=f"the trusted keyring (v{ring.version}) expired at "
+                                    f"{format_time(ring.expires_at or 0.0)} and no renewed one has arrived: "
+                                    "the fleet's root key holder must renew it (edgefleet-hub keys "
+                                    "renew-keyring), or a renewed keyring is being withheld. States its keys "
+                                    "sign are still accepted and the installed models keep serving")
+        if reasons - self._stale_reported:
             self._notify(f"STATUS={self.status_line()}")
-        self._stale_reported = stale
+        self._stale_reported = reasons
 
     # -- restore ---------------------------------------------------------------------------------
 

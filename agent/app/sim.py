@@ -100,7 +100,7 @@ class SimAgent:
         with self.lock:
             try:
                 if kind == "keyring":
-                    if self.trust.update_keyring(payload) is not None and self.pending is not None:
+                    if self.trust.update_keyring(payload, now=self.clock()) is not None and self.pending is not None:
                         self._try_desired()
                 elif kind == "desired":
                     self.pending = payload

@@ -145,6 +145,7 @@ class Updater:
                 break
         if state.get("keyring"):
             try:
+                # Accepted when it arrived: not refused for its expiry now (that is reported, as stale).
                 self.trust.update_keyring(state["keyring"].encode())
             except EdgefleetError as exc:
                 log.error("stored keyring no longer verifies (%s); waiting for the hub's", exc)
@@ -237,7 +238,7 @@ class Updater:
     def handle_keyring(self, raw: bytes, *, now: float) -> list[Note]:
         self.last_keyring = raw
         try:
-            ring = self.trust.update_keyring(raw)
+            ring = self.trust.update_keyring(raw, now=now)
         except Refused as exc:
             return [Note.of("refused", exc, extra={"detail": "keyring"})]
         if ring is None:

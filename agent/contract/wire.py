@@ -394,7 +394,11 @@ class KeyEntry:
 
 @dataclass(frozen=True)
 class Keyring(_Message):
-    """The root-signed list of keys that may sign desired states for a fleet."""
+    """The root-signed list of keys that may sign desired states for a fleet.
+
+    ``expires_at`` (optional): after it a device refuses this keyring when it arrives, and
+    reports the one it trusts as stale (:mod:`agent.core.trust`). Keyrings signed before
+    keyrings had an expiry carry none and never expire."""
 
     KIND: ClassVar[str] = "edgefleet.keyring/v1"
     fleet: str
@@ -403,32 +407,43 @@ class Keyring(_Message):
     threshold: int = 1
     issued_at: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    expires_at: float | None = None
 
     _known: ClassVar[frozenset[str]] = frozenset(
-        {"kind", "fleet", "version", "keys", "threshold", "issued_at"}
+        {"kind", "fleet", "version", "keys", "threshold", "issued_at", "expires_at"}
     )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         _check_kind(d, cls.KIND)
         ctx = "keyring"
+        issued = parse_time(d["issued_at"], "keyring.issued_at") if "issued_at" in d else 0.0
+        expires = parse_time(d["expires_at"], "keyring.expires_at") if d.get("expires_at") is not None else None
+        if expires is not None and expires <= issued:
+            raise MalformedMessage(
+                f"keyring expires_at {format_time(expires)} is not after its issued_at {format_time(issued)}"
+            )
         return cls(
             fleet=check_name(_get(d, "fleet", str, ctx), "fleet"),
             version=_int(d, "version", ctx, minimum=1),
             keys=tuple(_list(d, "keys", ctx, KeyEntry.from_dict)),
             threshold=_int(d, "threshold", ctx, minimum=1),
-            issued_at=parse_time(d["issued_at"], "keyring.issued_at") if "issued_at" in d else 0.0,
+            issued_at=issued,
             extra=_extra(d, cls._known),
+            expires_at=expires,
         )
 
     def _fields(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "fleet": self.fleet,
             "version": self.version,
             "keys": [k.to_dict() for k in self.keys],
             "threshold": self.threshold,
             "issued_at": format_time(self.issued_at),
         }
+        if self.expires_at is not None:  # absent in keyrings from before expiry: same bytes as then
+            out["expires_at"] = format_time(self.expires_at)
+        return out
 
 
 @dataclass(frozen=True)

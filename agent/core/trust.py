@@ -26,6 +26,18 @@ Keyring (``{root}keyring``, retained)
   4. Signing keys rotate by a new keyring version. A key dropped from the keyring no longer
      counts; a key listed in the keyring's ``revoked`` ids is named as revoked in the refusal
      (``revoked_key``) and may not also be listed as a valid key.
+  5. Its ``expires_at``, when it has one, lies after the reference time (the same as for desired
+     states, rule 5 below: the device clock, never earlier than the time floor); otherwise it is
+     refused when it arrives (``keyring_expired``), so an old keyring kept back by a broker cannot
+     be fed to a device. The keyring already trusted, redelivered, is recognised before this
+     check (as in rule 3) and yields ``None``, and a keyring restored from the device's own store
+     (``now`` not given) is not checked again. A keyring without ``expires_at`` (signed before
+     keyrings had one) never expires: the wire stays backwards compatible both ways (an older
+     agent reads ``expires_at`` as an unknown field and ignores it).
+  6. The trusted keyring past its expiry keeps verifying desired states (refusing them would
+     turn a late renewal, a ceremony with the offline root key, into a fleet-wide stop of
+     updates, rollbacks included); :meth:`TrustedState.stale_reasons` names it
+     (``keyring_expired``) so the agent reports it, as it reports an expired desired state.
 
 Desired state (``{root}devices/{device}/desired``, retained)
   1. A keyring has been verified (otherwise the state waits; it is not refused for good).
@@ -231,8 +243,10 @@ class TrustedState:
 
     # -- keyring ---------------------------------------------------------------------------------
 
-    def update_keyring(self, raw: bytes) -> Keyring | None:
-        """Verify and adopt a keyring; ``None`` if it is the one already trusted."""
+    def update_keyring(self, raw: bytes, *, now: float | None = None) -> Keyring | None:
+        """Verify and adopt a keyring; ``None`` if it is the one already trusted. ``now`` is the
+        cycle's reference time for the expiry check; ``None`` only to restore the keyring this
+        device already accepted (from its own store)."""
         env = open_envelope(raw)
         if not valid_signers(env, {key_id(self.root): self.root}):
             raise BadSignature(
@@ -259,6 +273,17 @@ class TrustedState:
                     f"keyring version {ring.version} is already trusted with other content; "
                     "a changed keyring needs a higher version",
                     reason="stale_keyring",
+                )
+        if now is not None and ring.expires_at is not None:
+            ref = max(now, self.floor())
+            if ring.expires_at <= ref:
+                why = "" if ref == now else (f" (the device clock says {format_time(now)}, but this device "
+                                             f"has verified a state issued at {format_time(ref)})")
+                raise Expired(
+                    f"keyring version {ring.version} expired at {format_time(ring.expires_at)}, reference "
+                    f"time is {format_time(ref)}{why}; the root key holder must renew it "
+                    "(edgefleet-hub keys renew-keyring)",
+                    reason="keyring_expired",
                 )
         keys = {}
         for entry in ring.keys:
@@ -346,9 +371,25 @@ class TrustedState:
         return max(MIN_PLAUSIBLE_TIME, self.time_floor)
 
     def stale(self, now: float) -> bool:
-        """The applied state has expired and no newer one came: the hub is down, cut off, or
-        someone is withholding updates (a freeze). The device keeps serving and says so."""
-        return self.applied_expires_at is not None and self.applied_expires_at <= max(now, self.floor())
+        """Something trusted has expired and nothing newer came (:meth:`stale_reasons`)."""
+        return bool(self.stale_reasons(now))
+
+    def stale_reasons(self, now: float) -> tuple[str, ...]:
+        """What has expired at reference time ``now`` with nothing newer to replace it:
+
+        ``expired``          the applied desired state: the hub is down, cut off, or someone is
+                             withholding updates (a freeze);
+        ``keyring_expired``  the trusted keyring: nobody renewed it (a ceremony with the root key),
+                             or a renewed one is withheld.
+
+        The device keeps serving (and keeps accepting states its keyring verifies) and says so."""
+        ref = max(now, self.floor())
+        reasons = []
+        if self.applied_expires_at is not None and self.applied_expires_at <= ref:
+            reasons.append("expired")
+        if self.keyring is not None and self.keyring.expires_at is not None and self.keyring.expires_at <= ref:
+            reasons.append("keyring_expired")
+        return tuple(reasons)
 
     def _check_signatures(self, env: Envelope) -> None:
         assert self.keyring is not None

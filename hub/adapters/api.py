@@ -20,6 +20,8 @@ rollouts and rollback, admin for devices and tokens.
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     GET  /api/v1/devices              enrolled devices with their credentials' state
     POST /api/v1/devices              register {device, profile, credentials?}
+                                      or {device, cancel}: take back an enrolment whose bundle could
+                                      not be written (the one-time secret it returned, 10 min)
                                       (credentials: cert | password | both | none | auto)
     POST /api/v1/devices/revoke       {device}: revoke its certificates and password (CRL, passwd)
     POST /api/v1/deploy               {model, version, devices: [...]}

@@ -16,10 +16,15 @@ each with its own persistent session, and a forced id would have them knock each
 turn. Its client ids start with the hub user, whose ``@`` no device id may contain, so no device
 can take one over. Anonymous access is off. The ACL gives the
 hub user the whole fleet root, and every other user, through ``pattern`` lines on ``%u``, read
-access to its own ``desired`` and the keyring and write access to its own ``reported``,
-``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
+access to its own ``desired``, the keyring and the root-rotation chain (``roots``: without it a
+device never learns a new root, and refuses every keyring signed by it) and write access to its
+own ``reported``, ``telemetry``, ``events`` and ``status`` — nothing else. Queue limits are raised so a slow or
 briefly absent hub does not make the broker drop QoS 1 telemetry (Mosquitto's default keeps
-only 1000 messages per client).
+only 1000 messages per client). Packets are capped just above the largest message either side
+accepts (:data:`agent.contract.wire.MAX_MESSAGE_BYTES`, 4 MiB: desired states, keyrings, root
+chains and telemetry windows alike): a client that sends more is disconnected before the broker
+buffers it (``max_packet_size``), and a payload above the cap is never forwarded
+(``message_size_limit``).
 
 The text builders are pure functions; :func:`write_broker_config` does the files.
 """
@@ -32,10 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.wire import TOPIC_PREFIX
+from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Topics
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
 
-__all__ = ["BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
+__all__ = ["MAX_PACKET_BYTES", "BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
+
+# A PUBLISH packet carries its payload plus a fixed header (at most 5 bytes), the topic (under
+# 200 bytes for ours: check_name caps fleet and device ids at 64), a packet id and, in MQTT 5,
+# properties: 64 KiB of headroom keeps every payload of MAX_MESSAGE_BYTES within the packet cap.
+PACKET_HEADROOM = 64 * 1024
+MAX_PACKET_BYTES = MAX_MESSAGE_BYTES + PACKET_HEADROOM
 
 DEVICE_READS = ("desired",)
 DEVICE_WRITES = ("reported", "telemetry", "events", "status")
@@ -63,11 +74,15 @@ def acl_text(fleet: str, prefix: str = TOPIC_PREFIX) -> str:
         f"user {hub_username(fleet)}",
         f"topic readwrite {root}#",
         "",
-        "# Every device: its own desired state and the keyring in, its own reports out.",
-        "# (Mosquitto warns that the keyring line has no %u: it is meant for every user.)",
+        "# Every device: its own desired state, the keyring and the root rotations in, its own",
+        "# reports out. (Mosquitto warns that the keyring and roots lines have no %u: they are",
+        "# meant for every user.)",
     ]
     lines += [f"pattern read {root}devices/%u/{c}" for c in DEVICE_READS]
-    lines.append(f"pattern read {root}keyring")
+    # Fleet-wide topics every device subscribes to (agent.app.daemon): named by the wire contract,
+    # so the ACL cannot drift from what agents read.
+    topics = Topics(fleet, prefix)
+    lines += [f"pattern read {t}" for t in (topics.keyring, topics.roots)]
     lines += [f"pattern write {root}devices/%u/{c}" for c in DEVICE_WRITES]
     return "\n".join(lines) + "\n"
 
@@ -97,6 +112,12 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "max_inflight_messages 100",
         "queue_qos0_messages false",
         "upgrade_outgoing_qos false",
+        "",
+        f"# No message is larger than {MAX_MESSAGE_BYTES} bytes: hub and agents refuse bigger payloads",
+        "# (desired states, keyrings, root chains, telemetry windows). A client that sends a bigger",
+        "# packet is disconnected before the broker buffers it; a bigger payload is not forwarded.",
+        f"max_packet_size {MAX_PACKET_BYTES}",
+        f"message_size_limit {MAX_MESSAGE_BYTES}",
         "",
     ]
     if layout.persistence:

@@ -109,6 +109,13 @@ class HubClient:
         result: dict[str, Any] = self.request("POST", "/api/v1/devices", json=body)
         return result
 
+    def cancel_enrolment(self, device: str, enrolment: str) -> dict[str, Any]:
+        """Undo the enrolment :meth:`add_device` just made (its answer's ``enrolment``): the
+        bundle could not be written (hub.daemon.Hub.add_device)."""
+        result: dict[str, Any] = self.request("POST", "/api/v1/devices",
+                                              json={"device": device, "cancel": enrolment})
+        return result
+
     def devices(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/devices")["devices"]
         return result

@@ -1,10 +1,14 @@
 """The hub's home folder: keys, configuration, admin token, database and blobs.
 
     DIR/hub.toml          fleet, broker URL, HTTP listen address, public blob URL, TTLs
-    DIR/admin.token       the admin API token the CLI on this machine sends (0600)
+    DIR/admin.token       bearer token of the admin API (0600)
     DIR/tokens.json       named API tokens: name, role, sha256 (0600; hub.adapters.tokens)
-    DIR/keys/root.pem     fleet root key (signs keyrings; keep it offline in production)
+    DIR/keys/root.pub     fleet root public key (base64 Ed25519): what the daemon and enrolment use
+    DIR/keys/root.pem     fleet root private key: signs keyrings and root rotations, nothing else.
+                          Move it offline after `init`; key ceremonies take it with --root-key
     DIR/keys/signing.pem  signing key (signs desired states; listed in the keyring)
+    DIR/keys/keyring.json the root-signed keyring the daemon publishes (written by init and the
+                          key ceremonies, :mod:`hub.services.keys`)
     DIR/hub.db            SQLite, owned by the running daemon (hub.db module)
     DIR/blobs/<sha256>    published model blobs
     DIR/hub.run.json      written by `serve`: where the running daemon answers
@@ -22,21 +26,24 @@ import contextlib
 import json
 import os
 import secrets
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgefleet.agent.adapters.store import atomic_write
 from edgefleet.agent.contract.config import toml_string
-from edgefleet.agent.contract.envelope import public_key_to_b64
-from edgefleet.agent.contract.errors import ConfigError
+from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64
+from edgefleet.agent.contract.errors import ConfigError, MalformedMessage
 from edgefleet.agent.contract.wire import check_name
+from edgefleet.hub.core.desired import build_keyring
 
-__all__ = ["HubConfig", "HubHome", "create_private", "read_optional_toml"]
+__all__ = ["HubConfig", "HubHome", "create_private", "keyring_path", "load_private_key", "private_pem",
+           "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username",
                   "broker_password_file", "http_cert_file", "http_key_file")
@@ -98,6 +105,8 @@ class HubHome:
         self.token_path = path / "admin.token"
         self.tokens_path = path / "tokens.json"
         self.keys = path / "keys"
+        self.root_key_path = self.keys / "root.pem"  # the default place; ceremonies take --root-key
+        self.root_pub_path = self.keys / "root.pub"
         self.db_path = path / "hub.db"
         self.blobs = path / "blobs"
         self.run_path = path / "hub.run.json"
@@ -116,14 +125,15 @@ class HubHome:
         self.keys.mkdir(mode=0o700, exist_ok=True)
         self.blobs.mkdir(mode=0o700, exist_ok=True)
         create_private(self.db_path)
+        keys = {}
         for name in ("root", "signing"):
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            atomic_write(self.keys / f"{name}.pem", pem, mode=0o600)
+            keys[name] = key = Ed25519PrivateKey.generate()
+            atomic_write(self.keys / f"{name}.pem", private_pem(key), mode=0o600)
+        self._write_root_public(keys["root"].public_key())
+        # The first keyring is signed now, while the root key is here for the last time if the
+        # operator moves it offline: the daemon never needs the root private key.
+        atomic_write(keyring_path(self), build_keyring(fleet, 1, [keys["signing"]], keys["root"], time.time()),
+                     mode=0o600)
         atomic_write(self.token_path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
         text = (
             "# edgefleet hub configuration\n"
@@ -213,20 +223,56 @@ class HubHome:
             raise ConfigError(f"no admin token at {self.token_path}; is {self.path} a hub home? (from "
                               "another machine: --hub URL with $EDGEFLEET_TOKEN set to your token)") from exc
 
-    def _key(self, name: str) -> Ed25519PrivateKey:
-        key = serialization.load_pem_private_key((self.keys / f"{name}.pem").read_bytes(), None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"{self.keys / name}.pem is not an Ed25519 key")
+    def root_key(self, path: Path | None = None) -> Ed25519PrivateKey:
+        """The root private key, from ``path`` (a ceremony's ``--root-key``, e.g. on removable
+        media) or ``DIR/keys/root.pem``. Only key ceremonies call this; it must be the key whose
+        public half is ``DIR/keys/root.pub``."""
+        where = path or self.root_key_path
+        try:
+            key = load_private_key(where)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"no root private key at {where}: this ceremony signs with the fleet root key; if it "
+                "is kept offline, bring it and pass its path with --root-key PATH"
+            ) from exc
+        if self.root_pub_path.exists() and public_key_to_b64(key.public_key()) != self.root_public_b64():
+            raise ConfigError(
+                f"{where} is not this fleet's current root key: its key id is "
+                f"{key_id(key.public_key())[:16]}…, {self.root_pub_path} names "
+                f"{key_id(public_key_from_b64(self.root_public_b64()))[:16]}… (an older root, or another "
+                "fleet's?)"
+            )
         return key
 
-    def root_key(self) -> Ed25519PrivateKey:
-        return self._key("root")
-
     def signing_key(self) -> Ed25519PrivateKey:
-        return self._key("signing")
+        return load_private_key(self.keys / "signing.pem")
 
     def root_public_b64(self) -> str:
-        return public_key_to_b64(self.root_key().public_key())
+        """The fleet root public key (base64), from ``DIR/keys/root.pub``. A home from before
+        root.pub existed gets it derived, once, from ``DIR/keys/root.pem``."""
+        try:
+            text = self.root_pub_path.read_text().strip()
+        except FileNotFoundError:
+            if not self.root_key_path.exists():
+                raise ConfigError(
+                    f"no root public key at {self.root_pub_path} (and no root.pem to derive it from); "
+                    "copy the fleet's root.pub there (`root_public_key` of any device's agent.toml)"
+                ) from None
+            key = load_private_key(self.root_key_path)
+            self._write_root_public(key.public_key())
+            return public_key_to_b64(key.public_key())
+        try:
+            public_key_from_b64(text)
+        except MalformedMessage as exc:
+            raise ConfigError(f"{self.root_pub_path} is not a base64 Ed25519 public key: {exc}") from exc
+        return text
+
+    def set_root_public(self, public: Ed25519PublicKey) -> None:
+        """A root rotation's new public key (:mod:`hub.services.keys`)."""
+        self._write_root_public(public)
+
+    def _write_root_public(self, public: Ed25519PublicKey) -> None:
+        atomic_write(self.root_pub_path, (public_key_to_b64(public) + "\n").encode(), mode=0o600)
 
     # -- where the daemon answers ----------------------------------------------------------------
 
@@ -245,3 +291,19 @@ class HubHome:
 
 def keyring_path(home: HubHome) -> Path:
     return home.keys / "keyring.json"
+
+
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file (raises FileNotFoundError when there is none)."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a PEM private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 key")
+    return key

@@ -344,6 +344,20 @@ class DevicePki:
         hub_user = hub_username(self.fleet)
         return "".join(f"{u}:{h}\n" for u, h in sorted(users.items()) if hub is None or (u == hub_user) == hub)
 
+    def forget(self, device: str, serials: Iterable[str] = (), *, password: bool = False) -> None:
+        """Undo an enrolment that did not complete: drop the certificates ``serials`` (hex) of
+        ``device`` from the index, and its password if ``password``. The certificates were never
+        delivered, so they are not revoked (the CRL does not grow); the device id stays free."""
+        check_name(device, "device id")
+        with self._locked() as index:
+            for s in serials:
+                if index["certs"].get(s, {}).get("device") == device:
+                    del index["certs"][s]
+            if password:
+                index["passwords"].pop(device, None)
+        if password:
+            self._sync()
+
     # -- revocation ------------------------------------------------------------------------------
 
     def revoke(self, device: str, now: float) -> dict[str, Any]:

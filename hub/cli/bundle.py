@@ -9,7 +9,10 @@ drop-in that sizes the service from the device profile.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ from typing import Any
 from edgefleet.agent.adapters.store import atomic_write
 from edgefleet.agent.contract.config import DeviceProfile
 
-__all__ = ["RUNTIME_OVERHEAD_MB", "systemd_dropin", "write_credentials", "write_systemd_dropin"]
+__all__ = ["RUNTIME_OVERHEAD_MB", "install_bundle", "staging_folder", "systemd_dropin", "write_credentials",
+           "write_systemd_dropin"]
 
 # Python, ONNX Runtime, numpy and the agent itself, measured around 150 MiB RSS on x86-64;
 # kept generous so the kernel's OOM killer is a last resort, not a routine event.
@@ -72,3 +76,29 @@ def write_systemd_dropin(out: Path, profile: DeviceProfile) -> Path:
     path = folder / "50-profile.conf"
     atomic_write(path, systemd_dropin(profile).encode(), mode=0o644)
     return path
+
+
+def staging_folder(out: Path) -> Path:
+    """An empty folder beside ``out`` (same file system) to write a bundle into before it is
+    moved into place by :func:`install_bundle`. Fails, before any enrolment, where ``out``
+    cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+
+
+def install_bundle(staging: Path, out: Path) -> None:
+    """Move the bundle in ``staging`` to ``out``: one rename when ``out`` does not exist (or is
+    an empty folder), else file by file (each ``os.replace`` atomic), keeping other files."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        out.rmdir()  # only an empty folder
+    if not out.exists():
+        staging.rename(out)
+        return
+    for src in sorted(staging.rglob("*")):
+        dest = out / src.relative_to(staging)
+        if src.is_dir():
+            dest.mkdir(exist_ok=True)
+        else:
+            os.replace(src, dest)

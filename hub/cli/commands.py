@@ -136,6 +136,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     st = HubClient.for_home(home, args.hub).status()
     lines = [f"fleet {st['fleet']}: {len(st['devices'])} device(s)"]
+    keyring = st.get("keyring") or {}
+    if keyring.get("state") in ("renew", "expired"):  # only the root key holder can fix it: say so first
+        lines.append(f"WARNING: {keyring['message']}")
     lines.append(f"{'DEVICE':20} {'STATUS':10} {'RUNS':28} {'DESIRED':28} {'REQS':>7} {'LAST WINDOW':24} GROUP")
     for d in st["devices"]:
         cands = d.get("candidates") or {}

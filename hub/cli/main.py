@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from edgefleet.agent import __version__
-from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.contract.errors import ConfigError, EdgefleetError
 from edgefleet.agent.contract.wire import check_name, format_time
 from edgefleet.hub.adapters import resources
 from edgefleet.hub.adapters.client import HubClient
@@ -44,7 +45,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
     home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "")
     print(f"hub home ready in {home.path} (fleet {args.fleet})")
-    print(f"  root key:  {home.keys / 'root.pem'}  (keep it safe: it is the fleet's trust anchor)")
+    print(f"  root key:  {home.root_key_path}  (the fleet's trust anchor: move it offline now; the hub runs")
+    print(f"             on {home.root_pub_path} alone, and key ceremonies take --root-key PATH)")
     print(f"  token:     {home.token_path}  (the admin token; named ones: edgefleet-hub token add)")
     print(f"next: edgefleet-hub serve --home {home.path}")
     return 0
@@ -278,19 +280,49 @@ def cmd_device_add(args: argparse.Namespace) -> int:
         if not 0 <= args.capture <= 1:
             raise BadRequest(f"--capture is a sampling fraction from 0 to 1, got {args.capture}")
         overrides = {**(overrides or {}), "capture": {"sample_rate": args.capture}}
-    info = HubClient.for_home(home, args.hub).add_device(args.id, args.profile, args.credentials, args.group)
-    from edgefleet.hub.cli.bundle import write_credentials, write_systemd_dropin
+    from edgefleet.hub.cli.bundle import (
+        install_bundle,
+        staging_folder,
+        write_credentials,
+        write_systemd_dropin,
+    )
 
+    # All or nothing: the bundle is written into a staging folder beside --out (created before
+    # the hub registers anything) and moved into place last; if that fails, this command
+    # cancels the enrolment it just made (the hub takes the credentials back).
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    creds = info.pop("credentials", None) or {"kind": "none"}
-    if not str(info["broker_url"]).startswith("mqtts://") and not str(info["blob_url"]).startswith("https://"):
-        creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker and plain-HTTP blobs
-    path = write_agent_bundle(out, info, profile_path=profile_path, listen=args.listen,
-                              state_dir=args.state_dir or "state", overrides=overrides,
-                              extra_lines=write_credentials(out, creds))
-    path.chmod(0o600 if creds["kind"] != "none" else 0o644)
-    dropin = write_systemd_dropin(out, profile)
+    staging = staging_folder(out)
+    try:
+        client = HubClient.for_home(home, args.hub)
+        info = client.add_device(args.id, args.profile, args.credentials, args.group)
+        enrolment = info.pop("enrolment", None)
+        try:
+            creds = info.pop("credentials", None) or {"kind": "none"}
+            if not str(info["broker_url"]).startswith("mqtts://") and not str(info["blob_url"]).startswith("https://"):
+                creds.pop("ca_pem", None)  # nothing to pin on a plain-MQTT broker and plain-HTTP blobs
+            staged = write_agent_bundle(staging, info, profile_path=profile_path, listen=args.listen,
+                                        state_dir=args.state_dir or "state", overrides=overrides,
+                                        extra_lines=write_credentials(staging, creds))
+            staged.chmod(0o600 if creds["kind"] != "none" else 0o644)
+            write_systemd_dropin(staging, profile)
+            install_bundle(staging, out)
+        except BaseException as exc:
+            if enrolment is None:
+                raise
+            try:
+                client.cancel_enrolment(args.id, enrolment)
+            except Exception as undo:
+                raise ConfigError(
+                    f"device {args.id} is registered but its bundle could not be written to {out} ({exc}), "
+                    f"and cancelling the enrolment failed too ({undo}): revoke it "
+                    f"(`edgefleet-hub device revoke {args.id}`) and enrol the device under a new id"
+                ) from exc
+            progress(f"the bundle could not be written to {out}; the enrolment of {args.id} was cancelled")
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = out / "agent.toml"
+    dropin = out / "edgefleet-agent.service.d" / "50-profile.conf"
     reload = "new password: reload the broker (kill -HUP <mosquitto pid>)\n"
     emit(args, {**info, "config": str(path), "credentials": creds["kind"],
                 "systemd_dropin": str(dropin)},

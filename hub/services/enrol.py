@@ -34,6 +34,7 @@ __all__ = [
     "list_devices",
     "pki_for",
     "revoke_device",
+    "undo_credentials",
 ]
 
 CREDENTIAL_KINDS = ("cert", "password", "both", "none", "auto")
@@ -83,17 +84,31 @@ def issue_credentials(home: HubHome, config: HubConfig, broker_url: str, device:
         )
     pki.ensure_ca(now)
     out["ca_pem"] = pki.ca_pem().decode()
-    if kind in ("cert", "both"):
-        issued = pki.issue_client(device, now)
-        out.update(
-            cert_pem=issued.cert_pem.decode(),
-            key_pem=issued.key_pem.decode(),
-            serial=format(issued.serial, "x"),
-            not_after=issued.not_after,
-        )
-    if kind in ("password", "both"):
-        out.update(username=device, password=pki.set_password(device))
+    try:
+        if kind in ("cert", "both"):
+            issued = pki.issue_client(device, now)
+            out.update(
+                cert_pem=issued.cert_pem.decode(),
+                key_pem=issued.key_pem.decode(),
+                serial=format(issued.serial, "x"),
+                not_after=issued.not_after,
+            )
+        if kind in ("password", "both"):
+            out.update(username=device, password=pki.set_password(device))
+    except BaseException:  # "both": the certificate is issued, the password fails: take it back
+        undo_credentials(home, config, device, serial=out.get("serial"), password=False)
+        raise
     return out
+
+
+def undo_credentials(home: HubHome, config: HubConfig, device: str, *, serial: str | None,
+                     password: bool) -> None:
+    """Take back what :func:`issue_credentials` issued for an enrolment that failed or was
+    cancelled: the certificate ``serial`` leaves the index, the password (if ``password``) the
+    password files."""
+    if serial is None and not password:
+        return
+    pki_for(home, config.fleet).forget(device, [serial] if serial else [], password=password)
 
 
 def device_broker_url(config: HubConfig, broker_url: str, kind: str) -> str:

@@ -38,3 +38,35 @@ def test_a_stale_trust_is_reported_once_and_shown_in_the_status(tmp_path: Path) 
     agent.trust.applied_expires_at = now[0] + 3600  # a newer state was applied
     agent._check_trust_fresh()
     assert "stale" not in agent.status_line() and len(sent) == 1
+
+
+def test_a_keyring_past_its_expiry_is_reported_once_beside_a_stale_state(tmp_path: Path) -> None:
+    """The same check reports a keyring nobody renewed: its own reason, its own event, once."""
+    from edgefleet.agent.contract.envelope import key_id, sign_envelope
+    from edgefleet.agent.contract.wire import KeyEntry, Keyring
+
+    (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
+    root, signer = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    (tmp_path / "agent.toml").write_text(
+        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{public_key_to_b64(root.public_key())}"\n'
+        'profile = "profile.toml"\nstate_dir = "state"\nlisten = "127.0.0.1:0"\n'
+    )
+    now = [1_800_000_000.0]
+    agent = Agent(load_agent_config(tmp_path / "agent.toml"), clock=lambda: now[0])
+    sent: list[dict[str, object]] = []
+    agent._publish = lambda channel, payload, retain=False: sent.append(json.loads(payload))  # type: ignore[method-assign]
+    ring = Keyring(fleet="f", version=3, keys=(KeyEntry(keyid=key_id(signer.public_key()),
+                                                         public=public_key_to_b64(signer.public_key())),),
+                   issued_at=now[0] - 60, expires_at=now[0] + 600)
+    assert agent.updater.handle_keyring(sign_envelope(ring.to_dict(), [root]), now=now[0]) == []
+    agent.trust.last_seq, agent.trust.applied_expires_at = 7, now[0] + 60
+    now[0] += 61
+    agent._check_trust_fresh()
+    now[0] += 600
+    agent._check_trust_fresh()
+    agent._check_trust_fresh()
+    assert [(e["type"], e["reason"]) for e in sent] == [("trust_stale", "expired"), ("trust_stale", "keyring_expired")]
+    assert "keyring (v3) expired" in str(sent[1]["message"]) and "renew-keyring" in str(sent[1]["message"])
+    line = agent.status_line()
+    assert "desired seq 7 expired" in line and "keyring v3 expired, no renewed keyring" in line

@@ -129,6 +129,7 @@ def test_hub_user_is_outside_the_device_id_namespace_and_owns_the_fleet_root(
         [
             "pattern read edgefleet/v1/plant1/devices/%u/desired",
             "pattern read edgefleet/v1/plant1/keyring",
+            "pattern read edgefleet/v1/plant1/roots",
             "pattern write edgefleet/v1/plant1/devices/%u/reported",
             "pattern write edgefleet/v1/plant1/devices/%u/telemetry",
             "pattern write edgefleet/v1/plant1/devices/%u/events",
