@@ -44,6 +44,12 @@ def format_rollout(r: dict[str, Any]) -> str:
             lines.append(f"  {mark} {safe(g['name']):18} {value:>10} vs {safe(g['threshold']):<8} "
                          f"{safe(g['detail'])}{dry}")
         lines.append(f"  gate now: {safe(d['outcome'])} — {safe(d['reason'])}")
+        needs = d.get("needs") or {}
+        if needs:
+            more = ", ".join(f"{v:,.0f} more {k}" for k, v in sorted(needs.items()))
+            eta = d.get("eta_seconds")
+            when = f" (about {eta / 60:.1f} min at this step's rate)" if isinstance(eta, int | float) else ""
+            lines.append(f"  to decide: {safe(more)}{when}")
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "promote_now",
     "resume",
     "rollback",
+    "time_to_decision",
 ]
 
 STATES = ("running", "paused", "promoted", "rolled_back", "aborted")
@@ -442,10 +443,14 @@ class Decision:
     reason: str
     gates: tuple[GateResult, ...] = ()
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    # While waiting: what more the step needs, and when that is expected at the step's rate so far.
+    needs: Mapping[str, float] = field(default_factory=dict)
+    eta_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "would": self.would, "reason": self.reason,
-                "gates": [g.to_dict() for g in self.gates], "evidence": dict(self.evidence)}
+                "gates": [g.to_dict() for g in self.gates], "evidence": dict(self.evidence),
+                "needs": dict(self.needs), "eta_seconds": self.eta_seconds}
 
 
 def _n(x: float) -> str:
@@ -568,6 +573,46 @@ def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, d
                 f"inconclusive {where}{more}", conclusive=False)
 
 
+def _more_windows(g: GateResult) -> int:
+    marker = "; about "
+    if marker not in g.detail:
+        return 0
+    head = g.detail.split(marker, 1)[1].split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def time_to_decision(r: Rollout, ev: Evidence, now: float, gates: Sequence[GateResult]) -> tuple[dict[str, float], float | None]:
+    """What the current step still needs (inferences, device-windows, compared pairs, windows an
+    inconclusive gate asks for) and the seconds that takes at the rate seen since the step began
+    (``None`` before anything arrived)."""
+    p = r.policy
+    age = max(0.0, now - r.step_started_at)
+    needs: dict[str, float] = {}
+    if ev.requests < p.min_inferences:
+        needs["inferences"] = p.min_inferences - ev.requests
+    windows = max([p.min_device_windows - ev.windows, *(_more_windows(g) for g in gates if not g.conclusive)],
+                  default=0)
+    if windows > 0:
+        needs["windows"] = windows
+    if r.mode == "shadow" and ev.compared == 0:
+        needs["compared"] = 1
+    etas = []
+    if age > 0:
+        if "inferences" in needs and ev.requests:
+            etas.append(needs["inferences"] / (ev.requests / age))
+        if "windows" in needs and ev.windows:
+            etas.append(needs["windows"] / (ev.windows / age))
+    eta = max(etas) if etas and len(etas) == len([k for k in needs if k != "compared"]) else None
+    return needs, eta
+
+
+def _eta_text(eta: float | None) -> str:
+    if eta is None:
+        return ""
+    return f"; expected in about {eta / 60:.0f} min at this step's rate" if eta >= 90 else \
+        f"; expected in about {eta:.0f} s at this step's rate"
+
+
 def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None) -> Decision:
     """Judge the current step of a running rollout on ``ev`` at time ``now``."""
     evd = ev.to_dict()
@@ -593,17 +638,22 @@ def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[st
         if age >= p.step_deadline_seconds:
             return Decision("pause", would or "pause", f"not enough evidence by the step deadline ({age:.0f}s >= "
                             f"{p.step_deadline_seconds:.0f}s): {short}{note}", gates, evd)
-        return Decision("wait", would or "wait", f"gathering evidence: {short}{note}", gates, evd)
+        needs, eta = time_to_decision(r, ev, now, gates)
+        return Decision("wait", would or "wait", f"gathering evidence: {short}{_eta_text(eta)}{note}", gates, evd,
+                        needs, eta)
     open_ = [g for g in gates if not g.conclusive and not g.dry_run]
     if open_:
         why = "; ".join(g.detail for g in open_)
         if age >= p.step_deadline_seconds:
             return Decision("pause", would or "pause", f"no conclusive evidence by the step deadline ({age:.0f}s >= "
                             f"{p.step_deadline_seconds:.0f}s): {why}{note}", gates, evd)
-        return Decision("wait", would or "wait", f"gathering evidence: {why}{note}", gates, evd)
+        needs, eta = time_to_decision(r, ev, now, gates)
+        return Decision("wait", would or "wait", f"gathering evidence: {why}{_eta_text(eta)}{note}", gates, evd,
+                        needs, eta)
     if age < p.min_step_seconds:
         return Decision("wait", would or "wait", f"gates pass; the step soaks {p.min_step_seconds:.0f}s, "
-                        f"{age:.0f}s so far{note}", gates, evd)
+                        f"{age:.0f}s so far{note}", gates, evd, {"seconds": p.min_step_seconds - age},
+                        p.min_step_seconds - age)
     nxt = f"step {r.step + 2} ({r.steps[r.step + 1]} %)" if r.step + 1 < len(r.steps) else "all targets"
     passed = "; ".join(g.detail for g in gates if g.value is not None and g.passed)
     return Decision("promote", would or "promote",

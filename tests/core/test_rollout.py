@@ -273,3 +273,16 @@ def test_the_output_gate_compares_with_the_stable_on_the_same_inputs_not_the_ref
     worse = window(outputs={"classes": {"0": 90, "1": 10}}, stable_outputs={"0": 50, "1": 50})
     d = evaluate(started(), ev(worse, worse, worse), 60.0, ref)
     assert d.outcome == "rollback" and "of the stable in the same windows" in d.reason
+
+
+def test_a_waiting_step_says_what_it_needs_and_when_at_its_rate() -> None:
+    """Time to decision: 100 of 200 inferences in the step's first 50 s -> 100 more, about 50 s."""
+    d = evaluate(started(), ev(window(requests=50, compared=50, agreed=50), window(requests=50, compared=50,
+                                                                                  agreed=50)), 50.0)
+    assert d.outcome == "wait"
+    assert d.needs == {"inferences": 100, "windows": 1} and d.eta_seconds == 50.0
+    assert "expected in about 50 s at this step's rate" in d.reason
+    assert evaluate(started(), Evidence(), 10.0).eta_seconds is None, "no rate before anything arrived"
+    soak = evaluate(started(min_step_seconds=300), ev(window(), window(), window()), 60.0)
+    assert soak.outcome == "wait" and soak.eta_seconds == 240.0
+
