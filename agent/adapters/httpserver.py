@@ -21,7 +21,23 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["BoundedHTTPServer", "HttpError", "read_body"]
+__all__ = ["BoundedHTTPServer", "HttpError", "QuietHandler", "read_body"]
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """The handler settings both servers want: HTTP/1.1 keep-alive, and each response sent at once.
+
+    Unbuffered, the stdlib handler writes headers and body in two sends; on a keep-alive connection
+    Nagle's algorithm then holds the body until the client's delayed ACK, about 40 ms a request
+    (enrolling 1,000 devices took 44 s). The response is buffered (http.server flushes it after each
+    request) and TCP_NODELAY set. Access lines are not logged: the callers log what matters."""
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = -1
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 class HttpError(Exception):

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 from edgefleet.agent import __version__
-from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, read_body
+from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, QuietHandler, read_body
 from edgefleet.agent.contract.errors import InferenceError, UnknownModel
 
 __all__ = ["Models", "OipServer"]
@@ -178,18 +177,8 @@ def _tensor_meta(specs: Any) -> list[dict[str, Any]]:
     ]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # The stdlib handler writes headers and body in two unbuffered sends; on a keep-alive
-    # connection Nagle's algorithm then holds the body until the client's delayed ACK, ~40 ms
-    # per request. Buffer the response (http.server flushes it after each request) and set
-    # TCP_NODELAY so each response leaves in one send, at once.
-    wbufsize = -1
-    disable_nagle_algorithm = True
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def _send(self, status: int, obj: Any, binary: list[bytes] | None = None) -> None:
         body = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -173,15 +173,8 @@ class SimAgent:
         core.transition(name, Step.STAGE, entry)
 
     def _write_state(self) -> None:
-        self.store.write_state({  # the real agent's state format: a real agent can take over
-            "keyring": (self.trust.keyring_raw or b"").decode() or None,
-            "last_seq": self.trust.last_seq,
-            "last_digest": self.trust.last_digest,
-            "time_floor": self.trust.time_floor,
-            "applied_expires_at": self.trust.applied_expires_at,
-            "telemetry_seq": 0,
-            **self.core.state_fields(),
-        })
+        # The real agent's state format (agent.app.updater.Updater.persist): a real agent can take over.
+        self.store.write_state({**self.trust.state_fields(), "telemetry_seq": 0, **self.core.state_fields()})
 
     def status(self, state: str) -> bytes:
         return Status(fleet=self.fleet, device=self.device, state=state,

@@ -55,7 +55,7 @@ from edgefleet.agent.app.serving import LoadedModel, ModelServer, load
 from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.errors import EdgefleetError, ModelRejected, Refused, StoreFailed, Unavailable
 from edgefleet.agent.contract.wire import ModelEntry
-from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
+from edgefleet.agent.core.trust import TRUST_FIELDS, NoKeyring, TrustedState, VerifiedDesired
 from edgefleet.agent.core.update import STATE_FIELDS, Note, Plan, Step, UpdateCore, canary_end_reason
 
 if TYPE_CHECKING:  # imported where used: agent.canary costs ~1 MiB RSS and most agents never run a canary
@@ -115,27 +115,14 @@ class Updater:
     # -- persistence -----------------------------------------------------------------------------
 
     def persist(self) -> None:
-        t = self.trust
-        self.store.write_state(
-            {
-                **self.extra,
-                "keyring": t.keyring_raw.decode() if t.keyring_raw else None,
-                "roots": [r.decode() for r in t.root_chain],
-                "last_seq": t.last_seq,
-                "last_digest": t.last_digest,
-                "time_floor": t.time_floor,
-                "applied_expires_at": t.applied_expires_at,
-                **self.core.state_fields(),
-            }
-        )
+        self.store.write_state({**self.extra, **self.trust.state_fields(), **self.core.state_fields()})
 
     def restore(self) -> list[Note]:
         """Read the state file, re-verify trust, serve the stable models; resume or abandon an
         update that was in progress when the agent died."""
         notes: list[Note] = []
         state = self.store.read_state()
-        known = {"kind", "keyring", "roots", "last_seq", "last_digest", "time_floor", "applied_expires_at",
-                 *STATE_FIELDS}
+        known = {"kind", *TRUST_FIELDS, *STATE_FIELDS}
         self.extra = {k: v for k, v in state.items() if k not in known}
         for link in state.get("roots") or []:
             try:

@@ -100,11 +100,15 @@ MIN_PLAUSIBLE_TIME = 1_767_225_600.0
 # and device, and devices whose NTP has not settled yet).
 MAX_FUTURE_SKEW = 24 * 3600.0
 
+# The state-file keys TrustedState.state_fields writes.
+TRUST_FIELDS = ("keyring", "roots", "last_seq", "last_digest", "time_floor", "applied_expires_at")
+
 __all__ = [
     "MAX_FUTURE_SKEW",
     "MIN_PLAUSIBLE_TIME",
     "ROOTS_KIND",
     "ROOT_KIND",
+    "TRUST_FIELDS",
     "NoKeyring",
     "RootRotation",
     "TrustedState",
@@ -359,6 +363,17 @@ class TrustedState:
         for name, entry in state.models.items():
             self._check_model(name, entry.version, entry.sha256, entry.size, entry.url)
         return VerifiedDesired(state=state, digest=digest, raw=raw)
+
+    def state_fields(self) -> dict[str, Any]:
+        """What the agent's state file keeps of this (the keys ``TRUST_FIELDS`` names)."""
+        return {
+            "keyring": self.keyring_raw.decode() if self.keyring_raw else None,
+            "roots": [r.decode() for r in self.root_chain],
+            "last_seq": self.last_seq,
+            "last_digest": self.last_digest,
+            "time_floor": self.time_floor,
+            "applied_expires_at": self.applied_expires_at,
+        }
 
     def mark_applied(self, verified: VerifiedDesired) -> None:
         self.last_seq = verified.state.seq

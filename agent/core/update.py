@@ -266,11 +266,7 @@ class UpdateCore:
         """After :meth:`load` at start-up: models caught mid-update go back to what they serve;
         an update in progress is resumed (its raw desired state is returned) or, after more than
         ``max_restarts`` interrupted starts, abandoned as ``crash_loop``."""
-        caught = [_phase(rec) for rec in self.models.values() if _phase(rec) in _IN_FLIGHT]
-        for name, rec in list(self.models.items()):
-            if _phase(rec) in _IN_FLIGHT:
-                # The partial download is kept and continued with Range when the update resumes.
-                self.transition(name, Step.RESTART)
+        caught = self._restart_in_flight()
         if self.update is None:
             return None, []
         # Not a sign of a crash loop: a restart while the update waited for the network, or one
@@ -283,6 +279,18 @@ class UpdateCore:
         if self.update["restarts"] > self.max_restarts:
             return None, [self._abandon_crash_loop()]
         return base64.b64decode(self.update["raw"]), []
+
+    def _restart_in_flight(self) -> list[Phase]:
+        """Every model caught mid-update goes back to what it serves (``restart`` keeps its
+        candidate: a partial download continues with Range, a verified blob is reused); returns
+        the phases they were caught in."""
+        caught = []
+        for name, rec in list(self.models.items()):
+            phase = _phase(rec)
+            if phase in _IN_FLIGHT:
+                caught.append(phase)
+                self.transition(name, Step.RESTART)
+        return caught
 
     def _abandon_crash_loop(self) -> Note:
         assert self.update is not None
@@ -312,9 +320,7 @@ class UpdateCore:
         """The update stopped on an ``Unavailable`` and retries later: the models it had in flight
         go back to what they serve (``restart`` keeps their candidates, so blobs already verified
         are reused), and a restart while it waits is no sign of a crash loop."""
-        for name, rec in list(self.models.items()):
-            if _phase(rec) in _IN_FLIGHT:
-                self.transition(name, Step.RESTART)
+        self._restart_in_flight()
         if self.update is not None:
             self.update["waiting"] = True
 

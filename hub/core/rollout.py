@@ -427,11 +427,12 @@ class GateResult:
     # False: the evidence is compatible with both pass and fail at the gate's confidence; the step
     # waits for more (and pauses at its deadline) rather than promote on a point estimate.
     conclusive: bool = True
+    more_windows: int = 0  # an inconclusive gate's estimate of the windows it still needs
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": None if self.value is None else round(self.value, 6),
                 "threshold": self.threshold, "passed": self.passed, "dry_run": self.dry_run,
-                "detail": self.detail, "conclusive": self.conclusive}
+                "detail": self.detail, "conclusive": self.conclusive, "more_windows": self.more_windows}
 
 
 @dataclass(frozen=True)
@@ -461,8 +462,10 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
     p = r.policy
     devs = f"{len(ev.devices)} device{'s' if len(ev.devices) != 1 else ''}"
 
-    def gate(name: str, value: float | None, passed: bool, detail: str, conclusive: bool = True) -> GateResult:
-        return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail, conclusive)
+    def gate(name: str, value: float | None, passed: bool, detail: str, conclusive: bool = True,
+             more_windows: int = 0) -> GateResult:
+        return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail, conclusive,
+                          more_windows)
 
     out = []
     nf = len(ev.failed_devices)
@@ -530,17 +533,37 @@ def t99(df: int) -> float:
     return 2.576 + (2.750 - 2.576) * 30 / df  # within 0.01 of the table's 40, 60 and 120
 
 
-def ratio_bounds(pairs: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class RatioBounds:
+    """Geometric mean of candidate/stable over ``windows`` paired windows, its 99 % bounds and the
+    spread (standard deviation) of the per-window log ratios."""
+
+    ratio: float
+    lower: float
+    upper: float
+    windows: int
+    spread: float
+
+    def windows_to_decide(self, limit: float) -> int:
+        """About how many more windows make the bounds clear ``limit`` at this spread (0: none can,
+        the estimate sits on the limit, or too few windows to know the spread)."""
+        gap = abs(math.log(self.ratio) - math.log(limit))
+        if self.windows < 2 or gap == 0:
+            return 0
+        return max(1, math.ceil((2.576 * self.spread / gap) ** 2) - self.windows)
+
+
+def ratio_bounds(pairs: Sequence[tuple[float, float]]) -> RatioBounds:
     """Geometric mean of candidate/stable over windows, and its 99 % bounds (t interval on the
     log ratios: each window is one paired measurement, and logs make 2x and 0.5x symmetric)."""
     logs = [math.log(c / s) for c, s in pairs]
     k = len(logs)
     mean = sum(logs) / k
     if k < 2:
-        return math.exp(mean), 0.0, math.inf
+        return RatioBounds(math.exp(mean), 0.0, math.inf, k, math.nan)
     sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (k - 1))
     half = t99(k - 1) * sd / math.sqrt(k)
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+    return RatioBounds(math.exp(mean), math.exp(mean - half), math.exp(mean + half), k, sd)
 
 
 def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, devs: str) -> GateResult:
@@ -554,56 +577,40 @@ def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, d
         return gate("latency_p95_ratio", ratio, ok, f"latency p95 ratio {ratio:.2f} {'<=' if ok else '>'} max "
                     f"{limit} (candidate {cand:.3f} ms vs stable {stab:.3f} ms) over {_n(ev.latency_weight)} "
                     f"requests on {devs}")
-    ratio, lo, hi = ratio_bounds(pairs)
-    span = f"99 % bounds {lo:.2f}-{hi:.2f}" if math.isfinite(hi) else "bounds need 2 windows"
-    where = (f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms; {span} over {len(pairs)} windows, "
+    b = ratio_bounds(pairs)
+    span = f"99 % bounds {b.lower:.2f}-{b.upper:.2f}" if math.isfinite(b.upper) else "bounds need 2 windows"
+    where = (f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms; {span} over {b.windows} windows, "
              f"{_n(ev.latency_weight)} requests on {devs})")
-    if lo > limit:
-        return gate("latency_p95_ratio", ratio, False, f"latency p95 ratio {ratio:.2f} > max {limit} {where}")
-    if hi <= limit:
-        return gate("latency_p95_ratio", ratio, True, f"latency p95 ratio {ratio:.2f} <= max {limit} {where}")
-    more = ""
-    logs = [math.log(c / s) for c, s in pairs]
-    if len(logs) >= 2 and abs(math.log(ratio) - math.log(limit)) > 0:
-        mean = sum(logs) / len(logs)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
-        need = math.ceil((2.576 * sd / abs(mean - math.log(limit))) ** 2)
-        more = f"; about {max(1, need - len(logs))} more windows at this spread"
-    return gate("latency_p95_ratio", ratio, True, f"latency p95 ratio {ratio:.2f} vs max {limit} is "
-                f"inconclusive {where}{more}", conclusive=False)
-
-
-def _more_windows(g: GateResult) -> int:
-    marker = "; about "
-    if marker not in g.detail:
-        return 0
-    head = g.detail.split(marker, 1)[1].split(" ", 1)[0]
-    return int(head) if head.isdigit() else 0
+    if b.lower > limit:
+        return gate("latency_p95_ratio", b.ratio, False, f"latency p95 ratio {b.ratio:.2f} > max {limit} {where}")
+    if b.upper <= limit:
+        return gate("latency_p95_ratio", b.ratio, True, f"latency p95 ratio {b.ratio:.2f} <= max {limit} {where}")
+    more = b.windows_to_decide(limit)
+    hint = f"; about {more} more windows at this spread" if more else ""
+    return gate("latency_p95_ratio", b.ratio, True, f"latency p95 ratio {b.ratio:.2f} vs max {limit} is "
+                f"inconclusive {where}{hint}", conclusive=False, more_windows=more)
 
 
 def time_to_decision(r: Rollout, ev: Evidence, now: float, gates: Sequence[GateResult]) -> tuple[dict[str, float], float | None]:
     """What the current step still needs (inferences, device-windows, compared pairs, windows an
     inconclusive gate asks for) and the seconds that takes at the rate seen since the step began
-    (``None`` before anything arrived)."""
+    (``None`` while some need has no rate yet)."""
     p = r.policy
     age = max(0.0, now - r.step_started_at)
     needs: dict[str, float] = {}
     if ev.requests < p.min_inferences:
         needs["inferences"] = p.min_inferences - ev.requests
-    windows = max([p.min_device_windows - ev.windows, *(_more_windows(g) for g in gates if not g.conclusive)],
+    windows = max([p.min_device_windows - ev.windows, *(g.more_windows for g in gates if not g.conclusive)],
                   default=0)
     if windows > 0:
         needs["windows"] = windows
     if r.mode == "shadow" and ev.compared == 0:
         needs["compared"] = 1
-    etas = []
-    if age > 0:
-        if "inferences" in needs and ev.requests:
-            etas.append(needs["inferences"] / (ev.requests / age))
-        if "windows" in needs and ev.windows:
-            etas.append(needs["windows"] / (ev.windows / age))
-    eta = max(etas) if etas and len(etas) == len([k for k in needs if k != "compared"]) else None
-    return needs, eta
+    seen = {"inferences": ev.requests, "windows": ev.windows}
+    timed = [k for k in needs if k in seen]
+    if age <= 0 or not timed or len(timed) < len(needs) or not all(seen[k] for k in timed):
+        return needs, None
+    return needs, max(needs[k] / (seen[k] / age) for k in timed)
 
 
 def _eta_text(eta: float | None) -> str:
