@@ -83,23 +83,30 @@ def start_generated_broker(home: Path, fleet: str, tmp: Path) -> GeneratedBroker
 
 
 class TlsClient:
-    """One MQTT 3.1.1 connection over TLS to a generated broker; collects what it receives."""
+    """One MQTT 3.1.1 connection over TLS to a broker (``ca``: the CA file it is checked against),
+    with a device certificate or a username and password; collects what it receives.
 
-    def __init__(self, broker: GeneratedBroker, *, port: int, cert: tuple[str, str] | None = None,
-                 user: str | None = None, password: str | None = None, client_id: str = "") -> None:
+    ``connect`` returns ``"connected"``, ``"refused: <reason>"``, ``"dropped: <reason>"`` (the
+    broker closed before CONNACK), ``"tls/socket error: ..."`` or ``"no answer"``."""
+
+    def __init__(self, ca: str, *, port: int, cert: tuple[str, str] | None = None,
+                 user: str | None = None, password: str | None = None, client_id: str | None = None) -> None:
         self.connected = threading.Event()
         self.disconnected = threading.Event()
+        self.disconnects = 0
         self.result = "no answer"
+        self.suback: list[Any] = []
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{os.getpid()}",
                         protocol=mqtt.MQTTv311)
-        c.tls_set(ca_certs=broker.ca, certfile=cert[0] if cert else None, keyfile=cert[1] if cert else None,
+        c.tls_set(ca_certs=ca, certfile=cert[0] if cert else None, keyfile=cert[1] if cert else None,
                   tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if user:
             c.username_pw_set(user, password)
         c.on_connect = self._on_connect
-        c.on_disconnect = lambda cl, u, f, rc, p: self.disconnected.set()
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = lambda cl, u, mid, codes, props: self.suback.extend(codes)
         c.on_message = self._on_message
         self.client = c
         self.port = port
@@ -107,6 +114,13 @@ class TlsClient:
     def _on_connect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
         self.result = "connected" if not rc.is_failure else f"refused: {rc}"
         self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        self.disconnects += 1
+        if not self.connected.is_set():
+            self.result = f"dropped: {rc}"
+            self.connected.set()
+        self.disconnected.set()
 
     def _on_message(self, client: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -117,7 +131,10 @@ class TlsClient:
             return list(self.messages)
 
     def connect(self, timeout: float = 10.0) -> str:
-        self.client.connect("127.0.0.1", self.port, keepalive=20)
+        try:
+            self.client.connect("127.0.0.1", self.port, keepalive=20)
+        except (OSError, ssl.SSLError) as exc:
+            return f"tls/socket error: {exc}"
         self.client.loop_start()
         self.connected.wait(timeout)
         return self.result

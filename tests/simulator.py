@@ -37,11 +37,12 @@ from edgefleet.agent.adapters.fetch import HttpFetcher
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.app.serving import ModelServer
 from edgefleet.agent.app.updater import Updater
-from edgefleet.agent.contract.config import DeviceProfile
+from edgefleet.agent.contract.config import AgentConfig, DeviceProfile, load_agent_config
 from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64, sign_envelope
 from edgefleet.agent.contract.wire import DesiredState, KeyEntry, Keyring, ModelEntry, TensorSpec
 from edgefleet.agent.core.trust import RootRotation, TrustedState, roots_message
 from edgefleet.agent.core.update import Note
+from tests.conftest import REPO, free_port
 
 
 def tiny_model(scale: float, *, opset: int = 17, domain_op: tuple[str, str] | None = None) -> bytes:
@@ -313,6 +314,18 @@ class HubSimulator:
 
 
 # --- the agent side ---------------------------------------------------------------------------
+
+
+def in_process_agent_config(folder: Path, root_public_key: str, *, fleet: str = "f", device: str = "d1") -> AgentConfig:
+    """An ``agent.toml`` (and its profile) for an agent run in the test's own process: a broker
+    port nothing listens on, no blob server, state under *folder*, the inference API on a free port."""
+    (folder / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
+    (folder / "agent.toml").write_text(
+        f'fleet = "{fleet}"\ndevice = "{device}"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root_public_key}"\nprofile = "profile.toml"\n'
+        'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
+    )
+    return load_agent_config(folder / "agent.toml")
 
 
 PROFILE = DeviceProfile(name="sim", max_blob_mb=1, memory_budget_mb=256, intra_op_threads=1)

@@ -7,7 +7,6 @@ where ``agent`` would otherwise be importable too, because the checkout's root i
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -15,20 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests._imports import import_targets, module_name
 from tests.conftest import REPO
 
 PACKAGES = {"edgefleet.agent": REPO / "agent", "edgefleet.hub": REPO / "hub"}
 
 
 def _modules() -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for name, root in PACKAGES.items():
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root).with_suffix("").parts
-            if rel[-1] == "__init__":
-                rel = rel[:-1]
-            out[".".join((name, *rel))] = path
-    return out
+    return {module_name(name, root, path): path for name, root in PACKAGES.items()
+            for path in sorted(root.rglob("*.py"))}
 
 
 @pytest.mark.parametrize("short", ["agent", "hub", "agent.contract.wire", "hub.cli"])
@@ -63,28 +57,13 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """edgefleet modules *name* imports at run time, at module level or inside functions (a lazy
     cycle is still a cycle a reader has to untangle). ``if TYPE_CHECKING:`` blocks are annotations
     only and are left out."""
-    tree = ast.parse(path.read_text(), str(path))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            node.body = []
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
-        targets: list[str] = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        for target in targets:
-            t = target
-            while t and t not in known:
-                t = t.rpartition(".")[0]
-            if t and t != name and not name.startswith(t + "."):  # a package's own __init__ is not a cycle
-                found.add(t)
+    for _, target in import_targets(path, name, type_checking=False):
+        t = target
+        while t and t not in known:
+            t = t.rpartition(".")[0]
+        if t and t != name and not name.startswith(t + "."):  # a package's own __init__ is not a cycle
+            found.add(t)
     return found
 
 
@@ -130,15 +109,8 @@ IMPURE = {"socket", "ssl", "threading", "_thread", "time", "subprocess", "multip
           "selectors", "http", "urllib.request", "paho", "httpx", "onnxruntime", "sqlite3", "queue"}
 
 
-def _stdlib_and_third_party(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            out.add(node.module)
-    return {m for m in out if not m.startswith("edgefleet")}
+def _stdlib_and_third_party(module: str, path: Path) -> set[str]:
+    return {t for _, t in import_targets(path, module) if not t.startswith("edgefleet")}
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -153,7 +125,7 @@ def test_core_modules_import_no_socket_thread_or_clock(module: str) -> None:
         if m in seen:
             continue
         seen.add(m)
-        hits = sorted(i for i in _stdlib_and_third_party(modules[m])
+        hits = sorted(i for i in _stdlib_and_third_party(m, modules[m])
                       if i in IMPURE or i.split(".")[0] in IMPURE)
         if hits:
             bad[m] = hits
@@ -209,12 +181,17 @@ def test_only_the_demo_runs_the_agent_application_inside_the_hub() -> None:
 def test_the_core_tests_exercise_only_the_pure_core() -> None:
     """tests/core/ runs in milliseconds because it touches nothing but contract/ and core/ modules
     (and the stdlib, pytest, numpy and cryptography to build inputs)."""
-    pure = set(PURE)
+    pure, known = set(PURE), set(_modules())
     bad: dict[str, list[str]] = {}
+
+    def module(target: str) -> str:  # ``from m import Name`` also yields ``m.Name``: back to ``m``
+        t = target
+        while t.startswith("edgefleet.") and t not in known:
+            t = t.rpartition(".")[0]
+        return "tests._signing" if t.startswith("tests._signing.") else t
+
     for path in sorted((REPO / "tests" / "core").glob("test_*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods = {module(t) for _, t in import_targets(path, f"tests.core.{path.stem}")}
         wrong = sorted(m for m in mods if (m.startswith("edgefleet.") and m not in pure)
                        or m.split(".")[0] in IMPURE or (m.startswith("tests.") and m != "tests._signing"))
         if wrong:

@@ -4,7 +4,6 @@ bound, bodies past the limit, half-sent requests, and more connections than it s
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from edgefleet.agent.adapters.oip import MAX_BODY, OipServer
 from edgefleet.agent.app.serving import ModelServer, load
 from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.wire import ModelEntry
+from tests._rawhttp import connect, push, response, status
 from tests.simulator import tiny_model
 
 INFER = "/v2/models/m/infer"
@@ -37,26 +37,6 @@ def server(tmp_path: Path) -> Iterator[OipServer]:
         srv.stop()
 
 
-def connect(srv: OipServer) -> socket.socket:
-    return socket.create_connection(srv.address, timeout=5)
-
-
-def response(s: socket.socket) -> bytes:
-    """Everything the server sends until it closes or goes quiet for a second."""
-    s.settimeout(1.0)
-    out = b""
-    try:
-        while chunk := s.recv(65536):
-            out += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return out
-
-
-def status(raw: bytes) -> int:
-    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else -1
-
-
 @pytest.mark.parametrize(("header", "code", "words"), [
     ("Content-Length: -1", 400, b"non-negative decimal"),
     ("Content-Length: 1e9", 400, b"non-negative decimal"),
@@ -68,15 +48,9 @@ def status(raw: bytes) -> int:
 def test_a_body_that_cannot_be_bounded_is_refused_before_it_is_read(
     server: OipServer, header: str, code: int, words: bytes
 ) -> None:
-    s = connect(server)
+    s = connect(server.address)
     s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n".encode())
-    sent, t0 = 0, time.monotonic()
-    s.settimeout(0.05)
-    while time.monotonic() - t0 < 0.5:  # keep pushing body bytes: the answer must not wait for them
-        try:
-            sent += s.send(b"\0" * 65536)
-        except (TimeoutError, BrokenPipeError, ConnectionResetError):
-            break
+    sent = push(s)  # keep pushing body bytes: the answer must not wait for them
     raw = response(s)
     s.close()
     assert status(raw) == code, raw[:200]
@@ -86,7 +60,7 @@ def test_a_body_that_cannot_be_bounded_is_refused_before_it_is_read(
 
 
 def test_a_client_that_sends_half_a_request_is_let_go(server: OipServer) -> None:
-    s = connect(server)
+    s = connect(server.address)
     s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nContent-Length: 100\r\n")  # never finishes
     t0 = time.monotonic()
     s.settimeout(5)
@@ -96,9 +70,9 @@ def test_a_client_that_sends_half_a_request_is_let_go(server: OipServer) -> None
 
 
 def test_connections_past_the_cap_get_503_and_the_rest_are_served(server: OipServer) -> None:
-    idle = [connect(server) for _ in range(4)]
+    idle = [connect(server.address) for _ in range(4)]
     time.sleep(0.2)
-    extra = connect(server)
+    extra = connect(server.address)
     assert status(response(extra)) == 503
     extra.close()
     for s in idle:

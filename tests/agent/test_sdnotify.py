@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.adapters.sdnotify import Notifier
 from edgefleet.agent.app.daemon import Agent
-from edgefleet.agent.contract.config import load_agent_config
 from edgefleet.agent.contract.envelope import public_key_to_b64
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.simulator import in_process_agent_config
 
 
 class FakeClock:
@@ -125,16 +125,9 @@ def test_agent_stops_watchdog_pings_when_its_inference_server_dies(
     """READY once serving, WATCHDOG while healthy; when the inference endpoint is gone the
     pings stop, so systemd's WatchdogSec restarts the agent."""
     path, sock = listener
-    profiles = REPO / "device-profiles"
-    (tmp_path / "profile.toml").write_text((profiles / "generic-x86_64.toml").read_text())
     root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
-    (tmp_path / "agent.toml").write_text(
-        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
-        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root}"\nprofile = "profile.toml"\n'
-        f'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
-    )
     notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
-    agent = Agent(load_agent_config(tmp_path / "agent.toml"), notify=notifier)
+    agent = Agent(in_process_agent_config(tmp_path, root), notify=notifier)
     agent.start()
     try:
         sock.settimeout(10)
@@ -160,14 +153,9 @@ def test_a_slow_download_that_progresses_keeps_the_watchdog_fed(
 
     path, sock = listener
     with simulator() as sim:
-        (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
-        (tmp_path / "agent.toml").write_text(
-            f'fleet = "{sim.fleet}"\ndevice = "{sim.device}"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
-            f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{sim.provisioned_root}"\n'
-            f'profile = "profile.toml"\nstate_dir = "state"\nlisten = "127.0.0.1:0"\n'
-        )
         notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
-        agent = Agent(load_agent_config(tmp_path / "agent.toml"), notify=notifier)
+        agent = Agent(in_process_agent_config(tmp_path, sim.provisioned_root, fleet=sim.fleet, device=sim.device),
+                      notify=notifier)
         agent.start()
         try:
             sock.settimeout(10)

@@ -90,13 +90,12 @@ def test_sim_agent_refuses_a_state_signed_by_a_key_outside_the_keyring(tmp_path:
 def test_a_sim_agent_and_the_real_updater_leave_the_same_state_file(tmp_path: Path) -> None:
     """Both run agent.core.update: the same desired states (an update, a rollback, a refused blob,
     a removal) leave the same models, update, failed and canaries in their state files."""
-    from edgefleet.agent.app.sim import BlobCache as Cache
     from tests.simulator import make_updater, simulator, tiny_model
 
     with simulator() as hub:
         real = make_updater(hub, tmp_path / "real")
         fake = SimAgent(fleet=hub.fleet, device=hub.device, root_public_key=hub.provisioned_root,
-                        state_dir=tmp_path / "sim", cache=Cache(tmp_path / "cache"), clock=lambda: hub.now,
+                        state_dir=tmp_path / "sim", cache=BlobCache(tmp_path / "cache"), clock=lambda: hub.now,
                         max_blob_bytes=real.trust.max_blob_bytes)
         v1, v2 = hub.entry("1", tiny_model(1.0)), hub.entry("2", tiny_model(2.0))
         other = hub.entry("o1", tiny_model(3.0))

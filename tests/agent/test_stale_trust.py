@@ -9,21 +9,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.app.daemon import Agent
-from edgefleet.agent.contract.config import load_agent_config
 from edgefleet.agent.contract.envelope import public_key_to_b64
-from tests.conftest import REPO, free_port
+from tests.simulator import in_process_agent_config
 
 
 def test_a_stale_trust_is_reported_once_and_shown_in_the_status(tmp_path: Path) -> None:
-    (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
     root = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
-    (tmp_path / "agent.toml").write_text(
-        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
-        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{root}"\nprofile = "profile.toml"\n'
-        f'state_dir = "state"\nlisten = "127.0.0.1:0"\n'
-    )
     now = [1_800_000_000.0]
-    agent = Agent(load_agent_config(tmp_path / "agent.toml"), clock=lambda: now[0])
+    agent = Agent(in_process_agent_config(tmp_path, root), clock=lambda: now[0])
     sent: list[dict[str, object]] = []
     agent._publish = lambda channel, payload, retain=False: sent.append(json.loads(payload))  # type: ignore[method-assign]
     agent.trust.last_seq, agent.trust.applied_expires_at = 7, now[0] + 60
@@ -45,15 +38,9 @@ def test_a_keyring_past_its_expiry_is_reported_once_beside_a_stale_state(tmp_pat
     from edgefleet.agent.contract.envelope import key_id, sign_envelope
     from edgefleet.agent.contract.wire import KeyEntry, Keyring
 
-    (tmp_path / "profile.toml").write_text((REPO / "device-profiles" / "generic-x86_64.toml").read_text())
     root, signer = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    (tmp_path / "agent.toml").write_text(
-        f'fleet = "f"\ndevice = "d1"\nbroker_url = "mqtt://127.0.0.1:{free_port()}"\n'
-        f'blob_url = "http://127.0.0.1:1"\nroot_public_key = "{public_key_to_b64(root.public_key())}"\n'
-        'profile = "profile.toml"\nstate_dir = "state"\nlisten = "127.0.0.1:0"\n'
-    )
     now = [1_800_000_000.0]
-    agent = Agent(load_agent_config(tmp_path / "agent.toml"), clock=lambda: now[0])
+    agent = Agent(in_process_agent_config(tmp_path, public_key_to_b64(root.public_key())), clock=lambda: now[0])
     sent: list[dict[str, object]] = []
     agent._publish = lambda channel, payload, retain=False: sent.append(json.loads(payload))  # type: ignore[method-assign]
     ring = Keyring(fleet="f", version=3, keys=(KeyEntry(keyid=key_id(signer.public_key()),

@@ -54,14 +54,14 @@ def test_an_oversized_publish_is_refused_and_normal_traffic_works(broker: Genera
     topics = Topics(broker.fleet)
     topic = topics.device("dev-1", "telemetry")
     cert = _device_cert(broker, "dev-1")
-    hub = TlsClient(broker, port=broker.hub_port, user=broker.hub_user, password=broker.hub_password,
+    hub = TlsClient(broker.ca, port=broker.hub_port, user=broker.hub_user, password=broker.hub_password,
                     client_id=f"{broker.hub_user}-probe")
     assert hub.connect() == "connected"
     hub.client.subscribe(topics.all_devices("telemetry"), 1)
     time.sleep(0.5)  # the SUBACK
 
     def publish(payload: bytes) -> TlsClient:
-        dev = TlsClient(broker, port=broker.device_port, cert=cert)
+        dev = TlsClient(broker.ca, port=broker.device_port, cert=cert)
         assert dev.connect() == "connected"
         dev.client.publish(topic, payload, qos=1)
         return dev

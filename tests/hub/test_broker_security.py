@@ -13,10 +13,8 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,12 +24,12 @@ from typing import Any
 import httpx
 import onnx
 import onnxruntime as ort
-import paho.mqtt.client as mqtt
 import pytest
 from onnx import TensorProto, helper
 
 from edgefleet.agent.contract.wire import Event, Status, TelemetryWindow, Topics
 from edgefleet.hub.adapters.pki import DevicePki
+from tests._securebroker import TlsClient
 from tests.conftest import Procs, free_port, hub_up, mosquitto_bin, run_cli, wait_for, wait_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -73,71 +71,13 @@ class Secure:
         return (self.bundles[dev] / "mqtt.password").read_text().strip()
 
 
-class Probe:
-    """A paho client for one attempt: connect, then optionally subscribe / publish."""
-
-    def __init__(
-        self,
-        env: Secure,
-        *,
-        port: int,
-        cert: tuple[str, str] | None = None,
-        user: str | None = None,
-        password: str | None = None,
-        ca: str | None = None,
-        client_id: str | None = None,
-    ) -> None:
-        self.connack = threading.Event()
-        self.disconnects = 0
-        self.result = "no answer"
-        self.suback: list[Any] = []
-        self.messages: list[tuple[str, bytes]] = []
-        c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"probe-{os.getpid()}",
-            protocol=mqtt.MQTTv311,
-        )
-        c.tls_set(
-            ca_certs=ca or env.ca,
-            certfile=cert[0] if cert else None,
-            keyfile=cert[1] if cert else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
-        if user:
-            c.username_pw_set(user, password)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = lambda cl, u, mid, codes, props: self.suback.extend(codes)
-        c.on_message = lambda cl, u, m: self.messages.append((m.topic, m.payload))
-        self.client = c
-        self.port = port
-
-    def _on_connect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
-        self.result = "connected" if not rc.is_failure else f"refused: {rc}"
-        self.connack.set()
-
-    def _on_disconnect(self, client: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
-        self.disconnects += 1
-        if not self.connack.is_set():
-            self.result = f"dropped: {rc}"
-            self.connack.set()
-
-    def connect(self, timeout: float = 10.0) -> str:
-        try:
-            self.client.connect("127.0.0.1", self.port, keepalive=20)
-        except (OSError, ssl.SSLError) as exc:
-            return f"tls/socket error: {exc}"
-        self.client.loop_start()
-        self.connack.wait(timeout)
-        return self.result
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def probe(env: Secure, *, ca: str | None = None, **kw: Any) -> TlsClient:
+    """A TLS client for one attempt on the generated broker: connect, then optionally subscribe / publish."""
+    return TlsClient(ca or env.ca, **kw)
 
 
 def attempt(env: Secure, **kw: Any) -> str:
-    p = Probe(env, **kw)
+    p = probe(env, **kw)
     try:
         return p.connect()
     finally:
@@ -353,7 +293,7 @@ def test_device_cannot_subscribe_to_another_devices_desired_state(env: Secure) -
         {"port": env.device_port, "cert": env.cert("dev-x")},
         {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")},
     ):
-        p = Probe(env, **kw)
+        p = probe(env, **kw)
         try:
             assert p.connect() == "connected"
             p.client.subscribe(
@@ -403,7 +343,7 @@ def test_device_cannot_publish_to_another_devices_telemetry(env: Secure) -> None
             {"port": env.password_port, "user": "dev-x", "password": env.password("dev-x")},
         )
     ):
-        p = Probe(env, **kw)
+        p = probe(env, **kw)
         try:
             assert p.connect() == "connected"
             p.client.publish(topics.device("dev-b", "telemetry"), forged, qos=1).wait_for_publish(5)
@@ -460,10 +400,10 @@ def test_the_hub_listener_takes_the_hub_user_alone_and_leaves_it_its_client_ids(
     topics = Topics(env.fleet)
     shared = f"$share/probe/{topics.all_devices('events')}"
     replicas = [
-        Probe(env, port=env.hub_port, user=user, password=hub_pw, client_id=f"{user}-p{i}")
+        probe(env, port=env.hub_port, user=user, password=hub_pw, client_id=f"{user}-p{i}")
         for i in range(2)
     ]
-    dev = Probe(env, port=env.password_port, user="dev-x", password=dev_pw)
+    dev = probe(env, port=env.password_port, user="dev-x", password=dev_pw)
     try:
         for r in replicas:
             assert r.connect() == "connected"

@@ -4,7 +4,6 @@ serves. A real ``Hub`` (SQLite, signing) behind the real ``HubHttpServer``; no b
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.hub.adapters.api import MAX_CAPTURE_BODY
+from tests._rawhttp import connect, push, response, status
 from tests.hub._served import Served, serve
 
 MAX_LIST_BODY = 4 * 2**20  # hub.adapters.api's limit for deploys and rollouts
@@ -21,38 +21,6 @@ MAX_LIST_BODY = 4 * 2**20  # hub.adapters.api's limit for deploys and rollouts
 def served(tmp_path: Path) -> Iterator[Served]:
     with serve(tmp_path, max_connections=4, timeout=1.0) as s:
         yield s
-
-
-def connect(s: Served) -> socket.socket:
-    return socket.create_connection(s.http.address, timeout=5)
-
-
-def response(sock: socket.socket, quiet: float = 1.0) -> bytes:
-    """Everything the server sends until it closes or goes quiet for ``quiet`` seconds."""
-    sock.settimeout(quiet)
-    out = b""
-    try:
-        while chunk := sock.recv(65536):
-            out += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return out
-
-
-def status(raw: bytes) -> int:
-    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else -1
-
-
-def push(sock: socket.socket, seconds: float = 0.5) -> int:
-    """Keep sending body bytes for ``seconds``; return how many the server took."""
-    sent, t0 = 0, time.monotonic()
-    sock.settimeout(0.05)
-    while time.monotonic() - t0 < seconds:
-        try:
-            sent += sock.send(b"\0" * 65536)
-        except (TimeoutError, BrokenPipeError, ConnectionResetError):
-            break
-    return sent
 
 
 def still_serves(s: Served) -> None:
@@ -73,7 +41,7 @@ def still_serves(s: Served) -> None:
 def test_a_body_that_cannot_be_bounded_is_refused_before_it_is_read(
     served: Served, path: str, header: str, code: int, words: bytes
 ) -> None:
-    sock = connect(served)
+    sock = connect(served.http.address)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{served.auth()}{header}\r\n\r\n".encode())
     sent = push(sock)  # the answer must not wait for these bytes
     raw = response(sock)
@@ -96,7 +64,7 @@ def test_a_body_that_cannot_be_bounded_is_refused_before_it_is_read(
 def test_a_body_sent_without_a_valid_token_is_refused_without_reading_it(
     served: Served, path: str, length: int, auth: str
 ) -> None:
-    sock = connect(served)
+    sock = connect(served.http.address)
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {length}\r\n\r\n".encode()
                  + b"\0" * 1000)  # a little of the body, then wait: the answer must come without the rest
     raw = response(sock, quiet=2.0)
@@ -108,7 +76,7 @@ def test_a_body_sent_without_a_valid_token_is_refused_without_reading_it(
 
 def test_a_refused_body_is_never_parsed_as_the_next_request(served: Served) -> None:
     smuggled = b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n" + served.auth().encode() + b"\r\n"
-    sock = connect(served)
+    sock = connect(served.http.address)
     sock.sendall(b"POST /api/v1/deploy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
     raw = response(sock)
     sock.close()
@@ -117,7 +85,7 @@ def test_a_refused_body_is_never_parsed_as_the_next_request(served: Served) -> N
 
 
 def test_the_capture_token_is_checked_before_the_body_and_then_the_body_is_bounded(served: Served) -> None:
-    sock = connect(served)
+    sock = connect(served.http.address)
     sock.sendall(f"POST /api/v1/capture HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {served.capture_token}\r\n"
                  f"Content-Length: {MAX_CAPTURE_BODY + 1}\r\n\r\n".encode())
     raw = response(sock)
@@ -128,7 +96,7 @@ def test_the_capture_token_is_checked_before_the_body_and_then_the_body_is_bound
 def test_a_client_that_sends_half_a_request_is_let_go(served: Served) -> None:
     for partial in (b"POST /api/v1/deploy HTTP/1.1\r\nContent-Length: 100\r\n",  # headers never end
                     f"POST /api/v1/deploy HTTP/1.1\r\n{served.auth()}Content-Length: 100\r\n\r\n{{".encode()):
-        sock = connect(served)
+        sock = connect(served.http.address)
         sock.sendall(partial)
         t0 = time.monotonic()
         sock.settimeout(5)
@@ -144,9 +112,9 @@ def test_a_client_that_sends_half_a_request_is_let_go(served: Served) -> None:
 
 
 def test_connections_past_the_cap_get_503_and_the_rest_are_served(served: Served) -> None:
-    idle = [connect(served) for _ in range(4)]
+    idle = [connect(served.http.address) for _ in range(4)]
     time.sleep(0.2)
-    extra = connect(served)
+    extra = connect(served.http.address)
     raw = response(extra)
     extra.close()
     assert status(raw) == 503, f"the 5th connection (cap 4) got: {raw[:200]!r}"

@@ -6,23 +6,16 @@ function. Checked on the source with ``ast``."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
+from tests._imports import import_targets, module_name
 from tests.conftest import REPO
 
 HUB = REPO / "hub"
 LAYERS = ("services", "adapters")
 FORBIDDEN = ("edgefleet.hub.daemon", "edgefleet.hub.cli")
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(HUB).with_suffix("").parts
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(("edgefleet.hub", *parts))
 
 
 def _forbidden(target: str) -> bool:
@@ -33,29 +26,12 @@ def import_offences(path: Path, module: str, name: str) -> list[str]:
     """``name:line: what`` for every import of the daemon or the CLI in the file, at any depth
     (``if TYPE_CHECKING:`` blocks and function bodies included), relative imports resolved
     against *module*, and ``importlib.import_module``/``__import__`` of such a name."""
-    tree = ast.parse(path.read_text(), str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: list[str] = []
-    for node in ast.walk(tree):
-        targets: list[str] = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            targets = [base, *(f"{base}.{a.name}" for a in node.names)]
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            func = node.func
-            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
-                targets = [node.args[0].value]
-        bad = sorted({t for t in targets if _forbidden(t)})
-        if bad:
-            found.append(f"{name}:{node.lineno}: imports {bad[0]} (depend on a port: a Protocol or plain "
-                         "arguments that edgefleet.hub.daemon.Hub provides)")
-    return found
+    by_line: dict[int, set[str]] = {}
+    for line, target in import_targets(path, module, type_checking=True, dynamic=True):
+        if _forbidden(target):
+            by_line.setdefault(line, set()).add(target)
+    return [f"{name}:{line}: imports {sorted(bad)[0]} (depend on a port: a Protocol or plain "
+            "arguments that edgefleet.hub.daemon.Hub provides)" for line, bad in sorted(by_line.items())]
 
 
 def _layer_modules() -> list[Path]:
@@ -65,7 +41,7 @@ def _layer_modules() -> list[Path]:
 def test_services_and_adapters_import_neither_the_daemon_nor_the_cli() -> None:
     modules = _layer_modules()
     assert len(modules) > 15  # the walk found the layers
-    offences = [o for p in modules for o in import_offences(p, _module_name(p), str(p.relative_to(REPO)))]
+    offences = [o for p in modules for o in import_offences(p, module_name("edgefleet.hub", HUB, p), str(p.relative_to(REPO)))]
     assert not offences, "hub/services and hub/adapters must not reach the daemon or the CLI:\n  " + "\n  ".join(offences)
 
 
