@@ -55,6 +55,24 @@ def _proc_stat_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def _thread_sched() -> dict[int, tuple[int, int]] | None:
+    """Per thread of this process: (ns run on a CPU, ns waited on a run queue), or ``None``."""
+    if not _LINUX:
+        return None
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            run, wait = (task / "schedstat").read_bytes().split()[:2]
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile, or the kernel has no schedstat
+        out[int(task.name)] = (int(run), int(wait))
+    return out or None
+
+
 def temperature_c() -> float | None:
     """The hottest temperature sensor on this platform (Linux, FreeBSD), or ``None``."""
     if _LINUX:
@@ -88,6 +106,7 @@ class SystemProbe:
     reading counts from when the probe was made."""
 
     def __init__(self) -> None:
+        self._sched_last = _thread_sched() or {}
         if _LINUX:
             self._proc_last = self._proc_cpu()
             self._sys_last = _proc_stat_cpu()
@@ -119,6 +138,22 @@ class SystemProbe:
         if total1 <= total0:
             return 0.0
         return round(min(100.0, max(0.0, 100.0 * (busy1 - busy0) / (total1 - total0))), 1)
+
+    def cpu_wait_share(self) -> float | None:
+        """Of the time this process's threads wanted a CPU since the last call, the share they
+        spent waiting for one (Linux ``/proc/self/task/*/schedstat``: time run and time waited on
+        a run queue, in ns). About 0 on an idle machine; past a quarter, other work is taking the
+        CPU from us and any timing we make measures that work, not our models. ``None`` where the
+        kernel does not say (no schedstat, not Linux)."""
+        now = _thread_sched()
+        if now is None:
+            return None
+        last, self._sched_last = self._sched_last, now
+        ran = waited = 0
+        for tid, (run, wait) in now.items():
+            run0, wait0 = last.get(tid, (0, 0))
+            ran, waited = ran + max(0, run - run0), waited + max(0, wait - wait0)
+        return round(waited / (ran + waited), 4) if ran + waited > 0 else 0.0
 
     def memory_available_bytes(self) -> int:
         if _LINUX:

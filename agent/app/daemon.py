@@ -429,6 +429,8 @@ class Agent:
         windows: dict[str, ModelWindow] = {}
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
+        cpu_wait = self._probe.cpu_wait_share()
+        self.updater.note_cpu_wait(cpu_wait)
         for name, canary in self.updater.canary_windows().items():
             if name in windows:
                 windows[name] = dataclasses.replace(windows[name], canary=canary)
@@ -438,6 +440,7 @@ class Agent:
             "process_cpu_percent": self._probe.process_cpu_percent(),
             "rss_bytes": float(rss_bytes()),
             "system_cpu_percent": self._probe.system_cpu_percent(),
+            **({} if cpu_wait is None else {"cpu_wait_share": cpu_wait}),
             "memory_available_bytes": float(self._probe.memory_available_bytes()),
             "disk_free_bytes": float(disk_free_bytes(str(self.config.state_dir))),
         }

@@ -588,6 +588,11 @@ class Updater:
             self._gc()
         return notes
 
+    def note_cpu_wait(self, share: float | None) -> None:
+        """The device's CPU wait share for the closing window, for every running canary."""
+        for run in self._runs.values():
+            run.stats.note_cpu_wait(share)
+
     def canary_windows(self) -> dict[str, dict[str, Any]]:
         """Per stable model name, the ``canary`` field of its ModelWindow for the closing window."""
         out = {name: run.stats.window() for name, run in self._runs.items()}

@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from edgefleet.agent.contract.config import DeviceProfile
 from edgefleet.agent.contract.errors import MalformedMessage, Refused
+from edgefleet.agent.contract.stats import Z99, wilson_bounds
 from edgefleet.agent.contract.wire import ModelEntry
 from edgefleet.agent.core.telemetry import latency_summary
 
@@ -71,8 +72,11 @@ REGRESSION_AGREEMENT = 0.01
 LATENCY_HISTORY = 2048  # cumulative latency samples kept per side for the guard
 # The local guard drops a candidate only on clear evidence (docs/rollouts.md, "The device's guard"):
 WARMUP_SAMPLES = 20  # a new session's first answers (allocation, caches, lazy init) are not timed
-GUARD_Z = 2.576  # the guard's confidence bounds are 99 % two-sided (99.5 % one-sided)
+GUARD_Z = Z99  # the guard's confidence bounds are 99 % two-sided (99.5 % one-sided)
 SLO_MARGIN = 0.2  # the candidate's p95 must be above the SLO by this fraction, at that confidence
+# A device is CPU-starved when its threads waited for a CPU at least this share of the time they
+# wanted one (other work on the machine): its timings then say nothing about the model.
+STARVED_WAIT_SHARE = 0.25
 MAX_PREFLIGHT_ROWS = 4096
 MAX_PREFLIGHT_BYTES = 64 * 2**20  # uncompressed: a small compressed .npz must not expand without bound
 
@@ -260,6 +264,7 @@ class Totals:
     agreed: int
     candidate_ms: Sequence[float] | Array  # the last LATENCY_HISTORY samples, in any order
     stable_ms: Sequence[float] | Array
+    starved: bool = False  # the device is CPU-starved now: its timings are not evidence
 
 
 
@@ -316,6 +321,16 @@ class CanaryStats:
         self._t_requests = self._t_errors = self._t_nonfinite = self._t_compared = self._t_agreed = 0
         self._t_cand = _Ring(LATENCY_HISTORY)
         self._t_stable = _Ring(LATENCY_HISTORY)
+        self._cpu_wait: float | None = None
+        self.starved = False
+
+    def note_cpu_wait(self, share: float | None) -> None:
+        """The device's CPU wait share over the window now closing (``SystemProbe.cpu_wait_share``):
+        at ``STARVED_WAIT_SHARE`` or more the window is marked starved, for the hub's latency gate
+        and this device's guard alike."""
+        with self._lock:
+            self._cpu_wait = share
+            self.starved = share is not None and share >= STARVED_WAIT_SHARE
 
     def _reset(self) -> None:
         self._requests = self._errors = self._skipped = self._compared = self._agreed = 0
@@ -406,6 +421,7 @@ class CanaryStats:
                 agreed=self._t_agreed,
                 candidate_ms=self._t_cand.values(skip_first=WARMUP_SAMPLES),
                 stable_ms=self._t_stable.values(),
+                starved=self.starved,
             )
 
     def window(self) -> dict[str, Any]:
@@ -425,7 +441,10 @@ class CanaryStats:
                 "compared": self._compared,
                 "agreed": self._agreed,
                 "output_distance_sum": round(self._distance, 6),
+                "starved": self.starved,
             }
+            if self._cpu_wait is not None:
+                out["cpu_wait_share"] = self._cpu_wait
             labels = self._labels
             self._reset()
         classes: dict[str, int] = {}
@@ -484,16 +503,6 @@ def quantile_bounds(values: Sequence[float] | Array, q: float, z: float = GUARD_
     return float(a[lo]), float(a[hi])
 
 
-def wilson_bounds(k: int, n: int, z: float = GUARD_Z) -> tuple[float, float]:
-    """Wilson score interval of a rate ``k / n``."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def local_verdict(t: Totals, limits: CanaryLimits) -> Verdict | None:
     """Drop the candidate? Only on clear evidence that it is broken; returns ``None`` while it may
     keep running. The hub's gate, not this guard, judges "worse than the stable".
@@ -509,7 +518,9 @@ def local_verdict(t: Totals, limits: CanaryLimits) -> Verdict | None:
       for identical models).
 
     Latency is judged on at least ``min_samples`` candidate samples after the first
-    ``WARMUP_SAMPLES`` of its session; every bound is at 99 % (``GUARD_Z``)."""
+    ``WARMUP_SAMPLES`` of its session, and not at all while the device is CPU-starved (other work
+    holds its CPUs: slow answers then say nothing about the model); every bound is at 99 %
+    (``GUARD_Z``)."""
     numbers: dict[str, Any] = {"requests": t.requests, "errors": t.errors, "min_samples": limits.min_samples,
                                "confidence": 0.99}
     if t.nonfinite:
@@ -525,7 +536,7 @@ def local_verdict(t: Totals, limits: CanaryLimits) -> Verdict | None:
                        {**numbers, "error_rate": round(rate, 4), "error_rate_lower": round(rate_lo, 4),
                         "max_error_rate": limits.max_error_rate})
     n = len(t.candidate_ms)
-    if n < max(1, limits.min_samples):
+    if n < max(1, limits.min_samples) or t.starved:
         return None
     numbers["latency_samples"] = n
     if limits.latency_slo_ms is not None:

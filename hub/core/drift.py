@@ -26,10 +26,13 @@ pseudo-feature named ``output``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from edgefleet.agent.contract.wire import Reference
 
@@ -46,6 +49,7 @@ __all__ = [
     "merge_feature_lists",
     "merge_histograms",
     "psi",
+    "psi_bounds",
     "score_report",
 ]
 
@@ -130,6 +134,27 @@ def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
     e = [max(x, EPS) for x in _shares(expected)]
     a = [max(x, EPS) for x in _shares(actual)]
     return float(sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True)))
+
+
+def psi_bounds(expected: Sequence[float], actual: Sequence[float], *, confidence: float = 0.99,
+               rounds: int = 400) -> tuple[float, float]:
+    """Percentile-bootstrap bounds of :func:`psi` between two samples of counts on the same bins:
+    each side is redrawn ``rounds`` times from its own observed shares (multinomial, its own
+    size), so a small sample gets wide bounds and a large one narrow. Seeded from the counts, so
+    the same evidence always gives the same bounds."""
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    ne, na = int(e.sum()), int(a.sum())
+    if ne <= 0 or na <= 0:
+        return 0.0, math.inf
+    seed = int.from_bytes(hashlib.sha256(repr((e.tolist(), a.tolist())).encode()).digest()[:8], "big")
+    rng = np.random.default_rng(seed)
+    es = np.maximum(rng.multinomial(ne, e / ne, size=rounds) / ne, EPS)
+    as_ = np.maximum(rng.multinomial(na, a / na, size=rounds) / na, EPS)
+    scores = ((as_ - es) * np.log(as_ / es)).sum(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(scores, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def js_distance(p: Sequence[float], q: Sequence[float]) -> float:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.hub.core.drift import psi
+from edgefleet.agent.contract.stats import Z99, wilson_bounds
+from edgefleet.hub.core.drift import psi, psi_bounds
 from edgefleet.hub.errors import BadRequest
 
 __all__ = [
@@ -85,7 +86,7 @@ class Policy:
 
     min_inferences: int = 200
     min_device_windows: int = 3
-    max_latency_p95_ratio: float = 2.0
+    max_latency_p95_ratio: float = 1.1
     max_error_rate: float = 0.01
     min_agreement: float = 0.95
     max_output_drift: float = 0.25
@@ -328,6 +329,11 @@ class Evidence:
     classes: Mapping[str, int] = field(default_factory=dict)
     stable_classes: Mapping[str, int] = field(default_factory=dict)  # the stable's, same windows
     failures: tuple[tuple[str, str, str], ...] = ()  # (device, kind, reason)
+    # Windows whose device was CPU-starved (``canary.starved``): its threads waited for a CPU a
+    # large share of the time they wanted one, so its timings say nothing about the model. They
+    # count for every gate but latency.
+    starved_windows: int = 0
+    starved_devices: frozenset[str] = frozenset()
 
     @classmethod
     def collect(
@@ -336,7 +342,8 @@ class Evidence:
     ) -> Evidence:
         """``windows``: (device, canary dict, the stable ModelWindow's ``latency_ms`` or None);
         ``events``: (device, event type, reason) of ``canary_dropped`` / ``preflight_failed``."""
-        n = req = err = skip = comp = agr = lw = 0
+        n = req = err = skip = comp = agr = lw = starved = 0
+        starved_devices: set[str] = set()
         dist = cp95 = sp95 = 0.0
         devices: set[str] = set()
         classes: dict[str, int] = {}
@@ -355,7 +362,10 @@ class Evidence:
             dist += _number(c.get("output_distance_sum"))
             cand = _p95(c.get("latency_ms"))
             stab = _p95(c.get("stable_latency_ms")) or _p95(stable_latency)
-            if r > 0 and cand is not None and stab is not None:
+            if c.get("starved") is True:
+                starved += 1
+                starved_devices.add(device)
+            elif r > 0 and cand is not None and stab is not None:
                 cp95 += cand * r
                 sp95 += stab * r
                 lw += r
@@ -378,7 +388,8 @@ class Evidence:
         return cls(windows=n, devices=frozenset(devices), requests=req, errors=err, skipped=skip,
                    compared=comp, agreed=agr, distance_sum=dist, cand_p95_sum=cp95, stable_p95_sum=sp95,
                    latency_weight=lw, latency_pairs=tuple(pairs), classes=classes,
-                   stable_classes=stable_classes, failures=uniq)
+                   stable_classes=stable_classes, failures=uniq, starved_windows=starved,
+                   starved_devices=frozenset(starved_devices))
 
     @property
     def failed_devices(self) -> frozenset[str]:
@@ -394,6 +405,8 @@ class Evidence:
             "classes": dict(self.classes),
             "stable_classes": dict(self.stable_classes),
             "latency_windows": len(self.latency_pairs),
+            "starved_windows": self.starved_windows,
+            "starved_devices": sorted(self.starved_devices),
             "failures": [{"device": d, "kind": k, "reason": r} for d, k, r in self.failures],
         }
 
@@ -478,14 +491,16 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
                     f"over {_n(ev.requests)} candidate requests on {devs}"))
     if ev.latency_weight and ev.stable_p95_sum > 0:
         out.append(_latency_gate(gate, ev, p.max_latency_p95_ratio, devs))
+    elif ev.starved_windows:
+        who = ", ".join(sorted(ev.starved_devices)[:5])
+        out.append(gate("latency_p95_ratio", None, True,
+                        f"latency not judged: all {ev.starved_windows} windows with timings came from CPU-starved "
+                        f"devices ({who}: other work kept their threads waiting for a CPU), which says nothing "
+                        "about the model", conclusive=False))
     else:
         out.append(gate("latency_p95_ratio", None, True, "no latency measured on both versions yet"))
     if r.mode == "shadow" and ev.compared:
-        agree = ev.agreed / ev.compared
-        ok = agree >= p.min_agreement
-        out.append(gate("agreement", agree, ok,
-                        f"agreement {agree:.2f} {'>=' if ok else '<'} min {p.min_agreement} over "
-                        f"{_n(ev.compared)} compared pairs on {devs}"))
+        out.append(_agreement_gate(gate, ev, p.min_agreement, devs))
     else:
         why = "split mode compares no pairs" if r.mode == "split" else "no compared pairs"
         out.append(gate("agreement", None, r.mode == "split", why))
@@ -498,14 +513,8 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
         # Judged against the stable's outputs over the same windows and inputs: drifted inputs
         # shift both alike, so they are no reason to blame the candidate (issue 15). The PSI
         # against the training reference stays in the detail, as information.
-        labels = sorted(set(ev.stable_classes) | set(ev.classes))
-        score = psi([float(ev.stable_classes.get(k, 0)) for k in labels], [float(ev.classes.get(k, 0)) for k in labels])
-        ok = score <= p.max_output_drift
         ref_note = f"; vs the reference {against_ref:.3f}, information only" if against_ref is not None else ""
-        out.append(gate("output_drift", score, ok,
-                        f"output PSI {score:.3f} {'<=' if ok else '>'} max {p.max_output_drift}: "
-                        f"{_n(sum(ev.classes.values()))} candidate outputs vs {_n(sum(ev.stable_classes.values()))} "
-                        f"of the stable in the same windows{ref_note}"))
+        out.append(_output_gate(gate, ev, p.max_output_drift, ref_note))
     elif against_ref is not None:
         score = against_ref
         ok = score <= p.max_output_drift
@@ -566,6 +575,51 @@ def ratio_bounds(pairs: Sequence[tuple[float, float]]) -> RatioBounds:
     return RatioBounds(math.exp(mean), math.exp(mean - half), math.exp(mean + half), k, sd)
 
 
+def _more_windows(ev: Evidence, half: float, gap: float) -> int:
+    """Windows still needed for a bound of half-width ``half`` (which shrinks as 1/sqrt(n)) to
+    clear a limit ``gap`` away from the estimate (0 when the estimate sits on the limit)."""
+    if gap <= 0 or not math.isfinite(half) or ev.windows == 0:
+        return 0
+    return max(1, math.ceil(ev.windows * ((half / gap) ** 2 - 1)))
+
+
+def _agreement_gate(gate: Callable[..., GateResult], ev: Evidence, least: float, devs: str) -> GateResult:
+    """Roll back only when the agreement's upper 99 % Wilson bound is below the minimum; pass
+    only when its lower bound is at or above it; in between, wait for more pairs."""
+    agree = ev.agreed / ev.compared
+    lo, hi = wilson_bounds(ev.agreed, ev.compared)
+    where = f"(99 % bounds {lo:.3f}-{hi:.3f} over {_n(ev.compared)} compared pairs on {devs})"
+    if hi < least:
+        return gate("agreement", agree, False, f"agreement {agree:.3f} < min {least} {where}")
+    if lo >= least:
+        return gate("agreement", agree, True, f"agreement {agree:.3f} >= min {least} {where}")
+    more = _more_windows(ev, Z99 * math.sqrt(max(agree * (1 - agree), 1e-6) / ev.compared), abs(agree - least))
+    hint = f"; about {more} more windows at this rate" if more else ""
+    return gate("agreement", agree, True, f"agreement {agree:.3f} vs min {least} is inconclusive {where}{hint}",
+                conclusive=False, more_windows=more)
+
+
+def _output_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, ref_note: str) -> GateResult:
+    """PSI of the candidate's classes against the stable's in the same windows, with 99 %
+    bootstrap bounds: roll back only when the lower bound is above the limit, pass only when the
+    upper bound is at or below it."""
+    labels = sorted(set(ev.stable_classes) | set(ev.classes))
+    stable = [float(ev.stable_classes.get(k, 0)) for k in labels]
+    cand = [float(ev.classes.get(k, 0)) for k in labels]
+    score = psi(stable, cand)
+    lo, hi = psi_bounds(stable, cand)
+    where = (f"({_n(sum(cand))} candidate outputs vs {_n(sum(stable))} of the stable in the same windows; "
+             f"99 % bounds {lo:.3f}-{hi:.3f}{ref_note})")
+    if lo > limit:
+        return gate("output_drift", score, False, f"output PSI {score:.3f} > max {limit} {where}")
+    if hi <= limit:
+        return gate("output_drift", score, True, f"output PSI {score:.3f} <= max {limit} {where}")
+    more = _more_windows(ev, (hi - lo) / 2, abs(score - limit))
+    hint = f"; about {more} more windows" if more else ""
+    return gate("output_drift", score, True, f"output PSI {score:.3f} vs max {limit} is inconclusive {where}{hint}",
+                conclusive=False, more_windows=more)
+
+
 def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, devs: str) -> GateResult:
     """Roll back only when the ratio's lower 99 % bound is above the limit; pass only when its upper
     bound is at or below it; between the two, wait for more windows (and say how many)."""
@@ -579,8 +633,10 @@ def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, d
                     f"requests on {devs}")
     b = ratio_bounds(pairs)
     span = f"99 % bounds {b.lower:.2f}-{b.upper:.2f}" if math.isfinite(b.upper) else "bounds need 2 windows"
+    left_out = (f"; {ev.starved_windows} windows from CPU-starved devices left out" if ev.starved_windows
+                else "")
     where = (f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms; {span} over {b.windows} windows, "
-             f"{_n(ev.latency_weight)} requests on {devs})")
+             f"{_n(ev.latency_weight)} requests on {devs}{left_out})")
     if b.lower > limit:
         return gate("latency_p95_ratio", b.ratio, False, f"latency p95 ratio {b.ratio:.2f} > max {limit} {where}")
     if b.upper <= limit:

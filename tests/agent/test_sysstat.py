@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -53,3 +54,33 @@ def test_psutil_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sysstat.rss_bytes() == pytest.approx(psutil.Process().memory_info().rss, rel=0.05)
     assert probe.memory_available_bytes() > 0
     sysstat.temperature_c()  # None or a float; must not raise
+
+
+@linux_only
+def test_cpu_wait_share_tells_a_starved_process_from_a_quiet_one() -> None:
+    """Real processes: this one working alone waits for a CPU almost never; with twice as many
+    busy-looping processes as CPUs beside it, it waits a large share of the time it wants one."""
+    if sysstat._thread_sched() is None:
+        pytest.skip("this kernel has no schedstat")
+    probe = sysstat.SystemProbe()
+
+    def work(seconds: float) -> float | None:
+        probe.cpu_wait_share()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            sum(range(20000))
+            time.sleep(0.002)
+        return probe.cpu_wait_share()
+
+    quiet = work(1.0)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)
+        starved = work(1.5)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert quiet is not None and starved is not None
+    assert quiet < 0.1, quiet
+    assert starved >= 0.25, starved  # STARVED_WAIT_SHARE: 0.53 measured with 4 hogs on 2 cores

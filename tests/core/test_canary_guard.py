@@ -102,3 +102,28 @@ def test_quantile_and_rate_bounds_cover_the_truth_at_their_confidence() -> None:
         rlo, rhi = wilson_bounds(k, 200)
         misses_r += not (rlo <= 0.05 <= rhi)
     assert misses_q / 2000 < 0.02 and misses_r / 2000 < 0.02  # 99 % intervals: about 1 % misses
+
+
+def test_a_cpu_starved_device_drops_nothing_on_latency_but_still_on_nan_and_errors() -> None:
+    """While other work holds the device's CPUs its timings are no evidence: a 10x slower
+    candidate is kept (the hub's gate leaves those windows out too); broken answers still drop."""
+    rng = np.random.default_rng(0)
+    slow = totals(shadow_like(rng, 500, 1.1, 0.25), shadow_like(rng, 500, 0.11, 0.25))
+    assert local_verdict(slow, DEFAULT) is not None
+    starved = Totals(**{**slow.__dict__, "starved": True})
+    assert local_verdict(starved, DEFAULT) is None
+    erroring = Totals(**{**starved.__dict__, "errors": 100})
+    assert local_verdict(erroring, DEFAULT).reason == "error_rate"  # type: ignore[union-attr]
+    nan = Totals(**{**starved.__dict__, "nonfinite": 1})
+    assert local_verdict(nan, DEFAULT).reason == "nan_output"  # type: ignore[union-attr]
+
+
+def test_the_window_says_whether_the_device_was_starved() -> None:
+    stats = CanaryStats(rollout="r", mode="shadow", version="2")
+    stats.note_cpu_wait(0.05)
+    w = stats.window()
+    assert (w["starved"], w["cpu_wait_share"]) == (False, 0.05)
+    stats.note_cpu_wait(0.6)
+    assert stats.window()["starved"] is True and stats.totals().starved is True
+    stats.note_cpu_wait(None)  # the kernel does not say: not starved, no share reported
+    assert stats.window()["starved"] is False
