@@ -76,7 +76,7 @@ GUARD_Z = Z99  # the guard's confidence bounds are 99 % two-sided (99.5 % one-si
 SLO_MARGIN = 0.2  # the candidate's p95 must be above the SLO by this fraction, at that confidence
 # A device is CPU-starved when its threads waited for a CPU at least this share of the time they
 # wanted one (other work on the machine): its timings then say nothing about the model.
-STARVED_WAIT_SHARE = 0.25
+STARVED_WAIT_SHARE = 0.4
 MAX_PREFLIGHT_ROWS = 4096
 MAX_PREFLIGHT_BYTES = 64 * 2**20  # uncompressed: a small compressed .npz must not expand without bound
 
@@ -340,6 +340,7 @@ class CanaryStats:
         self._cand_chunks: list[Array] = []  # a batch's worth at a time (shadow replays)
         self._stable_chunks: list[Array] = []
         self._labels: list[Array] = []  # counted when the window closes, off the replay path
+        self._pair_logs: list[float] = []  # log(candidate / stable) per paired batch
 
     def _keep_labels(self, outputs: Outputs) -> None:
         label, _ = _pick(outputs)
@@ -352,12 +353,17 @@ class CanaryStats:
         cand_out: Outputs,
         stable_ms: float | Sequence[float] | Array,
         cand_ms: float | Sequence[float] | Array,
+        paired: bool = False,
     ) -> None:
         """A shadow replay: both answers on the same input, and both latencies (ms). A batched
-        replay of k requests passes their outputs concatenated and k latencies on each side."""
+        replay of k requests passes their outputs concatenated and k latencies on each side.
+        ``paired``: both versions were timed the same way on this very batch, back to back (the
+        shadow's like-for-like timing); its ratio is then one paired sample for the hub's gate."""
         s_ms = np.atleast_1d(np.asarray(stable_ms, dtype=np.float64))
         c_ms = np.atleast_1d(np.asarray(cand_ms, dtype=np.float64))
         k = len(c_ms)
+        s_total, c_total = float(s_ms.sum()), float(c_ms.sum())
+        log_ratio = math.log(c_total / s_total) if paired and s_total > 0 and c_total > 0 else None
         bad = has_nonfinite(cand_out)
         agreed, n, dist, label = (0, 0, 0.0, None) if bad else _compare(stable_out, cand_out)
         with self._lock:
@@ -365,6 +371,8 @@ class CanaryStats:
             self._t_requests += k
             self._cand_chunks.append(c_ms)
             self._stable_chunks.append(s_ms)
+            if log_ratio is not None and len(self._pair_logs) < 4096:
+                self._pair_logs.append(log_ratio)
             self._t_cand.extend(c_ms)
             self._t_stable.extend(s_ms)
             if bad:
@@ -445,8 +453,12 @@ class CanaryStats:
             }
             if self._cpu_wait is not None:
                 out["cpu_wait_share"] = self._cpu_wait
-            labels = self._labels
+            labels, logs = self._labels, self._pair_logs
             self._reset()
+        if logs:
+            # The median of the window's paired batch ratios: one batch the scheduler preempted
+            # moves it little, unlike a p95 over a few dozen shares of batches.
+            out["paired"] = {"batches": len(logs), "median_log_ratio": round(float(np.median(logs)), 6)}
         classes: dict[str, int] = {}
         if labels:
             values, counts = np.unique(np.concatenate([lab.astype(str) for lab in labels]), return_counts=True)

@@ -326,14 +326,19 @@ class Evidence:
     latency_weight: int = 0
     # (candidate p95, stable p95) per window that measured both: the latency gate's samples.
     latency_pairs: tuple[tuple[float, float], ...] = ()
+    # Shadow windows' median log(candidate / stable) over batches timed back to back on the same
+    # inputs (``canary.paired``): the latency gate's samples when there are any.
+    latency_logs: tuple[float, ...] = ()
+    paired_batches: int = 0
     classes: Mapping[str, int] = field(default_factory=dict)
     stable_classes: Mapping[str, int] = field(default_factory=dict)  # the stable's, same windows
     failures: tuple[tuple[str, str, str], ...] = ()  # (device, kind, reason)
-    # Windows whose device was CPU-starved (``canary.starved``): its threads waited for a CPU a
-    # large share of the time they wanted one, so its timings say nothing about the model. They
+    # Windows whose device was CPU-starved (``canary.starved``): its threads waited for a CPU 40 %
+    # or more of the time they wanted one, so its timings say nothing about the model. They
     # count for every gate but latency.
     starved_windows: int = 0
     starved_devices: frozenset[str] = frozenset()
+    cpu_wait_median: float | None = None  # the windows' median CPU wait share (None: not reported)
 
     @classmethod
     def collect(
@@ -349,6 +354,9 @@ class Evidence:
         classes: dict[str, int] = {}
         stable_classes: dict[str, int] = {}
         pairs: list[tuple[float, float]] = []
+        logs: list[float] = []
+        waits: list[float] = []
+        batches = 0
         failures: list[tuple[str, str, str]] = []
         for device, c, stable_latency in windows:
             n += 1
@@ -362,6 +370,9 @@ class Evidence:
             dist += _number(c.get("output_distance_sum"))
             cand = _p95(c.get("latency_ms"))
             stab = _p95(c.get("stable_latency_ms")) or _p95(stable_latency)
+            wait = c.get("cpu_wait_share")
+            if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 1:
+                waits.append(float(wait))
             if c.get("starved") is True:
                 starved += 1
                 starved_devices.add(device)
@@ -371,6 +382,12 @@ class Evidence:
                 lw += r
                 if cand > 0 and stab > 0:
                     pairs.append((cand, stab))
+            paired = c.get("paired")
+            if c.get("starved") is not True and isinstance(paired, Mapping):
+                m, k = paired.get("median_log_ratio"), _count(paired.get("batches"))
+                if k and isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m):
+                    logs.append(float(m))
+                    batches += k
             outs = c.get("outputs")
             for k, v in ((outs.get("classes") if isinstance(outs, Mapping) else None) or {}).items():
                 classes[str(k)] = classes.get(str(k), 0) + _count(v)
@@ -387,9 +404,11 @@ class Evidence:
         uniq = tuple(sorted(set(failures)))
         return cls(windows=n, devices=frozenset(devices), requests=req, errors=err, skipped=skip,
                    compared=comp, agreed=agr, distance_sum=dist, cand_p95_sum=cp95, stable_p95_sum=sp95,
-                   latency_weight=lw, latency_pairs=tuple(pairs), classes=classes,
+                   latency_weight=lw, latency_pairs=tuple(pairs), latency_logs=tuple(logs),
+                   paired_batches=batches, classes=classes,
                    stable_classes=stable_classes, failures=uniq, starved_windows=starved,
-                   starved_devices=frozenset(starved_devices))
+                   starved_devices=frozenset(starved_devices),
+                   cpu_wait_median=sorted(waits)[len(waits) // 2] if waits else None)
 
     @property
     def failed_devices(self) -> frozenset[str]:
@@ -404,9 +423,11 @@ class Evidence:
             "stable_p95_ms": round(self.stable_p95_sum / self.latency_weight, 4) if self.latency_weight else None,
             "classes": dict(self.classes),
             "stable_classes": dict(self.stable_classes),
-            "latency_windows": len(self.latency_pairs),
+            "latency_windows": len(self.latency_logs) or len(self.latency_pairs),
+            "paired_batches": self.paired_batches,
             "starved_windows": self.starved_windows,
             "starved_devices": sorted(self.starved_devices),
+            "cpu_wait_median": self.cpu_wait_median,
             "failures": [{"device": d, "kind": k, "reason": r} for d, k, r in self.failures],
         }
 
@@ -485,10 +506,7 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
     what = ", ".join(sorted({f"{d}: {k}{' (' + rs + ')' if rs else ''}" for d, k, rs in ev.failures})[:5])
     out.append(gate("failures", float(nf), nf <= p.max_failures,
                     f"{nf} cohort device(s) dropped the candidate (max {p.max_failures})" + (f": {what}" if what else "")))
-    rate = ev.errors / ev.requests if ev.requests else 0.0
-    out.append(gate("error_rate", rate, rate <= p.max_error_rate,
-                    f"error rate {rate:.4f} {'<=' if rate <= p.max_error_rate else '>'} max {p.max_error_rate} "
-                    f"over {_n(ev.requests)} candidate requests on {devs}"))
+    out.append(_error_gate(gate, ev, p.max_error_rate, devs))
     if ev.latency_weight and ev.stable_p95_sum > 0:
         out.append(_latency_gate(gate, ev, p.max_latency_p95_ratio, devs))
     elif ev.starved_windows:
@@ -565,7 +583,11 @@ class RatioBounds:
 def ratio_bounds(pairs: Sequence[tuple[float, float]]) -> RatioBounds:
     """Geometric mean of candidate/stable over windows, and its 99 % bounds (t interval on the
     log ratios: each window is one paired measurement, and logs make 2x and 0.5x symmetric)."""
-    logs = [math.log(c / s) for c, s in pairs]
+    return log_ratio_bounds([math.log(c / s) for c, s in pairs])
+
+
+def log_ratio_bounds(logs: Sequence[float]) -> RatioBounds:
+    """:func:`ratio_bounds` of per-window log ratios."""
     k = len(logs)
     mean = sum(logs) / k
     if k < 2:
@@ -581,6 +603,23 @@ def _more_windows(ev: Evidence, half: float, gap: float) -> int:
     if gap <= 0 or not math.isfinite(half) or ev.windows == 0:
         return 0
     return max(1, math.ceil(ev.windows * ((half / gap) ** 2 - 1)))
+
+
+def _error_gate(gate: Callable[..., GateResult], ev: Evidence, most: float, devs: str) -> GateResult:
+    """Roll back when the error rate's lower 99 % Wilson bound is above the maximum (proof of a
+    broken candidate); pass while the rate itself is at or below it (a candidate without errors
+    need not prove < 1 %, which takes ~650 error-free requests); in between, wait for more."""
+    rate = ev.errors / ev.requests if ev.requests else 0.0
+    lo, hi = wilson_bounds(ev.errors, ev.requests)
+    where = f"over {_n(ev.requests)} candidate requests on {devs}"
+    if ev.requests and lo > most:
+        return gate("error_rate", rate, False, f"error rate {rate:.4f} > max {most} (99 % bounds "
+                    f"{lo:.4f}-{hi:.4f}) {where}")
+    if rate <= most:
+        return gate("error_rate", rate, True, f"error rate {rate:.4f} <= max {most} {where}")
+    more = _more_windows(ev, Z99 * math.sqrt(rate * (1 - rate) / ev.requests), rate - most)
+    return gate("error_rate", rate, True, f"error rate {rate:.4f} vs max {most} is inconclusive (99 % bounds "
+                f"{lo:.4f}-{hi:.4f}) {where}", conclusive=False, more_windows=more)
 
 
 def _agreement_gate(gate: Callable[..., GateResult], ev: Evidence, least: float, devs: str) -> GateResult:
@@ -625,17 +664,22 @@ def _latency_gate(gate: Callable[..., GateResult], ev: Evidence, limit: float, d
     bound is at or below it; between the two, wait for more windows (and say how many)."""
     cand, stab = ev.cand_p95_sum / ev.latency_weight, ev.stable_p95_sum / ev.latency_weight
     pairs = ev.latency_pairs
-    if not pairs:  # windows without usable per-window pairs: the weighted point estimate alone
+    if ev.latency_logs:
+        b = log_ratio_bounds(ev.latency_logs)
+        how = f"paired replays, {_n(ev.paired_batches)} batches"
+    elif pairs:
+        b = ratio_bounds(pairs)
+        how = "per-window p95"
+    else:  # windows without usable per-window pairs: the weighted point estimate alone
         ratio = cand / stab
         ok = ratio <= limit
         return gate("latency_p95_ratio", ratio, ok, f"latency p95 ratio {ratio:.2f} {'<=' if ok else '>'} max "
                     f"{limit} (candidate {cand:.3f} ms vs stable {stab:.3f} ms) over {_n(ev.latency_weight)} "
                     f"requests on {devs}")
-    b = ratio_bounds(pairs)
     span = f"99 % bounds {b.lower:.2f}-{b.upper:.2f}" if math.isfinite(b.upper) else "bounds need 2 windows"
     left_out = (f"; {ev.starved_windows} windows from CPU-starved devices left out" if ev.starved_windows
                 else "")
-    where = (f"(candidate {cand:.3f} ms vs stable {stab:.3f} ms; {span} over {b.windows} windows, "
+    where = (f"(p95 candidate {cand:.3f} ms vs stable {stab:.3f} ms; {how}; {span} over {b.windows} windows, "
              f"{_n(ev.latency_weight)} requests on {devs}{left_out})")
     if b.lower > limit:
         return gate("latency_p95_ratio", b.ratio, False, f"latency p95 ratio {b.ratio:.2f} > max {limit} {where}")

@@ -371,6 +371,25 @@ def test_queued_requests_are_replayed_in_one_batch() -> None:
     assert (w["requests"], w["compared"], w["agreed"]) == (5, 7, 7)
 
 
+def test_a_batch_that_fails_on_one_input_counts_only_that_request_as_an_error() -> None:
+    """A model that fails on some inputs fails the whole batched call; the replay then finds out
+    which requests fail, so the error rate is the model's, not its batch size's."""
+
+    def replay(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (feeds["x"] < 0).any():
+            raise RuntimeError("indices element out of data bounds")
+        return {"y": feeds["x"] * 2}
+
+    st = CanaryStats(rollout="r", mode="shadow", version="2")
+    sh = Shadow(replay=replay, stats=st, fraction=1.0, capacity=16, max_batch=16, clock=ticking(0.001))
+    for i in range(10):
+        x = np.full((1, 2), -1.0 if i == 3 else float(i), dtype=np.float32)
+        sh.offer({"x": x}, {"y": x * 2}, 1.0)
+    assert sh.process() == 10
+    w = st.window()
+    assert (w["requests"], w["errors"], w["compared"], w["agreed"]) == (10, 1, 9, 9)
+
+
 def test_requests_that_do_not_concatenate_are_replayed_per_input_signature() -> None:
     """One candidate call per (trailing shape, dtype) group, every request compared once."""
     calls: list[tuple[tuple[int, ...], str]] = []

@@ -83,4 +83,4 @@ def test_cpu_wait_share_tells_a_starved_process_from_a_quiet_one() -> None:
             h.wait()
     assert quiet is not None and starved is not None
     assert quiet < 0.1, quiet
-    assert starved >= 0.25, starved  # STARVED_WAIT_SHARE: 0.53 measured with 4 hogs on 2 cores
+    assert starved >= 0.4, starved  # STARVED_WAIT_SHARE: 0.53 measured with 4 hogs on 2 cores

@@ -99,7 +99,7 @@ def test_rollout_cohort_gets_the_candidate_and_a_bad_one_is_rolled_back_everywhe
         telemetry(h, d, 1, r["id"], agreed=30)
         telemetry(h, d, 2, "r-other", agreed=80)  # another rollout's canary: ignored
     (rid, decision), = h.rollouts.evaluate_all()
-    assert decision.outcome == "rollback" and "agreement 0.38 < min 0.95 over 240 compared pairs" in decision.reason
+    assert decision.outcome == "rollback" and "agreement 0.375 < min 0.95 (99 % bounds" in decision.reason
     state = h.rollouts.get(rid)
     assert state.state == "rolled_back"
     for d in sorted(state.targets):

@@ -1,0 +1,38 @@
+"""Issue 15's scenario matrix, a representative subset in CI: real Mosquitto, hub and three agent
+processes under live request load, default gate policy; each rollout must end in the decision
+written down for its scenario (bench/canary_matrix.py: EXPECTED). The full matrix (every scenario
+under plain and drifted inputs and a CPU hog, repeated) is `python -m bench.canary_matrix`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, mosquitto_bin
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+SUBSET = ("identical:plain", "shuffled:drifted", "nan:plain", "crash:plain", "retrained:drifted")
+
+
+@pytest.mark.timeout(900)
+def test_each_scenario_of_the_subset_ends_in_its_expected_decision(tmp_path: Path) -> None:
+    assert mosquitto_bin(), "mosquitto is not installed (apt-get install -y mosquitto)"
+    out = tmp_path / "matrix.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.canary_matrix", "--repeat", "1", "--hog-repeat", "0", "--only", *SUBSET,
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=840, check=False,
+    )
+    assert out.exists(), res.stdout[-4000:] + res.stderr[-4000:]
+    got = json.loads(out.read_text())["outcomes"]
+    assert sorted(f"{o['scenario']}:{o['condition']}" for o in got) == sorted(SUBSET)
+    wrong = [o for o in got if not o["ok"]]
+    assert wrong == [], json.dumps(wrong, indent=1) + res.stdout[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for o in got:  # every decision states its evidence
+        assert o["reason"] and o["requests"] > 0 and o["windows"] > 0, o
