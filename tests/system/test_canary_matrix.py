@@ -16,7 +16,7 @@ from tests.conftest import REPO, mosquitto_bin
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-SUBSET = ("identical:plain", "shuffled:drifted", "nan:plain", "crash:plain", "retrained:drifted")
+SUBSET = ("identical:plain", "retrained:plain", "shuffled:drifted", "slow:plain", "nan:plain", "crash:drifted")
 
 
 @pytest.mark.timeout(900)
