@@ -92,7 +92,7 @@ def test_hub_rolls_back_a_bad_candidate_on_its_own(broker: Broker, procs: Procs,
     (entry,) = [e for e in audit if e["action"] == "rollout_rollback"]
     # the gate may judge as soon as enough of the cohort's windows are in (2 or all 3 of 60 pairs)
     assert entry["actor"] == "rollout-gate"
-    assert re.search(r"agreement 0\.20 < min 0\.95 over (120|180) compared pairs", entry["details"]["reason"]), \
+    assert re.search(r"agreement 0\.200 < min 0\.95 \(99 % bounds [0-9.]+-[0-9.]+ over (120|180) compared pairs", entry["details"]["reason"]), \
         entry["details"]["reason"]
     assert set(entry["details"]["devices"]) == set(devices)
     assert run_cli("edgefleet.hub.cli.main", "audit", "verify", *h).returncode == 0
