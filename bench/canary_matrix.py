@@ -26,6 +26,7 @@ decision took.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -41,7 +42,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import REPO, Mosquitto, free_port, wait_until
+from bench.common import REPO, Mosquitto, free_port, relabelled, wait_until
 
 SCENARIOS = ("identical", "retrained", "shuffled", "slow", "nan", "crash")
 CONDITIONS = ("plain", "drifted", "hog")
@@ -134,7 +135,7 @@ class Models:
 
     def candidate(self, scenario: str, stable: bytes, nonce: str) -> bytes:
         if scenario == "identical":
-            return relabelled(stable, nonce)
+            return relabelled(stable, f"same graph, published again ({nonce})")
         if scenario == "retrained":
             return self.forest(resample=True)
         if scenario == "shuffled":
@@ -144,14 +145,6 @@ class Models:
         if scenario in ("nan", "crash"):
             return booby_trapped(stable, scenario, self.trigger, nonce)
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
-
-
-def relabelled(data: bytes, nonce: str) -> bytes:
-    import onnx
-
-    m = onnx.load_from_string(data)
-    m.doc_string = f"same graph, published again ({nonce})"
-    return m.SerializeToString()
 
 
 def booby_trapped(data: bytes, kind: str, trigger: float, nonce: str) -> bytes:
@@ -361,10 +354,7 @@ def run_one(fleet: Fleet, scenario: str, condition: str, version: str, stable: t
     fleet.publish(version, data)
     fleet.inputs = "drifted" if condition == "drifted" else "plain"
     time.sleep(1.0)  # the load has switched inputs before the step starts
-    hog = Hog() if condition == "hog" else None
-    if hog:
-        hog.__enter__()
-    try:
+    with Hog() if condition == "hog" else contextlib.nullcontext():
         t0 = time.monotonic()
         rid = fleet.rollout(version)["id"]
         last: dict[str, Any] = {}
@@ -377,9 +367,6 @@ def run_one(fleet: Fleet, scenario: str, condition: str, version: str, stable: t
                 break
             time.sleep(0.3)
         seconds = time.monotonic() - t0
-    finally:
-        if hog:
-            hog.__exit__()
     state = view.get("state", "running")
     decision = {"promoted": "promote", "rolled_back": "rollback", "paused": "pause",
                 "aborted": "abort"}.get(state, "timeout")

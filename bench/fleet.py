@@ -35,6 +35,7 @@ from bench.common import (
     Row,
     free_port,
     raise_nofile,
+    relabelled,
     train_models,
     wait_until,
 )
@@ -115,7 +116,7 @@ def run(smoke: bool = False, n_agents: int | None = None) -> Result:
 
             wait_until(healthy, 30, "hub HTTP", 0.1)
             for v in ("1", "2"):
-                client.publish({"name": "clf", "version": v, "model_b64": base64.b64encode(data + b"" if v == "1" else _variant(data)).decode(),
+                client.publish({"name": "clf", "version": v, "model_b64": base64.b64encode(data + b"" if v == "1" else relabelled(data, "edgefleet bench v2")).decode(),
                                 "lineage": {}, "actor": "bench"})
             t0 = time.perf_counter()
             devices = [f"sim{i:05d}" for i in range(n)]
@@ -170,15 +171,6 @@ def run(smoke: bool = False, n_agents: int | None = None) -> Result:
     res.notes.append("The rollback is a new desired state (higher seq) naming v1, which each device "
                      "keeps as its fallback blob, so no download is involved.")
     return res
-
-
-def _variant(data: bytes) -> bytes:
-    """Other bytes for v2 of the same model: the ONNX doc string differs, the graph does not."""
-    import onnx
-
-    m = onnx.load_from_string(data)
-    m.doc_string = "edgefleet bench v2"
-    return m.SerializeToString()
 
 
 def _signed_states(home_dir: Path, fleet: str, devices: list[str]) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:

@@ -430,8 +430,7 @@ class Agent:
         for name, model in self.models.models().items():
             windows[name] = fold(model.recorder.swap(), model.entry.reference)
         cpu_wait = self._probe.cpu_wait_share()
-        self.updater.note_cpu_wait(cpu_wait)
-        for name, canary in self.updater.canary_windows().items():
+        for name, canary in self.updater.canary_windows(cpu_wait).items():
             if name in windows:
                 windows[name] = dataclasses.replace(windows[name], canary=canary)
         self._telemetry_seq += 1

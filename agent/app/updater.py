@@ -588,13 +588,12 @@ class Updater:
             self._gc()
         return notes
 
-    def note_cpu_wait(self, share: float | None) -> None:
-        """The device's CPU wait share for the closing window, for every running canary."""
+    def canary_windows(self, cpu_wait: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per stable model name, the ``canary`` field of its ModelWindow for the closing window;
+        ``cpu_wait`` is the device's CPU wait share over it (``SystemProbe.cpu_wait_share``), which
+        marks the running canaries' windows (and their guards) starved or not."""
         for run in self._runs.values():
-            run.stats.note_cpu_wait(share)
-
-    def canary_windows(self) -> dict[str, dict[str, Any]]:
-        """Per stable model name, the ``canary`` field of its ModelWindow for the closing window."""
+            run.stats.note_cpu_wait(cpu_wait)
         out = {name: run.stats.window() for name, run in self._runs.items()}
         for name, stats in self._retired.items():
             out.setdefault(name, stats.window())

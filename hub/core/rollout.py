@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -370,10 +371,11 @@ class Evidence:
             dist += _number(c.get("output_distance_sum"))
             cand = _p95(c.get("latency_ms"))
             stab = _p95(c.get("stable_latency_ms")) or _p95(stable_latency)
-            wait = c.get("cpu_wait_share")
-            if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 1:
-                waits.append(float(wait))
-            if c.get("starved") is True:
+            wait = _finite(c.get("cpu_wait_share"))
+            if wait is not None and 0 <= wait <= 1:
+                waits.append(wait)
+            is_starved = c.get("starved") is True
+            if is_starved:
                 starved += 1
                 starved_devices.add(device)
             elif r > 0 and cand is not None and stab is not None:
@@ -383,10 +385,10 @@ class Evidence:
                 if cand > 0 and stab > 0:
                     pairs.append((cand, stab))
             paired = c.get("paired")
-            if c.get("starved") is not True and isinstance(paired, Mapping):
-                m, k = paired.get("median_log_ratio"), _count(paired.get("batches"))
-                if k and isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m):
-                    logs.append(float(m))
+            if not is_starved and isinstance(paired, Mapping):
+                m, k = _finite(paired.get("median_log_ratio")), _count(paired.get("batches"))
+                if k and m is not None:
+                    logs.append(m)
                     batches += k
             outs = c.get("outputs")
             for k, v in ((outs.get("classes") if isinstance(outs, Mapping) else None) or {}).items():
@@ -408,7 +410,7 @@ class Evidence:
                    paired_batches=batches, classes=classes,
                    stable_classes=stable_classes, failures=uniq, starved_windows=starved,
                    starved_devices=frozenset(starved_devices),
-                   cpu_wait_median=sorted(waits)[len(waits) // 2] if waits else None)
+                   cpu_wait_median=statistics.median(waits) if waits else None)
 
     @property
     def failed_devices(self) -> frozenset[str]:
@@ -436,15 +438,18 @@ def _count(v: object) -> int:
     return int(v) if isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else 0
 
 
+def _finite(v: object) -> float | None:
+    """``v`` as a float if it is a finite JSON number (not a bool), else ``None``."""
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
 def _number(v: object) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+    return _finite(v) or 0.0
 
 
 def _p95(lat: object) -> float | None:
-    if not isinstance(lat, Mapping):
-        return None
-    v = lat.get("p95")
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 else None
+    v = _finite(lat.get("p95")) if isinstance(lat, Mapping) else None
+    return v if v is not None and v >= 0 else None
 
 
 # -- decisions -----------------------------------------------------------------------------------

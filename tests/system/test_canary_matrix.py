@@ -42,6 +42,9 @@ def test_each_scenario_of_the_subset_ends_in_its_expected_decision(tmp_path: Pat
 
     wrong = [o for o in got if not o["ok"] and not starved_pause(o)]
     assert wrong == [], json.dumps(wrong, indent=1) + res.stdout[-3000:]
-    assert res.returncode == 0 or all(o["ok"] or starved_pause(o) for o in got), res.stdout[-3000:] + res.stderr[-3000:]
-    for o in got:  # every decision states its evidence
-        assert o["reason"] and o["requests"] > 0 and o["windows"] > 0, o
+    # the bench's exit code says whether every decision was the one written down for it
+    assert res.returncode == (0 if all(o["ok"] for o in got) else 1), res.stdout[-3000:] + res.stderr[-3000:]
+    for o in got:  # every decision states its evidence: the gates' counts, or a device's drop
+        # (a NaN candidate is dropped on its first answers, often before the bench's first look)
+        assert o["reason"], o
+        assert (o["requests"] > 0 and o["windows"] > 0) or "dropped the candidate" in o["reason"], o
