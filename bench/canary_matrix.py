@@ -58,9 +58,9 @@ for _s in SCENARIOS:
         if _c == "hog" and _s in (*GOOD, "slow"):
             ok |= {"pause"}
         if _c == "drifted" and _s == "retrained":
-            # Off the training distribution two forests of the same quality disagree more: 0.947
-            # agreement measured, on the default min_agreement 0.95, so the gate can prove neither
-            # and pauses at the deadline. Never a rollback.
+            # Off the training distribution two forests of the same quality disagree more (0.93-0.95
+            # measured): the gate proves neither side and pauses at the deadline, or proves it below
+            # 0.95 on drifted inputs and pauses for an operator (min_agreement_drifted). Never a rollback.
             ok |= {"pause"}
         EXPECTED[(_s, _c)] = frozenset(ok)
 

@@ -54,6 +54,7 @@ from edgefleet.hub.adapters.preflight import accept as accept_preflight
 from edgefleet.hub.adapters.tokens import TokenStore
 from edgefleet.hub.core.access import Token, check_role, check_token_name
 from edgefleet.hub.core.desired import KEYRING_RENEW_DAYS, build_desired, keyring_expiry, model_entry
+from edgefleet.hub.core.drift import Policy as DriftPolicy
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
@@ -642,6 +643,10 @@ class Hub:
         """Publish an alert on ``{root}hub/alerts`` (a stream: QoS 1, not retained)."""
         if self.link is not None:
             self.link.publish(self.topics.alerts, canonical_json(alert), qos=1, retain=False)
+
+    def drift_policy(self, model: str) -> DriftPolicy:
+        """The drift thresholds for *model* (``drift.toml``), for the rollout gates."""
+        return self.drift.config.policy(model)
 
     @property
     def fleet(self) -> str:

@@ -452,6 +452,15 @@ class Database:
         return [(w["device"], json.loads(w["canary"]), json.loads(w["stable_latency"]) if w["stable_latency"] else None)
                 for w in rows]
 
+    def rollout_stable_inputs(self, rollout: str, step: int, model: str, version: str) -> list[Any]:
+        """The stable *version*'s input histograms (decoded ``inputs`` lists) in the windows of a
+        rollout step: the same windows the step's canary evidence comes from."""
+        rows = self.query(
+            "SELECT tm.inputs FROM rollout_windows rw JOIN telemetry_models tm ON tm.device=rw.device "
+            "AND tm.seq=rw.seq AND tm.model=? AND tm.version=? WHERE rw.rollout=? AND rw.step=?",
+            (model, version, rollout, step))
+        return [json.loads(r["inputs"]) for r in rows]
+
     def rollout_events(self, rollout: str, step: int) -> list[tuple[str, str, str]]:
         """``(device, type, reason)`` of a rollout step's canary events."""
         rows = self.query("SELECT device, type, reason FROM rollout_events WHERE rollout=? AND step=?", (rollout, step))

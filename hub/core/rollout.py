@@ -90,6 +90,10 @@ class Policy:
     max_latency_p95_ratio: float = 1.1
     max_error_rate: float = 0.01
     min_agreement: float = 0.95
+    # On a step whose inputs drifted from the stable's training reference, agreement proven below
+    # min_agreement rolls back only below this floor; above it the step pauses for an operator:
+    # off the training distribution two sound models disagree more.
+    min_agreement_drifted: float = 0.8
     max_output_drift: float = 0.25
     max_failures: int = 0
     min_step_seconds: float = 0.0
@@ -105,6 +109,8 @@ class Policy:
             (self.max_latency_p95_ratio > 0, "max_latency_p95_ratio must be > 0 (candidate p95 / stable p95)"),
             (0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]"),
             (0 <= self.min_agreement <= 1, "min_agreement must be in [0, 1]"),
+            (0 <= self.min_agreement_drifted <= self.min_agreement,
+             "min_agreement_drifted must be in [0, min_agreement]"),
             (self.max_output_drift > 0, "max_output_drift must be > 0 (PSI)"),
             (self.max_failures >= 0, "max_failures must be >= 0"),
             (self.min_step_seconds >= 0, "min_step_seconds must be >= 0"),
@@ -467,11 +473,15 @@ class GateResult:
     # waits for more (and pauses at its deadline) rather than promote on a point estimate.
     conclusive: bool = True
     more_windows: int = 0  # an inconclusive gate's estimate of the windows it still needs
+    # True: the evidence is clear but not the gate's to judge (agreement on drifted inputs): the
+    # step pauses now for an operator, neither promoted nor rolled back.
+    held: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": None if self.value is None else round(self.value, 6),
                 "threshold": self.threshold, "passed": self.passed, "dry_run": self.dry_run,
-                "detail": self.detail, "conclusive": self.conclusive, "more_windows": self.more_windows}
+                "detail": self.detail, "conclusive": self.conclusive, "more_windows": self.more_windows,
+                "held": self.held}
 
 
 @dataclass(frozen=True)
@@ -497,14 +507,17 @@ def _n(x: float) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.4g}"
 
 
-def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float] | None) -> tuple[GateResult, ...]:
+def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float] | None,
+                 input_drift: Mapping[str, float] | None = None) -> tuple[GateResult, ...]:
+    """``input_drift``: the features whose PSI against the stable's training reference, over the
+    stable's inputs in this step's windows, is at the drift alarm level (name -> PSI)."""
     p = r.policy
     devs = f"{len(ev.devices)} device{'s' if len(ev.devices) != 1 else ''}"
 
     def gate(name: str, value: float | None, passed: bool, detail: str, conclusive: bool = True,
-             more_windows: int = 0) -> GateResult:
+             more_windows: int = 0, held: bool = False) -> GateResult:
         return GateResult(name, value, p.threshold(name), passed, name in p.dry_run, detail, conclusive,
-                          more_windows)
+                          more_windows, held)
 
     out = []
     nf = len(ev.failed_devices)
@@ -523,7 +536,7 @@ def gate_results(r: Rollout, ev: Evidence, reference_classes: Mapping[str, float
     else:
         out.append(gate("latency_p95_ratio", None, True, "no latency measured on both versions yet"))
     if r.mode == "shadow" and ev.compared:
-        out.append(_agreement_gate(gate, ev, p.min_agreement, devs))
+        out.append(_agreement_gate(gate, ev, p.min_agreement, devs, p.min_agreement_drifted, input_drift or {}))
     else:
         why = "split mode compares no pairs" if r.mode == "split" else "no compared pairs"
         out.append(gate("agreement", None, r.mode == "split", why))
@@ -627,14 +640,28 @@ def _error_gate(gate: Callable[..., GateResult], ev: Evidence, most: float, devs
                 f"{lo:.4f}-{hi:.4f}) {where}", conclusive=False, more_windows=more)
 
 
-def _agreement_gate(gate: Callable[..., GateResult], ev: Evidence, least: float, devs: str) -> GateResult:
+def _agreement_gate(gate: Callable[..., GateResult], ev: Evidence, least: float, devs: str,
+                    floor: float, input_drift: Mapping[str, float]) -> GateResult:
     """Roll back only when the agreement's upper 99 % Wilson bound is below the minimum; pass
-    only when its lower bound is at or above it; in between, wait for more pairs."""
+    only when its lower bound is at or above it; in between, wait for more pairs.
+
+    On drifted inputs (``input_drift`` names features) a proof below the minimum is a rollback
+    only below ``floor``: off the training distribution two models of the same quality disagree
+    more, so agreement with the stable is no measure of the candidate there; the gate stays open
+    and the step pauses at its deadline for an operator (who has labels) to decide."""
     agree = ev.agreed / ev.compared
     lo, hi = wilson_bounds(ev.agreed, ev.compared)
     where = f"(99 % bounds {lo:.3f}-{hi:.3f} over {_n(ev.compared)} compared pairs on {devs})"
+    if hi < least and input_drift and hi >= floor:
+        moved = ", ".join(f"{k} PSI {v:.2f}" for k, v in sorted(input_drift.items(), key=lambda kv: -kv[1])[:3])
+        return gate("agreement", agree, True,
+                    f"agreement {agree:.3f} < min {least} {where}, but on drifted inputs ({moved} against "
+                    f"the stable's reference), where disagreeing with the stable proves nothing about the "
+                    f"candidate; not below the floor min_agreement_drifted {floor}: left to an operator",
+                    held=True)
     if hi < least:
-        return gate("agreement", agree, False, f"agreement {agree:.3f} < min {least} {where}")
+        floor_note = f" (and below the drifted-input floor {floor})" if input_drift else ""
+        return gate("agreement", agree, False, f"agreement {agree:.3f} < min {least}{floor_note} {where}")
     if lo >= least:
         return gate("agreement", agree, True, f"agreement {agree:.3f} >= min {least} {where}")
     more = _more_windows(ev, Z99 * math.sqrt(max(agree * (1 - agree), 1e-6) / ev.compared), abs(agree - least))
@@ -725,11 +752,15 @@ def _eta_text(eta: float | None) -> str:
         f"; expected in about {eta:.0f} s at this step's rate"
 
 
-def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None) -> Decision:
-    """Judge the current step of a running rollout on ``ev`` at time ``now``."""
+def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[str, float] | None = None,
+             input_drift: Mapping[str, float] | None = None) -> Decision:
+    """Judge the current step of a running rollout on ``ev`` at time ``now`` (``input_drift``:
+    see :func:`gate_results`)."""
     evd = ev.to_dict()
+    if input_drift:
+        evd["input_drift"] = {k: round(v, 4) for k, v in sorted(input_drift.items())}
     p = r.policy
-    gates = gate_results(r, ev, reference_classes)
+    gates = gate_results(r, ev, reference_classes, input_drift)
     if r.state != "running":
         return Decision("wait", "wait", f"rollout is {r.state}", gates, evd)
     failed = [g for g in gates if not g.passed and g.value is not None]
@@ -753,6 +784,9 @@ def evaluate(r: Rollout, ev: Evidence, now: float, reference_classes: Mapping[st
         needs, eta = time_to_decision(r, ev, now, gates)
         return Decision("wait", would or "wait", f"gathering evidence: {short}{_eta_text(eta)}{note}", gates, evd,
                         needs, eta)
+    held = [g for g in gates if g.held and not g.dry_run]
+    if held:
+        return Decision("pause", would or "pause", "; ".join(g.detail for g in held) + note, gates, evd)
     open_ = [g for g in gates if not g.conclusive and not g.dry_run]
     if open_:
         why = "; ".join(g.detail for g in open_)

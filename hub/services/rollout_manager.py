@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefleet.agent.contract.errors import ConfigError
-from edgefleet.agent.contract.wire import Event, ModelEntry, TelemetryWindow, format_time
+from edgefleet.agent.contract.wire import Event, ModelEntry, Reference, TelemetryWindow, format_time
 from edgefleet.hub.adapters.home import read_optional_toml
 from edgefleet.hub.core.desired import model_entry
+from edgefleet.hub.core.drift import Policy as DriftPolicy
+from edgefleet.hub.core.drift import merge_feature_lists, score_histogram
 from edgefleet.hub.core.rollout import (
     FAILURE_EVENTS,
     MODES,
@@ -113,6 +115,8 @@ class DesiredStates(Protocol):
     def publish_desired(self, device: str) -> None: ...
 
     def publish_alert(self, alert: dict[str, Any]) -> None: ...
+
+    def drift_policy(self, model: str) -> DriftPolicy: ...
 
 
 class RolloutManager:
@@ -245,8 +249,30 @@ class RolloutManager:
         c = classes.get("classes") if isinstance(classes, dict) else None
         return {str(k): float(v) for k, v in c.items()} if isinstance(c, dict) and c else None
 
+    def input_drift(self, r: Rollout) -> dict[str, float]:
+        """Features whose PSI against the stable's training reference, over the stable's inputs in
+        the step's windows, is at the fleet's drift alarm level (``drift.toml``): name -> PSI."""
+        m = self.db.get_model(r.model, r.from_version)
+        ref = Reference.from_dict(m["reference"]) if m and m.get("reference") else None
+        if ref is None or not ref.features:
+            return {}
+        merged = merge_feature_lists(self.db.rollout_stable_inputs(r.id, r.step, r.model, r.from_version))
+        policy = self.hub.drift_policy(r.model)
+        out: dict[str, float] = {}
+        for feat in ref.features:
+            hist = merged.get(feat.name)
+            if hist is None:
+                continue
+            try:
+                score = score_histogram(feat.name, feat.freqs, hist, policy)
+            except ValueError:  # bins that do not match the reference: the drift monitor reports it
+                continue
+            if score.state == "alarm":
+                out[feat.name] = score.psi
+        return out
+
     def decide(self, r: Rollout, now: float) -> Decision:
-        return evaluate(r, self.evidence(r), now, self._reference_classes(r))
+        return evaluate(r, self.evidence(r), now, self._reference_classes(r), self.input_drift(r))
 
     # -- acting ----------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ def test_policy_file_parses_with_defaults(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "says"), [
     ("min_agreement = 1.5", "min_agreement must be in [0, 1]"),
+    ("min_agreement = 0.9\nmin_agreement_drifted = 0.95", "min_agreement_drifted must be in [0, min_agreement]"),
     ("min_agrement = 0.9", "unknown key 'min_agrement'"),
     ("min_inferences = 'many'", "min_inferences must be an integer"),
     ("dry_run = ['speed']", "unknown gate 'speed'"),
@@ -315,6 +316,30 @@ def test_agreement_is_judged_on_its_99_percent_bounds() -> None:
     g = {g.name: g for g in d.gates}["agreement"]
     assert d.outcome == "wait" and not g.conclusive and g.more_windows > 0, d.reason
     assert "inconclusive" in g.detail and "99 % bounds" in g.detail
+
+
+def test_on_drifted_inputs_agreement_below_the_minimum_pauses_for_an_operator_above_the_floor() -> None:
+    """Off the training distribution two sound models disagree more: a retrain agreeing 92 % with
+    the stable on drifted inputs is proven below 0.95, yet that proves nothing about it, so the step
+    pauses (the operator has labels), every seed; without drift the same evidence rolls back; a
+    broken model (60 %) rolls back on drifted inputs too, below the 0.8 floor."""
+    import numpy as np
+
+    drift = {"f1": 0.61, "f2": 0.48}
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        wins = _agreement_windows(rng, 30, 0.92)
+        held = evaluate(started(), ev(*wins), 60.0, input_drift=drift)
+        assert held.outcome == "pause", held.reason
+        assert evaluate(started(), ev(*wins), 60.0).outcome == "rollback"
+        broken = evaluate(started(), ev(*_agreement_windows(rng, 10, 0.6)), 60.0, input_drift=drift)
+        assert broken.outcome == "rollback" and "below the drifted-input floor 0.8" in broken.reason
+    g = {g.name: g for g in held.gates}["agreement"]
+    assert g.held and g.passed and "on drifted inputs (f1 PSI 0.61, f2 PSI 0.48" in g.detail
+    assert held.evidence["input_drift"] == drift
+    # a good candidate on drifted inputs still promotes
+    assert evaluate(started(), ev(*_agreement_windows(np.random.default_rng(1), 10, 0.99)), 60.0,
+                    input_drift=drift).outcome == "promote"
 
 
 def test_the_output_gate_waits_on_too_few_outputs_and_decides_on_enough() -> None:

@@ -199,3 +199,55 @@ def test_cli_over_the_admin_api(hub: tuple[Hub, Clock], tmp_path: Path) -> None:
         assert audit[-1]["details"]["gates"] and audit[-1]["actor"] == "admin"
     finally:
         http.stop()
+
+
+def test_agreement_below_the_minimum_on_drifted_inputs_pauses_instead_of_rolling_back(tmp_path: Path) -> None:
+    """The hub scores the stable's inputs in the step's own windows against the stable's
+    reference: on drifted inputs a retrain agreeing 92 % pauses for an operator; on the reference's
+    inputs the same agreement rolls back."""
+    import numpy as np
+
+    from edgefleet.agent.contract.wire import FeatureReference, Reference
+    from edgefleet.agent.core.telemetry import feature_histogram
+
+    edges = tuple(float(x) for x in np.linspace(-3, 3, 11))
+    train = np.random.default_rng(0).normal(size=(20_000, 2))
+    ref = Reference(features=tuple(
+        FeatureReference(name=f"f{j}", edges=edges,
+                         freqs=tuple(c / len(train) for c in feature_histogram(train[:, j], edges)["counts"]))
+        for j in range(2)))
+    outcomes = {}
+    for shift in (0.0, 1.5):
+        home = HubHome(tmp_path / f"hub{shift}")
+        home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+        (home.path / "rollout.toml").write_text("[policy]\nmin_inferences = 100\nmin_device_windows = 2\n")
+        h = Hub(home, clock=Clock())
+        h.public_url = "http://hub.example"
+        for version, scale in (("1", 1.0), ("2", 2.0)):
+            h.publish({"name": "m", "version": version, "reference": ref.to_dict(),
+                       "model_b64": base64.b64encode(tiny_model(scale)).decode()}, "alice")
+        devices = [f"d{i}" for i in range(4)]
+        for d in devices:
+            h.add_device({"device": d, "profile": "x86"}, "admin")
+        h.deploy({"model": "m", "version": "1", "devices": devices}, "alice")
+        r = h.rollouts.start_rollout({"model": "m", "version": "2", "steps": [100]}, "alice")
+        rng = np.random.default_rng(1)
+        for seq in range(1, 6):
+            for d in r["members"]:
+                rows = rng.normal(size=(200, 2)) + np.array([shift, -shift])
+                inputs = tuple({"name": f"f{j}", **feature_histogram(rows[:, j], edges)} for j in range(2))
+                canary = {"rollout": r["id"], "mode": "shadow", "version": "2", "state": "running",
+                          "reason": None, "requests": 200, "errors": 0, "skipped": 0, "compared": 200,
+                          "agreed": 184, "output_distance_sum": 3.0, "latency_ms": LAT, "stable_latency_ms": LAT}
+                tw = TelemetryWindow(fleet="f", device=d, seq=seq, window_start=h.clock() - 10, window_end=h.clock(),
+                                     models={"m": ModelWindow(version="1", requests=200, errors=0, rows=200,
+                                                              latency_ms=LAT, inputs=inputs, canary=canary)})
+                h.ingest([(d, "telemetry", tw.to_json())])
+        (_rid, decision), = h.rollouts.evaluate_all()
+        outcomes[shift] = decision
+        h.db.close()
+    assert outcomes[0.0].outcome == "rollback", outcomes[0.0].reason
+    assert "input_drift" not in outcomes[0.0].evidence
+    held = outcomes[1.5]
+    assert held.outcome == "pause" and "on drifted inputs (f" in held.reason, held.reason
+    assert set(held.evidence["input_drift"]) == {"f0", "f1"}
