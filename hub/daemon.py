@@ -663,9 +663,19 @@ class Hub:
             self.publish_desired(device)
         return due
 
-    def status(self) -> dict[str, Any]:
+    def status(self, limit: int | None = None, after: str = "") -> dict[str, Any]:
+        """One page of the fleet's status: up to *limit* (default :data:`STATUS_PAGE`) devices with
+        ids after *after*, by id;
+        ``next`` is the cursor of the following page (``None`` on the last), ``total`` the fleet's
+        size. A page costs the same whatever the fleet's size."""
+        limit = STATUS_PAGE if limit is None else limit
+        if not isinstance(limit, int) or not 1 <= limit <= STATUS_PAGE_MAX:
+            raise BadRequest(f"limit must be an integer from 1 to {STATUS_PAGE_MAX}, got {limit!r}")
+        rows = self.db.devices_page(after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
         devices = []
-        for d in self.db.devices():
+        for d in rows:
             reported = json.loads(d["reported"]) if d["reported"] else None
             last = self.db.last_telemetry(d["id"])
             assigned = self.db.device_assignments(d["id"])
@@ -691,6 +701,7 @@ class Hub:
                 "telemetry_totals": self.db.telemetry_totals(d["id"]),
             })
         return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
+                "total": self.db.device_count(), "next": rows[-1]["id"] if more else None,
                 "counters": dict(self.counters), "keyring": self.keyring_status()}
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
@@ -838,6 +849,10 @@ class Hub:
 
     def fleet_rollback(self, req: Mapping[str, Any], actor: str) -> dict[str, Any]:
         return self.rollouts.fleet_rollback(req, actor)
+
+
+STATUS_PAGE = 500  # devices per status page unless the caller asks for another size
+STATUS_PAGE_MAX = 5000
 
 
 def _name(value: object, what: str) -> str:

@@ -186,6 +186,13 @@ class Database:
         """Every device row (all columns), by id."""
         return self.query("SELECT * FROM devices ORDER BY id")
 
+    def devices_page(self, after: str, limit: int) -> list[dict[str, Any]]:
+        """Up to *limit* device rows (all columns) with ids after *after*, by id."""
+        return self.query("SELECT * FROM devices WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+
+    def device_count(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM devices")[0]["n"])
+
     def device_summaries(self) -> list[dict[str, Any]]:
         """``id, profile, created_at, status, device_group`` of every device, by id."""
         return self.query("SELECT id, profile, created_at, status, device_group FROM devices ORDER BY id")

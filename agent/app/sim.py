@@ -17,25 +17,38 @@ What is shared, because 1,000 devices do not fit in one process otherwise:
   small pool of ``sim-work`` threads applying desired states (disk writes release the GIL);
 * no ONNX Runtime session per device: a model counts as active once verified and committed.
   Serving cost per device is what ``bench.serving_inproc`` measures. No guard process either,
-  and the state file is written once per update rather than at every transition.
+  and the state file is written once per update rather than at every transition;
+* telemetry (``SimFleet(telemetry_every=10)``): each agent closes a window on that period, its
+  start spread over the period across the fleet; the window's requests are synthetic (seeded
+  latencies and input rows), their folding is the real agent's (:func:`~agent.core.telemetry.fold`
+  on the active entry's reference) and so is the wire form and the per-device ``seq``. No spool:
+  a window is published once, QoS 1.
 
 Thread rules: paho callbacks (on ``sim-net``) only enqueue; agents publish through an outbox that
 ``sim-net`` drains, so a paho client is only ever touched by one thread.
+
+Scale: ``sim-net`` waits on every socket with :mod:`selectors` (epoll on Linux), never with
+``select()``, whose descriptor sets stop at 1,023; paho's own loops (``loop_start``,
+``loop_forever``) use ``select()`` and are not used here. Each agent holds one socket: raise
+``RLIMIT_NOFILE`` above the fleet size (``bench.common.raise_nofile``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import queue
 import selectors
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from edgefleet.agent import __version__
@@ -44,7 +57,16 @@ from edgefleet.agent.adapters.mqttlink import parse_broker_url
 from edgefleet.agent.adapters.store import Store
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
-from edgefleet.agent.contract.wire import TOPIC_PREFIX, ModelEntry, ModelReport, Reported, Status, Topics
+from edgefleet.agent.contract.wire import (
+    TOPIC_PREFIX,
+    ModelEntry,
+    ModelReport,
+    Reported,
+    Status,
+    TelemetryWindow,
+    Topics,
+)
+from edgefleet.agent.core.telemetry import Snapshot, fold
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
 from edgefleet.agent.core.update import Step, UpdateCore
 
@@ -95,6 +117,10 @@ class SimAgent:
         self.outbox: Callable[[str, bytes, bool], None] = lambda _t, _p, _r: None
         self.on_change: Callable[[SimAgent], None] = lambda _a: None
         self.client: mqtt.Client | None = None
+        self.telemetry_seq = 0
+        self.windows_sent = 0
+        self._window_start = clock()
+        self._rng = np.random.default_rng(zlib.crc32(device.encode()))
 
     def handle(self, kind: str, payload: bytes) -> None:
         with self.lock:
@@ -115,6 +141,32 @@ class SimAgent:
                 log.exception("simulated agent %s failed on %s", self.device, kind)
                 self.refusals.append(f"error: {type(exc).__name__}: {exc}")
             self.on_change(self)
+
+    def close_window(self, requests: int = 20) -> None:
+        """Close a telemetry window of ``requests`` synthetic requests per active model, folded as
+        the real agent folds them, and publish it (QoS 1, not retained) with the next ``seq``."""
+        with self.lock:
+            now = self.clock()
+            models = {}
+            for name, entry in self.active.items():
+                features = len(entry.reference.features) if entry.reference is not None else 4
+                rows = self._rng.normal(size=(requests, max(1, features)))
+                snap = Snapshot(version=entry.version, requests=requests, errors=0, rows=requests,
+                                latencies_s=self._rng.lognormal(np.log(2e-4), 0.3, size=requests),
+                                dropped_latencies=0, inputs=[rows],
+                                outputs=[(rows[:, 0] > 0).astype(np.int64)])
+                models[name] = fold(snap, entry.reference)
+            self.telemetry_seq += 1
+            tw = TelemetryWindow(
+                fleet=self.fleet, device=self.device, seq=self.telemetry_seq, window_start=self._window_start,
+                window_end=now, models=models,
+                metrics={"requests": float(requests * len(models)), "errors": 0.0},
+                agent_version=f"{__version__}-sim",
+                extra={"active_versions": {n: e.version for n, e in self.active.items()}},
+            )
+            self._window_start = now
+            self.windows_sent += 1
+            self.outbox(self.topics.device(self.device, "telemetry"), tw.to_json(), False)
 
     def _try_desired(self) -> None:
         raw = self.pending
@@ -174,7 +226,8 @@ class SimAgent:
 
     def _write_state(self) -> None:
         # The real agent's state format (agent.app.updater.Updater.persist): a real agent can take over.
-        self.store.write_state({**self.trust.state_fields(), "telemetry_seq": 0, **self.core.state_fields()})
+        self.store.write_state({**self.trust.state_fields(), "telemetry_seq": self.telemetry_seq,
+                                **self.core.state_fields()})
 
     def status(self, state: str) -> bytes:
         return Status(fleet=self.fleet, device=self.device, state=state,
@@ -197,16 +250,23 @@ class SimFleet:
     agent holds a socket (and paho a socket pair).
     """
 
-    def __init__(self, agents: list[SimAgent], broker_url: str, *, workers: int = 8,
-                 keepalive: int = 60) -> None:
+    def __init__(self, agents: list[SimAgent], broker_url: str, *, workers: int = 32,
+                 keepalive: int = 60, telemetry_every: float | None = None) -> None:
         self.agents = agents
+        self.telemetry_every = telemetry_every
         self.address = parse_broker_url(broker_url)
         self.keepalive = keepalive
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-work")
         self._outbox: queue.SimpleQueue[tuple[SimAgent, str, bytes, bool]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # telemetry: (period, heap of (when, agent index)); replaced whole by start_telemetry
+        self._schedule: tuple[float | None, list[tuple[float, int]]] = (None, [])
         self._sel = selectors.DefaultSelector()
+        # Agents whose client has packets to send (paho's socket write callbacks keep it), so that
+        # each turn of sim-net touches only those, not the whole fleet.
+        self._writers: set[SimAgent] = set()
+        self._unacked = 0  # QoS 1 publishes without their PUBACK yet (sim-net only)
         self.connected = 0
         self._lock = threading.Lock()
 
@@ -237,6 +297,12 @@ class SimFleet:
 
         c.on_connect = on_connect
         c.on_message = on_message
+        def on_publish(cl: mqtt.Client, u: object, mid: int, rc: object = None, p: object = None) -> None:
+            self._unacked -= 1
+
+        c.on_publish = on_publish
+        c.on_socket_register_write = lambda _c, _u, _s: self._writers.add(agent)
+        c.on_socket_unregister_write = lambda _c, _u, _s: self._writers.discard(agent)
         agent.outbox = lambda t, p, r: self._outbox.put((agent, t, p, r))
         return c
 
@@ -248,8 +314,32 @@ class SimFleet:
             sock = c.socket()
             if sock is not None:
                 self._sel.register(sock, selectors.EVENT_READ, agent)
+        self.start_telemetry(self.telemetry_every)
         self._thread = threading.Thread(target=self._loop, name="sim-net", daemon=True)
         self._thread.start()
+
+    def start_telemetry(self, every: float | None) -> None:
+        """Every agent closes a window each ``every`` seconds from now on, the first ones spread
+        over one period across the fleet (``None``: no more windows)."""
+        due: list[tuple[float, int]] = []
+        if every:
+            t0, n = time.monotonic(), len(self.agents)
+            due = [(t0 + every * (i + 1) / n, i) for i in range(n)]  # sorted: already a heap
+        self.telemetry_every = every
+        self._schedule = (every, due)  # one assignment: sim-net sees the old schedule or the new one
+
+    def _tick_telemetry(self, now: float) -> None:
+        every, heap = self._schedule
+        while every and heap and heap[0][0] <= now:
+            due, i = heapq.heappop(heap)
+            agent = self.agents[i]
+            if agent.active:
+                self._pool.submit(agent.close_window)
+            heapq.heappush(heap, (due + every, i))
+
+    def idle(self) -> bool:
+        """Nothing queued to publish, nothing unwritten, no QoS 1 publish awaiting its PUBACK."""
+        return self._outbox.empty() and not self._writers and self._unacked == 0
 
     def _loop(self) -> None:
         last_misc = 0.0
@@ -260,27 +350,36 @@ class SimFleet:
                 except queue.Empty:
                     break
                 if agent.client is not None:
+                    self._unacked += 1
                     agent.client.publish(topic, payload, qos=1, retain=retain)
             for key, _ev in self._sel.select(timeout=0.005):
                 c = key.data.client
                 if c is not None:
                     c.loop_read()
-            for agent in self.agents:
+            for agent in list(self._writers):
                 c = agent.client
-                if c is not None and c.want_write():
+                if c is not None:
                     c.loop_write()
             now = time.monotonic()
+            self._tick_telemetry(now)
             if now - last_misc >= 1.0:
                 last_misc = now
                 for agent in self.agents:
                     if agent.client is not None:
                         agent.client.loop_misc()
 
-    def stop(self) -> None:
+    def stop(self, drain: float = 10.0) -> None:
+        """Stop closing windows, let the workers finish, then give ``sim-net`` up to ``drain``
+        seconds to publish what they queued and get the broker's acknowledgements, and disconnect
+        every agent cleanly: nothing an agent counted as sent is left behind."""
+        self.start_telemetry(None)
+        self._pool.shutdown(wait=True)
+        deadline = time.monotonic() + drain
+        while self._thread is not None and time.monotonic() < deadline and not self.idle():
+            time.sleep(0.02)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        self._pool.shutdown(wait=True)
         for agent in self.agents:
             if agent.client is not None:
                 with contextlib.suppress(Exception):

@@ -8,7 +8,9 @@ rollouts and rollback, admin for devices and tokens.
 
     GET  /metrics                     fleet metrics, Prometheus text format (hub.services.metrics);
                                       without a token on ``metrics_listen`` alone (MetricsHttpServer)
-    GET  /api/v1/status               devices, what they run, status, last telemetry
+    GET  /api/v1/status?limit=&after= devices, what they run, status, last telemetry; a page of
+                                      ``limit`` (default 500, at most 5000) devices after the id
+                                      ``after``, by id, with ``next`` (cursor or null) and ``total``
     GET  /api/v1/events?device=&limit=
     GET  /api/v1/models
     GET  /api/v1/models/{name}[/versions/{version}]   one version, with reference and lineage
@@ -115,7 +117,7 @@ class Admin(Protocol):
 
     def blob_path(self, sha256: str) -> Path | None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self, limit: int | None = None, after: str = "") -> dict[str, Any]: ...
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]: ...
 
@@ -232,7 +234,12 @@ class _Handler(QuietHandler):
                 return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
             q = parse_qs(url.query)
             if url.path == "/api/v1/status":
-                return self._json(200, hub.status())
+                raw = q.get("limit", [None])[0]
+                try:
+                    limit = None if raw is None else int(raw)
+                except ValueError:
+                    raise BadRequest(f"limit must be an integer (devices per page), got {raw!r}") from None
+                return self._json(200, hub.status(limit, q.get("after", [""])[0]))
             if url.path == "/api/v1/events":
                 limit = int(q.get("limit", ["100"])[0])
                 return self._json(200, {"events": hub.events(q.get("device", [None])[0], limit)})

@@ -65,9 +65,23 @@ class HubClient:
             raise cls(f"hub answered {resp.status_code}: {body.get('error', body)}")
         return body
 
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/api/v1/status")
-        return result
+    def status(self, page: int | None = None) -> dict[str, Any]:
+        """The whole fleet's status, fetched page by page (``page`` devices each; the hub's default
+        without it): one answer with every device, the counters of the last page."""
+        params: dict[str, Any] = {} if page is None else {"limit": page}
+        result: dict[str, Any] = self.request("GET", "/api/v1/status", params=params)
+        devices = list(result["devices"])
+        while result.get("next"):
+            result = self.request("GET", "/api/v1/status", params={**params, "after": result["next"]})
+            devices.extend(result["devices"])
+        return {**result, "devices": devices, "next": None}
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text."""
+        resp = self._http.get("/metrics")
+        if resp.status_code >= 400:
+            raise BY_STATUS.get(resp.status_code, HubRefused)(f"hub answered {resp.status_code}: {resp.text[:300]}")
+        return resp.text
 
     def events(self, device: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}

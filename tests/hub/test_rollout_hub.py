@@ -251,3 +251,27 @@ def test_agreement_below_the_minimum_on_drifted_inputs_pauses_instead_of_rolling
     held = outcomes[1.5]
     assert held.outcome == "pause" and "on drifted inputs (f" in held.reason, held.reason
     assert set(held.evidence["input_drift"]) == {"f0", "f1"}
+
+
+def test_status_is_paged_by_device_id_and_the_client_follows_the_pages(hub: tuple[Hub, Clock]) -> None:
+    from edgefleet.hub.adapters.client import HubClient
+
+    h, _ = hub
+    http = HubHttpServer(h, "127.0.0.1", 0)
+    http.start()
+    try:
+        url = f"http://127.0.0.1:{http.address[1]}"
+        auth = {"Authorization": f"Bearer {h.home.token()}"}
+        first = httpx.get(f"{url}/api/v1/status", params={"limit": 5}, headers=auth).json()
+        assert [d["device"] for d in first["devices"]] == [f"d{i:02d}" for i in range(5)]
+        assert first["next"] == "d04" and first["total"] == 12
+        last = httpx.get(f"{url}/api/v1/status", params={"limit": 5, "after": "d09"}, headers=auth).json()
+        assert [d["device"] for d in last["devices"]] == ["d10", "d11"] and last["next"] is None
+        for bad in ("0", "5001", "many"):
+            r = httpx.get(f"{url}/api/v1/status", params={"limit": bad}, headers=auth)
+            assert r.status_code == 400 and "limit" in r.json()["error"], (bad, r.text)
+        whole = HubClient(url, h.home.token()).status(page=5)
+        assert [d["device"] for d in whole["devices"]] == [f"d{i:02d}" for i in range(12)]
+        assert whole["next"] is None and whole["total"] == 12
+    finally:
+        http.stop()
