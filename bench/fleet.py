@@ -24,8 +24,9 @@ import selectors
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,49 +43,18 @@ from bench.common import (
     train_models,
     wait_until,
 )
-from edgefleet.agent.app.sim import BlobCache, SimAgent, SimFleet
+from bench.simproc import SimProcs
 from edgefleet.agent.contract.wire import Topics
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 
 
-class _Watch:
-    """Counts agents whose active version of ``clf`` equals the awaited one."""
-
-    def __init__(self, agents: list[SimAgent]) -> None:
-        self.agents = agents
-        self.want = ""
-        self.done: set[str] = set()
-        self.lock = threading.Lock()
-        self.all = threading.Event()
-        for a in agents:
-            a.on_change = self.changed
-
-    def expect(self, version: str) -> None:
-        with self.lock:
-            self.want = version
-            self.all.clear()
-            self.done = {a.device for a in self.agents if (e := a.active.get("clf")) and e.version == version}
-            if len(self.done) == len(self.agents):
-                self.all.set()
-
-    def changed(self, a: SimAgent) -> None:
-        e = a.active.get("clf")
-        if e is not None and e.version == self.want:
-            with self.lock:
-                self.done.add(a.device)
-                if len(self.done) == len(self.agents):
-                    self.all.set()
-
-
-def _timed(watch: _Watch, version: str, action: object, timeout: float) -> tuple[float, float]:
-    """(seconds until all converged, seconds the action itself took)."""
-    watch.expect(version)
+def _timed(sims: SimProcs, version: str, action: Callable[[], object], timeout: float) -> tuple[float, float]:
+    """(seconds until every agent runs ``version``, seconds the action itself took)."""
     t0 = time.perf_counter()
-    action()  # type: ignore[operator]
+    action()
     t_call = time.perf_counter() - t0
-    if not watch.all.wait(timeout):
-        raise TimeoutError(f"{len(watch.done)}/{len(watch.agents)} agents reached {version} in {timeout}s")
+    sims.wait(lambda s: s.on_version(version) == s.n, timeout, f"every agent on {version}")
     return time.perf_counter() - t0, t_call
 
 
@@ -111,11 +81,14 @@ class Size:
     ingest: dict[str, float] = field(default_factory=dict)
     api: dict[str, float] = field(default_factory=dict)
     hub_rss_mb: float = 0.0
+    broker_rss_mb: float = 0.0
+    db_bytes_per_window: float = 0.0
 
 
 def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...] | None = None,
-        ingest_seconds: float | None = None) -> Result:
+        ingest_seconds: float | None = None, procs: int | None = None) -> Result:
     sizes = sizes or ((n_agents,) if n_agents else ((20,) if smoke else SIZES))
+    procs = procs or (1 if smoke else 2)
     phase = ingest_seconds or (6.0 if smoke else 40.0)
     label = " / ".join(f"{n:,}" for n in sizes)
     res = Result(
@@ -126,7 +99,7 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
     )
     raise_nofile(2 * max(sizes) + 1024)
     data, _x = train_models(small=True)["logistic_regression"]
-    curve = [_one(n, data, phase) for n in sizes]
+    curve = [_one(n, data, phase, procs) for n in sizes]
     for z in curve:
         res.add(Row(f"{z.n:,} devices: deploy v1→v2, until all active", f"{z.deploy_s:.2f} s (API call {z.deploy_call_s:.2f} s)",
                     f"{z.base_deploy_s:.2f} s", f"{z.deploy_s / z.base_deploy_s:.2f}×",
@@ -145,12 +118,12 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
     for z in curve:
         a = z.api
         res.notes.append(
-            f"{z.n:,} devices: enrolled through the admin API in {z.enrol_s:.1f} s, connected and trusted the "
+            f"{z.n:,} devices: enrolled through the admin API (4 clients at a time) in {z.enrol_s:.1f} s, connected and trusted the "
             f"keyring in {z.connect_s:.2f} s; blob downloads into the shared cache {z.downloads}; refusals "
-            f"{z.refused}; windows sent {z.ingest['sent']:,.0f}, stored {z.ingest['stored']:,.0f} (duplicates "
-            f"dropped {z.ingest['duplicates']:,.0f}); admin API: `status` first page ({a['page_devices']:.0f} devices) "
+            f"{z.refused}; windows sent {z.ingest['sent']:,.0f}, stored {z.ingest['stored']:,.0f}; admin API: `status` first page ({a['page_devices']:.0f} devices) "
             f"{a['status_page_s'] * 1000:.0f} ms, every page {a['status_all_s']:.2f} s, `devices` {a['devices_s']:.2f} s, "
-            f"`/metrics` {a['metrics_s']:.2f} s ({a['metrics_kb']:,.0f} kB); hub RSS {z.hub_rss_mb:.0f} MiB.")
+            f"`/metrics` {a['metrics_s']:.2f} s ({a['metrics_kb']:,.0f} kB); hub RSS {z.hub_rss_mb:.0f} MiB, Mosquitto RSS "
+            f"{z.broker_rss_mb:.0f} MiB; hub database {z.db_bytes_per_window / 1024:.1f} kB per stored window (all tables).")
     res.notes.append("Rollback is `POST /api/v1/rollback` (the fleet rollback): new desired states (higher seq) "
                      "naming v1, which each device keeps as its fallback blob, so no download is involved.")
     res.notes.append(f"Ingest: each agent closes a window every {WINDOW_EVERY:.0f} s (phases spread over the "
@@ -165,7 +138,7 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
     return res
 
 
-def _one(n: int, data: bytes, phase: float) -> Size:
+def _one(n: int, data: bytes, phase: float, procs: int) -> Size:
     z = Size(n)
     print(f"  fleet of {n:,}:", flush=True)
     with tempfile.TemporaryDirectory() as tmp_s, Mosquitto(Path(tmp_s) / "broker") as broker:
@@ -177,7 +150,7 @@ def _one(n: int, data: bytes, phase: float) -> Size:
         hub_log = (tmp / "hub.log").open("wb")
         hub = subprocess.Popen([sys.executable, "-m", "edgefleet.hub.cli.main", "serve", "--home", str(home_dir)],
                                cwd=REPO, stdout=hub_log, stderr=subprocess.STDOUT)
-        fleet_sim: SimFleet | None = None
+        sims: SimProcs | None = None
         try:
             home = HubHome(home_dir)
             client = HubClient(f"http://127.0.0.1:{http_port}", home.token(), timeout=600)
@@ -196,23 +169,18 @@ def _one(n: int, data: bytes, phase: float) -> Size:
                                 "lineage": {}, "actor": "bench"})
             t0 = time.perf_counter()
             devices = [f"sim{i:05d}" for i in range(n)]
-            for d in devices:
-                client.add_device(d, "generic-x86_64")
+            with ThreadPoolExecutor(4) as pool:  # as an operator's script would: a few at a time
+                list(pool.map(lambda d: client.add_device(d, "generic-x86_64"), devices))
             z.enrol_s = time.perf_counter() - t0
-            cache = BlobCache(tmp / "cache")
-            root = home.root_public_b64()
-            agents = [SimAgent(fleet=fleet, device=d, root_public_key=root, state_dir=tmp / "agents" / d,
-                               cache=cache) for d in devices]
-            watch = _Watch(agents)
-            fleet_sim = SimFleet(agents, broker.url)
+            sims = SimProcs(devices, fleet=fleet, broker_url=broker.url, root_public_key=home.root_public_b64(),
+                            state_dir=tmp / "agents", procs=procs)
             t0 = time.perf_counter()
-            fleet_sim.start()
+            sims.start()
             slack = 60 + n / 50
             try:
-                wait_until(lambda: all(a.trust.keyring is not None for a in agents), slack,
-                           "keyring on every agent", 0.05)
+                sims.wait(lambda s: s.total("keyring") == n, slack, "keyring on every agent")
             except TimeoutError:
-                print("refusals:", [a.refusals for a in agents][:3], "connected:", fleet_sim.connected)
+                print("refusals:", sims.refusal_samples(), "connected:", sims.total("connected"))
                 print((tmp / "hub.log").read_text()[-3000:])
                 raise
             z.connect_s = time.perf_counter() - t0
@@ -220,69 +188,69 @@ def _one(n: int, data: bytes, phase: float) -> Size:
             def deploy(v: str) -> object:
                 return lambda: client.deploy("clf", v, devices)
 
-            z.first_s = _timed(watch, "1", deploy("1"), slack * 5)[0]
-            z.deploy_s, z.deploy_call_s = _timed(watch, "2", deploy("2"), slack * 5)
-            z.rollback_s, z.rollback_call_s = _timed(watch, "1", lambda: client.rollback("clf", "1"), slack * 5)
+            z.first_s = _timed(sims, "1", deploy("1"), slack * 5)[0]
+            z.deploy_s, z.deploy_call_s = _timed(sims, "2", deploy("2"), slack * 5)
+            z.rollback_s, z.rollback_call_s = _timed(sims, "1", lambda: client.rollback("clf", "1"), slack * 5)
             print(f"    deploy {z.deploy_s:.2f} s, rollback {z.rollback_s:.2f} s", flush=True)
 
             # Baseline: the hub's latest signed states for v2, then v1, re-sent by a bare client.
             envs_v2, envs_v1 = _signed_states(home_dir, fleet, devices)
-            z.base_deploy_s = _timed(watch, "2", lambda: _raw_publish(broker.port, envs_v2), slack * 5)[0]
-            z.base_rollback_s = _timed(watch, "1", lambda: _raw_publish(broker.port, envs_v1), slack * 5)[0]
-            z.refused = sum(len(a.refusals) for a in agents)
-            z.downloads = cache.downloads
-            z.ingest = _ingest_phase(fleet_sim, agents, broker.port, home_dir, Topics(fleet), phase)
+            z.base_deploy_s = _timed(sims, "2", lambda: _raw_publish(broker.port, envs_v2), slack * 5)[0]
+            z.base_rollback_s = _timed(sims, "1", lambda: _raw_publish(broker.port, envs_v1), slack * 5)[0]
+            z.refused = sims.total("refused")
+            z.downloads = sims.total("downloads")
+            z.ingest = _ingest_phase(sims, broker.port, home_dir, Topics(fleet), phase)
             z.api = _api_times(client)
             z.hub_rss_mb = _rss_mb(hub.pid)
+            assert broker.proc is not None
+            z.broker_rss_mb = _rss_mb(broker.proc.pid)
+            db_bytes = sum(f.stat().st_size for f in home_dir.glob("hub.db*"))
+            z.db_bytes_per_window = db_bytes / max(1, _stored(home_dir))
         finally:
-            if fleet_sim is not None:
-                fleet_sim.stop(drain=2.0)
+            if sims is not None:
+                sims.stop()
             hub.terminate()
             hub.wait(30)
             hub_log.close()
     return z
 
 
-def _stored(home_dir: Path) -> tuple[int, int]:
-    """(windows stored, duplicates dropped) as the hub's database and counters say."""
+def _stored(home_dir: Path) -> int:
+    """Telemetry windows stored, as the hub's database says (duplicates are never stored)."""
     import sqlite3
 
     conn = sqlite3.connect(f"file:{home_dir / 'hub.db'}?mode=ro", uri=True, timeout=30)
     try:
-        return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0]), 0
+        return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
     finally:
         conn.close()
 
 
-def _ingest_phase(sim: SimFleet, agents: list[SimAgent], port: int, home_dir: Path, topics: Topics,
-                  phase: float) -> dict[str, float]:
-    before = _stored(home_dir)[0]
+def _ingest_phase(sims: SimProcs, port: int, home_dir: Path, topics: Topics, phase: float) -> dict[str, float]:
+    before = _stored(home_dir)
     bare = subprocess.Popen([sys.executable, "-m", "bench.fleet", "--bare-subscriber", str(port),
                              topics.all_devices("telemetry"), str(phase)],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert bare.stdout is not None
     bare.stdout.readline()  # "subscribed"
-    sent0 = sum(a.windows_sent for a in agents)
-    sim.start_telemetry(WINDOW_EVERY)
+    sent0 = sims.total("windows")
+    sims.command(f"telemetry {WINDOW_EVERY}")
     t0 = time.perf_counter()
     time.sleep(phase)
-    sent = sum(a.windows_sent for a in agents) - sent0
-    stored_end = _stored(home_dir)[0] - before
-    sim.start_telemetry(None)
+    sims.command("telemetry off")
+    stored_end = _stored(home_dir) - before
     bare_count = float(bare.communicate(timeout=60)[0].split()[-1])
+    time.sleep(0.5)  # the simulators' counts of windows are refreshed every 0.25 s
+    sent = sims.total("windows") - sent0
     t_end = time.perf_counter()
-    deadline = t_end + 120
     stored = stored_end
-    while stored < sent and time.perf_counter() < deadline:
+    while stored < sent and time.perf_counter() < t_end + 120:
         time.sleep(0.2)
-        stored = _stored(home_dir)[0] - before
-    drain = time.perf_counter() - t_end
-    sent = sum(a.windows_sent for a in agents) - sent0  # windows closed during the last tick
-    stored = _stored(home_dir)[0] - before
+        stored = _stored(home_dir) - before
     return {"sent": float(sent), "stored": float(stored), "stored_end": float(stored_end),
-            "backlog_end": float(max(0, sent - stored_end)), "drain_s": drain, "seconds": t_end - t0,
-            "offered_rate": sent / phase, "hub_rate": stored_end / phase, "bare_rate": bare_count / phase,
-            "duplicates": 0.0}
+            "backlog_end": float(max(0, sent - stored_end)), "drain_s": time.perf_counter() - t_end,
+            "seconds": t_end - t0, "offered_rate": sent / phase, "hub_rate": stored_end / phase,
+            "bare_rate": bare_count / phase}
 
 
 def _api_times(client: HubClient) -> dict[str, float]:
@@ -413,10 +381,12 @@ if __name__ == "__main__":
     ap.add_argument("--agents", type=int, help="one fleet size")
     ap.add_argument("--sizes", help=f"comma-separated fleet sizes (default {','.join(map(str, SIZES))})")
     ap.add_argument("--ingest-seconds", type=float)
+    ap.add_argument("--procs", type=int, help="simulator processes (default 2; 1 with --smoke)")
     ap.add_argument("--bare-subscriber", nargs=3, metavar=("PORT", "TOPIC", "SECONDS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.bare_subscriber:
         _bare_subscriber(int(a.bare_subscriber[0]), a.bare_subscriber[1], float(a.bare_subscriber[2]))
     else:
-        r = run(a.smoke, a.agents, tuple(int(x) for x in a.sizes.split(",")) if a.sizes else None, a.ingest_seconds)
+        r = run(a.smoke, a.agents, tuple(int(x) for x in a.sizes.split(",")) if a.sizes else None, a.ingest_seconds,
+                a.procs)
         print(r.markdown())

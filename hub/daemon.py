@@ -172,7 +172,7 @@ class Hub:
         self.public_url = ""
         self.drift = DriftMonitor(  # telemetry aggregation, drift scores and alerts
             db=self.db, config=load_drift_config(home.path / "drift.toml"), topics=self.topics, clock=clock,
-            publish=self._publish, assign=self._assign)
+            publish=self._publish, assign=self._assign_one)
         self.rollouts = RolloutManager.attach(self, home.path / "rollout.toml")  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -601,21 +601,34 @@ class Hub:
         if missing:
             raise NotFound(f"unknown device(s) {missing}; add them with `edgefleet-hub device add`")
         out = {}
-        for device in devices:
-            out[device] = self._assign(device, name, str(version), actor)
+        # A transaction per chunk, not per device: 10,000 commits would queue behind the ingest
+        # thread's batches one by one; each chunk's states are published once it commits, so
+        # devices start converging while the rest is signed.
+        for i in range(0, len(devices), DEPLOY_CHUNK):
+            chunk = devices[i:i + DEPLOY_CHUNK]
+            now = self.clock()
+            with self.db.tx() as conn:
+                for device in chunk:
+                    out[device] = self._assign(conn, device, name, str(version), actor, now)
+            for device in chunk:
+                self.publish_desired(device)
         return {"model": name, "version": version, "devices": out}
 
-    def _assign(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
-        now = self.clock()
+    def _assign_one(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
+        """Assign, sign, store and publish one device's new state in a transaction of its own."""
         with self.db.tx() as conn:
-            row = self.db.assignment(conn, device, name)
-            previous = row["version"] if row else None
-            if previous != version:
-                self.db.set_assignment(conn, device, name, version, previous)
-            seq = self.sign_and_store(conn, device, now)
-            self.db.audit(conn, now, actor, "deploy",
-                          {"device": device, "model": name, "version": version, "previous": previous, "seq": seq})
+            out = self._assign(conn, device, name, version, actor, self.clock())
         self.publish_desired(device)
+        return out
+
+    def _assign(self, conn: Any, device: str, name: str, version: str, actor: str, now: float) -> dict[str, Any]:
+        row = self.db.assignment(conn, device, name)
+        previous = row["version"] if row else None
+        if previous != version:
+            self.db.set_assignment(conn, device, name, version, previous)
+        seq = self.sign_and_store(conn, device, now)
+        self.db.audit(conn, now, actor, "deploy",
+                      {"device": device, "model": name, "version": version, "previous": previous, "seq": seq})
         return {"seq": seq, "previous": previous}
 
     def sign_and_store(self, conn: Any, device: str, now: float) -> int:
@@ -851,6 +864,7 @@ class Hub:
         return self.rollouts.fleet_rollback(req, actor)
 
 
+DEPLOY_CHUNK = 250  # devices signed and stored per transaction by a deploy
 STATUS_PAGE = 500  # devices per status page unless the caller asks for another size
 STATUS_PAGE_MAX = 5000
 

@@ -113,6 +113,12 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "queue_qos0_messages false",
         "upgrade_outgoing_qos false",
         "",
+        "# Connections: one per device plus the hub's links; no count cap here (each listener says",
+        "# max_connections -1). The limit that bites is the broker's open files: one descriptor",
+        "# per connection. Install mosquitto-limits.conf from this folder as a systemd drop-in",
+        "# (/etc/systemd/system/mosquitto.service.d/edgefleet-limits.conf, then systemctl",
+        "# daemon-reload and restart mosquitto): LimitNOFILE=1048576. docs/scale-out.md has the figures.",
+        "",
         f"# No message is larger than {MAX_MESSAGE_BYTES} bytes: hub and agents refuse bigger payloads",
         "# (desired states, keyrings, root chains, telemetry windows). A client that sends a bigger",
         "# packet is disconnected before the broker buffers it; a bigger payload is not forwarded.",
@@ -134,6 +140,7 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
     lines += [
         "# Devices: a client certificate from the edgefleet device CA; its CN is the username.",
         f"listener {layout.device_port} {layout.bind}",
+        "max_connections -1",
         *tls,
         "use_username_as_clientid true",
         f"crlfile {d / 'crl.pem'}",
@@ -142,6 +149,7 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "",
         "# Password-enrolled devices: TLS, username and password.",
         f"listener {layout.password_port} {layout.bind}",
+        "max_connections -1",
         *tls,
         "use_username_as_clientid true",
         f"password_file {d / 'passwd'}",
@@ -150,12 +158,23 @@ def mosquitto_conf_text(layout: BrokerLayout, fleet: str) -> str:
         "# The hub only (hub-passwd holds its user alone). Client ids are not forced here: hub",
         "# replicas and ingest links each keep their own persistent session.",
         f"listener {layout.hub_port} {layout.bind}",
+        "max_connections -1",
         *tls,
         f"password_file {d / 'hub-passwd'}",
         "require_certificate false",
         "",
     ]
     return "\n".join(lines)
+
+
+MOSQUITTO_LIMITS = """\
+# systemd drop-in for mosquitto.service, written by `edgefleet-hub broker-config`:
+#   install -D -m 644 mosquitto-limits.conf /etc/systemd/system/mosquitto.service.d/edgefleet-limits.conf
+#   systemctl daemon-reload && systemctl restart mosquitto
+# The broker holds one open file per connected device; systemd's default soft limit is 1,024.
+[Service]
+LimitNOFILE=1048576
+"""
 
 
 def default_hostnames() -> list[str]:
@@ -186,6 +205,7 @@ def write_broker_config(
         "server.key": (key, 0o640),
         "acl": (acl_text(pki.fleet, prefix).encode(), 0o644),
         "mosquitto.conf": (mosquitto_conf_text(layout, pki.fleet).encode(), 0o644),
+        "mosquitto-limits.conf": (MOSQUITTO_LIMITS.encode(), 0o644),
     }
     for name, (data, mode) in files.items():
         atomic_write(folder / name, data, mode=mode)

@@ -50,10 +50,8 @@ def deploy_targets(db: Database, req: Mapping[str, Any]) -> list[str]:
         raise BadRequest("devices and groups must be lists of ids")
     if not devices and not groups:
         raise BadRequest("name at least one device (--device) or group (--group) to deploy to")
-    out: list[str] = []
-    for d in devices:
-        if d not in out:
-            out.append(d)
+    # dict keys: the union in the order given, without repeats, in linear time (10,000 devices)
+    out = dict.fromkeys(devices)
     for g in groups:
         group = check_group(g)
         members = db.group_members(group)
@@ -63,5 +61,5 @@ def deploy_targets(db: Database, req: Mapping[str, Any]) -> list[str]:
                 f"group {group!r} has no device; known groups: {', '.join(known) if known else 'none'} "
                 "(set a device's group with `edgefleet-hub device add ID --group G`)"
             )
-        out += [m for m in members if m not in out]
-    return out
+        out.update(dict.fromkeys(members))
+    return list(out)

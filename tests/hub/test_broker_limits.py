@@ -92,3 +92,13 @@ def test_an_oversized_publish_is_refused_and_normal_traffic_works(broker: Genera
         assert not hub.disconnected.is_set()
     finally:
         hub.close()
+
+
+def test_the_generated_config_sets_no_connection_cap_and_ships_the_open_files_drop_in(broker: GeneratedBroker) -> None:
+    conf = (broker.folder / "mosquitto.conf").read_text().splitlines()
+    listeners = [i for i, line in enumerate(conf) if line.startswith("listener ")]
+    assert len(listeners) == 3
+    for i in listeners:  # per_listener_settings: each listener carries its own
+        assert conf[i + 1] == "max_connections -1", conf[i:i + 3]
+    drop_in = (broker.folder / "mosquitto-limits.conf").read_text()
+    assert "[Service]\nLimitNOFILE=1048576\n" in drop_in and "mosquitto.service.d" in drop_in
