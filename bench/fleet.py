@@ -1,18 +1,23 @@
-"""5. Fleet convergence: 1,000 simulated agents in one process against a real hub and Mosquitto.
+"""5. Fleet convergence and ingest: a curve of fleet sizes against a real hub and Mosquitto.
 
-The hub runs as its own process (``hub.cli.main serve``), the agents as :class:`agent.app.sim.SimFleet` in
-this one: each agent its own MQTT connection, state directory and trust state, all sharing one
-blob cache (see :mod:`agent.app.sim`). Measured:
+For each size (default 1,000 / 2,000 / 5,000 / 10,000) a fresh hub process (``hub.cli.main
+serve``), a fresh Mosquitto and simulated agents split over ``--procs`` simulator processes
+(:mod:`bench.simproc`, each a :class:`agent.app.sim.SimFleet` over epoll): each agent its own MQTT
+connection, state directory and trust state, the blob cache shared per process. Measured:
 
 * **deploy**: from the admin API ``deploy`` call (v2 to every device, which runs v1) until every
-  agent has verified, stored and activated v2 and published its ``reported`` state;
-* **rollback**: from the rollback decision (a deploy of v1, the fallback every device keeps) until
-  every agent runs v1 again;
-* the first install (v1, blob downloaded once into the shared cache) for reference.
+  agent has verified, stored and activated v2;
+* **rollback**: from the fleet rollback (``POST /api/v1/rollback`` to v1, the fallback every
+  device keeps) until every agent runs v1 again;
+* the first install (v1, blob downloaded once per simulator process) for reference;
+* **ingest**: every agent closes a telemetry window every 10 s for ``--ingest-seconds``; windows
+  stored by the hub (read from its database) beside a bare subscriber on the same stream;
+* the admin API's answer times (a status page, every page, devices, ``/metrics``), the hub's and
+  the broker's RSS, the database's bytes per window.
 
-Baseline: the same number of signed desired states published straight to the broker by one paho
-client (no hub database, no signing) and received by the same simulated fleet, i.e. the floor
-set by the broker and the agents' own verify + store work.
+Baselines: the same signed desired states published straight to the broker by one client (no hub
+database, no signing) and received by the same simulated fleet, i.e. the floor set by the broker
+and the agents' own verify + store work; for ingest, the bare subscriber.
 """
 
 from __future__ import annotations
@@ -92,7 +97,8 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
     phase = ingest_seconds or (6.0 if smoke else 40.0)
     label = " / ".join(f"{n:,}" for n in sizes)
     res = Result(
-        "fleet", f"5. Fleet convergence and ingest ({label} simulated agents, one process, loopback)",
+        "fleet", f"5. Fleet convergence and ingest ({label} simulated agents in {procs} process"
+                 f"{'es' if procs > 1 else ''}, loopback)",
         "the same signed desired states published straight to Mosquitto by one MQTT client (no hub: "
         "no database, no signing), received and applied by the same simulated fleet; for ingest, a "
         "bare subscriber (its own process, `json.loads` only) on the same telemetry stream at the same time.",

@@ -4,6 +4,9 @@
 
 ``--smoke`` runs tiny sizes (seconds, for CI); its figures are not meaningful and the file it
 writes says so. Each benchmark runs edgefleet and its baseline side by side in the same run.
+A full run (not ``--smoke``) keeps the sections of the existing file that it did not run
+(``--only``, or written by another script such as ``bench.canary_matrix``): each section says
+when it ran.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             continue
-        res.notes.append(f"ran in {time.monotonic() - t:.0f} s")
+        res.notes.append(f"ran in {time.monotonic() - t:.0f} s, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         results.append(res)
     lines = ["# edgefleet benchmarks", ""]
     if args.smoke:
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
     lines += [f"| total run time | {time.monotonic() - t0:.0f} s |", ""]
-    for res in results:
-        lines.append(res.markdown())
+    sections = {_number(res.title): res.markdown() for res in results}
+    if not args.smoke and Path(args.out).exists():
+        for number, text in _sections(Path(args.out).read_text()).items():
+            sections.setdefault(number, text)  # kept from an earlier run
+    lines += [sections[k] for k in sorted(sections, key=_order)]
     if failed:
         lines += ["## Failed", "", *[f"- {n} (see the run's output)" for n in failed], ""]
     Path(args.out).write_text("\n".join(lines))
@@ -68,6 +74,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({r.name: r.figures for r in results}, indent=1, default=float))
     return 1 if failed else 0
+
+
+def _number(title: str) -> str:
+    """"5. Fleet ..." -> "5"."""
+    return title.split(".", 1)[0].strip()
+
+
+def _order(number: str) -> tuple[int, str]:
+    return (int(number), "") if number.isdigit() else (10**6, number)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The ``## N. ...`` sections of a BENCHMARKS.md, by N, each up to the next ``## ``."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = out.setdefault(_number(line[3:]), [])
+        if current is not None:
+            current.append(line)
+    return {k: "\n".join(v).rstrip() + "\n" for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ stdout (checked every 10 ms); stdin takes ``telemetry SECONDS``, ``telemetry off
 from __future__ import annotations
 
 import argparse
-import gc
 import contextlib
+import gc
 import json
 import subprocess
 import sys

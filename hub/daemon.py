@@ -423,6 +423,26 @@ class Hub:
             except Exception:
                 log.exception("re-signing desired states failed")
             self._watch_keyring()
+            try:
+                self.prune_telemetry()
+            except Exception:
+                log.exception("telemetry retention failed")
+
+    def prune_telemetry(self) -> int:
+        """Delete the windows received more than ``telemetry_retention_days`` ago, a chunk per
+        transaction so that ingest waits for none of them long; the number deleted."""
+        days = self.config.telemetry_retention_days
+        if days <= 0:
+            return 0
+        before, total = self.clock() - days * 86400, 0
+        while not self._stop.is_set():
+            n = self.db.prune_telemetry(before, PRUNE_CHUNK)
+            total += n
+            if n < PRUNE_CHUNK:
+                break
+        if total:
+            log.info("telemetry retention: deleted %d windows received before %s", total, format_time(before))
+        return total
 
     # -- keyring expiry --------------------------------------------------------------------------
 
@@ -864,6 +884,7 @@ class Hub:
         return self.rollouts.fleet_rollback(req, actor)
 
 
+PRUNE_CHUNK = 5000  # windows deleted per transaction by the retention
 DEPLOY_CHUNK = 250  # devices signed and stored per transaction by a deploy
 STATUS_PAGE = 500  # devices per status page unless the caller asks for another size
 STATUS_PAGE_MAX = 5000

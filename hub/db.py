@@ -10,8 +10,9 @@ roll back together; one without ``conn`` reads on its own.
 
 Tables: ``models`` (immutable versions with signature, reference and lineage), ``devices``,
 ``assignments`` (what each device should run), ``desired`` (the last signed state per device,
-with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq),
-``events``, ``audit``, ``telemetry_agg`` (mergeable sums per model version, device and time
+with its ``seq``), ``telemetry`` and ``telemetry_models`` (windows, unique per device and seq;
+retention deletes those older than ``telemetry_retention_days`` and counts them per device in
+``telemetry_pruned``), ``events``, ``audit``, ``telemetry_agg`` (mergeable sums per model version, device and time
 bucket; :mod:`hub.services.drift_monitor` writes them inside the ingest transaction) and
 ``captures`` (sampled inference records uploaded by devices, unique per device, request id and
 model).
@@ -27,6 +28,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +50,8 @@ def ensure_group_column(conn: sqlite3.Connection) -> None:
     if GROUP_COLUMN not in cols:
         conn.execute(f"ALTER TABLE devices ADD COLUMN {GROUP_COLUMN} TEXT")
         conn.execute(f"CREATE INDEX IF NOT EXISTS devices_group ON devices ({GROUP_COLUMN})")
+        # retention (Database.prune_telemetry) finds old windows without a scan
+        conn.execute("CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at)")
 
 
 SCHEMA = """
@@ -82,6 +86,11 @@ CREATE TABLE IF NOT EXISTS telemetry_agg (
     windows INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
     rows INTEGER NOT NULL, latency TEXT NOT NULL, inputs TEXT NOT NULL, classes TEXT NOT NULL,
     last_end REAL NOT NULL, PRIMARY KEY (model, version, device, bucket));
+CREATE TABLE IF NOT EXISTS telemetry_pruned (
+    device TEXT PRIMARY KEY, windows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry_models_pruned (
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL, PRIMARY KEY (device, model, version));
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL);
@@ -335,6 +344,34 @@ class Database:
         )
         return True
 
+    def prune_telemetry(self, before: float, limit: int) -> int:
+        """Delete up to *limit* of the oldest windows received before *before* (their per-model
+        rows too) and the drift buckets older than it, in one transaction; the windows deleted.
+        Each device's deleted windows are counted in ``telemetry_pruned`` and their requests and
+        errors per model version in ``telemetry_models_pruned``, so that the totals the metrics
+        page shows as counters (:meth:`telemetry_counts`, :meth:`model_totals`) never go down."""
+        with self.tx() as conn:
+            rows = conn.execute("SELECT device, seq FROM telemetry WHERE received_at < ? ORDER BY received_at "
+                                "LIMIT ?", (before, limit)).fetchall()
+            keys = [(r[0], r[1]) for r in rows]
+            sums: dict[tuple[str, str, str], list[int]] = {}
+            for device, seq in keys:
+                for m in conn.execute("SELECT model, version, requests, errors FROM telemetry_models "
+                                      "WHERE device=? AND seq=?", (device, seq)):
+                    acc = sums.setdefault((device, m[0], m[1]), [0, 0])
+                    acc[0] += m[2]
+                    acc[1] += m[3]
+            conn.executemany("INSERT INTO telemetry_models_pruned VALUES (?,?,?,?,?) ON CONFLICT(device, model, "
+                             "version) DO UPDATE SET requests = requests + excluded.requests, "
+                             "errors = errors + excluded.errors", [(*k, *v) for k, v in sorted(sums.items())])
+            conn.executemany("DELETE FROM telemetry_models WHERE device=? AND seq=?", keys)
+            conn.executemany("DELETE FROM telemetry WHERE device=? AND seq=?", keys)
+            per = Counter(d for d, _ in keys)
+            conn.executemany("INSERT INTO telemetry_pruned VALUES (?, ?) ON CONFLICT(device) DO UPDATE "
+                             "SET windows = windows + excluded.windows", sorted(per.items()))
+            conn.execute("DELETE FROM telemetry_agg WHERE last_end < ?", (before,))
+        return len(keys)
+
     def insert_event(self, conn: sqlite3.Connection, device: str, ev: Event, now: float) -> None:
         conn.execute(
             "INSERT INTO events (device, time, type, reason, message, model, version, seq, received_at)"
@@ -366,8 +403,11 @@ class Database:
             "FROM telemetry_models WHERE device=? GROUP BY model, version ORDER BY model, version", (device,))
 
     def telemetry_counts(self) -> list[dict[str, Any]]:
-        """``device, n`` (windows stored) and ``last`` (highest seq) per device, by device."""
-        return self.query("SELECT device, COUNT(*) AS n, MAX(seq) AS last FROM telemetry GROUP BY device ORDER BY device")
+        """``device, n`` (windows stored, those retention deleted included: it only grows) and
+        ``last`` (highest seq held) per device, by device."""
+        return self.query(
+            "SELECT t.device AS device, COUNT(*) + COALESCE(MAX(p.windows), 0) AS n, MAX(t.seq) AS last "
+            "FROM telemetry t LEFT JOIN telemetry_pruned p ON p.device = t.device GROUP BY t.device ORDER BY t.device")
 
     def last_window_metrics(self) -> list[tuple[str, dict[str, Any]]]:
         """``(device, metrics)`` of every device's newest window, by device."""
@@ -377,9 +417,13 @@ class Database:
         return [(r["device"], json.loads(r["metrics"])) for r in rows]
 
     def model_totals(self) -> list[dict[str, Any]]:
-        """``device, model, version, req, err`` summed over all stored windows."""
-        return self.query("SELECT device, model, version, SUM(requests) AS req, SUM(errors) AS err "
-                          "FROM telemetry_models GROUP BY device, model, version ORDER BY device, model, version")
+        """``device, model, version, req, err`` summed over all stored windows, those retention
+        deleted included."""
+        return self.query(
+            "SELECT device, model, version, SUM(req) AS req, SUM(err) AS err FROM ("
+            "SELECT device, model, version, requests AS req, errors AS err FROM telemetry_models "
+            "UNION ALL SELECT device, model, version, requests, errors FROM telemetry_models_pruned) "
+            "GROUP BY device, model, version ORDER BY device, model, version")
 
     # -- telemetry aggregates (hub.services.drift_monitor) ---------------------------------------
 

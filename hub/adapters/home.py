@@ -92,6 +92,8 @@ class HubConfig:
     # HOST:PORT of a second, unauthenticated listener serving GET /metrics alone (Prometheus);
     # empty = none (then /metrics is on http_listen, with a token like every admin call)
     metrics_listen: str = ""
+    # Telemetry windows (and drift buckets) older than this many days are deleted; 0 keeps all
+    telemetry_retention_days: float = 30.0
 
     @property
     def http_tls(self) -> bool:
@@ -155,7 +157,8 @@ class HubHome:
                 f"{self.path} is not a hub home (no hub.toml); run `edgefleet-hub init --home {self.path}`"
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
-                 "http_max_connections", "http_timeout_seconds", "metrics_listen", *_SECURITY_KEYS}
+                 "http_max_connections", "http_timeout_seconds", "metrics_listen", "telemetry_retention_days",
+                 *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -168,8 +171,16 @@ class HubHome:
             http_max_connections=int(self._positive(doc, "http_max_connections", 256)),
             http_timeout_seconds=float(self._positive(doc, "http_timeout_seconds", 30.0)),
             metrics_listen=self._path_or_str("metrics_listen", doc.get("metrics_listen", "")),
+            telemetry_retention_days=self._retention(doc),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
+
+    def _retention(self, doc: dict[str, Any]) -> float:
+        value = doc.get("telemetry_retention_days", 30.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{self.config_path}: telemetry_retention_days must be a number of days >= 0 "
+                              f"(0 keeps every window), got {value!r}")
+        return float(value)
 
     def _positive(self, doc: dict[str, Any], key: str, default: float) -> float:
         value = doc.get(key, default)

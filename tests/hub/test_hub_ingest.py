@@ -121,3 +121,52 @@ def test_a_replica_name_must_be_a_plain_name(tmp_path: Path) -> None:
     h = Hub(home, replica="r1", share_group="g")
     h.db.close()
     assert h._client_id == "hub@f-r1"
+
+
+def test_retention_deletes_old_windows_in_chunks_and_the_window_counter_never_goes_down(tmp_path: Path) -> None:
+    """Windows received more than telemetry_retention_days ago go (with their per-model rows and
+    old drift buckets); recent ones stay; /metrics' per-device window counter keeps counting them."""
+    from edgefleet.hub import daemon as hub_daemon
+
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    with (home.path / "hub.toml").open("a") as f:
+        f.write("telemetry_retention_days = 1\n")
+    now = [1_800_000_000.0]
+    h = Hub(home, clock=lambda: now[0])
+    h.add_device({"device": "d1", "profile": "x86"}, "admin")
+
+    def window(seq: int) -> bytes:
+        return TelemetryWindow(fleet="f", device="d1", seq=seq, window_start=now[0] - 10, window_end=now[0],
+                               models={"m": ModelWindow(version="1", requests=5, errors=0, rows=5,
+                                                        latency_ms={"p95": 1.0})}).to_json()
+
+    for seq in range(1, 8):  # received two days ago
+        h.ingest([("d1", "telemetry", window(seq))])
+    now[0] += 2 * 86400
+    for seq in range(8, 11):  # received now
+        h.ingest([("d1", "telemetry", window(seq))])
+    hub_daemon.PRUNE_CHUNK, chunk = 3, hub_daemon.PRUNE_CHUNK  # several transactions
+    try:
+        assert h.prune_telemetry() == 7
+    finally:
+        hub_daemon.PRUNE_CHUNK = chunk
+    assert [r["seq"] for r in h.db.query("SELECT seq FROM telemetry ORDER BY seq")] == [8, 9, 10]
+    assert h.db.query("SELECT COUNT(*) AS n FROM telemetry_models")[0]["n"] == 3
+    assert h.db.telemetry_counts() == [{"device": "d1", "n": 10, "last": 10}]
+    page = h.metrics()
+    assert 'edgefleet_device_windows_total{fleet="f",device="d1"} 10' in page
+    assert 'edgefleet_model_requests_total{fleet="f",device="d1",model="m",version="1"} 50' in page
+    assert h.prune_telemetry() == 0
+    h.db.close()
+
+
+def test_retention_days_must_be_a_number_of_days(tmp_path: Path) -> None:
+    from edgefleet.agent.contract.errors import ConfigError
+
+    home = HubHome(tmp_path / "hub")
+    home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    with (home.path / "hub.toml").open("a") as f:
+        f.write("telemetry_retention_days = -3\n")
+    with pytest.raises(ConfigError, match="telemetry_retention_days must be a number of days >= 0"):
+        home.config()
