@@ -81,6 +81,7 @@ class Size:
     rollback_call_s: float = 0.0
     base_deploy_s: float = 0.0
     base_rollback_s: float = 0.0
+    base_first_s: float = 0.0
     downloads: int = 0
     refused: int = 0
     ingest: dict[str, float] = field(default_factory=dict)
@@ -113,7 +114,8 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
         res.add(Row(f"{z.n:,} devices: fleet rollback v2→v1, until all reverted",
                     f"{z.rollback_s:.2f} s (API call {z.rollback_call_s:.2f} s)", f"{z.base_rollback_s:.2f} s",
                     f"{z.rollback_s / z.base_rollback_s:.2f}×", "", None))
-        res.add(Row(f"{z.n:,} devices: first install v1 (blob downloaded once)", f"{z.first_s:.2f} s", "", "", ""))
+        res.add(Row(f"{z.n:,} devices: first install v1 (blob downloaded once per simulator)", f"{z.first_s:.2f} s",
+                    f"{z.base_first_s:.2f} s (a never-seen v3)", f"{z.first_s / z.base_first_s:.2f}×", ""))
         i = z.ingest
         keeps = i["backlog_end"] <= max(0.02 * i["sent"], 2 * i["offered_rate"])
         res.add(Row(f"{z.n:,} devices: telemetry, 1 window / device / {WINDOW_EVERY:.0f} s",
@@ -138,7 +140,7 @@ def run(smoke: bool = False, n_agents: int | None = None, sizes: tuple[int, ...]
     last = curve[-1]
     res.figures = {"agents": last.n, "deploy_s": last.deploy_s, "rollback_s": last.rollback_s,
                    "first_install_s": last.first_s, "baseline_deploy_s": last.base_deploy_s,
-                   "baseline_rollback_s": last.base_rollback_s, "connect_s": last.connect_s,
+                   "baseline_rollback_s": last.base_rollback_s, "baseline_first_install_s": last.base_first_s, "connect_s": last.connect_s,
                    "enrol_s": last.enrol_s, "downloads": last.downloads,
                    "curve": [asdict(z) for z in curve]}
     return res
@@ -169,8 +171,8 @@ def _one(n: int, data: bytes, phase: float, procs: int) -> Size:
                     return False
 
             wait_until(healthy, 30, "hub HTTP", 0.1)
-            for v in ("1", "2"):
-                blob = data if v == "1" else relabelled(data, "edgefleet bench v2")
+            for v in ("1", "2", "3"):
+                blob = data if v == "1" else relabelled(data, f"edgefleet bench v{v}")
                 client.publish({"name": "clf", "version": v, "model_b64": base64.b64encode(blob).decode(),
                                 "lineage": {}, "actor": "bench"})
             t0 = time.perf_counter()
@@ -200,9 +202,12 @@ def _one(n: int, data: bytes, phase: float, procs: int) -> Size:
             print(f"    deploy {z.deploy_s:.2f} s, rollback {z.rollback_s:.2f} s", flush=True)
 
             # Baseline: the hub's latest signed states for v2, then v1, re-sent by a bare client.
-            envs_v2, envs_v1 = _signed_states(home_dir, fleet, devices)
+            # v3 has never been on a device: its baseline downloads the blob (once per simulator
+            # process) and installs it, as the first install of v1 through the hub did.
+            envs_v2, envs_v1, envs_v3 = _signed_states(home_dir, fleet, devices, [("2", "1"), ("1", "2"), ("3", "1")])
             z.base_deploy_s = _timed(sims, "2", lambda: _raw_publish(broker.port, envs_v2), slack * 5)[0]
             z.base_rollback_s = _timed(sims, "1", lambda: _raw_publish(broker.port, envs_v1), slack * 5)[0]
+            z.base_first_s = _timed(sims, "3", lambda: _raw_publish(broker.port, envs_v3), slack * 5)[0]
             z.refused = sims.total("refused")
             z.downloads = sims.total("downloads")
             z.ingest = _ingest_phase(sims, broker.port, home_dir, Topics(fleet), phase)
@@ -284,38 +289,40 @@ def _rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss / 2**20)
 
 
-def _signed_states(home_dir: Path, fleet: str, devices: list[str]) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
-    """Fresh desired states for v2 and v1 signed with the hub's key (higher seqs than the hub's)."""
+def _signed_states(home_dir: Path, fleet: str, devices: list[str],
+                   plan: list[tuple[str, str]]) -> list[list[tuple[str, bytes]]]:
+    """For each ``(version, fallback)`` of ``plan``, in order, a fresh desired state per device
+    naming that version, signed with the hub's key, with seqs above the hub's last."""
     import json
     import sqlite3
 
-    from edgefleet.agent.contract.wire import ModelEntry, Topics
+    from edgefleet.agent.contract.wire import ModelEntry
     from edgefleet.hub.core.desired import build_desired
 
-    home = HubHome(home_dir)
-    key = home.signing_key()
+    key = HubHome(home_dir).signing_key()
     conn = sqlite3.connect(home_dir / "hub.db")
     conn.row_factory = sqlite3.Row
+    try:
+        models = {r["version"]: r for r in conn.execute("SELECT * FROM models WHERE name='clf'")}
+        rows = {r["device"]: (r["seq"], json.loads(r["envelope"]))
+                for r in conn.execute("SELECT device, seq, envelope FROM desired")}
+    finally:
+        conn.close()
     topics = Topics(fleet)
-    out: list[list[tuple[str, bytes]]] = [[], []]
-    rows = {r["device"]: (r["seq"], json.loads(r["envelope"])) for r in conn.execute("SELECT device, seq, envelope FROM desired")}
-    from edgefleet.agent.contract.envelope import open_envelope
-
+    out: list[list[tuple[str, bytes]]] = [[] for _ in plan]
+    now = time.time()
     for d in devices:
         seq, env = rows[d]
-        payload = json.loads(base64.b64decode(env["payload"]))
-        entry_v1 = ModelEntry.from_dict(payload["models"]["clf"])
-        v2 = conn.execute("SELECT * FROM models WHERE name='clf' AND version='2'").fetchone()
-        entry_v2 = ModelEntry(version="2", sha256=v2["sha256"], size=v2["size"],
-                              url=entry_v1.url.rsplit("/", 1)[0] + "/" + v2["sha256"], fallback="1")
-        now = time.time()
-        for i, entry in enumerate((entry_v2, entry_v1)):
+        current = ModelEntry.from_dict(json.loads(base64.b64decode(env["payload"]))["models"]["clf"])
+        base_url = current.url.rsplit("/", 1)[0]
+        for i, (version, fallback) in enumerate(plan):
+            m = models[version]
+            entry = ModelEntry(version=version, sha256=m["sha256"], size=m["size"],
+                               url=f"{base_url}/{m['sha256']}", fallback=fallback)
             _s, raw = build_desired(fleet=fleet, device=d, seq=seq + 1 + i, now=now, ttl=3600,
                                     models={"clf": entry}, signing_key=key)
             out[i].append((topics.desired(d), raw))
-    conn.close()
-    del open_envelope
-    return out[0], out[1]
+    return out
 
 
 def _raw_publish(port: int, msgs: list[tuple[str, bytes]], timeout: float = 120) -> None:

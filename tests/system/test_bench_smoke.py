@@ -35,7 +35,7 @@ def test_every_benchmark_runs_in_smoke_mode_and_writes_its_figures(tmp_path: Pat
     assert got["ingest"]["bare"]["rate"] > 0
     for drain in ("bare drain", "hub x1 drain", "hub 2 processes drain"):  # every unique window stored
         assert got["ingest"][drain]["rate"] > 0, drain
-    assert got["fleet"]["agents"] == 20 and got["fleet"]["downloads"] == 2  # v1 and v2, once each for the whole fleet
+    assert got["fleet"]["agents"] == 20 and got["fleet"]["downloads"] == 3  # v1, v2 and v3, once each for the whole fleet
     assert got["fleet"]["deploy_s"] > 0 and got["fleet"]["rollback_s"] > 0
     assert got["footprint"]["agent_rss"] > got["footprint"]["bare_rss"] > 0
     text = out.read_text()
