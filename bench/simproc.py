@@ -32,7 +32,8 @@ __all__ = ["SimProcs"]
 
 
 class SimProcs:
-    """``procs`` simulator children for ``devices``; ``start`` returns once all are running."""
+    """``procs`` simulator children for ``devices``; ``start`` spawns them, :meth:`wait` waits on
+    what they report."""
 
     def __init__(self, devices: list[str], *, fleet: str, broker_url: str, root_public_key: str,
                  state_dir: Path, procs: int = 2) -> None:

@@ -50,8 +50,6 @@ def ensure_group_column(conn: sqlite3.Connection) -> None:
     if GROUP_COLUMN not in cols:
         conn.execute(f"ALTER TABLE devices ADD COLUMN {GROUP_COLUMN} TEXT")
         conn.execute(f"CREATE INDEX IF NOT EXISTS devices_group ON devices ({GROUP_COLUMN})")
-        # retention (Database.prune_telemetry) finds old windows without a scan
-        conn.execute("CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at)")
 
 
 SCHEMA = """
@@ -86,6 +84,7 @@ CREATE TABLE IF NOT EXISTS telemetry_agg (
     windows INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
     rows INTEGER NOT NULL, latency TEXT NOT NULL, inputs TEXT NOT NULL, classes TEXT NOT NULL,
     last_end REAL NOT NULL, PRIMARY KEY (model, version, device, bucket));
+CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at);
 CREATE TABLE IF NOT EXISTS telemetry_pruned (
     device TEXT PRIMARY KEY, windows INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS telemetry_models_pruned (
@@ -351,19 +350,18 @@ class Database:
         errors per model version in ``telemetry_models_pruned``, so that the totals the metrics
         page shows as counters (:meth:`telemetry_counts`, :meth:`model_totals`) never go down."""
         with self.tx() as conn:
-            rows = conn.execute("SELECT device, seq FROM telemetry WHERE received_at < ? ORDER BY received_at "
-                                "LIMIT ?", (before, limit)).fetchall()
-            keys = [(r[0], r[1]) for r in rows]
-            sums: dict[tuple[str, str, str], list[int]] = {}
-            for device, seq in keys:
-                for m in conn.execute("SELECT model, version, requests, errors FROM telemetry_models "
-                                      "WHERE device=? AND seq=?", (device, seq)):
-                    acc = sums.setdefault((device, m[0], m[1]), [0, 0])
-                    acc[0] += m[2]
-                    acc[1] += m[3]
-            conn.executemany("INSERT INTO telemetry_models_pruned VALUES (?,?,?,?,?) ON CONFLICT(device, model, "
-                             "version) DO UPDATE SET requests = requests + excluded.requests, "
-                             "errors = errors + excluded.errors", [(*k, *v) for k, v in sorted(sums.items())])
+            keys = [(r[0], r[1]) for r in conn.execute(
+                "SELECT device, seq FROM telemetry WHERE received_at < ? ORDER BY received_at LIMIT ?",
+                (before, limit))]
+            # the same windows' requests and errors per model version (an upsert's SELECT needs its
+            # WHERE, even WHERE true, to parse unambiguously)
+            conn.execute(
+                "INSERT INTO telemetry_models_pruned SELECT tm.device, tm.model, tm.version, SUM(tm.requests), "
+                "SUM(tm.errors) FROM telemetry_models tm JOIN (SELECT device, seq FROM telemetry WHERE "
+                "received_at < ? ORDER BY received_at LIMIT ?) o ON o.device = tm.device AND o.seq = tm.seq "
+                "WHERE true GROUP BY tm.device, tm.model, tm.version ON CONFLICT(device, model, version) "
+                "DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors",
+                (before, limit))
             conn.executemany("DELETE FROM telemetry_models WHERE device=? AND seq=?", keys)
             conn.executemany("DELETE FROM telemetry WHERE device=? AND seq=?", keys)
             per = Counter(d for d, _ in keys)

@@ -247,13 +247,13 @@ class SimFleet:
 
     ``start`` connects every agent (blocking TCP connects, a few ms for 1,000 on loopback) and
     starts the network thread; ``stop`` disconnects cleanly. Raise ``RLIMIT_NOFILE`` first: each
-    agent holds a socket (and paho a socket pair).
+    agent holds one socket.
     """
 
     def __init__(self, agents: list[SimAgent], broker_url: str, *, workers: int = 32,
                  keepalive: int = 60, telemetry_every: float | None = None) -> None:
         self.agents = agents
-        self.telemetry_every = telemetry_every
+        self._first_every = telemetry_every  # the schedule start() begins with
         self.address = parse_broker_url(broker_url)
         self.keepalive = keepalive
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-work")
@@ -314,7 +314,7 @@ class SimFleet:
             sock = c.socket()
             if sock is not None:
                 self._sel.register(sock, selectors.EVENT_READ, agent)
-        self.start_telemetry(self.telemetry_every)
+        self.start_telemetry(self._first_every)
         self._thread = threading.Thread(target=self._loop, name="sim-net", daemon=True)
         self._thread.start()
 
@@ -325,7 +325,6 @@ class SimFleet:
         if every:
             t0, n = time.monotonic(), len(self.agents)
             due = [(t0 + every * (i + 1) / n, i) for i in range(n)]  # sorted: already a heap
-        self.telemetry_every = every
         self._schedule = (every, due)  # one assignment: sim-net sees the old schedule or the new one
 
     def _tick_telemetry(self, now: float) -> None:

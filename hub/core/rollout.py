@@ -647,8 +647,8 @@ def _agreement_gate(gate: Callable[..., GateResult], ev: Evidence, least: float,
 
     On drifted inputs (``input_drift`` names features) a proof below the minimum is a rollback
     only below ``floor``: off the training distribution two models of the same quality disagree
-    more, so agreement with the stable is no measure of the candidate there; the gate stays open
-    and the step pauses at its deadline for an operator (who has labels) to decide."""
+    more, so agreement with the stable is no measure of the candidate there; the gate is held and
+    the step pauses at once for an operator (who has labels) to decide."""
     agree = ev.agreed / ev.compared
     lo, hi = wilson_bounds(ev.agreed, ev.compared)
     where = f"(99 % bounds {lo:.3f}-{hi:.3f} over {_n(ev.compared)} compared pairs on {devs})"

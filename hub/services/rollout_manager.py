@@ -42,7 +42,7 @@ from edgefleet.agent.contract.wire import Event, ModelEntry, Reference, Telemetr
 from edgefleet.hub.adapters.home import read_optional_toml
 from edgefleet.hub.core.desired import model_entry
 from edgefleet.hub.core.drift import Policy as DriftPolicy
-from edgefleet.hub.core.drift import merge_feature_lists, score_histogram
+from edgefleet.hub.core.drift import merge_feature_lists, score_report
 from edgefleet.hub.core.rollout import (
     FAILURE_EVENTS,
     MODES,
@@ -257,19 +257,10 @@ class RolloutManager:
         if ref is None or not ref.features:
             return {}
         merged = merge_feature_lists(self.db.rollout_stable_inputs(r.id, r.step, r.model, r.from_version))
-        policy = self.hub.drift_policy(r.model)
-        out: dict[str, float] = {}
-        for feat in ref.features:
-            hist = merged.get(feat.name)
-            if hist is None:
-                continue
-            try:
-                score = score_histogram(feat.name, feat.freqs, hist, policy)
-            except ValueError:  # bins that do not match the reference: the drift monitor reports it
-                continue
-            if score.state == "alarm":
-                out[feat.name] = score.psi
-        return out
+        report = score_report(model=r.model, version=r.from_version, scope="rollout", reference=ref, inputs=merged,
+                              classes={}, policy=self.hub.drift_policy(r.model), window_start=0.0,
+                              window_end=0.0, windows=0)
+        return {f.feature: f.psi for f in report.features if f.state == "alarm"}
 
     def decide(self, r: Rollout, now: float) -> Decision:
         return evaluate(r, self.evidence(r), now, self._reference_classes(r), self.input_drift(r))

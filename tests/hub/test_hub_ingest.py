@@ -170,3 +170,16 @@ def test_retention_days_must_be_a_number_of_days(tmp_path: Path) -> None:
         f.write("telemetry_retention_days = -3\n")
     with pytest.raises(ConfigError, match="telemetry_retention_days must be a number of days >= 0"):
         home.config()
+
+
+def test_an_existing_database_gets_the_retention_index(tmp_path: Path) -> None:
+    """Homes created before retention open with the index on telemetry.received_at too."""
+    from edgefleet.hub.db import Database
+
+    db = Database(tmp_path / "hub.db")
+    db.query("DROP INDEX telemetry_received")  # as a database from before retention
+    db.close()
+    db = Database(tmp_path / "hub.db")
+    names = {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type='index'")}
+    db.close()
+    assert "telemetry_received" in names
