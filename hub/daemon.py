@@ -39,6 +39,7 @@ from edgefleet.agent.contract.wire import (
     Reference,
     Reported,
     Status,
+    TelemetryAck,
     TelemetryWindow,
     Topics,
     canonical_json,
@@ -360,6 +361,7 @@ class Hub:
         # is retried message by message: nothing may count twice).
         counts = dict.fromkeys(self.counters, 0)
         staged: Staged = {}
+        acks: dict[str, list[int]] = {}  # device -> telemetry seqs this batch has dealt with
         with self.db.tx() as conn:
             for device, channel, payload in batch:
                 if device not in known:
@@ -368,15 +370,20 @@ class Hub:
                 if not payload:
                     continue  # a cleared retained message
                 try:
-                    tw = self._ingest_one(conn, now, device, channel, payload, counts)
+                    tw = self._ingest_one(conn, now, device, channel, payload, counts, acks)
                 except (EdgefleetError, ValueError) as exc:
                     counts["malformed"] += 1
                     log.warning("dropped %s message from %s: %s", channel, device, exc)
+                    if channel == "telemetry":  # never storable: acknowledged, or re-sent forever
+                        seq = _seq_of(payload)
+                        if seq is not None:
+                            acks.setdefault(device, []).append(seq)
                     continue
                 if tw is not None:  # a window that breaks the sums fails the batch (retried one by one)
                     self.drift.stage(staged, device, tw)
             self.drift.take(staged)
             self.drift.flush(conn)
+        self._ack_telemetry(acks)  # only once committed: an ack means the window is in the database
         with self._counters_lock:  # ingest workers finish batches concurrently
             for key, n in counts.items():
                 self.counters[key] += n
@@ -391,14 +398,23 @@ class Hub:
             self._known, self._known_at = frozenset(self.db.device_ids()), mono
         return self._known
 
+    def _ack_telemetry(self, acks: dict[str, list[int]]) -> None:
+        """Tell each device which of its windows are stored (wire.TelemetryAck), so its spool lets
+        them go; until then it re-sends them. Duplicates are acknowledged too."""
+        for device, seqs in acks.items():
+            for i in range(0, len(seqs), TelemetryAck.MAX_SEQS):
+                ack = TelemetryAck(fleet=self.config.fleet, device=device, seqs=tuple(seqs[i:i + TelemetryAck.MAX_SEQS]))
+                self._publish(self.topics.device(device, "acked"), ack.to_json(), False)
+
     def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes,
-                    counts: dict[str, int]) -> TelemetryWindow | None:
+                    counts: dict[str, int], acks: dict[str, list[int]]) -> TelemetryWindow | None:
         """Store one message; return a new (not duplicate) telemetry window for the drift sums."""
         obj = loads_object(payload)  # orjson; stricter than parse_json_object (see hub.fastjson)
         if obj.get("device") != device or obj.get("fleet") != self.config.fleet:
             raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
         if channel == "telemetry":
             tw = TelemetryWindow.from_dict(obj)
+            acks.setdefault(device, []).append(tw.seq)
             if not self.db.insert_telemetry(conn, device, tw, now):
                 counts["duplicates"] += 1
                 return None
@@ -889,6 +905,15 @@ PRUNE_CHUNK = 5000  # windows deleted per transaction by the retention
 DEPLOY_CHUNK = 250  # devices signed and stored per transaction by a deploy
 STATUS_PAGE = 500  # devices per status page unless the caller asks for another size
 STATUS_PAGE_MAX = 5000
+
+
+def _seq_of(payload: bytes) -> int | None:
+    """The ``seq`` of a telemetry window that could not be stored, if it has a usable one."""
+    try:
+        seq = loads_object(payload).get("seq")
+    except (EdgefleetError, ValueError):
+        return None
+    return seq if type(seq) is int and seq >= 1 else None
 
 
 def _name(value: object, what: str) -> str:

@@ -49,9 +49,11 @@ from edgefleet.agent.contract.wire import (
     ModelWindow,
     Reported,
     Status,
+    TelemetryAck,
     TelemetryWindow,
     Topics,
     format_time,
+    parse_json_object,
 )
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.agent.core.trust import TrustedState
@@ -157,7 +159,10 @@ class Agent:
         self._window_start = clock()
         # Telemetry store-and-forward (agent.spool): every window hits the disk before MQTT.
         self.spool = Spool(config.state_dir / "spool", max_bytes=max(1, int(config.profile.spool_mb * 2**20)))
-        self.outbox = Outbox()
+        self.outbox = Outbox(resend_after=config.profile.resend_seconds)
+        # Set once the hub has acknowledged a window (wire.TelemetryAck): from then on a window
+        # leaves the spool when the hub stored it, not when the broker took it (persisted).
+        self._hub_acks = False
         self._probe = SystemProbe()
         self._thread: threading.Thread | None = None
         self.http: OipServer | None = None
@@ -187,7 +192,8 @@ class Agent:
             url=self.config.broker_url,
             client_id=f"edgefleet-agent-{self.config.fleet}-{self.config.device}",
             subscriptions=[(self.topics.roots, 1), (self.topics.keyring, 1),
-                           (self.topics.desired(self.config.device), 1)],
+                           (self.topics.desired(self.config.device), 1),
+                           (self.topics.device(self.config.device, "acked"), 1)],
             on_message=self._on_message,
             on_connect=self._on_connect,
             on_publish=self._on_publish,
@@ -264,9 +270,12 @@ class Agent:
     def _restore(self) -> None:
         self._startup_notes = self.updater.restore()
         self._telemetry_seq = max(int(self.updater.extra.get("telemetry_seq", 0)), self.spool.max_seq())
+        self._hub_acks = bool(self.updater.extra.get("hub_acks", False))
 
     def _persist(self) -> None:
         self.updater.extra["telemetry_seq"] = self._telemetry_seq
+        if self._hub_acks:
+            self.updater.extra["hub_acks"] = True
         self.updater.persist()
 
     # -- MQTT (network thread: enqueue only) -----------------------------------------------------
@@ -278,6 +287,8 @@ class Agent:
             self._inbox.put(("roots", payload))
         elif topic == self.topics.desired(self.config.device) and payload:
             self._inbox.put(("desired", payload))
+        elif topic == self.topics.device(self.config.device, "acked") and payload:
+            self._inbox.put(("hub_acked", payload))
 
     def _on_connect(self) -> None:
         self._inbox.put(("connected", b""))
@@ -312,6 +323,8 @@ class Agent:
                         self._publish_presence()
                     elif kind == "acked":
                         self._spool_acked(int(payload))
+                    elif kind == "hub_acked":
+                        self._hub_acked(payload)
                     self._emit_all(self.updater.poll_canary())
                     if self._retry_at is not None and time.monotonic() >= self._retry_at:
                         self._retry_at = None
@@ -510,6 +523,28 @@ class Agent:
             self.outbox.sent(seq, info.mid, now)
 
     def _spool_acked(self, mid: int) -> None:
+        """The broker's PUBACK. Once the hub acknowledges windows itself, a PUBACK says only that
+        the broker has the window (it may yet die with it): the window stays spooled, in flight,
+        until the hub names it or ``resend_seconds`` pass."""
+        if self._hub_acks:
+            return
         seq = self.outbox.acked(mid)
         if seq is not None:
             self.spool.remove(seq)
+
+    def _hub_acked(self, payload: bytes) -> None:
+        try:
+            ack = TelemetryAck.from_dict(parse_json_object(payload, "telemetry ack"))
+        except EdgefleetError as exc:
+            log.warning("ignored a telemetry ack: %s", exc)
+            return
+        if ack.device != self.config.device or ack.fleet != self.config.fleet:
+            log.warning("ignored a telemetry ack for %s/%s", ack.fleet, ack.device)
+            return
+        self.outbox.forget(ack.seqs)
+        for seq in ack.seqs:
+            self.spool.remove(seq)
+        if not self._hub_acks:
+            self._hub_acks = True
+            log.info("the hub acknowledges stored telemetry: windows now stay spooled until it has them")
+            self._persist()

@@ -74,6 +74,8 @@ class DeviceProfile:
     window_seconds: float = 10.0
     spool_mb: float = 32.0  # may be fractional (0.05 = 50 KiB) for small devices and tests
     max_sampled_rows: int = 4096
+    # a spooled window the hub has not acknowledged (wire.TelemetryAck) is published again after this
+    resend_seconds: float = 30.0
     # [capture] sampled inputs/outputs uploaded to the hub for tracing (agent/capture.py); off at 0
     capture_sample_rate: float = 0.0
     capture_spool_kb: int = 4096
@@ -103,6 +105,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "window_seconds": "window_seconds",
         "spool_mb": "spool_mb",
         "max_sampled_rows": "max_sampled_rows",
+        "resend_seconds": "resend_seconds",
     },
     "capture": {
         "sample_rate": "capture_sample_rate",

@@ -36,6 +36,7 @@ __all__ = [
     "Reference",
     "Reported",
     "Status",
+    "TelemetryAck",
     "TelemetryWindow",
     "TensorSpec",
     "Topics",
@@ -668,6 +669,46 @@ class TelemetryWindow(_Message):
 
 
 @dataclass(frozen=True)
+class TelemetryAck(_Message):
+    """The hub's answer to telemetry: these ``seqs`` of this device are stored (or were already).
+
+    The broker's PUBACK only says the broker has a window; a broker or hub that dies before the
+    window reaches the hub's database would lose it. An agent that has seen one ``TelemetryAck``
+    keeps each window in its spool until the hub names it here (and re-sends it until then); the
+    hub answers duplicates too, so a lost ack only costs a re-send. Written by the hub alone (the
+    broker's ACL gives devices read access to their own ``acked`` topic), QoS 1, not retained.
+    """
+
+    KIND: ClassVar[str] = "edgefleet.telemetry_ack/v1"
+    MAX_SEQS: ClassVar[int] = 10_000
+    fleet: str
+    device: str
+    seqs: tuple[int, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    _known: ClassVar[frozenset[str]] = frozenset({"kind", "fleet", "device", "seqs"})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        _check_kind(d, cls.KIND)
+        seqs = _get(d, "seqs", list, "telemetry_ack")
+        if len(seqs) > cls.MAX_SEQS or not all(type(s) is int and s >= 1 for s in seqs):
+            raise MalformedMessage(
+                f"telemetry_ack.seqs must be a list of at most {cls.MAX_SEQS} positive integers, "
+                f"got {len(seqs)} item(s) starting {seqs[:3]!r}"
+            )
+        return cls(
+            fleet=check_name(_get(d, "fleet", str, "telemetry_ack"), "fleet"),
+            device=check_name(_get(d, "device", str, "telemetry_ack"), "device"),
+            seqs=tuple(seqs),
+            extra=_extra(d, cls._known),
+        )
+
+    def _fields(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "device": self.device, "seqs": list(self.seqs)}
+
+
+@dataclass(frozen=True)
 class Event(_Message):
     """Something the operator should know: an update, a refusal, a rollback, an error."""
 
@@ -768,7 +809,7 @@ class Status(_Message):
 
 
 KINDS: dict[str, Any] = {
-    cls.KIND: cls for cls in (Keyring, DesiredState, Reported, TelemetryWindow, Event, Status)
+    cls.KIND: cls for cls in (Keyring, DesiredState, Reported, TelemetryWindow, TelemetryAck, Event, Status)
 }
 
 
@@ -786,7 +827,8 @@ def parse_message(data: bytes | str) -> Any:
 
 # --- topics -------------------------------------------------------------------------------------
 
-CHANNELS = ("desired", "reported", "telemetry", "events", "status")
+# Hub to device: desired, acked; device to hub: the rest.
+CHANNELS = ("desired", "acked", "reported", "telemetry", "events", "status")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ __all__ = ["MAX_PACKET_BYTES", "BrokerLayout", "acl_text", "mosquitto_conf_text"
 PACKET_HEADROOM = 64 * 1024
 MAX_PACKET_BYTES = MAX_MESSAGE_BYTES + PACKET_HEADROOM
 
-DEVICE_READS = ("desired",)
+DEVICE_READS = ("desired", "acked")
 DEVICE_WRITES = ("reported", "telemetry", "events", "status")
 
 

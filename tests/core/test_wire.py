@@ -23,6 +23,7 @@ from edgefleet.agent.contract.wire import (
     Reference,
     Reported,
     Status,
+    TelemetryAck,
     TelemetryWindow,
     TensorSpec,
     Topics,
@@ -142,6 +143,10 @@ def _event() -> Event:
     )
 
 
+def _ack() -> TelemetryAck:
+    return TelemetryAck(fleet="fleet-a", device="dev-1", seqs=(3, 1, 2))
+
+
 def _status() -> Status:
     return Status(fleet="fleet-a", device="dev-1", state="online", time=T0, agent_version="0.1.0")
 
@@ -153,6 +158,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     TelemetryWindow.KIND: _telemetry,
     Event.KIND: _event,
     Status.KIND: _status,
+    TelemetryAck.KIND: _ack,
 }
 
 
@@ -412,3 +418,10 @@ def test_model_window_canary_of_wrong_type_is_refused() -> None:
     d["canary"] = [1, 2]
     with pytest.raises(MalformedMessage, match="canary"):
         ModelWindow.from_dict(d)
+
+
+@pytest.mark.parametrize("seqs", [[0], [1.5], ["2"], [True], list(range(1, TelemetryAck.MAX_SEQS + 2))])
+def test_telemetry_ack_refuses_what_is_not_a_bounded_list_of_positive_seqs(seqs: list[object]) -> None:
+    d = {"kind": TelemetryAck.KIND, "fleet": "fleet-a", "device": "dev-1", "seqs": seqs}
+    with pytest.raises(MalformedMessage, match="positive integers"):
+        TelemetryAck.from_dict(d)

@@ -128,6 +128,7 @@ def test_hub_user_is_outside_the_device_id_namespace_and_owns_the_fleet_root(
     assert sorted(patterns) == sorted(
         [
             "pattern read edgefleet/v1/plant1/devices/%u/desired",
+            "pattern read edgefleet/v1/plant1/devices/%u/acked",
             "pattern read edgefleet/v1/plant1/keyring",
             "pattern read edgefleet/v1/plant1/roots",
             "pattern write edgefleet/v1/plant1/devices/%u/reported",

@@ -70,11 +70,12 @@ class Env:
     X: np.ndarray
     hook_out: Path
     metrics: str  # the metrics_listen URL
+    hub_proc: Any = None
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
     shift: dict[str, float] = field(default_factory=dict)  # device -> shift added to feature 2
     traffic: set[str] = field(default_factory=set)
 
-    def add_agent(self, dev: str, model: str, spool_mb: float | None = None) -> None:
+    def add_agent(self, dev: str, model: str, spool_mb: float | None = None, resend_seconds: float | None = None) -> None:
         port = free_port()
         out = self.tmp / dev
         run_cli("edgefleet.hub.cli.main", "device", "add", dev, "--home", str(self.home), "--out", str(out),
@@ -82,6 +83,9 @@ class Env:
         if spool_mb is not None:
             with (out / "agent.toml").open("a") as f:
                 f.write(f"spool_mb = {spool_mb}\n")  # lands in [overrides.telemetry]
+        if resend_seconds is not None:
+            with (out / "agent.toml").open("a") as f:
+                f.write(f"resend_seconds = {resend_seconds}\n")
         self.agents[dev] = {"port": port, "config": out / "agent.toml", "spool": out / "state" / "spool",
                             "model": model}
         self.start_agent(dev)
@@ -152,13 +156,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (home / "drift.toml").write_text(
         f"window_seconds = 1.5\nbucket_seconds = {WINDOW}\nevaluate_seconds = 0\nmin_rows = 100\n\n[models.drift]\n"
         f"on_drift = \"hook\"\nhook = {json.dumps(hook_cmd)}\n")
-    procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
+    hub_proc = procs.start("hub", "edgefleet.hub.cli.main", "serve", "--home", str(home))
     X, y = make_classification(n_samples=2000, n_features=6, n_informative=4, random_state=5)
     X = X.astype(np.float32)
     (tmp / "model.pkl").write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(X, y)))
     np.save(tmp / "train.npy", X)
     e = Env(tmp=tmp, home=home, fleet=fleet, http=f"http://127.0.0.1:{http_port}", broker=broker,
-            procs=procs, X=X, hook_out=hook_out, metrics=f"http://127.0.0.1:{metrics_port}/metrics")
+            procs=procs, X=X, hook_out=hook_out, metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+            hub_proc=hub_proc)
     stop = threading.Event()
     pump = threading.Thread(target=_traffic, args=(e, stop), daemon=True)
     try:
@@ -279,6 +284,42 @@ def test_outage_kill_and_overflow_every_window_once_or_counted_as_dropped(env: E
 
     missing, reported = wait_for(settled, 30, "d-small's drop counter to match its lost windows")  # type: ignore[misc]
     assert missing == reported == int(small.read_text())
+
+
+def test_windows_the_broker_lost_after_acknowledging_them_are_sent_again_until_the_hub_has_them(env: Env) -> None:
+    """The broker's PUBACK is not delivery: with the hub stopped, the broker takes windows and then
+    dies with them (kill -9, its persistence wiped). The agent keeps them spooled until the hub's
+    own acknowledgement (wire.TelemetryAck) and sends them again; every one is stored, once."""
+    env.add_agent("d-ack", "clf", resend_seconds=1.0)
+    _deploy(env, "clf", "d-ack")
+    env.traffic |= {"d-ack"}
+    spool = env.agents["d-ack"]["spool"]
+    wait_for(lambda: len(env.seqs("d-ack")) >= 2 and not list(spool.glob("*.json")), 20,
+             "d-ack's first windows stored and acknowledged by the hub")
+    before = env.seqs("d-ack")[-1]
+    env.hub_proc.send_signal(signal.SIGSTOP)  # the broker queues for the hub's session
+    try:
+        time.sleep(WINDOW * 6)
+        wait_for(lambda: len(list(spool.glob("*.json"))) >= 3, 10, "windows the hub has not acknowledged")
+        assert env.broker.proc is not None
+        env.broker.proc.kill()
+        env.broker.proc.wait(10)
+        for f in (env.tmp / "mosquitto-data").iterdir():
+            f.unlink()  # the crash took what the broker had not saved
+        env.broker.start()
+    finally:
+        env.hub_proc.send_signal(signal.SIGCONT)
+    sent = max(int(p.stem) for p in spool.glob("*.json"))
+    assert sent > before + 2
+
+    def complete() -> bool:
+        s = env.seqs("d-ack")
+        return s[-1] >= sent and s == list(range(1, s[-1] + 1))
+
+    wait_for(complete, 40, "every d-ack window stored after the broker lost some")
+    count, distinct = env.db("SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry WHERE device='d-ack'")[0]
+    assert count == distinct
+    wait_for(lambda: len(list(spool.glob("*.json"))) <= 2, 20, "d-ack's spool to drain on the hub's acks")
 
 
 def test_metrics_endpoint_parses_as_prometheus_text(env: Env) -> None:
