@@ -85,6 +85,10 @@ def staging_folder(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and out.stat().st_dev != out.parent.stat().st_dev:
+        # ``out`` is a mount point (a device's state partition): beside it is another file
+        # system, where os.replace cannot reach; stage inside it instead.
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 

@@ -63,3 +63,26 @@ def test_device_add_writes_an_operator_state_dir_the_agent_reads_as_typed(served
     cfg = load_agent_config(tmp_path / "d7" / "agent.toml")
     assert cfg.state_dir == tmp_path / "d7" / state and cfg.device == "d7"
     assert "ca_file" not in tomllib.loads((tmp_path / "d7" / "agent.toml").read_text(encoding="utf-8"))
+
+
+def test_device_add_into_a_mount_point_installs_the_bundle(served: Served, tmp_path: Path) -> None:
+    """A device's folder on its own file system (a partition, a tmpfs): the bundle cannot be
+    staged beside it (os.replace across file systems fails with EXDEV), so it is staged inside."""
+    import os
+    import subprocess
+
+    out = tmp_path / "d8"
+    out.mkdir(mode=0o700)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(out)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs (CI runs as root)")
+    try:
+        (out / "keep.txt").write_text("an operator's file")
+        run_cli("edgefleet.hub.cli.main", "device", "add", "d8", "--home", str(served.hub.home.path), "--hub",
+                served.url, "--out", str(out))
+        assert load_agent_config(out / "agent.toml").device == "d8"
+        assert (out / "keep.txt").read_text() == "an operator's file"
+        assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
+        assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    finally:
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)
