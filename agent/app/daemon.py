@@ -163,6 +163,7 @@ class Agent:
         # Set once the hub has acknowledged a window (wire.TelemetryAck): from then on a window
         # leaves the spool when the hub stored it, not when the broker took it (persisted).
         self._hub_acks = False
+        self._store_failing = False  # the last state write failed (disk full): reported once
         self._probe = SystemProbe()
         self._thread: threading.Thread | None = None
         self.http: OipServer | None = None
@@ -489,7 +490,17 @@ class Agent:
         self._spool_window(tw.seq, tw.to_json())
         # Persisted after the window is on disk: a kill in between is healed by _restore taking the
         # spool's highest seq, so a seq is never skipped (a gap means a window lost) nor reused.
-        self._persist()
+        try:
+            self._persist()
+        except StoreFailed as exc:  # a full disk: say so once, keep serving, try again next window
+            if not self._store_failing:
+                self._store_failing = True
+                log.error("cannot write the state folder (%s); serving on, retrying at every window", exc)
+                self._event("store_failed", exc, message=str(exc))
+            return
+        if self._store_failing:
+            self._store_failing = False
+            log.info("the state folder is writable again")
 
     # -- telemetry store-and-forward (agent.spool) -----------------------------------------------
 
