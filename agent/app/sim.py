@@ -22,7 +22,13 @@ What is shared, because 1,000 devices do not fit in one process otherwise:
   start spread over the period across the fleet; the window's requests are synthetic (seeded
   latencies and input rows), their folding is the real agent's (:func:`~agent.core.telemetry.fold`
   on the active entry's reference) and so is the wire form and the per-device ``seq``. No spool:
-  a window is published once, QoS 1.
+  a window is published QoS 1 and kept in memory (at most ``SimAgent.MAX_UNACKED``, the oldest
+  dropped and counted in ``dropped``) until the hub acknowledges it (``wire.TelemetryAck``), re-sent
+  after ``RESEND_SECONDS`` and on every reconnect, as the real agent's spool does.
+
+Reconnects: an agent whose connection drops (broker restart, network cut, missed keepalive)
+reconnects with a jittered backoff of 0.5 s doubling to 10 s; its socket leaves and re-enters
+``sim-net``'s selector through paho's socket open/close callbacks.
 
 Thread rules: paho callbacks (on ``sim-net``) only enqueue; agents publish through an outbox that
 ``sim-net`` drains, so a paho client is only ever touched by one thread.
@@ -63,8 +69,10 @@ from edgefleet.agent.contract.wire import (
     ModelReport,
     Reported,
     Status,
+    TelemetryAck,
     TelemetryWindow,
     Topics,
+    parse_json_object,
 )
 from edgefleet.agent.core.telemetry import Snapshot, fold
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
@@ -98,6 +106,9 @@ class BlobCache:
 class SimAgent:
     """One simulated device. ``handle`` runs on a worker thread, one message at a time."""
 
+    MAX_UNACKED = 1000  # telemetry windows kept for re-sending until the hub acknowledges them
+    RESEND_SECONDS = 30.0
+
     def __init__(self, *, fleet: str, device: str, root_public_key: str, state_dir: Path,
                  cache: BlobCache, clock: Clock = time.time, max_blob_bytes: int | None = None,
                  prefix: str = TOPIC_PREFIX) -> None:
@@ -119,6 +130,8 @@ class SimAgent:
         self.client: mqtt.Client | None = None
         self.telemetry_seq = 0
         self.windows_sent = 0
+        self.unacked: dict[int, tuple[bytes, float]] = {}  # seq -> (window, monotonic time last sent)
+        self.dropped = 0  # windows dropped unacknowledged past MAX_UNACKED
         self._window_start = clock()
         self._rng = np.random.default_rng(zlib.crc32(device.encode()))
 
@@ -131,10 +144,16 @@ class SimAgent:
                 elif kind == "desired":
                     self.pending = payload
                     self._try_desired()
+                elif kind == "acked":
+                    ack = TelemetryAck.from_dict(parse_json_object(payload, "telemetry ack"))
+                    if ack.device == self.device:
+                        for seq in ack.seqs:
+                            self.unacked.pop(seq, None)
                 elif kind == "connected":
                     status_topic = self.topics.device(self.device, "status")
                     self.outbox(status_topic, self.status("online"), True)
                     self._publish_reported()
+                    self.resend(0.0)
             except EdgefleetError as exc:
                 self.refusals.append(f"{exc.reason}: {exc}")
             except Exception as exc:  # a worker thread: nothing above us would see it
@@ -166,7 +185,23 @@ class SimAgent:
             )
             self._window_start = now
             self.windows_sent += 1
-            self.outbox(self.topics.device(self.device, "telemetry"), tw.to_json(), False)
+            payload = tw.to_json()
+            self.unacked[tw.seq] = (payload, time.monotonic())
+            while len(self.unacked) > self.MAX_UNACKED:
+                del self.unacked[next(iter(self.unacked))]  # the oldest (dicts keep insertion order)
+                self.dropped += 1
+            self.outbox(self.topics.device(self.device, "telemetry"), payload, False)
+
+    def resend(self, older_than: float | None = None) -> None:
+        """Publish again the windows sent more than ``older_than`` seconds ago (default
+        ``RESEND_SECONDS``) that the hub has not acknowledged. Call with the lock held or not."""
+        age = self.RESEND_SECONDS if older_than is None else older_than
+        now = time.monotonic()
+        topic = self.topics.device(self.device, "telemetry")
+        for seq, (payload, sent) in list(self.unacked.items()):
+            if now - sent >= age:
+                self.unacked[seq] = (payload, now)
+                self.outbox(topic, payload, False)
 
     def _try_desired(self) -> None:
         raw = self.pending
@@ -268,7 +303,10 @@ class SimFleet:
         self._writers: set[SimAgent] = set()
         self._unacked = 0  # QoS 1 publishes without their PUBACK yet (sim-net only)
         self.connected = 0
+        self.reconnects = 0
         self._lock = threading.Lock()
+        self._down: dict[SimAgent, tuple[float, float]] = {}  # agent -> (retry at, backoff); sim-net only
+        self._online: set[SimAgent] = set()
 
     def _client(self, agent: SimAgent) -> mqtt.Client:
         c = mqtt.Client(
@@ -284,19 +322,43 @@ class SimFleet:
         def on_connect(cl: mqtt.Client, u: object, f: object, rc: object, p: object = None) -> None:
             if getattr(rc, "is_failure", False):
                 return
-            cl.subscribe([(agent.topics.keyring, 1), (agent.topics.desired(agent.device), 1)])
+            cl.subscribe([(agent.topics.keyring, 1), (agent.topics.desired(agent.device), 1),
+                          (acked, 1)])
             with self._lock:
-                self.connected += 1
-            self._pool.submit(agent.handle, "connected", b"")
+                if agent not in self._online:
+                    self._online.add(agent)
+                    self.connected += 1
+            self._submit(agent.handle, "connected", b"")
+
+        def on_disconnect(cl: mqtt.Client, u: object, f: object, rc: object, p: object = None) -> None:
+            with self._lock:
+                if agent in self._online:
+                    self._online.discard(agent)
+                    self.connected -= 1
+            if not self._stop.is_set():
+                self._down[agent] = (time.monotonic() + self._jitter(agent, 0.5), 0.5)
+
+        acked = agent.topics.device(agent.device, "acked")
 
         def on_message(cl: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
             if not msg.payload:
                 return
-            kind = "keyring" if msg.topic == agent.topics.keyring else "desired"
-            self._pool.submit(agent.handle, kind, bytes(msg.payload))
+            kind = ("keyring" if msg.topic == agent.topics.keyring else "acked" if msg.topic == acked else "desired")
+            self._submit(agent.handle, kind, bytes(msg.payload))
+
+        def on_socket_open(cl: mqtt.Client, u: object, sock: object) -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.register(sock, selectors.EVENT_READ, agent)  # type: ignore[arg-type]
+
+        def on_socket_close(cl: mqtt.Client, u: object, sock: object) -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)  # type: ignore[arg-type]
 
         c.on_connect = on_connect
+        c.on_disconnect = on_disconnect
         c.on_message = on_message
+        c.on_socket_open = on_socket_open
+        c.on_socket_close = on_socket_close
         def on_publish(cl: mqtt.Client, u: object, mid: int, rc: object = None, p: object = None) -> None:
             self._unacked -= 1
 
@@ -310,10 +372,7 @@ class SimFleet:
         for agent in self.agents:
             c = self._client(agent)
             agent.client = c
-            c.connect(self.address.host, self.address.port, keepalive=self.keepalive)
-            sock = c.socket()
-            if sock is not None:
-                self._sel.register(sock, selectors.EVENT_READ, agent)
+            c.connect(self.address.host, self.address.port, keepalive=self.keepalive)  # on_socket_open registers it
         self.start_telemetry(self._first_every)
         self._thread = threading.Thread(target=self._loop, name="sim-net", daemon=True)
         self._thread.start()
@@ -333,7 +392,7 @@ class SimFleet:
             due, i = heapq.heappop(heap)
             agent = self.agents[i]
             if agent.active:
-                self._pool.submit(agent.close_window)
+                self._submit(agent.close_window)
             heapq.heappush(heap, (due + every, i))
 
     def idle(self) -> bool:
@@ -361,11 +420,40 @@ class SimFleet:
                     c.loop_write()
             now = time.monotonic()
             self._tick_telemetry(now)
+            if self._down:
+                self._reconnect_due(now)
             if now - last_misc >= 1.0:
                 last_misc = now
                 for agent in self.agents:
                     if agent.client is not None:
                         agent.client.loop_misc()
+                        if agent.unacked and agent in self._online:
+                            self._submit(agent.resend)
+
+    def _submit(self, fn: Callable[..., object], *args: object) -> None:
+        """Hand work to the pool; once ``stop`` has shut it down, what comes is dropped (the
+        fleet is going away: a late re-send or reconnect has nothing left to do)."""
+        with contextlib.suppress(RuntimeError):
+            self._pool.submit(fn, *args)
+
+    @staticmethod
+    def _jitter(agent: SimAgent, base: float) -> float:
+        return base * (0.5 + (zlib.crc32(agent.device.encode()) % 1000) / 1000)
+
+    def _reconnect_due(self, now: float) -> None:
+        """Reconnect the agents whose retry time has come (sim-net only); a refused connect
+        doubles that agent's backoff, up to 10 s."""
+        for agent, (at, backoff) in list(self._down.items()):
+            if at > now or agent.client is None:
+                continue
+            try:
+                agent.client.reconnect()
+            except OSError:
+                later = min(backoff * 2, 10.0)
+                self._down[agent] = (now + self._jitter(agent, later), later)
+                continue
+            del self._down[agent]
+            self.reconnects += 1
 
     def stop(self, drain: float = 10.0) -> None:
         """Stop closing windows, let the workers finish, then give ``sim-net`` up to ``drain``

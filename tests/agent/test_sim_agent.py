@@ -117,3 +117,29 @@ def test_a_sim_agent_and_the_real_updater_leave_the_same_state_file(tmp_path: Pa
 
 STATE_KEYS = ("models", "update", "failed", "canaries", "last_seq", "last_digest", "time_floor",
               "applied_expires_at")
+
+
+def test_sim_telemetry_is_kept_until_the_hub_acknowledges_it_and_resent(tmp_path: Path) -> None:
+    """As the real agent's spool: a window stays until a TelemetryAck names it, goes out again
+    once older than RESEND_SECONDS, and past MAX_UNACKED the oldest is dropped and counted."""
+    from edgefleet.agent.contract.wire import TelemetryAck
+
+    root = Ed25519PrivateKey.generate()
+    a = SimAgent(fleet="f", device="d0", root_public_key=public_key_to_b64(root.public_key()),
+                 state_dir=tmp_path / "d0", cache=BlobCache(tmp_path / "cache", DictFetcher({})), clock=lambda: NOW)
+    sent: list[str] = []
+    a.outbox = lambda t, p, r: sent.append(t)
+    for _ in range(3):
+        a.close_window()
+    assert sorted(a.unacked) == [1, 2, 3] and len(sent) == 3
+    a.handle("acked", TelemetryAck(fleet="f", device="d0", seqs=(1, 3)).to_json())
+    a.handle("acked", TelemetryAck(fleet="f", device="other", seqs=(2,)).to_json())  # not ours: ignored
+    assert sorted(a.unacked) == [2]
+    a.resend()  # not old enough yet
+    assert len(sent) == 3
+    a.resend(0.0)
+    assert len(sent) == 4 and sent[-1].endswith("/d0/telemetry")
+    a.MAX_UNACKED = 2
+    a.close_window()
+    a.close_window()
+    assert sorted(a.unacked) == [4, 5] and a.dropped == 1
