@@ -8,7 +8,8 @@ they report: connected agents, agents holding the keyring, agents per active ver
 sent, refusals, blob downloads.
 
 Child protocol: the device ids come in a file; every change of its counts is a JSON line on
-stdout (checked every 10 ms); stdin takes ``telemetry SECONDS``, ``telemetry off`` and ``stop``.
+stdout (checked every 10 ms); stdin takes ``telemetry SECONDS``, ``telemetry off``, ``clock OFFSET`` (every agent's clock runs
+OFFSET seconds off the real one from then on; ``clock 0`` heals it) and ``stop``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class SimProcs:
                 self._gen += 1
                 self._changed.notify_all()
 
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self._children]
+
     def total(self, key: str) -> int:
         with self._lock:
             return sum(int(r.get(key, 0)) for r in self._reports)
@@ -123,8 +128,13 @@ def _child(fleet: str, broker: str, root: str, workdir: Path) -> None:
     devices = [d for d in (workdir / "devices.txt").read_text().split("\n") if d]
     raise_nofile(len(devices) + 1024)
     cache = BlobCache(workdir / "cache")
-    agents = [SimAgent(fleet=fleet, device=d, root_public_key=root, state_dir=workdir / "agents" / d, cache=cache)
-              for d in devices]
+    offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    agents = [SimAgent(fleet=fleet, device=d, root_public_key=root, state_dir=workdir / "agents" / d, cache=cache,
+                       clock=clock) for d in devices]
     lock = threading.Lock()
     versions: Counter[str] = Counter()
     current: dict[str, str] = {}
@@ -162,16 +172,18 @@ def _child(fleet: str, broker: str, root: str, workdir: Path) -> None:
     stop = threading.Event()
 
     def report() -> None:
-        last, windows, counted = "", 0, 0.0
+        last, windows, counted, unacked, dropped = "", 0, 0.0, 0, 0
         while not stop.is_set():
             now = time.monotonic()
             if now - counted >= 0.25:  # a walk over every agent: not at every tick
                 windows, counted = sum(a.windows_sent for a in agents), now
+                unacked, dropped = sum(len(a.unacked) for a in agents), sum(a.dropped for a in agents)
             with lock:
                 line = json.dumps({
                     "connected": sim.connected, "keyring": len(keyed),
                     "versions": {k: n for k, n in versions.items() if n}, "windows": windows,
                     "refused": sum(refused.values()), "refusal_samples": samples, "downloads": cache.downloads,
+                    "unacked": unacked, "dropped": dropped, "reconnects": sim.reconnects,
                 }, sort_keys=True)
             if line != last:
                 print(line, flush=True)
@@ -184,6 +196,8 @@ def _child(fleet: str, broker: str, root: str, workdir: Path) -> None:
         words = cmd.split()
         if words[:1] == ["telemetry"]:
             sim.start_telemetry(None if words[1] == "off" else float(words[1]))
+        elif words[:1] == ["clock"]:
+            offset[0] = float(words[1])
         elif words[:1] == ["stop"]:
             break
     sim.stop(drain=5.0)

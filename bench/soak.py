@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,14 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.canary_matrix import AGENT, FEATURES, HUB, Models, booby_trapped
+from bench.canary_matrix import AGENT, FEATURES, GOOD, HUB, Models, booby_trapped
 from bench.common import REPO, free_port, relabelled, wait_until
+from bench.simproc import SimProcs
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 FAULTS = ("broker_kill", "hub_kill", "agent_kill", "net_drop", "net_stall", "mirror_slow", "mirror_corrupt",
-          "disk_full")
+          "disk_full", "sims_net_drop", "clock_jump")
+CLOCK_JUMPS = (3600.0, 3 * 86400.0, 30 * 86400.0, -600.0, -3600.0, -86400.0)  # seconds; 30 days: past expiry
 CANDIDATES = ("identical", "retrained", "nan", "crash")
 DISK_DEVICE = "dev-c"
 
@@ -228,7 +231,7 @@ class Monitor:
     :class:`~agent.core.trust.TrustedState` (root, keyring, signature, fleet, device); the
     (version, sha256) pairs of the ones that verify are what that device may serve."""
 
-    def __init__(self, fleet: str, broker_port: int, root_public_key: str) -> None:
+    def __init__(self, fleet: str, broker_port: int, root_public_key: str, devices: list[str]) -> None:
         import paho.mqtt.client as mqtt
 
         from edgefleet.agent.contract.envelope import public_key_from_b64
@@ -238,8 +241,8 @@ class Monitor:
         self.topics = Topics(fleet)
         self.lock = threading.Lock()
         self.trust = {d: TrustedState(root=public_key_from_b64(root_public_key), fleet=fleet, device=d)
-                      for d in DEVICES}
-        self.signed: dict[str, set[tuple[str, str]]] = {d: set() for d in DEVICES}
+                      for d in devices}
+        self.signed: dict[str, set[tuple[str, str]]] = {d: set() for d in devices}
         self.last_desired: dict[str, dict[str, str]] = {}  # device -> model -> version of its newest state
         self.reported: dict[str, dict[str, tuple[str, str]]] = {}
         self.unsigned_seen: list[str] = []  # reported pairs not (yet) signed when seen
@@ -365,7 +368,7 @@ class Report:
 
 
 class Soak:
-    def __init__(self, work: Path, seed: int, *, recovery_limit: float) -> None:
+    def __init__(self, work: Path, seed: int, *, recovery_limit: float, sims: int = 0) -> None:
         self.work, self.seed = work, seed
         # two streams, one per thread: the faults and the rollouts each follow the seed alone
         self.rng = random.Random(seed)
@@ -382,6 +385,11 @@ class Soak:
         self.served = self.failed = 0
         self.samples: dict[str, list[tuple[int, float, int]]] = {}  # name -> (pid, rss MB, threads) per sample
         self.tmpfs: Path | None = None
+        self.sim_ids = [f"sim{i:04d}" for i in range(sims)]
+        self.sims: SimProcs | None = None
+        self.sims_proxy: Proxy | None = None
+        self.sim_deploys_done = 0
+        self.good_versions = ["1"]  # what the sims are deployed, at random, while the soak runs
         self.skipped: list[str] = []
 
     # -- processes --
@@ -434,7 +442,20 @@ class Soak:
             conf.write_text(conf.read_text().replace(self.broker.url, f"mqtt://127.0.0.1:{proxy.port}"))
             self.start_agent(dev)
         self.root = (self.work / DEVICES[0] / "root.pub").read_text().strip()
-        self.monitor = Monitor("soak", self.broker.port, self.root)
+        self.monitor = Monitor("soak", self.broker.port, self.root, [*DEVICES, *self.sim_ids])
+        if self.sim_ids:
+            from edgefleet.hub.adapters.client import HubClient
+            from edgefleet.hub.adapters.home import HubHome
+
+            self.client = HubClient(f"http://127.0.0.1:{self.api_port}", HubHome(self.home).token(), timeout=300)
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda d: self.client.add_device(d, "generic-x86_64"), self.sim_ids))
+            self.sims_proxy = Proxy(self.broker.port, "sims")
+            self.sims = SimProcs(self.sim_ids, fleet="soak", broker_url=f"mqtt://127.0.0.1:{self.sims_proxy.port}",
+                                 root_public_key=self.root, state_dir=self.work / "sims", procs=1)
+            self.sims.start()
+            self.sims.wait(lambda x: x.total("keyring") == len(self.sim_ids), 120, "the keyring on every sim")
+            self.sims.command("telemetry 5")
 
     def _mount_small(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -451,6 +472,9 @@ class Soak:
         self.stop_event.set()
         with contextlib.suppress(Exception):
             self.monitor.close()
+        if self.sims is not None:
+            with contextlib.suppress(Exception):
+                self.sims.stop()
         for name in [*DEVICES, "hub"]:
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
@@ -461,7 +485,7 @@ class Soak:
                     p.kill()
                     p.wait()
         self.broker.stop()
-        for proxy in [*self.proxies.values(), self.mirror]:
+        for proxy in [*self.proxies.values(), self.mirror, *([self.sims_proxy] if self.sims_proxy else [])]:
             proxy.close()
         if self.tmpfs is not None:
             subprocess.run(["umount", "-l", str(self.tmpfs)], capture_output=True)
@@ -487,10 +511,13 @@ class Soak:
                 time.sleep(1 / 40)
 
     def sample(self) -> None:
-        for name, p in list(self.procs.items()):
+        pids = {name: p.pid for name, p in self.procs.items()}
+        if self.sims is not None:
+            pids |= {f"sims{i}": pid for i, pid in enumerate(self.sims.pids)}
+        for name, pid in pids.items():
             try:
-                ps = psutil.Process(p.pid)
-                self.samples.setdefault(name, []).append((p.pid, ps.memory_info().rss / 2**20, ps.num_threads()))
+                ps = psutil.Process(pid)
+                self.samples.setdefault(name, []).append((pid, ps.memory_info().rss / 2**20, ps.num_threads()))
             except psutil.Error:
                 pass
 
@@ -517,6 +544,7 @@ class Soak:
                 while time.monotonic() - t0 < 120 and not self.stop_event.is_set():
                     view = self._retry(lambda: self.api.get("/api/v1/rollouts", params={"id": rec["id"]}))
                     state = view.json()["rollouts"][0]["state"]
+                    rec["reason"] = str(view.json()["rollouts"][0].get("reason") or "")[:300]
                     if state != "running":
                         break
                     time.sleep(0.5)
@@ -533,12 +561,25 @@ class Soak:
                 rec["seconds"] = round(time.monotonic() - t0, 1)
                 if state == "promoted":
                     stable = (version, data)
+                    self.good_versions.append(version)
             except Exception as exc:  # recorded; the soak goes on
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 time.sleep(1)
             out.append(rec)
             print(f"  rollout {version} {kind:9} {mode:6} -> {rec.get('state', rec.get('error'))}"
-                  f"{' (' + rec['aborted_from'] + ')' if 'aborted_from' in rec else ''}", flush=True)
+                  f"{' (' + rec['aborted_from'] + ')' if 'aborted_from' in rec else ''}"
+                  f"{': ' + rec['reason'][:160] if rec.get('state') == 'rolled_back' and kind in GOOD else ''}",
+                  flush=True)
+
+    def sim_deploys(self) -> None:
+        """The simulated agents' share of the churn: every 10-20 s, all of them are deployed a
+        version drawn from the ones promoted so far (their own rng stream)."""
+        rng = random.Random(self.seed + 2_000_003)
+        while not self.stop_event.wait(rng.uniform(10, 20)):
+            version = rng.choice(self.good_versions)
+            with contextlib.suppress(Exception):
+                self.client.deploy("clf", version, self.sim_ids)
+                self.sim_deploys_done += 1
 
     def _publish(self, version: str, data: bytes) -> None:
         path = self.work / f"clf-{version}.onnx"
@@ -605,6 +646,19 @@ class Soak:
             self.mirror.set_mode(kind[7:])
             time.sleep(held)
             self.mirror.set_mode("pass")
+        elif kind == "sims_net_drop":
+            target = "sims"
+            assert self.sims_proxy is not None
+            self.sims_proxy.set_mode("drop")
+            time.sleep(held)
+            self.sims_proxy.set_mode("pass")
+        elif kind == "clock_jump":
+            assert self.sims is not None
+            jump = self.rng.choice(CLOCK_JUMPS)
+            target = f"sims {jump:+.0f} s"
+            self.sims.command(f"clock {jump}")
+            time.sleep(held)
+            self.sims.command("clock 0")
         elif kind == "disk_full":
             target = DISK_DEVICE
             assert self.tmpfs is not None
@@ -624,10 +678,10 @@ class Soak:
         except (httpx.HTTPError, ValueError, KeyError):
             return False
         online = {d["device"] for d in devices if "online" in (d.get("status"), d.get("state"))}
-        if set(DEVICES) - online:
+        if set(DEVICES) - online or set(self.sim_ids) - online:
             return False
         with self.monitor.lock:
-            for dev in DEVICES:
+            for dev in [*DEVICES, *self.sim_ids]:
                 want = self.monitor.last_desired.get(dev, {}).get("clf")
                 have = self.monitor.reported.get(dev, {}).get("clf", ("", ""))[0]
                 if want is None or want != have:
@@ -635,7 +689,8 @@ class Soak:
         return True
 
     def faults(self, until: float, records: list[FaultRecord]) -> None:
-        kinds = [k for k in FAULTS if not (k == "disk_full" and self.tmpfs is None)]
+        kinds = [k for k in FAULTS if not (k == "disk_full" and self.tmpfs is None)
+                 and not (k in ("sims_net_drop", "clock_jump") and self.sims is None)]
         t0 = time.monotonic()
         while time.monotonic() < until and not self.stop_event.is_set():
             time.sleep(self.rng.uniform(4, 10))
@@ -673,6 +728,8 @@ class Soak:
         self._publish("1", self.stable_bytes)
         self.hub("device", "list", check=False)
         self.hub("deploy", "clf", "1", *[a for d in DEVICES for a in ("--device", d)])
+        if self.sim_ids:
+            self.client.deploy("clf", "1", self.sim_ids)
         wait_until(self.healthy, 120, "every agent on clf 1", 0.3)
         loads = [threading.Thread(target=self.load, args=(d,), daemon=True) for d in DEVICES]
         for t in loads:
@@ -681,11 +738,16 @@ class Soak:
         self.sample()
         roll = threading.Thread(target=self.rollouts, args=(report.rollouts,), daemon=True)
         roll.start()
+        churn = threading.Thread(target=self.sim_deploys, daemon=True)
+        if self.sims is not None:
+            churn.start()
         self.faults(time.monotonic() + seconds, report.faults)
         # wind down: the rollout in flight finishes (or is aborted), then everything settles
         self.stop_rollouts = True
         self.stop_event.set()
         roll.join(150)
+        if churn.is_alive():
+            churn.join(60)
         for t in loads:
             t.join(10)
         report.served, report.failed = self.served, self.failed
@@ -711,8 +773,13 @@ class Soak:
         with self.monitor.lock:
             ends = {d: (self.monitor.last_desired.get(d, {}).get("clf"),
                         self.monitor.reported.get(d, {}).get("clf", ("?", ""))[0]) for d in DEVICES}
-        inv["converged"] = (settled and all(w == h for w, h in ends.values()),
-                            ", ".join(f"{d} on {h} (desired {w})" for d, (w, h) in ends.items()))
+            sim_off = [d for d in self.sim_ids if self.monitor.last_desired.get(d, {}).get("clf") !=
+                       self.monitor.reported.get(d, {}).get("clf", ("?", ""))[0]]
+        inv["converged"] = (settled and all(w == h for w, h in ends.values()) and not sim_off,
+                            ", ".join(f"{d} on {h} (desired {w})" for d, (w, h) in ends.items())
+                            + (f"; {len(self.sim_ids) - len(sim_off)} of {len(self.sim_ids)} simulated agents on "
+                               f"their desired version ({self.sim_deploys_done} deploys to them)" if self.sim_ids else "")
+                            + (f", off: {', '.join(sim_off[:5])}" if sim_off else ""))
         inv["telemetry"] = self._telemetry()
         inv["audit"] = self._audit(report)
         inv["no_leaks"] = self._leaks()
@@ -725,7 +792,8 @@ class Soak:
     def _telemetry(self) -> tuple[bool, str]:
         # every spooled window delivered first: the agents' spools drain once the hub has acked them
         def drained() -> bool:
-            return all(not any((self.work / d / "state" / "spool").glob("*.json")) for d in DEVICES)
+            return (all(not any((self.work / d / "state" / "spool").glob("*.json")) for d in DEVICES)
+                    and (self.sims is None or self.sims.total("unacked") == 0))
 
         with contextlib.suppress(TimeoutError):
             wait_until(drained, 90, "spools drained", 0.5)
@@ -747,6 +815,23 @@ class Soak:
                 problems.append(f"{d} lost {missing - dropped}")
             if left[d]:
                 problems.append(f"{d} has {left[d]} windows the hub never acknowledged")
+        if self.sim_ids:
+            rows = dict(db.execute("SELECT device, COUNT(*) FROM telemetry WHERE device LIKE 'sim%' GROUP BY device"))
+            tops = dict(db.execute("SELECT device, MAX(seq) FROM telemetry WHERE device LIKE 'sim%' GROUP BY device"))
+            assert self.sims is not None
+            missing = sum(tops[d] - rows[d] for d in rows)
+            dropped, unacked = self.sims.total("dropped"), self.sims.total("unacked")
+            sent = self.sims.total("windows")
+            parts.append(f"{len(self.sim_ids)} simulated agents: {sum(rows.values())} windows stored of {sent} "
+                         f"sent, {missing} missing below each one's last seq, {dropped} dropped unacknowledged, "
+                         f"{unacked} still unacknowledged")
+            if missing > dropped:
+                problems.append(f"simulated agents lost {missing - dropped}")
+            if sum(rows.values()) + dropped + unacked < sent:
+                problems.append(f"simulated agents: {sent - sum(rows.values()) - dropped - unacked} windows sent "
+                                "and neither stored nor accounted for")
+            if unacked:
+                problems.append(f"simulated agents hold {unacked} windows the hub never acknowledged")
         twice = db.execute("SELECT COUNT(*) FROM (SELECT device, seq, model FROM telemetry_models "
                            "GROUP BY device, seq, model HAVING COUNT(*) > 1)").fetchone()[0]
         db.close()
@@ -804,6 +889,9 @@ def render(report: Report, wall: float) -> str:
     for r in report.rollouts:
         states[r.get("state", "error")] = states.get(r.get("state", "error"), 0) + 1
     lines.append(f"rollouts: {len(report.rollouts)} — " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    false_rb = [f"{r['version']} ({r.get('reason', '')[:120]})" for r in report.rollouts
+                if r.get("state") == "rolled_back" and r["candidate"] in GOOD]
+    lines.append(f"good candidates rolled back: {len(false_rb)}{': ' + '; '.join(false_rb) if false_rb else ''}")
     bad_promoted = [r["version"] for r in report.rollouts if r.get("state") == "promoted" and r["candidate"] in ("nan", "crash")]
     lines.append(f"bad candidates promoted: {len(bad_promoted)}{' (' + ', '.join(bad_promoted) + ')' if bad_promoted else ''}")
     lines.append(f"inference: {report.served} served, {report.failed} failed (during faults and restarts)")
@@ -818,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=600, help="how long faults are injected (default 600)")
     ap.add_argument("--seed", type=int, default=None, help="the fault schedule's seed (default: random, printed)")
+    ap.add_argument("--sims", type=int, default=200, help="simulated agents beside the three real ones (default 200)")
     ap.add_argument("--recovery-limit", type=float, default=90.0, help="seconds a fault may take to recover from")
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--markdown", help="write the report as BENCHMARKS.md's soak section here")
@@ -827,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak seed {seed} (re-run with --seed {seed})", flush=True)
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-soak-"))
-    soak = Soak(work, seed, recovery_limit=args.recovery_limit)
+    soak = Soak(work, seed, recovery_limit=args.recovery_limit, sims=args.sims)
     try:
         report = soak.run(args.seconds)
     except BaseException:
@@ -861,5 +950,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+        def _term(*_a: object) -> None:  # once: a second TERM (timeout(1) and a shell both) must not cut the cleanup
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            sys.exit(1)
+
+        signal.signal(signal.SIGTERM, _term)
     sys.exit(main())

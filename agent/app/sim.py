@@ -144,6 +144,8 @@ class SimAgent:
                 elif kind == "desired":
                     self.pending = payload
                     self._try_desired()
+                elif kind == "retry":  # a state refused (e.g. by a wrong clock) or left waiting: again
+                    self._try_desired()
                 elif kind == "acked":
                     ack = TelemetryAck.from_dict(parse_json_object(payload, "telemetry ack"))
                     if ack.device == self.device:
@@ -429,6 +431,8 @@ class SimFleet:
                         agent.client.loop_misc()
                         if agent.unacked and agent in self._online:
                             self._submit(agent.resend)
+                        if agent.pending is not None and agent.trust.keyring is not None:
+                            self._submit(agent.handle, "retry", b"")  # the real agent's retry timer
 
     def _submit(self, fn: Callable[..., object], *args: object) -> None:
         """Hand work to the pool; once ``stop`` has shut it down, what comes is dropped (the
