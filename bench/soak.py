@@ -71,7 +71,8 @@ from bench.simproc import SimProcs
 DEVICES = ("dev-a", "dev-b", "dev-c")
 FAULTS = ("broker_kill", "hub_kill", "agent_kill", "net_drop", "net_stall", "mirror_slow", "mirror_corrupt",
           "disk_full", "sims_net_drop", "clock_jump")
-CLOCK_JUMPS = (3600.0, 3 * 86400.0, 30 * 86400.0, -600.0, -3600.0, -86400.0)  # seconds; 30 days: past expiry
+# seconds; 40 days is past a desired state's expiry (desired_ttl_seconds: 30 days by default)
+CLOCK_JUMPS = (3600.0, 3 * 86400.0, 40 * 86400.0, -600.0, -3600.0, -86400.0)
 CANDIDATES = ("identical", "retrained", "nan", "crash")
 DISK_DEVICE = "dev-c"
 
@@ -538,7 +539,8 @@ class Soak:
             try:
                 self._publish(version, data)
                 rid = self._retry(lambda: self.api.post("/api/v1/rollouts", json={
-                    "model": "clf", "version": version, "steps": [50, 100], "mode": mode, "fraction": 0.5}))
+                    "model": "clf", "version": version, "steps": [50, 100], "mode": mode, "fraction": 0.5,
+                    "devices": list(DEVICES)}))
                 rec["id"] = rid.json()["id"]
                 t0, state = time.monotonic(), "running"
                 while time.monotonic() - t0 < 120 and not self.stop_event.is_set():
@@ -563,7 +565,8 @@ class Soak:
                     stable = (version, data)
                     self.good_versions.append(version)
             except Exception as exc:  # recorded; the soak goes on
-                rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                body = exc.response.text[:300] if isinstance(exc, httpx.HTTPStatusError) else ""
+                rec["error"] = f"{type(exc).__name__}: {exc} {body}"[:600]
                 time.sleep(1)
             out.append(rec)
             print(f"  rollout {version} {kind:9} {mode:6} -> {rec.get('state', rec.get('error'))}"
@@ -672,7 +675,12 @@ class Soak:
         return FaultRecord(kind=kind, target=target, at=0.0, held=round(held, 1))
 
     def healthy(self) -> bool:
-        """The hub answers, every agent is online and reports what its newest desired state names."""
+        """The hub answers, every agent is online and reports what its newest desired state names,
+        as seen through fresh connections (the monitor's, the simulated agents')."""
+        if not self.monitor.client.is_connected():
+            return False
+        if self.sims is not None and self.sims.total("connected") < len(self.sim_ids):
+            return False
         try:
             devices = self.api.get("/api/v1/status", timeout=5).json()["devices"]
         except (httpx.HTTPError, ValueError, KeyError):
@@ -941,10 +949,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(
             "## 8. Chaos soak\n\nWritten by `python -m bench.soak --seconds N --seed S --markdown FILE` (not part of "
-            "`bench.run_all`): one Mosquitto (persistence on), one hub, three agent processes behind soak-owned "
-            "proxies, ~40 inference requests/s per agent, rollouts back to back (good and bad candidates, shadow "
-            "and split) and one fault at a time at random from the seed. Baseline: the invariants, which must all "
-            "hold.\n\n" + "\n".join(f"- {line}" for line in text.splitlines()) + "\n")
+            f"`bench.run_all`): one Mosquitto (persistence on), one hub, three agent processes behind soak-owned "
+            f"proxies and {args.sims} simulated agents behind one more, ~40 inference requests/s per real agent, "
+            "rollouts back to back on the real agents (good and bad candidates, shadow and split), a promoted "
+            "version deployed to the simulated ones every 10-20 s, and one fault at a time at random from the "
+            "seed. Baseline: the invariants, which must all hold.\n\n" + "\n".join(f"- {line}" for line in text.splitlines()) + "\n")
     return 0 if report.invariants and all(ok for ok, _ in report.invariants.values()) else 1
 
 
