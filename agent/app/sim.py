@@ -155,7 +155,7 @@ class SimAgent:
                     status_topic = self.topics.device(self.device, "status")
                     self.outbox(status_topic, self.status("online"), True)
                     self._publish_reported()
-                    self.resend(0.0)
+                    self._resend(0.0)
             except EdgefleetError as exc:
                 self.refusals.append(f"{exc.reason}: {exc}")
             except Exception as exc:  # a worker thread: nothing above us would see it
@@ -196,7 +196,11 @@ class SimAgent:
 
     def resend(self, older_than: float | None = None) -> None:
         """Publish again the windows sent more than ``older_than`` seconds ago (default
-        ``RESEND_SECONDS``) that the hub has not acknowledged. Call with the lock held or not."""
+        ``RESEND_SECONDS``) that the hub has not acknowledged (a worker; takes the lock)."""
+        with self.lock:
+            self._resend(older_than)
+
+    def _resend(self, older_than: float | None) -> None:
         age = self.RESEND_SECONDS if older_than is None else older_than
         now = time.monotonic()
         topic = self.topics.device(self.device, "telemetry")
