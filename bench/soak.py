@@ -2,13 +2,16 @@
 
     python -m bench.soak [--seconds 600] [--seed N] [--json FILE] [--markdown FILE]
 
-One Mosquitto (persistence on), one hub process and three agent processes on this machine; each
-agent reaches the broker through its own TCP proxy owned by the soak (so its network can be cut),
+One Mosquitto (persistence on), one hub process, three agent processes and ``--sims`` simulated
+agents (one SimFleet child process: the real trust and update core, no ONNX sessions) on this
+machine; each agent reaches the broker through its own TCP proxy owned by the soak (so its network
+can be cut), the simulated ones through one more,
 and every blob download goes through a mirror proxy in front of the hub (the hub's ``public_url``),
 which can be made slow or made to corrupt bytes. The soak drives live OIP inference on every agent
 and runs rollouts back to back — good candidates (same graph re-published, retrained) and bad ones
-(NaN or crash on ~5 % of inputs, bench.canary_matrix.booby_trapped), in shadow and split mode —
-while a fault injector, from the printed seed, picks one fault at a time:
+(NaN or crash on ~5 % of inputs, bench.canary_matrix.booby_trapped), in shadow and split mode,
+deploys a promoted version to the simulated agents every 10-20 s — while a fault injector, from
+the printed seed, picks one fault at a time:
 
 broker_kill    kill -9 the broker, restart it on the same port and persistence file
 hub_kill       kill -9 the hub, restart it on the same home
@@ -18,13 +21,15 @@ net_stall      the agent's proxy stops forwarding bytes (connections stay open: 
 mirror_slow    the blob mirror sends 64 KiB/s
 mirror_corrupt the blob mirror flips one byte of every response body
 disk_full      one agent's state folder (a size-limited tmpfs, when the soak runs as root) is filled
+sims_net_drop  the simulated agents' proxy closes their connections and refuses new ones
+clock_jump     the simulated agents' clocks jump by an hour to 40 days, forward or back, then heal
 
 After each fault is healed the soak waits for recovery: the hub answers, every agent is online and
 runs what its desired state names. Then the invariants, each a line of the report:
 
 signed_only    every (version, sha256) an agent reported serving was in a desired state the hub signed
                for that device (checked with the device's own trust rules: root, keyring, signatures)
-converged      every agent ends on the version its last desired state names
+converged      every agent, real and simulated, ends on the version its last desired state names
 telemetry      for each agent, the window seqs the hub stored are 1..last, none missing that the
                spool did not drop and count, none twice (the per-model rows sum to what the
                windows say)
@@ -34,7 +39,6 @@ recovery       every fault was followed by recovery within ``--recovery-limit`` 
 
 The run is deterministic in what it injects, when, and which rollouts it starts (seeded); what the
 system does in between is timing. A failing seed is a bug: fix it and add the seed to the CI test.
-The simulated-agent part (hundreds of agents in SimFleet) and clock jumps are not in it yet.
 """
 
 from __future__ import annotations
@@ -751,7 +755,6 @@ class Soak:
             churn.start()
         self.faults(time.monotonic() + seconds, report.faults)
         # wind down: the rollout in flight finishes (or is aborted), then everything settles
-        self.stop_rollouts = True
         self.stop_event.set()
         roll.join(150)
         if churn.is_alive():
