@@ -286,6 +286,25 @@ def test_outage_kill_and_overflow_every_window_once_or_counted_as_dropped(env: E
     assert missing == reported == int(small.read_text())
 
 
+def test_metrics_endpoint_parses_as_prometheus_text(env: Env) -> None:
+    assert httpx.get(env.http + "/metrics", timeout=10).status_code == 401  # the admin port needs a token
+    assert "edgefleet_devices" in env.api("/metrics")  # with a token it does
+    text = httpx.get(env.metrics, timeout=10).text  # metrics_listen: no token
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    windows = {s.labels["device"]: s.value for s in families["edgefleet_device_windows"].samples
+               if s.name == "edgefleet_device_windows_total"}
+    for dev in ("d-out", "d-kill"):
+        assert windows[dev] >= len(env.seqs(dev)) - 2  # windows keep coming in
+    psi = [s for s in families["edgefleet_drift_psi"].samples if s.labels["model"] == "clf"]
+    assert {s.labels["feature"] for s in psi} >= {"f0", "f5"}  # outage devices still serve traffic
+    assert {s.labels["scope"] for s in psi} >= {"fleet", "device:d-out"}
+    online = {s.labels["device"]: s.value for s in families["edgefleet_device_online"].samples}
+    assert online["d-out"] == 1.0
+
+
+
+# Last in the module: it kills the broker under every agent of the shared env, and the others'
+# windows then wait for their reconnect and re-send (30 s) before the drift sums see them.
 def test_windows_the_broker_lost_after_acknowledging_them_are_sent_again_until_the_hub_has_them(env: Env) -> None:
     """The broker's PUBACK is not delivery: with the hub stopped, the broker takes windows and then
     dies with them (kill -9, its persistence wiped). The agent keeps them spooled until the hub's
@@ -320,19 +339,3 @@ def test_windows_the_broker_lost_after_acknowledging_them_are_sent_again_until_t
     count, distinct = env.db("SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry WHERE device='d-ack'")[0]
     assert count == distinct
     wait_for(lambda: len(list(spool.glob("*.json"))) <= 2, 20, "d-ack's spool to drain on the hub's acks")
-
-
-def test_metrics_endpoint_parses_as_prometheus_text(env: Env) -> None:
-    assert httpx.get(env.http + "/metrics", timeout=10).status_code == 401  # the admin port needs a token
-    assert "edgefleet_devices" in env.api("/metrics")  # with a token it does
-    text = httpx.get(env.metrics, timeout=10).text  # metrics_listen: no token
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    windows = {s.labels["device"]: s.value for s in families["edgefleet_device_windows"].samples
-               if s.name == "edgefleet_device_windows_total"}
-    for dev in ("d-out", "d-kill"):
-        assert windows[dev] >= len(env.seqs(dev)) - 2  # windows keep coming in
-    psi = [s for s in families["edgefleet_drift_psi"].samples if s.labels["model"] == "clf"]
-    assert {s.labels["feature"] for s in psi} >= {"f0", "f5"}  # outage devices still serve traffic
-    assert {s.labels["scope"] for s in psi} >= {"fleet", "device:d-out"}
-    online = {s.labels["device"]: s.value for s in families["edgefleet_device_online"].samples}
-    assert online["d-out"] == 1.0
