@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,30 +294,14 @@ class Fleet:
             self._threads.append(t)
 
     def _load(self, port: int, rate: float) -> None:
-        i = 0
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                rows = self.models.drifted if self.inputs == "drifted" else self.models.live
-                row = rows[i % len(rows)]
-                i += 1
-                body = {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32",
-                                    "data": row.tolist()}]}
-                try:
-                    ok = c.post("/v2/models/clf/infer", json=body).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    self.served += 1
-                else:
-                    self.failed += 1
-                    time.sleep(0.05)
-                next_at += 1.0 / rate
-                pause = next_at - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                else:
-                    next_at = time.monotonic()
+        request_load(port, lambda: self.models.drifted if self.inputs == "drifted" else self.models.live,
+                     rate, self._stop, self._tally)
+
+    def _tally(self, ok: bool) -> None:
+        if ok:
+            self.served += 1
+        else:
+            self.failed += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -330,6 +315,34 @@ class Fleet:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def request_load(port: int, rows: Callable[[], np.ndarray], rate: float, stop: threading.Event,
+                 tally: Callable[[bool], None]) -> None:
+    """One-row OIP ``infer`` requests for ``clf`` on the agent at ``port``, ``rate`` per second,
+    cycling through ``rows()`` (read at each request: the caller may switch inputs), until
+    ``stop``; ``tally(ok)`` after each. A failed request backs off 50 ms."""
+    i = 0
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        next_at = time.monotonic()
+        while not stop.is_set():
+            current = rows()
+            row = current[i % len(current)]
+            i += 1
+            body = {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": row.tolist()}]}
+            try:
+                ok = c.post("/v2/models/clf/infer", json=body).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            tally(ok)
+            if not ok:
+                time.sleep(0.05)
+            next_at += 1.0 / rate
+            pause = next_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:
+                next_at = time.monotonic()
 
 
 class Hog:

@@ -8,8 +8,9 @@ they report: connected agents, agents holding the keyring, agents per active ver
 sent, refusals, blob downloads.
 
 Child protocol: the device ids come in a file; every change of its counts is a JSON line on
-stdout (checked every 10 ms); stdin takes ``telemetry SECONDS``, ``telemetry off``, ``clock OFFSET`` (every agent's clock runs
-OFFSET seconds off the real one from then on; ``clock 0`` heals it) and ``stop``.
+stdout (checked every 10 ms); stdin takes ``telemetry SECONDS``, ``telemetry off``, ``clock
+OFFSET`` (every agent's clock runs OFFSET seconds off the real one from then on; ``clock 0``
+heals it) and ``stop``.
 """
 
 from __future__ import annotations

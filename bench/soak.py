@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -67,11 +66,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import paho.mqtt.client as mqtt
 import psutil
 
-from bench.canary_matrix import AGENT, FEATURES, GOOD, HUB, Models, booby_trapped
+from bench.canary_matrix import AGENT, GOOD, HUB, Models, booby_trapped, request_load
 from bench.common import REPO, free_port, relabelled, wait_until
 from bench.simproc import SimProcs
+from edgefleet.agent.contract.envelope import public_key_from_b64
+from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.contract.wire import Reported, Topics
+from edgefleet.agent.core.trust import NoKeyring, TrustedState
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 FAULTS = ("broker_kill", "hub_kill", "agent_kill", "net_drop", "net_stall", "mirror_slow", "mirror_corrupt",
@@ -238,12 +242,6 @@ class Monitor:
     (version, sha256) pairs of the ones that verify are what that device may serve."""
 
     def __init__(self, fleet: str, broker_port: int, root_public_key: str, devices: list[str]) -> None:
-        import paho.mqtt.client as mqtt
-
-        from edgefleet.agent.contract.envelope import public_key_from_b64
-        from edgefleet.agent.contract.wire import Topics
-        from edgefleet.agent.core.trust import TrustedState
-
         self.topics = Topics(fleet)
         self.lock = threading.Lock()
         self.trust = {d: TrustedState(root=public_key_from_b64(root_public_key), fleet=fleet, device=d)
@@ -275,9 +273,6 @@ class Monitor:
                 self.unsigned_seen.append(f"monitor error on {msg.topic}: {exc!r}")
 
     def _take(self, topic: str, payload: bytes) -> None:
-        from edgefleet.agent.contract.errors import EdgefleetError
-        from edgefleet.agent.core.trust import NoKeyring
-
         now = time.time()
         if topic == self.topics.keyring:
             for t in self.trust.values():
@@ -298,8 +293,8 @@ class Monitor:
             except EdgefleetError:
                 self.unverifiable += 1
         elif channel == "reported":
-            rep = json.loads(payload)
-            pairs = {m: (r["version"], r["sha256"]) for m, r in rep.get("models", {}).items()}
+            rep = Reported.from_dict(json.loads(payload))
+            pairs = {m: (r.version, r.sha256) for m, r in rep.models.items()}
             self.reported[device] = pairs
             for m, pair in pairs.items():
                 if pair not in self.signed[device]:
@@ -311,9 +306,9 @@ class Monitor:
         if v is None:
             return
         self.trust[device].mark_applied(v)
-        body = json.loads(base64.b64decode(json.loads(raw)["payload"]))
-        self.signed[device] |= set(_pairs(body.get("models", {})))
-        self.last_desired[device] = {m: e["version"] for m, e in body.get("models", {}).items()}
+        for e in v.state.models.values():  # each entry, and the candidate inside a canary entry
+            self.signed[device] |= {(e.version, e.sha256), *_pairs(e.canary or {})}
+        self.last_desired[device] = {m: e.version for m, e in v.state.models.items()}
         self.desired_count[device] = self.desired_count.get(device, 0) + 1
 
     def violations(self) -> list[str]:
@@ -335,7 +330,7 @@ class Monitor:
 
 
 def _pairs(obj: Any) -> list[tuple[str, str]]:
-    """Every (version, sha256) pair anywhere in a desired state's models (canary candidates too)."""
+    """Every (version, sha256) pair anywhere in ``obj`` (a canary entry's candidate and stable)."""
     out: list[tuple[str, str]] = []
     if isinstance(obj, dict):
         if isinstance(obj.get("version"), str) and isinstance(obj.get("sha256"), str):
@@ -387,7 +382,6 @@ class Soak:
         self.proxies: dict[str, Proxy] = {}
         self.ports: dict[str, int] = {}
         self.stop_event = threading.Event()
-        self.faulting = threading.Event()  # set while a fault is held (the load counts failures apart)
         self.served = self.failed = 0
         self.samples: dict[str, list[tuple[int, float, int]]] = {}  # name -> (pid, rss MB, threads) per sample
         self.tmpfs: Path | None = None
@@ -499,22 +493,13 @@ class Soak:
     # -- load and sampling --
 
     def load(self, dev: str) -> None:
-        i = 0
-        with httpx.Client(base_url=f"http://127.0.0.1:{self.ports[dev]}", timeout=5) as c:
-            while not self.stop_event.is_set():
-                row = self.models.live[i % len(self.models.live)]
-                i += 1
-                body = {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": row.tolist()}]}
-                try:
-                    ok = c.post("/v2/models/clf/infer", json=body).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    self.served += 1
-                else:
-                    self.failed += 1
-                    time.sleep(0.1)
-                time.sleep(1 / 40)
+        request_load(self.ports[dev], lambda: self.models.live, 40.0, self.stop_event, self._tally)
+
+    def _tally(self, ok: bool) -> None:
+        if ok:
+            self.served += 1
+        else:
+            self.failed += 1
 
     def sample(self) -> None:
         pids = {name: p.pid for name, p in self.procs.items()}
@@ -713,11 +698,7 @@ class Soak:
             held = self.rng.uniform(1, 4) if kind.endswith("kill") else self.rng.uniform(4, 12)
             at = time.monotonic() - t0
             print(f"  fault at {at:6.1f}s: {kind} for {held:.1f}s", flush=True)
-            self.faulting.set()
-            try:
-                rec = self.inject(kind, held)
-            finally:
-                self.faulting.clear()
+            rec = self.inject(kind, held)
             rec.at = round(at, 1)
             healed = time.monotonic()
             try:

@@ -127,7 +127,8 @@ class Spool:
 
 @dataclass
 class Outbox:
-    """Which spooled seqs are in flight (published, no PUBACK yet) under which message id.
+    """Which spooled seqs are in flight (published, not yet acknowledged: by the hub's
+    ``TelemetryAck`` once it sends them, else by the broker's PUBACK) under which message id.
 
     ``due`` yields the oldest spooled seqs that are not in flight, up to ``max_inflight`` in flight
     at once, plus any in flight for longer than ``resend_after`` seconds (paho resends unacknowledged
