@@ -151,8 +151,9 @@ class Hub:
         loose = home.open_to_others()
         if loose:
             log.warning("the hub home is open to other users (%s): chmod -R go= %s", ", ".join(loose), home.path)
-        create_private(home.db_path)  # before SQLite creates it with the umask's mode
-        self.db = Database(home.db_path)
+        if not self.config.db:
+            create_private(home.db_path)  # before SQLite creates it with the umask's mode
+        self.db = Database(home.db_url)
         self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()

@@ -176,3 +176,37 @@ def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes:
         c.disconnect()
         c.loop_stop()
     return got[-1]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One throwaway PostgreSQL cluster for the session (tests/_postgres.py); each test that
+    wants a database takes a fresh one from it (``pg_url``)."""
+    from tests._postgres import PgCluster
+
+    cluster = PgCluster()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: object) -> str:
+    """The URL of a fresh, empty PostgreSQL database."""
+    return pg_cluster.new_database()  # type: ignore[attr-defined, no-any-return]
+
+
+def use_db(home: object, target: str | Path) -> None:
+    """Point a fresh hub home at *target* (``db_target``): hub.toml ``db`` for PostgreSQL; the
+    home's own hub.db for SQLite."""
+    if isinstance(target, str):
+        home.update_config(db=target)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """Where a hub database lives, once per engine: the same test runs on SQLite and on
+    PostgreSQL (a fresh database of the session's cluster)."""
+    if request.param == "sqlite":
+        return tmp_path / "hub.db"
+    return request.getfixturevalue("pg_url")  # type: ignore[no-any-return]

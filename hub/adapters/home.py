@@ -94,6 +94,9 @@ class HubConfig:
     metrics_listen: str = ""
     # Telemetry windows (and drift buckets) older than this many days are deleted; 0 keeps all
     telemetry_retention_days: float = 30.0
+    # The database (hub.db): "sqlite:///PATH" (relative to the home) or "postgresql://..." (hub
+    # replicas share one); empty = the home's hub.db
+    db: str = ""
 
     @property
     def http_tls(self) -> bool:
@@ -116,8 +119,9 @@ class HubHome:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def init(self, *, fleet: str, broker_url: str, http_listen: str, public_url: str = "") -> None:
-        """Create keys, config and token. Refuses to overwrite an existing home."""
+    def init(self, *, fleet: str, broker_url: str, http_listen: str, public_url: str = "", db: str = "") -> None:
+        """Create keys, config and token. Refuses to overwrite an existing home. *db*: hub.toml's
+        ``db`` (empty: the home's own hub.db)."""
         check_name(fleet, "fleet")
         if self.exists():
             raise ConfigError(f"{self.path} is already a hub home (found {self.config_path}); "
@@ -126,7 +130,8 @@ class HubHome:
         self.path.chmod(0o700)  # also a folder that existed, empty, before init
         self.keys.mkdir(mode=0o700, exist_ok=True)
         self.blobs.mkdir(mode=0o700, exist_ok=True)
-        create_private(self.db_path)
+        if not db:
+            create_private(self.db_path)
         keys = {}
         for name in ("root", "signing"):
             keys[name] = key = Ed25519PrivateKey.generate()
@@ -146,6 +151,8 @@ class HubHome:
             f"public_url = {toml_string(public_url)}\n"
             "# desired states are re-signed before they expire\n"
             "desired_ttl_seconds = 2592000\n"
+            + ("# the database hub replicas share (docs/scale-out.md)\n"
+               f"db = {toml_string(db)}\n" if db else "")
         )
         atomic_write(self.config_path, text.encode(), mode=0o600)
 
@@ -158,7 +165,7 @@ class HubHome:
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
                  "http_max_connections", "http_timeout_seconds", "metrics_listen", "telemetry_retention_days",
-                 *_SECURITY_KEYS}
+                 "db", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -172,8 +179,26 @@ class HubHome:
             http_timeout_seconds=float(self._positive(doc, "http_timeout_seconds", 30.0)),
             metrics_listen=self._path_or_str("metrics_listen", doc.get("metrics_listen", "")),
             telemetry_retention_days=self._retention(doc),
+            db=self._db(doc.get("db", "")),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
+
+    def _db(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.config_path}: db must be a URL string, got {value!r}")
+        if not value:
+            return ""
+        if value.startswith("sqlite:///"):
+            path = Path(value[len("sqlite:///"):])
+            return f"sqlite:///{path if path.is_absolute() else self.path / path}"
+        if value.startswith(("postgresql://", "postgres://")):
+            return value
+        raise ConfigError(f"{self.config_path}: db must be sqlite:///PATH or postgresql://..., got {value!r}")
+
+    @property
+    def db_url(self) -> str:
+        """Where this home's database is (hub.toml ``db``; default ``HOME/hub.db``)."""
+        return self.config().db or f"sqlite:///{self.db_path.resolve()}"
 
     def _retention(self, doc: dict[str, Any]) -> float:
         value = doc.get("telemetry_retention_days", 30.0)
@@ -292,6 +317,21 @@ class HubHome:
 
     def clear_run(self) -> None:
         self.run_path.unlink(missing_ok=True)
+
+    def running_hub(self) -> str | None:
+        """``pid N`` of the hub serving from this home, when its run file names a live process
+        (a hub killed -9 leaves the file behind)."""
+        try:
+            pid = int(json.loads(self.run_path.read_text())["pid"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return f"pid {pid}"
 
     def api_url(self) -> str:
         try:

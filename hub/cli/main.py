@@ -43,7 +43,13 @@ DEFAULT_HOME = os.environ.get("EDGEFLEET_HUB_HOME", str(Path.home() / ".edgeflee
 
 def cmd_init(args: argparse.Namespace) -> int:
     home = HubHome(Path(args.home))
-    home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "")
+    if args.db:  # reachable, and its schema created (or already current), before anything is written
+        from edgefleet.hub.db import Database, db_url
+
+        if db_url(args.db).startswith("postgres"):
+            Database(args.db).close()
+    home.init(fleet=args.fleet, broker_url=args.broker, http_listen=args.http, public_url=args.public_url or "",
+              db=args.db or "")
     print(f"hub home ready in {home.path} (fleet {args.fleet})")
     print(f"  root key:  {home.root_key_path}  (the fleet's trust anchor: move it offline now; the hub runs")
     print(f"             on {home.root_pub_path} alone, and key ceremonies take --root-key PATH)")
@@ -365,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
     sp.add_argument("--http", default="127.0.0.1:8400", help="HTTP listen address HOST:PORT")
     sp.add_argument("--public-url", help="URL agents use to reach this hub (default http://<--http>)")
+    sp.add_argument("--db", metavar="URL", help="postgresql://USER@HOST[:PORT]/DB, shared by hub replicas "
+                    "(default: sqlite, HOME/hub.db)")
 
     sp = cmd("serve", cmd_serve, "run the hub daemon (HTTP blob server + admin API, MQTT link)")
     sp.add_argument("--broker", help="MQTT broker URL (overrides hub.toml)")
@@ -461,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgefleet.hub.cli.tokens import add_token_commands
 
     add_token_commands(sub, cmd, client)
+    from edgefleet.hub.cli.database import add_db_commands
+
+    add_db_commands(sub, cmd)
     return p
 
 

@@ -2,7 +2,7 @@
 
 A group id follows the device id rules (:func:`agent.contract.wire.check_name`). The column
 ``devices.device_group`` is added to a database created before groups existed when it is opened
-(:func:`edgefleet.hub.db.ensure_group_column`), so an old hub home keeps working.
+(schema version 1 of :mod:`edgefleet.hub.db`), so an old hub home keeps working.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.contract.errors import MalformedMessage
 from edgefleet.agent.contract.wire import check_name
-from edgefleet.hub.db import GROUP_COLUMN
 from edgefleet.hub.errors import BadRequest, NotFound
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ def known_groups(db: Database) -> list[str]:
 
 
 def group_of(row: Mapping[str, Any]) -> str | None:
-    value = row.get(GROUP_COLUMN)
+    value = row.get("device_group")
     return str(value) if value else None
 
 

@@ -64,9 +64,7 @@ from edgefleet.hub.errors import BadRequest, Conflict, NotFound
 from edgefleet.hub.services.drift_monitor import ALERT_KIND
 
 if TYPE_CHECKING:
-    from sqlite3 import Connection
-
-    from edgefleet.hub.db import Database
+    from edgefleet.hub.db import Conn, Database
 
 __all__ = ["RolloutConfig", "RolloutManager", "load_rollout_config"]
 
@@ -110,7 +108,7 @@ class DesiredStates(Protocol):
 
     def clock(self) -> float: ...
 
-    def sign_and_store(self, conn: Connection, device: str, now: float) -> int: ...
+    def sign_and_store(self, conn: Conn, device: str, now: float) -> int: ...
 
     def publish_desired(self, device: str) -> None: ...
 
@@ -159,7 +157,7 @@ class RolloutManager:
         specs = self.db.active_rollout_specs()
         self._active = {r.model: r for r in (Rollout.from_dict(x) for x in specs)}
 
-    def _save(self, conn: Connection, r: Rollout, now: float) -> None:
+    def _save(self, conn: Conn, r: Rollout, now: float) -> None:
         self.db.save_rollout(conn, r.id, r.model, r.state, r.to_dict(), r.created_at, now)
         if r.active:
             self._active[r.model] = r
@@ -184,7 +182,7 @@ class RolloutManager:
 
     # -- desired states (called inside the hub's signing transaction) ----------------------------
 
-    def adjust(self, conn: Connection, device: str, entries: Mapping[str, ModelEntry], now: float) -> dict[str, ModelEntry]:
+    def adjust(self, conn: Conn, device: str, entries: Mapping[str, ModelEntry], now: float) -> dict[str, ModelEntry]:
         out = dict(entries)
         for name, entry in entries.items():
             r = self._active.get(name)
@@ -218,7 +216,7 @@ class RolloutManager:
 
     # -- evidence (called inside the ingest transaction) -----------------------------------------
 
-    def add_window(self, conn: Connection, device: str, tw: TelemetryWindow, now: float) -> None:
+    def add_window(self, conn: Conn, device: str, tw: TelemetryWindow, now: float) -> None:
         for name, w in tw.models.items():
             r = self._active.get(name)
             if r is None or device not in r.members:
@@ -232,7 +230,7 @@ class RolloutManager:
             stored = {**canary, "stable_outputs": dict(theirs)} if isinstance(theirs, Mapping) else canary
             self.db.insert_rollout_window(conn, r.id, r.step, device, tw.seq, now, stored, w.latency_ms)
 
-    def add_event(self, conn: Connection, device: str, ev: Event, now: float) -> None:
+    def add_event(self, conn: Conn, device: str, ev: Event, now: float) -> None:
         if ev.type not in CANARY_EVENTS or ev.model is None:
             return
         r = self._active.get(ev.model)

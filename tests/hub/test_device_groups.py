@@ -18,8 +18,8 @@ OLD_DEVICES = (
 )
 
 
-def _db(tmp_path: Path, devices: dict[str, str | None]) -> Database:
-    db = Database(tmp_path / "hub.db")
+def _db(target: Path | str, devices: dict[str, str | None]) -> Database:
+    db = Database(target)
     with db.tx() as conn:
         for dev, group in devices.items():
             conn.execute("INSERT INTO devices (id, profile, created_at, device_group) VALUES (?,?,?,?)",
@@ -43,16 +43,16 @@ def test_database_from_before_groups_gets_the_column_and_keeps_its_devices(tmp_p
     Database(path).close()  # opening again is a no-op, not a "duplicate column" error
 
 
-def test_deploy_targets_are_the_union_of_devices_and_groups(tmp_path: Path) -> None:
-    db = _db(tmp_path, {"a1": "line-a", "a2": "line-a", "b1": "line-b", "lone": None})
+def test_deploy_targets_are_the_union_of_devices_and_groups(db_target: Path | str) -> None:
+    db = _db(db_target, {"a1": "line-a", "a2": "line-a", "b1": "line-b", "lone": None})
     assert deploy_targets(db, {"groups": ["line-a"]}) == ["a1", "a2"]
     assert deploy_targets(db, {"devices": ["b1", "a2"], "groups": ["line-a"]}) == ["b1", "a2", "a1"]
     assert deploy_targets(db, {"devices": ["lone"]}) == ["lone"]
     assert known_groups(db) == ["line-a", "line-b"]
 
 
-def test_a_group_without_devices_is_refused_naming_the_known_groups(tmp_path: Path) -> None:
-    db = _db(tmp_path, {"a1": "line-a", "b1": "line-b"})
+def test_a_group_without_devices_is_refused_naming_the_known_groups(db_target: Path | str) -> None:
+    db = _db(db_target, {"a1": "line-a", "b1": "line-b"})
     with pytest.raises(NotFound, match=r"group 'line-c' has no device; known groups: line-a, line-b"):
         deploy_targets(db, {"groups": ["line-c"]})
     with pytest.raises(BadRequest, match="at least one device"):
@@ -66,6 +66,6 @@ def test_group_ids_follow_the_device_id_rules(tmp_path: Path, bad: str) -> None:
         return
     with pytest.raises(BadRequest, match=r"group id must be 1-64 characters of A-Z a-z 0-9 _ \. -"):
         check_group(bad)
-    db = _db(tmp_path, {"a1": "line-a"})
+    db = _db(tmp_path / "hub.db", {"a1": "line-a"})
     with pytest.raises(BadRequest, match="group id must be"):
         deploy_targets(db, {"groups": [bad]})

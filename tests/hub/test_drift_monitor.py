@@ -22,8 +22,9 @@ REF = Reference(features=(FeatureReference(name="x", edges=EDGES, freqs=(0.25, 0
 
 
 class World:
-    def __init__(self, tmp: Path, config: DriftConfig) -> None:
-        self.db = Database(tmp / "hub.db")
+    def __init__(self, db: Path | str, config: DriftConfig) -> None:
+        """*db*: the ``db_target`` fixture (SQLite file or a fresh PostgreSQL database)."""
+        self.db = Database(db)
         self.now = 1000.0
         self.published: list[tuple[str, dict[str, Any], bool]] = []
         self.assigned: list[tuple[str, str, str, str]] = []
@@ -56,8 +57,8 @@ def _uniform(rng: np.random.Generator, n: int = 400) -> np.ndarray:
     return rng.uniform(0, 4, n)
 
 
-def test_late_windows_merge_into_their_own_time_bucket(tmp_path: Path) -> None:
-    w = World(tmp_path, DriftConfig(window_seconds=10, bucket_seconds=10))
+def test_late_windows_merge_into_their_own_time_bucket(db_target: Path | str) -> None:
+    w = World(db_target, DriftConfig(window_seconds=10, bucket_seconds=10))
     rng = np.random.default_rng(1)
     w.window(100.0, _uniform(rng), _uniform(rng))
     w.window(125.0, _uniform(rng), _uniform(rng))
@@ -68,10 +69,10 @@ def test_late_windows_merge_into_their_own_time_bucket(tmp_path: Path) -> None:
     assert sum(merged["x"]["counts"]) == 800
 
 
-def test_alarm_publishes_retained_per_model_audits_and_rolls_back_to_predecessor(tmp_path: Path) -> None:
+def test_alarm_publishes_retained_per_model_audits_and_rolls_back_to_predecessor(db_target: Path | str) -> None:
     cfg = DriftConfig.from_dict({"window_seconds": 5, "bucket_seconds": 1, "min_rows": 100,
                                  "models": {"m": {"on_drift": "rollback", "watch_seconds": 60}}})
-    w = World(tmp_path, cfg)
+    w = World(db_target, cfg)
     rng = np.random.default_rng(2)
     for t in range(5):
         w.window(100.0 + t, _uniform(rng), _uniform(rng))
@@ -90,10 +91,10 @@ def test_alarm_publishes_retained_per_model_audits_and_rolls_back_to_predecessor
     assert len(w.published) == 2  # still in alarm: nothing new
 
 
-def test_rollback_outside_the_watch_period_only_alerts(tmp_path: Path) -> None:
+def test_rollback_outside_the_watch_period_only_alerts(db_target: Path | str) -> None:
     cfg = DriftConfig.from_dict({"window_seconds": 5, "bucket_seconds": 1, "min_rows": 100,
                                  "on_drift": "rollback", "watch_seconds": 5})
-    w = World(tmp_path, cfg)  # deployed at 990, now 1000: 10 s ago
+    w = World(db_target, cfg)  # deployed at 990, now 1000: 10 s ago
     rng = np.random.default_rng(3)
     w.window(100.0, _uniform(rng), _uniform(rng) + 10)
     assert w.assigned == []
@@ -131,12 +132,12 @@ def test_windows_summed_between_flushes_store_what_one_flush_per_window_stores(t
                 {"0": i, str(i % 3): 2}) for i in range(8)]
     (tmp_path / "one").mkdir()
     (tmp_path / "batched").mkdir()
-    one = World(tmp_path / "one", DriftConfig(bucket_seconds=10))
+    one = World(tmp_path / "one" / "hub.db", DriftConfig(bucket_seconds=10))
     for tw in wins:
         one.mon.add_all([("dev", tw)])
         with one.db.tx() as conn:
             one.mon.flush(conn, force=True)
-    batched = World(tmp_path / "batched", DriftConfig(bucket_seconds=10))
+    batched = World(tmp_path / "batched" / "hub.db", DriftConfig(bucket_seconds=10))
     batched.mon.add_all([("dev", tw) for tw in wins[:3]])
     batched.mon.add_all([("dev", tw) for tw in wins[3:6]])
     with batched.db.tx() as conn:
@@ -148,8 +149,8 @@ def test_windows_summed_between_flushes_store_what_one_flush_per_window_stores(t
     assert [r[1] for r in _agg(one)] == [4, 3, 1]  # buckets 100, 110, 120 (8 windows 3 s apart)
 
 
-def test_a_feature_whose_bins_change_between_flushes_keeps_the_newest_bins(tmp_path: Path) -> None:
-    w = World(tmp_path, DriftConfig(bucket_seconds=10))
+def test_a_feature_whose_bins_change_between_flushes_keeps_the_newest_bins(db_target: Path | str) -> None:
+    w = World(db_target, DriftConfig(bucket_seconds=10))
     old = {"name": "x", "counts": [1, 1, 1, 1], "below": 1, "above": 0, "nan": 0}
     new = {"name": "x", "counts": [2, 2, 2, 2, 2, 2], "below": 0, "above": 3, "nan": 0}
     w.mon.add_all([("dev", _tw(1, 100.0, (old,), {"0": 1})), ("dev", _tw(2, 101.0, (new,), {"0": 1}))])
@@ -161,10 +162,10 @@ def test_a_feature_whose_bins_change_between_flushes_keeps_the_newest_bins(tmp_p
     assert row[7] == {"0": 2, "1": 1} and row[1] == 3
 
 
-def test_a_window_with_histogram_counts_that_are_not_numbers_is_refused_alone(tmp_path: Path) -> None:
+def test_a_window_with_histogram_counts_that_are_not_numbers_is_refused_alone(db_target: Path | str) -> None:
     """It raises while its batch is taken in (the hub then retries message by message), not at a
     later flush where it would take every other window of the interval with it."""
-    w = World(tmp_path, DriftConfig(bucket_seconds=10))
+    w = World(db_target, DriftConfig(bucket_seconds=10))
     good = {"name": "x", "counts": [1, 1, 1, 1], "below": 0, "above": 0, "nan": 0}
     bad = {"name": "x", "counts": [1, "many", 1, 1], "below": 0, "above": 0, "nan": 0}
     w.mon.add_all([("dev", _tw(1, 100.0, (good,), {}))])

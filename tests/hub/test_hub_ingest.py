@@ -1,4 +1,4 @@
-"""Hub ingest on real SQLite, no broker: a message that breaks the hub loses only itself, and
+"""Hub ingest on real SQLite and PostgreSQL, no broker: a message that breaks the hub loses only itself, and
 numbers outside 64 bits are refused as malformed instead of failing the batch."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from edgefleet.agent.contract.wire import ModelWindow, TelemetryWindow
 from edgefleet.agent.core.telemetry import LATENCY_BUCKETS_MS
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
+from tests.conftest import use_db
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def hub(tmp_path: Path, db_target: str | Path) -> Iterator[Hub]:
     home = HubHome(tmp_path / "hub")
     home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    use_db(home, db_target)
     h = Hub(home, clock=lambda: 1_800_000_000.0)
     for d in ("d1", "d2", "d3", "d4"):
         h.add_device({"device": d}, "test")
@@ -174,11 +176,14 @@ def test_retention_days_must_be_a_number_of_days(tmp_path: Path) -> None:
 
 def test_an_existing_database_gets_the_retention_index(tmp_path: Path) -> None:
     """Homes created before retention open with the index on telemetry.received_at too."""
-    from edgefleet.hub.db import Database
+    import sqlite3
 
-    db = Database(tmp_path / "hub.db")
-    db.query("DROP INDEX telemetry_received")  # as a database from before retention
-    db.close()
+    from edgefleet.hub.db import SCHEMA_1, Database
+
+    conn = sqlite3.connect(tmp_path / "hub.db")  # as a database from before retention (and versions)
+    conn.executescript(SCHEMA_1.format(REAL="REAL", INT="INTEGER", SERIAL="INTEGER PRIMARY KEY AUTOINCREMENT")
+                       .replace("CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry (received_at);", ""))
+    conn.close()
     db = Database(tmp_path / "hub.db")
     names = {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type='index'")}
     db.close()

@@ -19,7 +19,7 @@ from edgefleet.hub.adapters.api import HubHttpServer
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
 from edgefleet.hub.errors import BadRequest, Conflict, NotFound
-from tests.conftest import run_cli
+from tests.conftest import run_cli, use_db
 from tests.simulator import tiny_model
 
 LAT = {"p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0}
@@ -34,9 +34,10 @@ class Clock:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[tuple[Hub, Clock]]:
+def hub(tmp_path: Path, db_target: str | Path) -> Iterator[tuple[Hub, Clock]]:
     home = HubHome(tmp_path / "hub")
     home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
+    use_db(home, db_target)
     (home.path / "rollout.toml").write_text(
         "evaluate_seconds = 0.2\n[policy]\nmin_inferences = 100\nmin_device_windows = 2\n"
         "step_deadline_seconds = 300\n")
