@@ -59,6 +59,7 @@ from edgefleet.hub.core.drift import Policy as DriftPolicy
 from edgefleet.hub.core.lineage import clean_lineage, diff_versions, find_decision
 from edgefleet.hub.db import Database
 from edgefleet.hub.errors import BadRequest, Conflict, NotAuthorized, NotFound
+from edgefleet.hub.services.controller import Controller, replica_name
 from edgefleet.hub.services.drift_monitor import ALERT_KIND, DriftMonitor, Staged, load_drift_config
 from edgefleet.hub.services.enrol import (
     device_broker_url,
@@ -153,7 +154,8 @@ class Hub:
             log.warning("the hub home is open to other users (%s): chmod -R go= %s", ", ".join(loose), home.path)
         if not self.config.db:
             create_private(home.db_path)  # before SQLite creates it with the umask's mode
-        self.db = Database(home.db_url)
+        self.replica_id = replica_name(self.replica)  # names this process's database sessions
+        self.db = Database(home.db_url, name=self.replica_id)
         self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
@@ -172,9 +174,14 @@ class Hub:
         self.http: Any = None
         self.metrics_http: Any = None  # hub.toml metrics_listen: /metrics without a token
         self.public_url = ""
+        # The controller's work (rollout gates, drift alarms, re-signing, retention) runs on one
+        # replica at a time, the elected one (hub.services.controller).
+        self.controller = Controller(self.db, self.replica_id, lease_seconds=self.config.controller_lease_seconds,
+                                     on_elected=self._on_elected, on_demoted=self._on_demoted)
         self.drift = DriftMonitor(  # telemetry aggregation, drift scores and alerts
             db=self.db, config=load_drift_config(home.path / "drift.toml"), topics=self.topics, clock=clock,
-            publish=self._publish, assign=self._assign_one)
+            publish=self._publish, assign=self._assign_one, leading=lambda: self.controller.leading,
+            fence=self.controller.fence)
         self.rollouts = RolloutManager.attach(self, home.path / "rollout.toml")  # staged rollouts: cohorts, gates, evaluator thread
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -231,6 +238,7 @@ class Hub:
                               subscriptions=subs, on_batch=self._on_batch, clean_session=False, **opts)
             link.start()
             self._ingest_links.append(link)
+        self.controller.start()  # elected (or not) before the controller's threads first look
         self.http.start()
         if self.metrics_http is not None:
             self.metrics_http.start()
@@ -261,6 +269,7 @@ class Hub:
         for t in self._threads:
             t.join(10)
         self._score_drift()  # the last interval's sums
+        self.controller.stop()
         if self.http is not None:
             self.http.stop()
         if self.metrics_http is not None:
@@ -269,6 +278,28 @@ class Hub:
             self.link.stop()
         self.home.clear_run()
         self.db.close()
+
+    # -- the elected controller ------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica is the controller (:mod:`hub.services.controller`)."""
+        return self.controller.leading
+
+    def fence(self, conn: Any) -> None:
+        """Refuse (Fenced) a controller write once this replica no longer leads."""
+        self.controller.fence(conn)
+
+    def _on_elected(self, epoch: int) -> None:
+        """Take over what the previous controller left: the rollouts as stored, the drift alarm
+        state, and the retained messages (re-published, for a broker node that lost them)."""
+        self.rollouts.sync()
+        self.drift.take_over()
+        if self.link is not None and self.link.connected.is_set():
+            self._on_connect()
+
+    def _on_demoted(self, reason: str) -> None:
+        log.warning("controller work stops on this replica: %s", reason)
 
     # -- MQTT ------------------------------------------------------------------------------------
 
@@ -433,8 +464,12 @@ class Hub:
         return None
 
     def _main_loop(self) -> None:
-        self._watch_keyring()
+        """The controller's periodic work; on the other replicas it waits for its turn."""
+        if self.leading:
+            self._watch_keyring()
         while not self._stop.wait(60):
+            if not self.leading:
+                continue
             try:
                 self.refresh_expiring()
             except Exception:
@@ -453,7 +488,7 @@ class Hub:
             return 0
         before, total = self.clock() - days * 86400, 0
         while not self._stop.is_set():
-            n = self.db.prune_telemetry(before, PRUNE_CHUNK)
+            n = self.db.prune_telemetry(before, PRUNE_CHUNK, fence=self.controller.fence)
             total += n
             if n < PRUNE_CHUNK:
                 break
@@ -653,9 +688,12 @@ class Hub:
             self.publish_desired(device)
         return {"model": name, "version": version, "devices": out}
 
-    def _assign_one(self, device: str, name: str, version: str, actor: str) -> dict[str, Any]:
-        """Assign, sign, store and publish one device's new state in a transaction of its own."""
+    def _assign_one(self, device: str, name: str, version: str, actor: str, fenced: bool = False) -> dict[str, Any]:
+        """Assign, sign, store and publish one device's new state in a transaction of its own
+        (*fenced*: the controller's decision, written only while this replica leads)."""
         with self.db.tx() as conn:
+            if fenced:
+                self.controller.fence(conn)
             out = self._assign(conn, device, name, version, actor, self.clock())
         self.publish_desired(device)
         return out
@@ -711,6 +749,7 @@ class Hub:
         due = self.db.expiring_desired(now, half)
         for device in due:
             with self.db.tx() as conn:
+                self.controller.fence(conn)
                 self.sign_and_store(conn, device, now)
             self.publish_desired(device)
         return due
@@ -753,7 +792,8 @@ class Hub:
             })
         return {"fleet": self.config.fleet, "hub_version": __version__, "devices": devices,
                 "total": self.db.device_count(), "next": rows[-1]["id"] if more else None,
-                "counters": dict(self.counters), "keyring": self.keyring_status()}
+                "counters": dict(self.counters), "keyring": self.keyring_status(),
+                "controller": self.controller.describe(), "database": {"engine": self.db.engine}}
 
     def events(self, device: str | None, limit: int) -> list[dict[str, Any]]:
         rows = self.db.events(device, limit)
@@ -872,7 +912,8 @@ class Hub:
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus page (:mod:`hub.services.metrics`)."""
         return render_metrics(fleet=self.config.fleet, db=self.db, counters=dict(self.counters),
-                            drift=self.drift.last_reports(), rollouts=self.rollouts.status())
+                            drift=self.drift.last_reports(), rollouts=self.rollouts.status(),
+                            controller=self.controller.describe())
 
     def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
         return self.db.audit_entries(since)

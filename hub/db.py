@@ -38,6 +38,7 @@ step it arrived in), ``rollout_events`` (canary events of cohort devices), and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -174,33 +175,47 @@ def _migrate_1(conn: Conn, engine: str) -> None:
 
 
 def _migrate_2(conn: Conn, engine: str) -> None:
-    # rollouts.n: the order rollouts were created in (newest first lists broke ties on SQLite's
-    # rowid, which PostgreSQL has no equivalent of).
-    conn.execute(f"ALTER TABLE rollouts ADD COLUMN n {_TYPES[engine]['INT']}")
+    t = _TYPES[engine]
+    # rollouts.n: the order rollouts were created in (newest-first lists broke ties on SQLite's
+    # rowid, which PostgreSQL lacks); rollouts.rev: bumped by every save, so a replica whose copy
+    # of a rollout is older than the database's refuses to act on it (hub.services.rollout_manager).
+    conn.execute(f"ALTER TABLE rollouts ADD COLUMN n {t['INT']}")
+    conn.execute(f"ALTER TABLE rollouts ADD COLUMN rev {t['INT']} NOT NULL DEFAULT 1")
     if engine == "sqlite":
         conn.execute("UPDATE rollouts SET n = rowid")
-    # The elected controller (hub.services.controller): one row per role, its fencing epoch
-    # bumped by every replica that takes the role, checked by each of the controller's writes.
-    conn.execute(f"CREATE TABLE controller (role TEXT PRIMARY KEY, epoch {_TYPES[engine]['INT']} NOT NULL, "
-                 f"holder TEXT NOT NULL, since {_TYPES[engine]['REAL']} NOT NULL, "
-                 f"heartbeat {_TYPES[engine]['REAL']} NOT NULL)")
+    # The elected controller (hub.services.controller): one row per role; its fencing epoch is
+    # bumped by every replica that takes the role and checked by each of the controller's writes.
+    # heartbeat and since are the database's clock, not the replicas'.
+    conn.execute(f"CREATE TABLE controller (role TEXT PRIMARY KEY, epoch {t['INT']} NOT NULL, "
+                 f"holder TEXT NOT NULL, since {t['REAL']} NOT NULL, heartbeat {t['REAL']} NOT NULL)")
+    # The drift alarm state per model version and scope (what the controller last alerted), so
+    # that a new controller does not alert again what its predecessor did.
+    conn.execute("CREATE TABLE drift_alarm (model TEXT NOT NULL, version TEXT NOT NULL, scope TEXT NOT NULL, "
+                 "state TEXT NOT NULL, PRIMARY KEY (model, version, scope))")
+    # telemetry_agg.updated_at: when a replica last merged sums into the row (hub clock), so the
+    # controller scores the versions every replica's ingest touched.
+    conn.execute(f"ALTER TABLE telemetry_agg ADD COLUMN updated_at {t['REAL']} NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX telemetry_agg_updated ON telemetry_agg (updated_at)")
 
 
 # (version, what it does, how): applied in order at open, each in one transaction with
 # schema_version; a database newer than the last known version is refused.
 MIGRATIONS: list[tuple[int, str, Callable[[Conn, str], None]]] = [
     (1, "the tables of edgefleet 0.1", _migrate_1),
-    (2, "rollouts in creation order; the controller's fencing epoch", _migrate_2),
+    (2, "rollouts in creation order with revisions; the elected controller; drift alarm state", _migrate_2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Every table the hub keeps (what db migrate copies), schema_version aside.
 TABLES = ("models", "model_preflight", "devices", "assignments", "desired", "telemetry", "telemetry_models",
           "telemetry_pruned", "telemetry_models_pruned", "telemetry_agg", "events", "rollouts", "rollout_windows",
-          "rollout_events", "audit", "captures", "controller")
+          "rollout_events", "audit", "captures", "controller", "drift_alarm")
 
 # Key of the advisory lock every PostgreSQL write transaction takes (one per database: replicas
 # of one fleet share it); "edgeflt" in ASCII.
 WRITE_LOCK = 0x6564676566_6C74
+IDLE_IN_TRANSACTION_SECONDS = 15.0
+# The clock of the database (the replicas' own clocks may disagree), in Unix seconds.
+_NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)", "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())"}
 
 
 def _statements(script: str) -> list[str]:
@@ -265,14 +280,105 @@ class _PgConn:
         return cur  # type: ignore[no-any-return]
 
 
+class LeaderLock(Protocol):
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; whether this process holds it now."""
+
+    def held(self) -> bool:
+        """Whether this process still holds it (False once its connection or file is gone)."""
+
+    def release(self) -> None: ...
+
+
+class _FileLeaderLock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        import fcntl
+        import os
+
+        if self._fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class _PgLeaderLock:
+    KEY = 0x65646765  # "edge"; the second key is the role's
+
+    def __init__(self, url: str, name: str, role: str) -> None:
+        import zlib
+
+        self.url, self.name = url, name
+        self.key = (self.KEY, zlib.crc32(role.encode()) & 0x7FFFFFFF)
+        self._conn: Any = None
+        self._held = False
+
+    def try_acquire(self) -> bool:
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._held = False
+                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, application_name=self.name)
+            if not self._held:
+                self._held = bool(self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self.key).fetchone()[0])
+        except psycopg.Error:
+            self.release()
+        return self._held
+
+    def held(self) -> bool:
+        import psycopg
+
+        if not self._held or self._conn is None:
+            return False
+        try:
+            row = self._conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                "AND classid::bigint = %s AND objid::bigint = %s AND granted", self.key).fetchone()
+            self._held = bool(row[0])
+        except psycopg.Error:
+            self.release()
+        return self._held
+
+    def release(self) -> None:
+        self._held = False
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()  # the server releases a closed session's locks
+            self._conn = None
+
+
 class Database:
-    def __init__(self, target: Path | str) -> None:
-        """Open (and migrate) the database at *target*: a path (SQLite) or a URL."""
+    def __init__(self, target: Path | str, name: str = "edgefleet-hub") -> None:
+        """Open (and migrate) the database at *target*: a path (SQLite) or a URL. *name*: the
+        PostgreSQL application_name of this process's connections (a hub replica's: see
+        :meth:`terminate_holder`)."""
         self.url = db_url(target)
+        self.name = name[:63]
         self.engine = "sqlite" if self.url.startswith("sqlite:") else "postgresql"
         self._lock = threading.RLock()
         self._pg: _PgConn | None = None
         self._sqlite: sqlite3.Connection | None = None
+        self.tx_serial = 0  # write transactions begun by this process (what caches compare against)
         with self._lock:
             self._connect()
             self._migrate()
@@ -297,22 +403,40 @@ class Database:
             raise ConfigError("a PostgreSQL database needs psycopg 3: pip install 'edgefleet[postgresql]'") from None
         try:
             raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10,
-                                  application_name="edgefleet-hub")
+                                  application_name=self.name)
         except psycopg.OperationalError as exc:
             raise ConfigError(f"cannot connect to {redact_url(self.url)}: {str(exc).strip()}") from None
         raw.adapters.register_loader("numeric", _numeric_loader())
+        # A process stopped inside a write transaction (SIGSTOP, a hung host) holds the write lock;
+        # the server ends such a session after this long, and the other replicas write again.
+        raw.execute(f"SET idle_in_transaction_session_timeout = {int(IDLE_IN_TRANSACTION_SECONDS * 1000)}")
         self._pg = _PgConn(raw)
 
     def _conn(self) -> Conn:
         """The connection, reconnected first if PostgreSQL dropped it (a server restart, a
-        failover): the statement that found it broken failed, the next one gets a new one."""
+        failover, a session ended by another replica's takeover)."""
         if self._sqlite is not None:
             return self._sqlite
         assert self._pg is not None
-        if self._pg.raw.closed or self._pg.raw.broken:
+        if self._lost():
             self._pg.raw.close()
             self._connect()
         return self._pg
+
+    def _lost(self) -> bool:
+        return self._pg is not None and bool(self._pg.raw.closed or self._pg.raw.broken)
+
+    def _first(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Conn, Cursor]:
+        """Run the first statement of a read or a transaction; once more on a new connection if
+        the old one turns out to be dead (nothing was done on it yet, so repeating is safe)."""
+        conn = self._conn()
+        try:
+            return conn, conn.execute(sql, args)
+        except Exception:
+            if not self._lost():
+                raise
+        conn = self._conn()
+        return conn, conn.execute(sql, args)
 
     def _migrate(self) -> None:
         while True:
@@ -347,8 +471,8 @@ class Database:
         """One write transaction; commits on success, rolls back on any error. Exclusive: see the
         module's docstring."""
         with self._lock:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE" if self.engine == "sqlite" else "BEGIN")
+            conn, _ = self._first("BEGIN IMMEDIATE" if self.engine == "sqlite" else "BEGIN")
+            self.tx_serial += 1
             try:
                 if self.engine == "postgresql":
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
@@ -359,7 +483,7 @@ class Database:
             conn.execute("COMMIT")
 
     def _rollback(self, conn: Conn) -> None:
-        if self._pg is not None and (self._pg.raw.closed or self._pg.raw.broken):
+        if self._lost():
             return  # nothing to roll back on a lost connection (the server did)
         conn.execute("ROLLBACK")
 
@@ -367,7 +491,7 @@ class Database:
         """Rows of one read, as dicts. The hub's own modules call the named methods below; this is
         what they are built on (and what tests and benchmarks inspect the database with)."""
         with self._lock:
-            return [dict(r) for r in self._conn().execute(sql, tuple(args)).fetchall()]
+            return [dict(r) for r in self._first(sql, tuple(args))[1].fetchall()]
 
     # -- copying a whole database (edgefleet-hub db migrate) ------------------------------------
 
@@ -404,6 +528,58 @@ class Database:
                 out.execute("SELECT setval(pg_get_serial_sequence('rollout_events', 'id'), COALESCE(MAX(id), 0) + 1, "
                             "false) FROM rollout_events")
         return copied
+
+    # -- the elected controller (hub.services.controller) ----------------------------------------
+
+    def controller(self, role: str) -> dict[str, Any] | None:
+        """``epoch, holder, since, heartbeat`` of *role*'s row and ``age``, the seconds since its
+        last heartbeat by the database's clock; None before anyone took the role."""
+        rows = self.query(f"SELECT epoch, holder, since, heartbeat, {_NOW[self.engine]} - heartbeat AS age "  # noqa: S608
+                          "FROM controller WHERE role=?", (role,))
+        return rows[0] if rows else None
+
+    def take_controller(self, role: str, holder: str) -> int:
+        """Record *holder* as *role*'s controller under a new fencing epoch; the epoch. Only after
+        the role's lock (:meth:`leader_lock`) is held."""
+        now = _NOW[self.engine]
+        with self.tx() as conn:
+            conn.execute(f"INSERT INTO controller VALUES (?, 1, ?, {now}, {now}) ON CONFLICT (role) DO UPDATE SET "  # noqa: S608
+                         "epoch=controller.epoch + 1, holder=excluded.holder, since=excluded.since, "
+                         "heartbeat=excluded.heartbeat", (role, holder))
+            return int(conn.execute("SELECT epoch FROM controller WHERE role=?", (role,)).fetchone()["epoch"])
+
+    def controller_heartbeat(self, role: str, epoch: int) -> bool:
+        """Stamp the role's heartbeat if *epoch* still holds it; False: another replica took it."""
+        with self.tx() as conn:
+            cur = conn.execute(f"UPDATE controller SET heartbeat={_NOW[self.engine]} WHERE role=? AND epoch=?",  # noqa: S608
+                               (role, epoch))
+            return cur.rowcount == 1
+
+    def controller_epoch(self, conn: Conn, role: str) -> int | None:
+        """The role's epoch as the open transaction sees it (a write transaction is exclusive, so
+        no replica can take the role before it commits)."""
+        row = conn.execute("SELECT epoch FROM controller WHERE role=?", (role,)).fetchone()
+        return int(row["epoch"]) if row else None
+
+    def terminate_holder(self, holder: str) -> int:
+        """End every PostgreSQL session of the replica whose connections are named *holder* (its
+        lock connection too, which releases the role's lock): a replica that stopped answering
+        (SIGSTOP, a hung host) keeps its sessions, its locks and maybe an open write transaction
+        until the server ends them. The sessions ended; 0 on SQLite."""
+        if self.engine != "postgresql":
+            return 0
+        # the timeout (PostgreSQL 14+) waits for each session to have exited, its locks released
+        rows = self.query("SELECT pg_terminate_backend(pid, 5000) AS ok FROM pg_stat_activity "
+                          "WHERE application_name = ? AND pid <> pg_backend_pid()", (holder,))
+        return sum(1 for r in rows if r["ok"])
+
+    def leader_lock(self, role: str) -> LeaderLock:
+        """The lock that makes one process *role*'s controller: a session advisory lock on a
+        connection of its own (PostgreSQL), or an flock on a file beside the database (SQLite:
+        the processes sharing the file on one host)."""
+        if self.engine == "postgresql":
+            return _PgLeaderLock(self.url, self.name, role)
+        return _FileLeaderLock(Path(unquote(self.url[len("sqlite:///"):]) + f".{role}.lock"))
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -598,13 +774,16 @@ class Database:
         )
         return True
 
-    def prune_telemetry(self, before: float, limit: int) -> int:
+    def prune_telemetry(self, before: float, limit: int, fence: Callable[[Conn], None] | None = None) -> int:
         """Delete up to *limit* of the oldest windows received before *before* (their per-model
         rows too) and the drift buckets older than it, in one transaction; the windows deleted.
         Each device's deleted windows are counted in ``telemetry_pruned`` and their requests and
         errors per model version in ``telemetry_models_pruned``, so that the totals the metrics
-        page shows as counters (:meth:`telemetry_counts`, :meth:`model_totals`) never go down."""
+        page shows as counters (:meth:`telemetry_counts`, :meth:`model_totals`) never go down.
+        *fence*: called first inside the transaction (the controller's check that it still leads)."""
         with self.tx() as conn:
+            if fence is not None:
+                fence(conn)
             keys = [(r["device"], r["seq"]) for r in conn.execute(
                 "SELECT device, seq FROM telemetry WHERE received_at < ? ORDER BY received_at LIMIT ?",
                 (before, limit))]
@@ -689,15 +868,34 @@ class Database:
 
     def put_telemetry_agg(self, conn: Conn, model: str, version: str, device: str, bucket: float, *,
                           windows: int, requests: int, errors: int, rows: int, latency: list[int],
-                          inputs: Mapping[str, Any], classes: Mapping[str, int], last_end: float) -> None:
+                          inputs: Mapping[str, Any], classes: Mapping[str, int], last_end: float,
+                          now: float) -> None:
         """Write (or replace) one bucket's sums."""
         conn.execute(
-            "INSERT INTO telemetry_agg VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (model, version, device, bucket) "
+            "INSERT INTO telemetry_agg (model, version, device, bucket, windows, requests, errors, rows, latency, "
+            "inputs, classes, last_end, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (model, version, device, bucket) "
             "DO UPDATE SET windows=excluded.windows, requests=excluded.requests, errors=excluded.errors, "
             "rows=excluded.rows, latency=excluded.latency, inputs=excluded.inputs, classes=excluded.classes, "
-            "last_end=excluded.last_end",
+            "last_end=excluded.last_end, updated_at=excluded.updated_at",
             (model, version, device, bucket, windows, requests, errors, rows, _compact(latency),
-             _compact(inputs), _compact(classes), last_end))
+             _compact(inputs), _compact(classes), last_end, now))
+
+    def telemetry_agg_updated(self, since: float) -> list[tuple[str, str]]:
+        """Every ``(model, version)`` whose sums any replica merged at or after *since*, sorted."""
+        rows = self.query("SELECT DISTINCT model, version FROM telemetry_agg WHERE updated_at >= ? "
+                          "ORDER BY model, version", (since,))
+        return [(r["model"], r["version"]) for r in rows]
+
+    # -- drift alarm state (hub.services.drift_monitor, on the controller) -----------------------
+
+    def drift_alarms(self) -> dict[tuple[str, str, str], str]:
+        """``(model, version, scope) -> state`` as the controller last alerted it."""
+        return {(r["model"], r["version"], r["scope"]): r["state"] for r in self.query("SELECT * FROM drift_alarm")}
+
+    def set_drift_alarm(self, conn: Conn, model: str, version: str, scope: str, state: str) -> None:
+        conn.execute("INSERT INTO drift_alarm VALUES (?,?,?,?) ON CONFLICT (model, version, scope) "
+                     "DO UPDATE SET state=excluded.state", (model, version, scope, state))
 
     def telemetry_agg_window(self, model: str, version: str, seconds: float) -> list[dict[str, Any]]:
         """The buckets of *model* *version* newer than its newest bucket minus *seconds*, by device."""
@@ -714,16 +912,33 @@ class Database:
     # -- rollouts (hub.services.rollout_manager) -------------------------------------------------
 
     def save_rollout(self, conn: Conn, rollout: str, model: str, state: str, spec: Mapping[str, Any],
-                     created_at: float, now: float) -> None:
+                     created_at: float, now: float) -> int:
+        """Insert or update a rollout; its new revision (1 when new)."""
         conn.execute(
-            "INSERT INTO rollouts (id, model, state, spec, created_at, updated_at, n) VALUES (?,?,?,?,?,?, "
-            "(SELECT COALESCE(MAX(n), 0) + 1 FROM rollouts)) "
-            "ON CONFLICT(id) DO UPDATE SET state=excluded.state, spec=excluded.spec, updated_at=excluded.updated_at",
+            "INSERT INTO rollouts (id, model, state, spec, created_at, updated_at, n, rev) VALUES (?,?,?,?,?,?, "
+            "(SELECT COALESCE(MAX(n), 0) + 1 FROM rollouts), 1) "
+            "ON CONFLICT(id) DO UPDATE SET state=excluded.state, spec=excluded.spec, updated_at=excluded.updated_at, "
+            "rev=rollouts.rev + 1",
             (rollout, model, state, json.dumps(spec), created_at, now))
+        return int(conn.execute("SELECT rev FROM rollouts WHERE id=?", (rollout,)).fetchone()["rev"])
 
-    def active_rollout_specs(self) -> list[dict[str, Any]]:
-        """The specs of the running and paused rollouts."""
-        return _specs(self.query("SELECT spec FROM rollouts WHERE state IN ('running','paused')"))
+    def rollout_rev(self, conn: Conn, rollout: str) -> int | None:
+        """The revision of a rollout as stored (None: no such rollout)."""
+        row = conn.execute("SELECT rev FROM rollouts WHERE id=?", (rollout,)).fetchone()
+        return int(row["rev"]) if row else None
+
+    def active_rollout_revs(self, conn: Conn | None = None) -> dict[str, int]:
+        """``id -> rev`` of the running and paused rollouts (cheap: what a replica compares its
+        cache with), in the open transaction *conn* or on its own."""
+        sql = "SELECT id, rev FROM rollouts WHERE state IN ('running','paused')"
+        rows = conn.execute(sql).fetchall() if conn is not None else self.query(sql)
+        return {r["id"]: int(r["rev"]) for r in rows}
+
+    def active_rollouts(self, conn: Conn | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """``(rev, spec)`` of the running and paused rollouts."""
+        sql = "SELECT rev, spec FROM rollouts WHERE state IN ('running','paused')"
+        rows = conn.execute(sql).fetchall() if conn is not None else self.query(sql)
+        return [(int(r["rev"]), dict(json.loads(r["spec"]))) for r in rows]
 
     def rollout_spec(self, rollout: str) -> dict[str, Any] | None:
         specs = _specs(self.query("SELECT spec FROM rollouts WHERE id=?", (rollout,)))

@@ -97,6 +97,9 @@ class HubConfig:
     # The database (hub.db): "sqlite:///PATH" (relative to the home) or "postgresql://..." (hub
     # replicas share one); empty = the home's hub.db
     db: str = ""
+    # How long the elected controller may go without stamping its heartbeat before another
+    # replica ends its database sessions and takes over (hub.services.controller)
+    controller_lease_seconds: float = 10.0
 
     @property
     def http_tls(self) -> bool:
@@ -165,7 +168,7 @@ class HubHome:
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
                  "http_max_connections", "http_timeout_seconds", "metrics_listen", "telemetry_retention_days",
-                 "db", *_SECURITY_KEYS}
+                 "db", "controller_lease_seconds", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -180,6 +183,7 @@ class HubHome:
             metrics_listen=self._path_or_str("metrics_listen", doc.get("metrics_listen", "")),
             telemetry_retention_days=self._retention(doc),
             db=self._db(doc.get("db", "")),
+            controller_lease_seconds=float(self._positive(doc, "controller_lease_seconds", 10.0)),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
 

@@ -150,6 +150,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         last = d["last_telemetry"]["window_end"] if d["last_telemetry"] else "-"
         lines.append(f"{safe(d['device']):20} {safe(d['status']):10} {runs:28} {want:28} {reqs:>7} {last:24} "
                      f"{safe(d.get('group') or '-')}")
+    ctl = st.get("controller") or {}
+    if ctl:  # last: which replica answered, and which one judges rollouts
+        lines.append(f"replica {safe(ctl['replica'])} ({'the controller' if ctl['leading'] else 'not the controller'}); "
+                     f"controller {safe(ctl['leader'] or 'none yet')} epoch {ctl['leader_epoch'] or '-'}, "
+                     f"heartbeat {ctl['heartbeat_age_seconds'] if ctl['heartbeat_age_seconds'] is not None else '-'} s ago; "
+                     f"database {safe((st.get('database') or {}).get('engine', '?'))}")
     emit(args, st, "\n".join(lines))
     return 0
 

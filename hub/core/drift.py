@@ -302,3 +302,7 @@ class AlarmTracker:
 
     def state(self, model: str, version: str, scope: str = "fleet") -> str:
         return self._state.get((model, version, scope), "ok")
+
+    def load(self, states: Mapping[tuple[str, str, str], str]) -> None:
+        """Start from stored states (what a previous controller last alerted)."""
+        self._state = dict(states)

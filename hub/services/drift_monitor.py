@@ -207,12 +207,17 @@ class DriftMonitor:
     def __init__(
         self, *, db: Database, config: DriftConfig, topics: Topics, clock: Callable[[], float],
         publish: Callable[[str, bytes, bool], None],
-        assign: Callable[[str, str, str, str], Any] | None = None,
+        assign: Callable[..., Any] | None = None,
+        leading: Callable[[], bool] = lambda: True,
+        fence: Callable[[Any], None] = lambda conn: None,
     ) -> None:
         """Its ports are these arguments: the database, the clock, ``publish(topic, payload,
-        retain)`` (QoS 1 on the hub's broker link) and ``assign(device, model, version, actor)``,
-        the hub's assignment path that a ``rollback`` policy rolls devices back through (None: no
-        rollbacks). The hub daemon builds it with :func:`load_drift_config` of ``DIR/drift.toml``."""
+        retain)`` (QoS 1 on the hub's broker link), ``assign(device, model, version, actor,
+        fenced=True)``, the hub's assignment path that a ``rollback`` policy rolls devices back
+        through (None: no rollbacks), ``leading()``, whether this replica is the elected controller
+        (only it scores, alerts and rolls back; every replica merges the sums of what it ingests),
+        and ``fence(conn)``, which raises inside a write transaction once it no longer leads. The
+        hub daemon builds it with :func:`load_drift_config` of ``DIR/drift.toml``."""
         self.db = db
         self.config = config
         self.topics = topics
@@ -228,6 +233,16 @@ class DriftMonitor:
         self._next_flush = 0.0  # ... and of the next write of pending sums to telemetry_agg
         self._refs: dict[tuple[str, str], Reference | None] = {}
         self._lock = threading.Lock()
+        self._leading = leading
+        self._fence = fence
+        self._scored_at: float | None = None  # hub clock of the last scoring (versions merged since are due)
+
+    def take_over(self) -> None:
+        """This replica became the controller: take the alarm state its predecessor stored, and
+        score every version merged since a little before the predecessor's last scoring could be."""
+        self.tracker.load(self.db.drift_alarms())
+        self._scored_at = self.clock() - 2 * self.config.evaluate_seconds - self.config.window_seconds
+        self._next_evaluation = 0.0
 
     # -- aggregation (ingest thread) -------------------------------------------------------------
 
@@ -307,20 +322,27 @@ class DriftMonitor:
                     log.warning("%s %s from %s: %s", model, version, device, exc)
             self.db.put_telemetry_agg(conn, model, version, device, bucket, windows=windows, requests=requests,
                                       errors=errors, rows=rows, latency=latency, inputs=merged_inputs,
-                                      classes=merged_classes, last_end=last_end)
+                                      classes=merged_classes, last_end=last_end, now=self.clock())
             self._touched.add((model, version))
 
     def after_batch(self, force: bool = False) -> None:
         """Score the model versions that got data, if ``evaluate_seconds`` passed since the last
         scoring (or ``force``). The ingest thread also calls this when it is idle, so data that
         arrived just after a scoring is scored within ``evaluate_seconds``."""
-        if not self._touched:
+        if not self._leading():
+            self._touched.clear()  # the controller finds them through telemetry_agg.updated_at
             return
         mono = time.monotonic()
         if not force and mono < self._next_evaluation:
             return
+        if not self._touched and self._scored_at is None:
+            return
         self._next_evaluation = mono + self.config.evaluate_seconds
         touched, self._touched = self._touched, set()
+        if self._scored_at is not None:  # the controller: and what any replica merged since its last scoring
+            now = self.clock()
+            touched |= set(self.db.telemetry_agg_updated(self._scored_at - self.config.evaluate_seconds))
+            self._scored_at = now
         for model, version in sorted(touched):
             try:
                 self.evaluate(model, version)
@@ -409,6 +431,8 @@ class DriftMonitor:
         if state == "alarm" and policy.on_drift == "rollback":
             alert["rollback"] = self._rollback(report, now, policy)
         with self.db.tx() as conn:
+            self._fence(conn)
+            self.db.set_drift_alarm(conn, report.model, report.version, report.scope, state)
             self.db.audit(conn, now, "drift", f"drift_{state}", alert)
         payload = canonical_json(alert)
         self._publish(self.topics.alerts, payload, False)
@@ -456,9 +480,10 @@ class DriftMonitor:
         devices: dict[str, Any] = {}
         for r in rows:
             if r["previous"] and r["previous"] != report.version:
-                self._assign(r["device"], report.model, r["previous"], "drift-rollback")
+                self._assign(r["device"], report.model, r["previous"], "drift-rollback", fenced=True)
                 devices[r["device"]] = r["previous"]
         with self.db.tx() as conn:
+            self._fence(conn)
             self.db.audit(conn, now, "drift-rollback", "drift_rollback", {
                 "model": report.model, "version": report.version, "devices": devices,
                 "evidence": report.to_dict()})

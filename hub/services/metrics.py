@@ -61,7 +61,7 @@ class _Writer:
 
 
 def render(*, fleet: str, db: Database, counters: Mapping[str, int], drift: Sequence[DriftReport],
-           rollouts: Sequence[Mapping[str, Any]]) -> str:
+           rollouts: Sequence[Mapping[str, Any]], controller: Mapping[str, Any] | None = None) -> str:
     """The page: ingest ``counters`` (result -> count), what ``db`` holds about devices and
     telemetry, the latest ``drift`` reports (:meth:`~hub.services.drift_monitor.DriftMonitor.last_reports`)
     and the newest ``rollouts`` (:meth:`~hub.services.rollout_manager.RolloutManager.status`)."""
@@ -105,4 +105,13 @@ def render(*, fleet: str, db: Database, counters: Mapping[str, int], drift: Sequ
              (({"fleet": fleet, "rollout": r["id"], "model": r["model"]}, r["percent"]) for r in rollouts))
     w.family("edgefleet_rollout_cohort_devices", "gauge", "Devices in the current step's cohort.",
              (({"fleet": fleet, "rollout": r["id"], "model": r["model"]}, r["cohort_size"]) for r in rollouts))
+    if controller is not None:
+        replica = {"fleet": fleet, "replica": str(controller["replica"])}
+        w.family("edgefleet_hub_controller", "gauge", "1 on the replica that is the elected controller, else 0.",
+                 [(replica, 1.0 if controller["leading"] else 0.0)])
+        w.family("edgefleet_hub_controller_epoch", "gauge", "The controller role's fencing epoch in the database.",
+                 [({"fleet": fleet, "leader": str(controller["leader"] or "")}, controller["leader_epoch"] or 0)])
+        w.family("edgefleet_hub_controller_heartbeat_age_seconds", "gauge",
+                 "Seconds since the controller last stamped its heartbeat (database clock).",
+                 [({"fleet": fleet}, controller["heartbeat_age_seconds"] or 0.0)])
     return "\n".join(w.lines) + "\n"

@@ -114,6 +114,13 @@ class DesiredStates(Protocol):
 
     def publish_alert(self, alert: dict[str, Any]) -> None: ...
 
+    @property
+    def leading(self) -> bool:
+        """Whether this replica is the elected controller (judges rollouts)."""
+
+    def fence(self, conn: Conn) -> None:
+        """Raise unless this replica still leads, inside the open write transaction."""
+
     def drift_policy(self, model: str) -> DriftPolicy: ...
 
 
@@ -127,6 +134,8 @@ class RolloutManager:
         self._lock = threading.RLock()  # one decision at a time (evaluator thread vs admin API)
         self._dry_noted: set[tuple[str, int]] = set()
         self._active: dict[str, Rollout] = {}  # model -> active rollout (cache for ingest)
+        self._revs: dict[str, int] = {}  # rollout id -> the rev its cached copy was read at
+        self._synced_tx = -1  # the database's tx_serial at the last sync inside a transaction
         self._reload_active()
 
     @classmethod
@@ -146,23 +155,45 @@ class RolloutManager:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.evaluate_seconds):
+            if not self.hub.leading:  # another replica judges the rollouts
+                continue
             try:
                 self.evaluate_all()
             except Exception:
                 log.exception("rollout evaluation failed")
 
     # -- storage ---------------------------------------------------------------------------------
+    # Hub replicas share the rollouts table; each keeps the active ones in memory (ingest looks
+    # every window up in it). sync() compares the cached revisions with the stored ones (one
+    # small query) and re-reads the rollouts when another replica changed one; every path that
+    # reads the cache syncs first, inside its write transaction when it has one (a write
+    # transaction is exclusive, so the cache is then exact until it commits).
 
-    def _reload_active(self) -> None:
-        specs = self.db.active_rollout_specs()
-        self._active = {r.model: r for r in (Rollout.from_dict(x) for x in specs)}
+    def _reload_active(self, conn: Conn | None = None) -> None:
+        active = [(rev, Rollout.from_dict(x)) for rev, x in self.db.active_rollouts(conn)]
+        self._active = {r.model: r for _, r in active}
+        self._revs = {r.id: rev for rev, r in active}
+
+    def sync(self, conn: Conn | None = None) -> None:
+        """Re-read the active rollouts if another replica changed them (in *conn*'s
+        transaction: once per transaction)."""
+        with self._lock:
+            if conn is not None:
+                if self._synced_tx == self.db.tx_serial:
+                    return
+                self._synced_tx = self.db.tx_serial
+            if self.db.active_rollout_revs(conn) != self._revs:
+                self._reload_active(conn)
 
     def _save(self, conn: Conn, r: Rollout, now: float) -> None:
-        self.db.save_rollout(conn, r.id, r.model, r.state, r.to_dict(), r.created_at, now)
+        rev = self.db.save_rollout(conn, r.id, r.model, r.state, r.to_dict(), r.created_at, now)
         if r.active:
             self._active[r.model] = r
-        elif self._active.get(r.model, r).id == r.id:
-            self._active.pop(r.model, None)
+            self._revs[r.id] = rev
+        else:
+            if self._active.get(r.model, r).id == r.id:
+                self._active.pop(r.model, None)
+            self._revs.pop(r.id, None)
 
     def get(self, key: str) -> Rollout:
         """A rollout by id, or the newest rollout of a model name."""
@@ -183,6 +214,7 @@ class RolloutManager:
     # -- desired states (called inside the hub's signing transaction) ----------------------------
 
     def adjust(self, conn: Conn, device: str, entries: Mapping[str, ModelEntry], now: float) -> dict[str, ModelEntry]:
+        self.sync(conn)
         out = dict(entries)
         for name, entry in entries.items():
             r = self._active.get(name)
@@ -217,6 +249,7 @@ class RolloutManager:
     # -- evidence (called inside the ingest transaction) -----------------------------------------
 
     def add_window(self, conn: Conn, device: str, tw: TelemetryWindow, now: float) -> None:
+        self.sync(conn)
         for name, w in tw.models.items():
             r = self._active.get(name)
             if r is None or device not in r.members:
@@ -233,6 +266,7 @@ class RolloutManager:
     def add_event(self, conn: Conn, device: str, ev: Event, now: float) -> None:
         if ev.type not in CANARY_EVENTS or ev.model is None:
             return
+        self.sync(conn)
         r = self._active.get(ev.model)
         if r is None or device not in r.members or ev.extra.get("rollout", r.id) != r.id:
             return
@@ -269,6 +303,7 @@ class RolloutManager:
         """Judge every running rollout once; act on and audit what changes something."""
         out = []
         with self._lock:
+            self.sync()
             for r in list(self._active.values()):
                 if r.state != "running":
                     continue
@@ -278,14 +313,15 @@ class RolloutManager:
                 if d.outcome == "wait":
                     key = (r.id, r.step)
                     if d.would == "rollback" and key not in self._dry_noted:
-                        self._dry_noted.add(key)
                         with self.db.tx() as conn:
+                            self.hub.fence(conn)
                             self.db.audit(conn, now, "rollout-gate", "rollout_dry_run", self._details(r, d))
+                        self._dry_noted.add(key)
                     continue
                 new = apply(r, d, now)
                 action = {"promote": "rollout_step" if new.state == "running" else "rollout_promote",
                           "rollback": "rollout_rollback", "pause": "rollout_pause"}[d.outcome]
-                self._transition(r, new, now, "rollout-gate", action, d)
+                self._transition(r, new, now, "rollout-gate", action, d, fenced=True)
         return out
 
     def _details(self, r: Rollout, d: Decision | None, **extra: Any) -> dict[str, Any]:
@@ -298,8 +334,10 @@ class RolloutManager:
         return out
 
     def _transition(self, old: Rollout, new: Rollout, now: float, actor: str, action: str,
-                    d: Decision | None, **extra: Any) -> dict[str, int]:
-        """Persist ``new``, audit, re-sign the devices whose desired state changed, publish them."""
+                    d: Decision | None, fenced: bool = False, **extra: Any) -> dict[str, int]:
+        """Persist ``new``, audit, re-sign the devices whose desired state changed, publish them.
+        *fenced*: the controller's own decision (written only while this replica still leads).
+        Refused (Conflict) when another replica changed the rollout since this one read it."""
         if new.state == "promoted":
             changed, version, previous = sorted(new.targets), new.to_version, new.from_version
         elif new.state in ("rolled_back", "aborted"):
@@ -308,7 +346,7 @@ class RolloutManager:
             changed, version, previous = sorted(new.members - old.members), None, None
         seqs: dict[str, int] = {}
         try:
-            self._write(new, old, now, actor, action, d, changed, version, previous, seqs, extra)
+            self._write(new, old, now, actor, action, d, changed, version, previous, seqs, extra, fenced)
         except BaseException:
             self._reload_active()  # the transaction rolled back: so does the cache
             raise
@@ -331,8 +369,15 @@ class RolloutManager:
 
     def _write(self, new: Rollout, old: Rollout, now: float, actor: str, action: str, d: Decision | None,
                changed: list[str], version: str | None, previous: str | None, seqs: dict[str, int],
-               extra: Mapping[str, Any]) -> None:
+               extra: Mapping[str, Any], fenced: bool) -> None:
         with self.db.tx() as conn:
+            if fenced:
+                self.hub.fence(conn)
+            stored = self.db.rollout_rev(conn, new.id)
+            if stored != self._revs.get(new.id):
+                what = "exists already" if action == "rollout_start" else "was changed by another hub replica"
+                raise Conflict(f"rollout {new.id} {what} since this replica read it; look again "
+                               f"(`edgefleet-hub rollout status {new.id}`) and retry")
             self._save(conn, new, now)
             if version is not None:
                 for device in changed:
@@ -374,6 +419,7 @@ class RolloutManager:
         if req.get("dry_run"):
             policy = replace(policy, dry_run=Policy.from_dict({"dry_run": True}).dry_run)
         with self._lock:
+            self.sync()
             if name in self._active:
                 a = self._active[name]
                 raise Conflict(f"rollout {a.id} of {name} ({a.from_version} -> {a.to_version}) is already {a.state}; "
@@ -407,6 +453,7 @@ class RolloutManager:
         if fn is None:
             raise BadRequest(f"action must be pause, resume, abort or promote, got {action!r}")
         with self._lock:
+            self.sync()
             r = self._find(key)
             now = self.hub.clock()
             new = fn(r, now, reason or f"{action} by {actor}")
@@ -424,6 +471,7 @@ class RolloutManager:
             versions = [m["version"] for m in self.db.list_models() if m["name"] == name]
             raise NotFound(f"model {name} has no version {to!r}; published: {versions or 'none'}")
         with self._lock:
+            self.sync()
             now = self.hub.clock()
             r = self._active.get(name)
             if r is not None and (to is None or to == r.from_version):

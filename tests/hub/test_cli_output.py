@@ -58,4 +58,4 @@ def test_what_a_device_reports_is_escaped_in_status(served: Served) -> None:
     served.hub.ingest([("d1", "reported", json.dumps(doc).encode())])
     out = cli(served, "status")
     assert "\x1b" not in out and "m 1\\x0a\\x1b[32mfake-device" in out, out
-    assert len(out.rstrip("\n").split("\n")) == 3, out  # the fleet line, the header, d1
+    assert len(out.rstrip("\n").split("\n")) == 4, out  # the fleet line, the header, d1, the replica line

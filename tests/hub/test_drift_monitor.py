@@ -38,7 +38,7 @@ class World:
             self.db.audit(conn, 990.0, "admin", "deploy", {"device": "dev", "model": "m", "version": "2"})
         self.mon = DriftMonitor(db=self.db, config=config, topics=Topics("f"), clock=lambda: self.now,
                                 publish=lambda t, p, r: self.published.append((t, json.loads(p), r)),
-                                assign=lambda *a: self.assigned.append(a))
+                                assign=lambda *a, **k: self.assigned.append(a))
         self.seq = 0
 
     def window(self, start: float, x: np.ndarray, y: np.ndarray, device: str = "dev") -> None:

@@ -23,6 +23,7 @@ def hub(tmp_path: Path, db_target: str | Path) -> Iterator[Hub]:
     home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
     use_db(home, db_target)
     h = Hub(home, clock=lambda: 1_800_000_000.0)
+    h.controller.step()  # the only replica: the controller (a started hub elects itself)
     for d in ("d1", "d2", "d3", "d4"):
         h.add_device({"device": d}, "test")
     try:
@@ -136,6 +137,7 @@ def test_retention_deletes_old_windows_in_chunks_and_the_window_counter_never_go
         f.write("telemetry_retention_days = 1\n")
     now = [1_800_000_000.0]
     h = Hub(home, clock=lambda: now[0])
+    h.controller.step()  # retention is the controller's work
     h.add_device({"device": "d1", "profile": "x86"}, "admin")
 
     def window(seq: int) -> bytes:

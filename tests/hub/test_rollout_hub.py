@@ -43,6 +43,7 @@ def hub(tmp_path: Path, db_target: str | Path) -> Iterator[tuple[Hub, Clock]]:
         "step_deadline_seconds = 300\n")
     clock = Clock()
     h = Hub(home, clock=clock)
+    h.controller.step()  # the only replica: the controller (a started hub elects itself)
     h.public_url = "http://hub.example"
     for version, scale in (("1", 1.0), ("2", 2.0)):
         h.publish({"name": "m", "version": version,
@@ -223,6 +224,7 @@ def test_agreement_below_the_minimum_on_drifted_inputs_pauses_instead_of_rolling
         home.init(fleet="f", broker_url="mqtt://127.0.0.1:1", http_listen="127.0.0.1:0")
         (home.path / "rollout.toml").write_text("[policy]\nmin_inferences = 100\nmin_device_windows = 2\n")
         h = Hub(home, clock=Clock())
+        h.controller.step()
         h.public_url = "http://hub.example"
         for version, scale in (("1", 1.0), ("2", 2.0)):
             h.publish({"name": "m", "version": version, "reference": ref.to_dict(),
