@@ -29,7 +29,6 @@ from typing import Any
 from edgefleet.agent import __version__
 from edgefleet.agent.adapters.capture import parse_batch
 from edgefleet.agent.adapters.mqttlink import MqttLink
-from edgefleet.agent.adapters.store import atomic_write
 from edgefleet.agent.contract.envelope import open_envelope
 from edgefleet.agent.contract.errors import ConfigError, EdgefleetError, MalformedMessage
 from edgefleet.agent.contract.wire import (
@@ -159,6 +158,7 @@ class Hub:
         self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
+        self.blob_store = home.blob_store()  # HOME/blobs, or the object store replicas share
         self._keyring = self._load_keyring()
         home.root_public_b64()  # a home from before keys/root.pub gets it now, or the hub does not start
         # Enrolments the CLI may still cancel (it could not write the bundle): device -> record.
@@ -556,11 +556,9 @@ class Hub:
                 f"{name} {version} is already published with sha256 {existing['sha256'][:16]}…, "
                 f"these bytes hash to {sha[:16]}…; versions are immutable, publish a new version"
             )
-        blob = self.home.blobs / sha
-        if not blob.exists():
-            atomic_write(blob, data, mode=0o600)
-        if preflight is not None and not (self.home.blobs / preflight[1]["sha256"]).exists():
-            atomic_write(self.home.blobs / preflight[1]["sha256"], preflight[0], mode=0o600)
+        self.blob_store.put(sha, data)  # before the registry row: a row always has its blob
+        if preflight is not None:
+            self.blob_store.put(preflight[1]["sha256"], preflight[0])
         lineage = clean_lineage(req.get("lineage"))
         if lineage["parent"] is not None and self.db.get_model(name, lineage["parent"]) is None:
             raise NotFound(f"parent version {lineage['parent']!r} of {name} is not published; "
@@ -901,11 +899,11 @@ class Hub:
             token = self.tokens.revoke(name, now)
         return _public_token(token)
 
-    def blob_path(self, sha256: str) -> Path | None:
+    def blob_location(self, sha256: str) -> Path | str | None:
+        """``GET /blobs/{sha256}``: a file to serve, a (pre-signed) URL to redirect to, or None."""
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             return None
-        p = self.home.blobs / sha256
-        return p if p.is_file() else None
+        return self.blob_store.location(sha256)
 
     # -- the rest of the admin API's port (hub.adapters.api.Admin): the services that serve it ---
 

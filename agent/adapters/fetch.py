@@ -5,7 +5,8 @@ as soon as more bytes arrive than the signed size, resumes an interrupted downlo
 ``Range``, retries with jittered backoff, and refuses slow retrieval two ways: a total-time
 limit that grows with the size, and a minimum average throughput per attempt once a short grace
 period has passed (a server dripping a byte per second never trips a read timeout). Slow
-downloads fail with reason ``slow_retrieval``. With ``pinned_ca`` (the hub's device CA, agent.toml
+downloads fail with reason ``slow_retrieval``. Redirects (a hub keeping blobs in an object store
+answers with a pre-signed URL) are followed hop by hop, each with the trust its own host needs. With ``pinned_ca`` (the hub's device CA, agent.toml
 ``ca_file``) https URLs on the hub's hosts must chain to that CA alone; a refused certificate
 fails at once with reason ``tls_untrusted``. It translates httpx and OS errors into
 :class:`~agent.contract.errors.FetchFailed`; the store
@@ -18,16 +19,17 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from edgefleet.agent.contract.errors import BlobMismatch, FetchFailed
 
-__all__ = ["MIN_BYTES_PER_SECOND", "Fetcher", "HttpFetcher", "is_tls_verify_error"]
+__all__ = ["MAX_REDIRECTS", "MIN_BYTES_PER_SECOND", "Fetcher", "HttpFetcher", "is_tls_verify_error"]
+MAX_REDIRECTS = 3
 
 # The slowest average an attempt may sustain after its grace period: 32 KiB/s (256 kbit/s, a poor
 # cellular link) lets a 256 MiB model take up to 2 h 16 min; the previous 1 KiB/s allowed 73 h.
@@ -66,7 +68,9 @@ class HttpFetcher:
             "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
             "verify": verify,
             "headers": headers,
-            "follow_redirects": True,
+            # redirects are followed by _open, each hop with the client its own URL needs (a hub
+            # pinned to the fleet's CA redirects to an object store with a public certificate)
+            "follow_redirects": False,
         }
         self._http: httpx.Client | None = None
         self._pinned_http: httpx.Client | None = None
@@ -143,7 +147,7 @@ class HttpFetcher:
         # compressed form a decoder could inflate past the signed size before it is checked.
         headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
         try:
-            with self._client_for(url).stream("GET", url, headers=headers) as resp:
+            with self._open(url, headers) as resp:
                 if resp.status_code == 206 and have:
                     mode = "ab"
                 elif resp.status_code == 200:
@@ -202,6 +206,25 @@ class HttpFetcher:
             raise FetchFailed(f"writing {dest}: {exc}") from exc
         if have < size:
             raise FetchFailed(f"{url} ended after {have} of {size} bytes")
+
+
+    @contextlib.contextmanager
+    def _open(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        """GET *url*, following up to :data:`MAX_REDIRECTS` redirects (the hub's ``/blobs/`` answers
+        one to a pre-signed object store URL when it keeps blobs there); never from https to http."""
+        for _ in range(MAX_REDIRECTS + 1):
+            with self._client_for(url).stream("GET", url, headers=headers) as resp:
+                location = resp.headers.get("location")
+                if resp.status_code not in (301, 302, 303, 307, 308) or not location:
+                    yield resp
+                    return
+            target = urljoin(url, location)
+            scheme = urlsplit(target).scheme
+            if scheme not in ("http", "https") or (urlsplit(url).scheme == "https" and scheme == "http"):
+                raise FetchFailed(f"GET {url} redirected to {target[:200]!r}: refused (only http(s), never "
+                                  "from https to http)", reason="bad_redirect")
+            url = target
+        raise FetchFailed(f"GET {url}: more than {MAX_REDIRECTS} redirects", reason="bad_redirect")
 
 
 def is_tls_verify_error(exc: BaseException) -> bool:

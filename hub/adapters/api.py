@@ -115,7 +115,7 @@ class Admin(Protocol):
 
     def metrics(self) -> str: ...  # GET /metrics, Prometheus text (hub.services.metrics)
 
-    def blob_path(self, sha256: str) -> Path | None: ...
+    def blob_location(self, sha256: str) -> Path | str | None: ...
 
     def status(self, limit: int | None = None, after: str = "") -> dict[str, Any]: ...
 
@@ -314,9 +314,16 @@ class _Handler(QuietHandler):
             self._error(exc)
 
     def _blob(self, sha256: str) -> None:
-        path = self.server.admin.blob_path(sha256)
+        path = self.server.admin.blob_location(sha256)
         if path is None:
             raise NotFound(f"no blob {sha256[:64]!r}")
+        if isinstance(path, str):  # in the object store: a short-lived pre-signed URL
+            self.send_response(307)
+            self.send_header("Location", path)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         size = path.stat().st_size
         start, end = 0, size - 1
         rng = self.headers.get("Range")

@@ -40,6 +40,7 @@ from edgefleet.agent.contract.config import toml_string
 from edgefleet.agent.contract.envelope import key_id, public_key_from_b64, public_key_to_b64
 from edgefleet.agent.contract.errors import ConfigError, MalformedMessage
 from edgefleet.agent.contract.wire import check_name
+from edgefleet.hub.adapters.objectstore import BlobStore, FolderStore, S3Store, read_credentials
 from edgefleet.hub.core.desired import build_keyring
 
 __all__ = ["HubConfig", "HubHome", "create_private", "keyring_path", "load_private_key", "private_pem",
@@ -100,6 +101,13 @@ class HubConfig:
     # How long the elected controller may go without stamping its heartbeat before another
     # replica ends its database sessions and takes over (hub.services.controller)
     controller_lease_seconds: float = 10.0
+    # Blobs: empty = HOME/blobs; "s3://BUCKET/PREFIX" = an S3-compatible object store replicas
+    # share (hub.adapters.objectstore), reached at s3_endpoint with the keys in s3_credentials_file
+    blob_store: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    s3_credentials_file: str = ""
+    blob_url_ttl_seconds: float = 300.0
 
     @property
     def http_tls(self) -> bool:
@@ -168,7 +176,8 @@ class HubHome:
             ) from exc
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
                  "http_max_connections", "http_timeout_seconds", "metrics_listen", "telemetry_retention_days",
-                 "db", "controller_lease_seconds", *_SECURITY_KEYS}
+                 "db", "controller_lease_seconds", "blob_store", "s3_endpoint", "s3_region", "s3_credentials_file",
+                 "blob_url_ttl_seconds", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -184,6 +193,11 @@ class HubHome:
             telemetry_retention_days=self._retention(doc),
             db=self._db(doc.get("db", "")),
             controller_lease_seconds=float(self._positive(doc, "controller_lease_seconds", 10.0)),
+            blob_store=self._path_or_str("blob_store", doc.get("blob_store", "")),
+            s3_endpoint=self._path_or_str("s3_endpoint", doc.get("s3_endpoint", "")),
+            s3_region=self._path_or_str("s3_region", doc.get("s3_region", "us-east-1")),
+            s3_credentials_file=self._path_or_str("s3_credentials_file", doc.get("s3_credentials_file", "")),
+            blob_url_ttl_seconds=float(self._positive(doc, "blob_url_ttl_seconds", 300.0)),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
 
@@ -198,6 +212,16 @@ class HubHome:
         if value.startswith(("postgresql://", "postgres://")):
             return value
         raise ConfigError(f"{self.config_path}: db must be sqlite:///PATH or postgresql://..., got {value!r}")
+
+    def blob_store(self) -> BlobStore:
+        """Where this home's blobs are (hub.toml ``blob_store``; default ``HOME/blobs``)."""
+        cfg = self.config()
+        if not cfg.blob_store:
+            return FolderStore(self.blobs)
+        key, secret = read_credentials(cfg.s3_credentials_file)
+        endpoint = cfg.s3_endpoint or f"https://s3.{cfg.s3_region}.amazonaws.com"
+        return S3Store(url=cfg.blob_store, endpoint=endpoint, region=cfg.s3_region, access_key=key,
+                       secret_key=secret, url_ttl_seconds=int(cfg.blob_url_ttl_seconds))
 
     @property
     def db_url(self) -> str:
