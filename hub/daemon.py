@@ -155,7 +155,9 @@ class Hub:
             create_private(home.db_path)  # before SQLite creates it with the umask's mode
         self.replica_id = replica_name(self.replica)  # names this process's database sessions
         self.db = Database(home.db_url, name=self.replica_id)
-        self.tokens = TokenStore(home.tokens_path, home.token_path)  # who may call the admin API
+        # who may call the admin API: HOME/tokens.json, or the database replicas share
+        self.tokens = TokenStore(home.tokens_path, home.token_path,
+                                 db=self.db if self.db.engine == "postgresql" else None)
         self.tokens.tokens()  # a home with admin.token alone gets its token file now
         self.signing_key = home.signing_key()
         self.blob_store = home.blob_store()  # HOME/blobs, or the object store replicas share
@@ -454,7 +456,8 @@ class Hub:
             self.rollouts.add_window(conn, device, tw, now)
             return tw
         if channel == "reported":
-            self.db.set_reported(conn, device, Reported.from_dict(obj).to_dict(), now)
+            rep = Reported.from_dict(obj)
+            self.db.set_reported(conn, device, rep.to_dict(), rep.seq, rep.time, now)
         elif channel == "status":
             self.db.set_status(conn, device, Status.from_dict(obj).state, now)
         elif channel == "events":
@@ -889,14 +892,14 @@ class Hub:
         now = self.clock()
         with self.db.tx() as conn:  # the audit entry is rolled back if the token file is not written
             self.db.audit(conn, now, actor, "token_add", {"name": name, "role": role})
-            token, secret = self.tokens.add(name, role, now, actor)
+            token, secret = self.tokens.add(name, role, now, actor, conn)
         return {**_public_token(token), "token": secret}
 
     def revoke_token(self, name: str, actor: str) -> dict[str, Any]:
         now = self.clock()
         with self.db.tx() as conn:
             self.db.audit(conn, now, actor, "token_revoke", {"name": name})
-            token = self.tokens.revoke(name, now)
+            token = self.tokens.revoke(name, now, conn)
         return _public_token(token)
 
     def blob_location(self, sha256: str) -> Path | str | None:

@@ -198,17 +198,33 @@ def _migrate_2(conn: Conn, engine: str) -> None:
     conn.execute("CREATE INDEX telemetry_agg_updated ON telemetry_agg (updated_at)")
 
 
+def _migrate_3(conn: Conn, engine: str) -> None:
+    # The admin API's tokens (hub.adapters.tokens) as one JSON document, where replicas on separate
+    # hosts see the same ones; an SQLite home keeps them in HOME/tokens.json and leaves this empty.
+    conn.execute("CREATE TABLE api_tokens (id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL)")
+
+
+def _migrate_4(conn: Conn, engine: str) -> None:
+    # devices.reported_seq / reported_time: the seq and device time of the stored report, so an
+    # older report taken out of order (by another replica, or redelivered) cannot replace it.
+    t = _TYPES[engine]
+    conn.execute(f"ALTER TABLE devices ADD COLUMN reported_seq {t['INT']}")
+    conn.execute(f"ALTER TABLE devices ADD COLUMN reported_time {t['REAL']}")
+
+
 # (version, what it does, how): applied in order at open, each in one transaction with
 # schema_version; a database newer than the last known version is refused.
 MIGRATIONS: list[tuple[int, str, Callable[[Conn, str], None]]] = [
     (1, "the tables of edgefleet 0.1", _migrate_1),
     (2, "rollouts in creation order with revisions; the elected controller; drift alarm state", _migrate_2),
+    (3, "admin API tokens in the database (replicas share them)", _migrate_3),
+    (4, "the seq and time of each device's stored report (out-of-order reports)", _migrate_4),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Every table the hub keeps (what db migrate copies), schema_version aside.
 TABLES = ("models", "model_preflight", "devices", "assignments", "desired", "telemetry", "telemetry_models",
           "telemetry_pruned", "telemetry_models_pruned", "telemetry_agg", "events", "rollouts", "rollout_windows",
-          "rollout_events", "audit", "captures", "controller", "drift_alarm")
+          "rollout_events", "audit", "captures", "controller", "drift_alarm", "api_tokens")
 
 # Key of the advisory lock every PostgreSQL write transaction takes (one per database: replicas
 # of one fleet share it); "edgeflt" in ASCII.
@@ -529,6 +545,17 @@ class Database:
                             "false) FROM rollout_events")
         return copied
 
+    # -- admin API tokens (hub.adapters.tokens, on PostgreSQL) -----------------------------------
+
+    def api_tokens(self, conn: Conn | None = None) -> str | None:
+        """The tokens document (JSON text), or None before any replica stored one."""
+        sql = "SELECT doc FROM api_tokens WHERE id = 1"
+        rows = conn.execute(sql).fetchall() if conn is not None else self.query(sql)
+        return str(rows[0]["doc"]) if rows else None
+
+    def put_api_tokens(self, conn: Conn, doc: str) -> None:
+        conn.execute("INSERT INTO api_tokens VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET doc=excluded.doc", (doc,))
+
     # -- the elected controller (hub.services.controller) ----------------------------------------
 
     def controller(self, role: str) -> dict[str, Any] | None:
@@ -663,8 +690,17 @@ class Database:
         """Revocation: the device's capture uploads are refused from now on."""
         conn.execute("UPDATE devices SET capture_token_sha256=NULL WHERE id=?", (device,))
 
-    def set_reported(self, conn: Conn, device: str, reported: Mapping[str, Any], now: float) -> None:
-        conn.execute("UPDATE devices SET reported=?, reported_at=? WHERE id=?", (_compact(reported), now, device))
+    def set_reported(self, conn: Conn, device: str, reported: Mapping[str, Any], seq: int, at: float,
+                     now: float) -> bool:
+        """Store the device's report unless the stored one is newer: a higher ``seq``, or the same
+        seq at a later device ``time``. Hub replicas (and a redelivery after a reconnect) may take
+        a device's reports out of order; the older one must not overwrite the newer. Whether it
+        was stored. *seq* and *at*: the report's seq and time (Unix seconds)."""
+        cur = conn.execute(
+            "UPDATE devices SET reported=?, reported_at=?, reported_seq=?, reported_time=? WHERE id=? AND "
+            "(reported_seq IS NULL OR reported_seq < ? OR (reported_seq = ? AND reported_time <= ?))",
+            (_compact(reported), now, seq, at, device, seq, seq, at))
+        return cur.rowcount == 1
 
     def set_status(self, conn: Conn, device: str, state: str, now: float) -> None:
         conn.execute("UPDATE devices SET status=?, status_at=? WHERE id=?", (state, now, device))

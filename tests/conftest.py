@@ -210,3 +210,34 @@ def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
     if request.param == "sqlite":
         return tmp_path / "hub.db"
     return request.getfixturevalue("pg_url")  # type: ignore[no-any-return]
+
+
+S3_KEY, S3_SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+
+
+def botocore_s3(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET, region: str = "us-east-1") -> object:
+    """botocore's S3 client (path style, SigV4): what the tests compare the hub's signing with."""
+    import botocore.session
+    from botocore.config import Config
+
+    return botocore.session.get_session().create_client(
+        "s3", region_name=region, endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[str]:
+    """A real S3 API (moto_server) on a free port, with the bucket 'fleet'; its endpoint URL."""
+    binary = shutil.which("moto_server")
+    assert binary, "moto_server is missing: pip install 'moto[server]'"
+    port = free_port()
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, 20)
+        endpoint = f"http://127.0.0.1:{port}"
+        botocore_s3(endpoint).create_bucket(Bucket="fleet")  # type: ignore[attr-defined]
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -2,6 +2,10 @@
 
 The token it sends: ``$EDGEFLEET_TOKEN`` when set (a named token from ``edgefleet-hub token
 add``), else the hub home's ``admin.token``.
+
+``--hub URL1,URL2,...`` names several hub replicas: a request goes to the first that accepts the
+connection (and the client stays with it). Only a refused or timed-out *connection* moves on, so
+a request that may have reached a replica is never sent to a second one.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ TOKEN_ENV = "EDGEFLEET_TOKEN"  # noqa: S105 - the name of an environment variabl
 class HubClient:
     def __init__(self, url: str, token: str, *, timeout: float = 120.0,
                  verify: ssl.SSLContext | bool = True) -> None:
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
-            verify=verify,
-        )
+        """*url*: one admin API URL, or several separated by commas (hub replicas)."""
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise HubNotRunning(f"no hub URL in {url!r}")
+        self.url = self.urls[0]
+        self._args: dict[str, Any] = {"headers": {"Authorization": f"Bearer {token}"}, "timeout": timeout,
+                                      "verify": verify}
+        self._http = httpx.Client(base_url=self.url, **self._args)
 
     @classmethod
     def for_home(cls, home: HubHome, url: str | None = None) -> HubClient:
@@ -37,14 +44,28 @@ class HubClient:
         ``$EDGEFLEET_TOKEN`` if set, else ``HOME/admin.token``."""
         url = url or home.api_url()
         token = os.environ.get(TOKEN_ENV, "").strip() or home.token()
-        return cls(url, token, verify=client_verify(home, url))
+        return cls(url, token, verify=client_verify(home, url.split(",")[0].strip()))
 
     def close(self) -> None:
         self._http.close()
 
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """The request on the current replica, or on the next ones while connections are refused."""
+        start = self.urls.index(self.url)
+        for i in range(len(self.urls)):
+            try:
+                return self._http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if i == len(self.urls) - 1:
+                    raise
+            self._http.close()
+            self.url = self.urls[(start + i + 1) % len(self.urls)]
+            self._http = httpx.Client(base_url=self.url, **self._args)
+        raise AssertionError("unreachable")
+
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            resp = self._http.request(method, path, **kw)
+            resp = self._send(method, path, **kw)
         except httpx.TransportError as exc:
             if is_tls_verify_error(exc):
                 raise HubTlsFailed(
@@ -52,8 +73,9 @@ class HubClient:
                     "certificate must come from the device CA in HOME/pki/ca.pem "
                     "(rerun `edgefleet-hub https-config` and restart the hub)"
                 ) from exc
+            where = self.url if len(self.urls) == 1 else f"any of {', '.join(self.urls)}"
             raise HubNotRunning(
-                f"no hub answers at {self.url} ({type(exc).__name__}); start it with "
+                f"no hub answers at {where} ({type(exc).__name__}); start it with "
                 "`edgefleet-hub serve --home DIR`"
             ) from exc
         try:
@@ -78,7 +100,7 @@ class HubClient:
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text."""
-        resp = self._http.get("/metrics")
+        resp = self._send("GET", "/metrics")
         if resp.status_code >= 400:
             raise BY_STATUS.get(resp.status_code, HubRefused)(f"hub answered {resp.status_code}: {resp.text[:300]}")
         return resp.text

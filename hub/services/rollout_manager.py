@@ -176,24 +176,34 @@ class RolloutManager:
 
     def sync(self, conn: Conn | None = None) -> None:
         """Re-read the active rollouts if another replica changed them (in *conn*'s
-        transaction: once per transaction)."""
-        with self._lock:
-            if conn is not None:
-                if self._synced_tx == self.db.tx_serial:
-                    return
-                self._synced_tx = self.db.tx_serial
+        transaction: once per transaction).
+
+        Inside a transaction it takes no lock of its own: the caller holds the database's, and
+        taking this manager's after it would invert the order the evaluator and the admin API
+        take them in (this lock, then the database's). The cache is swapped whole, never
+        mutated in place, so a reader sees the old or the new one."""
+        if conn is not None:
+            if self._synced_tx == self.db.tx_serial:
+                return
+            self._synced_tx = self.db.tx_serial
             if self.db.active_rollout_revs(conn) != self._revs:
                 self._reload_active(conn)
+            return
+        with self._lock:
+            if self.db.active_rollout_revs() != self._revs:
+                self._reload_active()
 
     def _save(self, conn: Conn, r: Rollout, now: float) -> None:
         rev = self.db.save_rollout(conn, r.id, r.model, r.state, r.to_dict(), r.created_at, now)
+        active, revs = dict(self._active), dict(self._revs)  # copied, then swapped: see sync()
         if r.active:
-            self._active[r.model] = r
-            self._revs[r.id] = rev
+            active[r.model] = r
+            revs[r.id] = rev
         else:
-            if self._active.get(r.model, r).id == r.id:
-                self._active.pop(r.model, None)
-            self._revs.pop(r.id, None)
+            if active.get(r.model, r).id == r.id:
+                active.pop(r.model, None)
+            revs.pop(r.id, None)
+        self._active, self._revs = active, revs
 
     def get(self, key: str) -> Rollout:
         """A rollout by id, or the newest rollout of a model name."""

@@ -13,7 +13,7 @@ import pytest
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.daemon import Hub
 from edgefleet.hub.db import Database
-from edgefleet.hub.errors import Conflict
+from edgefleet.hub.errors import Conflict, NotAuthorized
 from edgefleet.hub.services.controller import Controller, Fenced
 from tests.conftest import use_db
 from tests.simulator import tiny_model
@@ -117,6 +117,13 @@ def test_two_replicas_share_rollouts_and_only_the_controller_judges(tmp_path: Pa
             h2.rollouts.start_rollout({"model": "m", "version": "2"}, "bob")
         h2.rollout_action("resume", r["id"], "dave")  # h2 sees the pause made on h1
         assert h1.rollout_status(r["id"])[0]["state"] == "running"
+        # tokens are shared through the database: made on one replica, they hold (and go) on the other
+        made = h1.add_token({"name": "ci", "role": "viewer"}, "admin")
+        assert h2.tokens.authenticate(f"Bearer {made['token']}").name == "ci"
+        h2.revoke_token("ci", "admin")
+        with pytest.raises(NotAuthorized, match="token 'ci' was revoked"):
+            h1.tokens.authenticate(f"Bearer {made['token']}")
+        assert h2.tokens.authenticate(f"Bearer {h1.home.token()}").role == "admin"  # seeded from tokens.json
         actions = [e["action"] for e in h1.audit_entries() if e["action"].startswith("rollout")]
         assert actions == ["rollout_start", "rollout_pause", "rollout_resume"]
         assert h1.verify_audit() == []

@@ -57,6 +57,21 @@ def test_times_counts_and_duplicates_round_trip(db_target: Path | str) -> None:
         db.close()
 
 
+def test_an_older_report_never_replaces_a_newer_one(db_target: Path | str) -> None:
+    """Replicas may store a device's reports out of order: by (seq, device time), newest wins."""
+    db = Database(db_target)
+    try:
+        with db.tx() as conn:
+            db.insert_device(conn, "d1", "x86", T, None, "0" * 64)
+            assert db.set_reported(conn, "d1", {"models": {"m": "3"}}, 5, T, T)
+            assert not db.set_reported(conn, "d1", {"models": {"m": "2"}}, 4, T + 9, T + 10)
+            assert not db.set_reported(conn, "d1", {"models": {"m": "x"}}, 5, T - 1, T + 10)
+            assert db.set_reported(conn, "d1", {"models": {"m": "3b"}}, 5, T + 1, T + 10)
+        assert json.loads(db.get_device("d1")["reported"])["models"] == {"m": "3b"}
+    finally:
+        db.close()
+
+
 def test_rollouts_list_newest_first_even_at_the_same_time(db_target: Path | str) -> None:
     db = Database(db_target)
     try:

@@ -38,7 +38,8 @@ def test_database_from_before_groups_gets_the_column_and_keeps_its_devices(tmp_p
     rows = db.query("SELECT * FROM devices")
     assert rows == [{"id": "old-1", "profile": "rpi", "created_at": 5.0, "status": "online", "status_at": None,
                      "reported": None, "reported_at": None, "device_group": None,
-                     "capture_token_sha256": None}]  # enrolled before capture tokens: none
+                     "capture_token_sha256": None,  # enrolled before capture tokens: none
+                     "reported_seq": None, "reported_time": None}]
     db.close()
     Database(path).close()  # opening again is a no-op, not a "duplicate column" error
 

@@ -9,10 +9,7 @@ import base64
 import datetime as dt
 import hashlib
 import http.server
-import shutil
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 from urllib.parse import parse_qs, urlsplit
@@ -26,20 +23,15 @@ from edgefleet.hub.adapters.api import HubHttpServer
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.adapters.objectstore import S3Store
 from edgefleet.hub.daemon import Hub
-from tests.conftest import free_port, wait_port
+from tests.conftest import S3_KEY, S3_SECRET, botocore_s3
 from tests.simulator import tiny_model
 
-KEY, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+KEY, SECRET = S3_KEY, S3_SECRET
 NOW = dt.datetime(2026, 12, 4, 3, 20, 0, tzinfo=dt.UTC)
 
 
 def _botocore_client(endpoint: str, region: str = "eu-west-1") -> object:
-    import botocore.session
-    from botocore.config import Config
-
-    return botocore.session.get_session().create_client(
-        "s3", region_name=region, endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+    return botocore_s3(endpoint, KEY, SECRET, region)
 
 
 @pytest.mark.parametrize(("bucket", "prefix"), [("models", ""), ("my-bucket", "fleet/a b+c")])
@@ -82,24 +74,6 @@ def test_store_settings_are_checked() -> None:
         S3Store(url="https://x/y", endpoint="http://h", region="r", access_key="k", secret_key="s")
     with pytest.raises(ConfigError, match="604800"):
         S3Store(url="s3://b", endpoint="http://h", region="r", access_key="k", secret_key="s", url_ttl_seconds=10**6)
-
-
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[str]:
-    """A real S3 API (moto_server) on a free port, with the bucket 'fleet'."""
-    binary = shutil.which("moto_server")
-    assert binary, "moto_server is missing: pip install 'moto[server]'"
-    port = free_port()
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_port(port, 20)
-        endpoint = f"http://127.0.0.1:{port}"
-        _botocore_client(endpoint, "us-east-1").create_bucket(Bucket="fleet")  # type: ignore[attr-defined]
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_hub_on_the_object_store_redirects_agents_to_a_presigned_url(tmp_path: Path, s3: str) -> None:
