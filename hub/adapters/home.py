@@ -108,6 +108,8 @@ class HubConfig:
     s3_region: str = "us-east-1"
     s3_credentials_file: str = ""
     blob_url_ttl_seconds: float = 300.0
+    # Where the online signing key is; empty = HOME/keys/signing.pem (docs/scale-out.md)
+    signing_key_file: str = ""
 
     @property
     def http_tls(self) -> bool:
@@ -177,7 +179,7 @@ class HubHome:
         known = {"fleet", "broker_url", "http_listen", "public_url", "desired_ttl_seconds",
                  "http_max_connections", "http_timeout_seconds", "metrics_listen", "telemetry_retention_days",
                  "db", "controller_lease_seconds", "blob_store", "s3_endpoint", "s3_region", "s3_credentials_file",
-                 "blob_url_ttl_seconds", *_SECURITY_KEYS}
+                 "blob_url_ttl_seconds", "signing_key_file", *_SECURITY_KEYS}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ConfigError(f"{self.config_path}: unknown key {unknown[0]!r}; allowed: {sorted(known)}")
@@ -198,6 +200,7 @@ class HubHome:
             s3_region=self._path_or_str("s3_region", doc.get("s3_region", "us-east-1")),
             s3_credentials_file=self._path_or_str("s3_credentials_file", doc.get("s3_credentials_file", "")),
             blob_url_ttl_seconds=float(self._positive(doc, "blob_url_ttl_seconds", 300.0)),
+            signing_key_file=self._path_or_str("signing_key_file", doc.get("signing_key_file", "")),
             **{k: self._path_or_str(k, doc.get(k, "")) for k in _SECURITY_KEYS},
         )
 
@@ -308,8 +311,15 @@ class HubHome:
             )
         return key
 
+    @property
+    def signing_key_path(self) -> Path:
+        """hub.toml ``signing_key_file`` (a secret mounted where the site's secret store puts it:
+        a systemd credential, a Kubernetes secret), else ``HOME/keys/signing.pem``."""
+        configured = self.config().signing_key_file if self.config_path.exists() else ""
+        return Path(configured) if configured else self.keys / "signing.pem"
+
     def signing_key(self) -> Ed25519PrivateKey:
-        return load_private_key(self.keys / "signing.pem")
+        return load_private_key(self.signing_key_path)
 
     def root_public_b64(self) -> str:
         """The fleet root public key (base64), from ``DIR/keys/root.pub``. A home from before

@@ -116,7 +116,7 @@ def rotate_signing(home: HubHome, *, revoke: bool = True, now: float | None = No
         expires_at=expires,
     )
     _retire(home.keys, "signing", old)
-    atomic_write(home.keys / "signing.pem", private_pem(new), mode=0o600)
+    atomic_write(home.signing_key_path, private_pem(new), mode=0o600)
     _write_ring(home, new_ring, root)
     return new_ring
 

@@ -94,10 +94,16 @@ def test_two_replicas_share_rollouts_and_only_the_controller_judges(tmp_path: Pa
     paused and judged consistently on the other; a replica acting on an old copy is refused."""
     h1 = Hub(_home(tmp_path, "h1", pg_url), replica="one")
     h2_home = _home(tmp_path, "h2", pg_url)
-    # the second replica shares the first one's keys (the signing key is distributed to each replica)
-    for f in ("keys/signing.pem", "keys/root.pub", "keys/keyring.json"):
+    # the second replica gets the first one's keyring and root public key, and the signing key as a
+    # secret mounted outside its home (signing_key_file)
+    for f in ("keys/root.pub", "keys/keyring.json"):
         (h2_home.path / f).write_bytes((h1.home.path / f).read_bytes())
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "signing.pem").write_bytes((h1.home.path / "keys/signing.pem").read_bytes())
+    (h2_home.path / "keys/signing.pem").unlink()
+    h2_home.update_config(signing_key_file=str(tmp_path / "secrets" / "signing.pem"))
     h2 = Hub(h2_home, replica="two")
+    assert h2.signing_key.public_key() == h1.signing_key.public_key()
     try:
         h1.controller.step()
         h2.controller.step()
