@@ -396,25 +396,39 @@ class Hub:
         counts = dict.fromkeys(self.counters, 0)
         staged: Staged = {}
         acks: dict[str, list[int]] = {}  # device -> telemetry seqs this batch has dealt with
+        # Parsed and checked before the transaction: replicas parse while another one writes.
+        messages: list[tuple[str, Any]] = []
+        for device, channel, payload in batch:
+            if device not in known:
+                counts["unknown_device"] += 1
+                continue
+            if not payload:
+                continue  # a cleared retained message
+            try:
+                msg = self._parse(device, channel, payload)
+            except (EdgefleetError, ValueError) as exc:
+                counts["malformed"] += 1
+                log.warning("dropped %s message from %s: %s", channel, device, exc)
+                if channel == "telemetry":  # never storable: acknowledged, or re-sent forever
+                    seq = _seq_of(payload)
+                    if seq is not None:
+                        acks.setdefault(device, []).append(seq)
+                continue
+            if isinstance(msg, TelemetryWindow):
+                acks.setdefault(device, []).append(msg.seq)
+            messages.append((device, msg))
+        windows = [(device, msg) for device, msg in messages if isinstance(msg, TelemetryWindow)]
         with self.db.tx() as conn:
-            for device, channel, payload in batch:
-                if device not in known:
-                    counts["unknown_device"] += 1
+            for device, msg in messages:
+                self._store(conn, now, device, msg)
+            # the batch's windows in a few statements; then what each new one adds
+            for (device, tw), fresh in zip(windows, self.db.insert_telemetry_batch(conn, windows, now), strict=True):
+                if not fresh:
+                    counts["duplicates"] += 1
                     continue
-                if not payload:
-                    continue  # a cleared retained message
-                try:
-                    tw = self._ingest_one(conn, now, device, channel, payload, counts, acks)
-                except (EdgefleetError, ValueError) as exc:
-                    counts["malformed"] += 1
-                    log.warning("dropped %s message from %s: %s", channel, device, exc)
-                    if channel == "telemetry":  # never storable: acknowledged, or re-sent forever
-                        seq = _seq_of(payload)
-                        if seq is not None:
-                            acks.setdefault(device, []).append(seq)
-                    continue
-                if tw is not None:  # a window that breaks the sums fails the batch (retried one by one)
-                    self.drift.stage(staged, device, tw)
+                counts["ingested"] += 1
+                self.rollouts.add_window(conn, device, tw, now)
+                self.drift.stage(staged, device, tw)  # a window that breaks the sums fails the batch (retried one by one)
             self.drift.take(staged)
             self.drift.flush(conn)
         self._ack_telemetry(acks)  # only once committed: an ack means the window is in the database
@@ -440,31 +454,26 @@ class Hub:
                 ack = TelemetryAck(fleet=self.config.fleet, device=device, seqs=tuple(seqs[i:i + TelemetryAck.MAX_SEQS]))
                 self._publish(self.topics.device(device, "acked"), ack.to_json(), False)
 
-    def _ingest_one(self, conn: Any, now: float, device: str, channel: str, payload: bytes,
-                    counts: dict[str, int], acks: dict[str, list[int]]) -> TelemetryWindow | None:
-        """Store one message; return a new (not duplicate) telemetry window for the drift sums."""
+    def _parse(self, device: str, channel: str, payload: bytes) -> TelemetryWindow | Reported | Status | Event:
+        """One device message, checked against the contract (raises on anything malformed)."""
         obj = loads_object(payload)  # orjson; stricter than parse_json_object (see hub.fastjson)
         if obj.get("device") != device or obj.get("fleet") != self.config.fleet:
             raise MalformedMessage(f"payload names {obj.get('fleet')}/{obj.get('device')}, topic names {device}")
-        if channel == "telemetry":
-            tw = TelemetryWindow.from_dict(obj)
-            acks.setdefault(device, []).append(tw.seq)
-            if not self.db.insert_telemetry(conn, device, tw, now):
-                counts["duplicates"] += 1
-                return None
-            counts["ingested"] += 1
-            self.rollouts.add_window(conn, device, tw, now)
-            return tw
-        if channel == "reported":
-            rep = Reported.from_dict(obj)
-            self.db.set_reported(conn, device, rep.to_dict(), rep.seq, rep.time, now)
-        elif channel == "status":
-            self.db.set_status(conn, device, Status.from_dict(obj).state, now)
-        elif channel == "events":
-            ev = Event.from_dict(obj)
-            self.db.insert_event(conn, device, ev, now)
-            self.rollouts.add_event(conn, device, ev, now)
-        return None
+        kinds: dict[str, Any] = {"telemetry": TelemetryWindow, "reported": Reported, "status": Status, "events": Event}
+        kind = kinds.get(channel)
+        if kind is None:
+            raise MalformedMessage(f"no such device channel {channel!r}")
+        return kind.from_dict(obj)  # type: ignore[no-any-return]
+
+    def _store(self, conn: Any, now: float, device: str, msg: TelemetryWindow | Reported | Status | Event) -> None:
+        """Write one parsed message but a telemetry window (the batch's windows go together)."""
+        if isinstance(msg, Reported):
+            self.db.set_reported(conn, device, msg.to_dict(), msg.seq, msg.time, now)
+        elif isinstance(msg, Status):
+            self.db.set_status(conn, device, msg.state, now)
+        elif isinstance(msg, Event):
+            self.db.insert_event(conn, device, msg, now)
+            self.rollouts.add_event(conn, device, msg, now)
 
     def _main_loop(self) -> None:
         """The controller's periodic work; on the other replicas it waits for its turn."""

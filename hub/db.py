@@ -794,21 +794,39 @@ class Database:
     def insert_telemetry(self, conn: Conn, device: str, tw: TelemetryWindow, now: float) -> bool:
         """Store a window and its per-model rows; False (nothing written) if *device* already sent
         this seq (a QoS 1 duplicate)."""
-        cur = conn.execute(
-            "INSERT INTO telemetry VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            (device, tw.seq, tw.window_start, tw.window_end, now, _compact(dict(tw.metrics)),
-             _compact(dict(tw.system))),
-        )
-        if cur.rowcount == 0:
-            return False
-        conn.executemany(
-            "INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)",
-            [(device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
-              _compact(dict(w.latency_ms)), _compact([dict(x) for x in w.inputs]),
-              _compact(dict(w.outputs)) if w.outputs is not None else None)
-             for name, w in tw.models.items()],
-        )
-        return True
+        return self.insert_telemetry_batch(conn, [(device, tw)], now)[0]
+
+    def insert_telemetry_batch(self, conn: Conn, windows: Sequence[tuple[str, TelemetryWindow]],
+                               now: float) -> list[bool]:
+        """Store an ingest batch's windows and their per-model rows in a few statements (one
+        multi-row insert per 500 windows, one for all per-model rows: on PostgreSQL a statement is
+        a round trip); for each window whether it was new. A (device, seq) stored before, or seen
+        earlier in the batch, is a duplicate (QoS 1) and writes nothing."""
+        fresh = [False] * len(windows)
+        first: dict[tuple[str, int], int] = {}
+        for i, (device, tw) in enumerate(windows):
+            first.setdefault((device, tw.seq), i)
+        keys = list(first)
+        stored: set[tuple[str, int]] = set()
+        for k in range(0, len(keys), 500):
+            chunk = [windows[first[key]] for key in keys[k:k + 500]]
+            values = ",".join(["(?,?,?,?,?,?,?)"] * len(chunk))
+            args = [a for device, tw in chunk for a in (device, tw.seq, tw.window_start, tw.window_end, now,
+                                                         _compact(dict(tw.metrics)), _compact(dict(tw.system)))]
+            cur = conn.execute(f"INSERT INTO telemetry VALUES {values} ON CONFLICT DO NOTHING "  # noqa: S608
+                               "RETURNING device, seq", args)
+            stored.update((r["device"], int(r["seq"])) for r in cur.fetchall())
+        rows: list[tuple[Any, ...]] = []
+        for key in stored:
+            i = first[key]
+            fresh[i] = True
+            device, tw = windows[i]
+            rows.extend((device, tw.seq, name, w.version, w.requests, w.errors, w.rows,
+                         _compact(dict(w.latency_ms)), _compact([dict(x) for x in w.inputs]),
+                         _compact(dict(w.outputs)) if w.outputs is not None else None)
+                        for name, w in tw.models.items())
+        conn.executemany("INSERT INTO telemetry_models VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        return fresh
 
     def prune_telemetry(self, before: float, limit: int, fence: Callable[[Conn], None] | None = None) -> int:
         """Delete up to *limit* of the oldest windows received before *before* (their per-model
