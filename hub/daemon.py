@@ -418,7 +418,10 @@ class Hub:
                 acks.setdefault(device, []).append(msg.seq)
             messages.append((device, msg))
         windows = [(device, msg) for device, msg in messages if isinstance(msg, TelemetryWindow)]
-        with self.db.tx() as conn:
+        messages.sort(key=lambda m: m[0])  # stable: one device's messages keep their order
+        # Not exclusive (hub.db.Database.tx): replicas ingest side by side; the drift sums, which
+        # are read and rewritten, are merged in an exclusive transaction of their own below.
+        with self.db.tx(exclusive=False) as conn:
             for device, msg in messages:
                 self._store(conn, now, device, msg)
             # the batch's windows in a few statements; then what each new one adds
@@ -429,9 +432,14 @@ class Hub:
                 counts["ingested"] += 1
                 self.rollouts.add_window(conn, device, tw, now)
                 self.drift.stage(staged, device, tw)  # a window that breaks the sums fails the batch (retried one by one)
-            self.drift.take(staged)
-            self.drift.flush(conn)
+        self.drift.take(staged)
         self._ack_telemetry(acks)  # only once committed: an ack means the window is in the database
+        if self.drift.flush_due():
+            try:
+                with self.db.tx() as conn:
+                    self.drift.flush(conn)
+            except Exception:  # the sums stay pending; the windows are stored and acknowledged
+                log.exception("merging drift sums failed")
         with self._counters_lock:  # ingest workers finish batches concurrently
             for key, n in counts.items():
                 self.counters[key] += n

@@ -483,14 +483,17 @@ class Database:
                 self._pg.raw.close()
 
     @contextmanager
-    def tx(self) -> Iterator[Conn]:
-        """One write transaction; commits on success, rolls back on any error. Exclusive: see the
-        module's docstring."""
+    def tx(self, exclusive: bool = True) -> Iterator[Conn]:
+        """One write transaction; commits on success, rolls back on any error. Exclusive (see
+        the module's docstring) unless *exclusive* is False, which only ingest asks for: its
+        writes are inserts that skip what exists and updates of one row each, which PostgreSQL
+        serialises row by row, so replicas store telemetry side by side (in one order of devices,
+        so they never deadlock). On SQLite every write transaction is exclusive."""
         with self._lock:
             conn, _ = self._first("BEGIN IMMEDIATE" if self.engine == "sqlite" else "BEGIN")
             self.tx_serial += 1
             try:
-                if self.engine == "postgresql":
+                if self.engine == "postgresql" and exclusive:
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
                 yield conn
             except BaseException:
@@ -806,7 +809,7 @@ class Database:
         first: dict[tuple[str, int], int] = {}
         for i, (device, tw) in enumerate(windows):
             first.setdefault((device, tw.seq), i)
-        keys = list(first)
+        keys = sorted(first)  # one order for every replica: concurrent batches never deadlock
         stored: set[tuple[str, int]] = set()
         for k in range(0, len(keys), 500):
             chunk = [windows[first[key]] for key in keys[k:k + 500]]

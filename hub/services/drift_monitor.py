@@ -288,6 +288,10 @@ class DriftMonitor:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
+    def flush_due(self) -> bool:
+        """Whether :meth:`flush` (without ``force``) would write now."""
+        return bool(self._pending) and time.monotonic() >= self._next_flush
+
     def flush(self, conn: Any, force: bool = False) -> None:
         """Merge the pending windows into ``telemetry_agg`` inside the caller's transaction.
 
