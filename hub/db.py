@@ -579,8 +579,10 @@ class Database:
             return int(conn.execute("SELECT epoch FROM controller WHERE role=?", (role,)).fetchone()["epoch"])
 
     def controller_heartbeat(self, role: str, epoch: int) -> bool:
-        """Stamp the role's heartbeat if *epoch* still holds it; False: another replica took it."""
-        with self.tx() as conn:
+        """Stamp the role's heartbeat if *epoch* still holds it; False: another replica took it.
+        One conditional update of one row (PostgreSQL locks the row, as :meth:`take_controller`'s
+        upsert does): it need not wait for another replica's exclusive transaction."""
+        with self.tx(exclusive=False) as conn:
             cur = conn.execute(f"UPDATE controller SET heartbeat={_NOW[self.engine]} WHERE role=? AND epoch=?",  # noqa: S608
                                (role, epoch))
             return cur.rowcount == 1
@@ -917,26 +919,31 @@ class Database:
 
     # -- telemetry aggregates (hub.services.drift_monitor) ---------------------------------------
 
-    def telemetry_agg_row(self, conn: Conn, model: str, version: str, device: str,
-                          bucket: float) -> Any:
-        return conn.execute(
-            "SELECT * FROM telemetry_agg WHERE model=? AND version=? AND device=? AND bucket=?",
-            (model, version, device, bucket)).fetchone()
+    def telemetry_agg_rows(self, conn: Conn, keys: Sequence[tuple[str, str, str, float]]) -> dict[tuple[str, str, str, float], Any]:
+        """The stored buckets among *keys* ``(model, version, device, bucket)``, by key: one
+        statement per 200 keys (on PostgreSQL each statement is a round trip)."""
+        out: dict[tuple[str, str, str, float], Any] = {}
+        for k in range(0, len(keys), 200):
+            chunk = keys[k:k + 200]
+            values = ",".join(["(?,?,?,?)"] * len(chunk))
+            rows = conn.execute(f"SELECT * FROM telemetry_agg WHERE (model, version, device, bucket) IN (VALUES {values})",  # noqa: S608
+                                [a for key in chunk for a in key]).fetchall()
+            out.update({(r["model"], r["version"], r["device"], float(r["bucket"])): r for r in rows})
+        return out
 
-    def put_telemetry_agg(self, conn: Conn, model: str, version: str, device: str, bucket: float, *,
-                          windows: int, requests: int, errors: int, rows: int, latency: list[int],
-                          inputs: Mapping[str, Any], classes: Mapping[str, int], last_end: float,
-                          now: float) -> None:
-        """Write (or replace) one bucket's sums."""
-        conn.execute(
+    def put_telemetry_aggs(self, conn: Conn, buckets: Sequence[Mapping[str, Any]], now: float) -> None:
+        """Write (or replace) buckets' sums, each a mapping of the ``telemetry_agg`` columns but
+        ``updated_at`` (``latency``, ``inputs``, ``classes`` as objects), in one ``executemany``."""
+        conn.executemany(
             "INSERT INTO telemetry_agg (model, version, device, bucket, windows, requests, errors, rows, latency, "
             "inputs, classes, last_end, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT (model, version, device, bucket) "
             "DO UPDATE SET windows=excluded.windows, requests=excluded.requests, errors=excluded.errors, "
             "rows=excluded.rows, latency=excluded.latency, inputs=excluded.inputs, classes=excluded.classes, "
             "last_end=excluded.last_end, updated_at=excluded.updated_at",
-            (model, version, device, bucket, windows, requests, errors, rows, _compact(latency),
-             _compact(inputs), _compact(classes), last_end, now))
+            [(b["model"], b["version"], b["device"], b["bucket"], b["windows"], b["requests"], b["errors"], b["rows"],
+              _compact(b["latency"]), _compact(b["inputs"]), _compact(b["classes"]), b["last_end"], now)
+             for b in buckets])
 
     def telemetry_agg_updated(self, since: float) -> list[tuple[str, str]]:
         """Every ``(model, version)`` whose sums any replica merged at or after *since*, sorted."""

@@ -307,8 +307,11 @@ class DriftMonitor:
             return
         self._next_flush = mono + self.config.evaluate_seconds
         pending, self._pending = self._pending, {}
-        for (model, version, device, bucket), acc in pending.items():
-            row = self.db.telemetry_agg_row(conn, model, version, device, bucket)
+        stored = self.db.telemetry_agg_rows(conn, sorted(pending))  # one order: see Database.tx
+        out = []
+        for key in sorted(pending):
+            model, version, device, bucket = key
+            acc, row = pending[key], stored.get(key)
             windows, requests, errors, rows, last_end = acc.windows, acc.requests, acc.errors, acc.rows, acc.last_end
             merged_inputs, merged_classes, latency = acc.histograms(), acc.classes, list(acc.latency)
             if row is not None:
@@ -324,10 +327,11 @@ class DriftMonitor:
                                                          list(merged_inputs.values())])
                 except ValueError as exc:  # bins changed under the same version: keep the newest only
                     log.warning("%s %s from %s: %s", model, version, device, exc)
-            self.db.put_telemetry_agg(conn, model, version, device, bucket, windows=windows, requests=requests,
-                                      errors=errors, rows=rows, latency=latency, inputs=merged_inputs,
-                                      classes=merged_classes, last_end=last_end, now=self.clock())
+            out.append({"model": model, "version": version, "device": device, "bucket": bucket, "windows": windows,
+                        "requests": requests, "errors": errors, "rows": rows, "latency": latency,
+                        "inputs": merged_inputs, "classes": merged_classes, "last_end": last_end})
             self._touched.add((model, version))
+        self.db.put_telemetry_aggs(conn, out, self.clock())
 
     def after_batch(self, force: bool = False) -> None:
         """Score the model versions that got data, if ``evaluate_seconds`` passed since the last
