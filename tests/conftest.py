@@ -228,10 +228,9 @@ def botocore_s3(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET, regio
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[str]:
     """A real S3 API (moto_server) on a free port, with the bucket 'fleet'; its endpoint URL."""
-    binary = shutil.which("moto_server")
-    assert binary, "moto_server is missing: pip install 'moto[server]'"
+    # the interpreter's own module, not a moto_server script that may be off PATH (pip's scripts folder)
     port = free_port()
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=(tmp_path / "moto.log").open("wb"),
                             stderr=subprocess.STDOUT)
     try:
         wait_port(port, 20)

@@ -62,8 +62,10 @@ class TokenStore:
 
     def tokens(self) -> list[Token]:
         """Every token, revoked ones included; re-read when the file changed."""
-        if self.db is not None:
-            return self._db_tokens()
+        return self._db_tokens() if self.db is not None else self._file_tokens()
+
+    def _file_tokens(self) -> list[Token]:
+        """The token file's tokens (the database store's seed too)."""
         with self._lock:
             try:
                 st = self.path.stat()
@@ -74,13 +76,6 @@ class TokenStore:
             if key != self._seen:
                 self._tokens, self._seen = self._read(), key
             return list(self._tokens)
-
-    def _file_tokens(self) -> list[Token]:
-        db, self.db = self.db, None
-        try:
-            return self.tokens()
-        finally:
-            self.db = db
 
     def _db_tokens(self, conn: Conn | None = None) -> list[Token]:
         assert self.db is not None
@@ -112,7 +107,7 @@ class TokenStore:
             if out:
                 self.db.put_api_tokens(conn, json.dumps(tokens_doc(out[0])))
             return
-        self.tokens()  # migrate first if need be
+        self._file_tokens()  # migrate first if need be
         with self._lock, self._exclusive():
             yield self._read(), out
             if out:
