@@ -166,8 +166,9 @@ class RolloutManager:
     # Hub replicas share the rollouts table; each keeps the active ones in memory (ingest looks
     # every window up in it). sync() compares the cached revisions with the stored ones (one
     # small query) and re-reads the rollouts when another replica changed one; every path that
-    # reads the cache syncs first, inside its write transaction when it has one (a write
-    # transaction is exclusive, so the cache is then exact until it commits).
+    # reads the cache syncs first, inside its write transaction when it has one. An exclusive
+    # transaction (signing, transitions) sees an exact cache until it commits; ingest's is not
+    # exclusive, so a window arriving as the controller moves a step may be tagged with the old one.
 
     def _reload_active(self, conn: Conn | None = None) -> None:
         active = [(rev, Rollout.from_dict(x)) for rev, x in self.db.active_rollouts(conn)]
