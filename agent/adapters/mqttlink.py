@@ -6,49 +6,32 @@ callbacks are logged and swallowed here, because an exception inside a paho call
 network thread. Subscriptions are (re)made in ``on_connect``, so they survive reconnects.
 
 MQTT 3.1.1 by default: it is what every broker speaks (the embedded amqtt broker speaks nothing
-else) and paho receives faster on it than on 5.0 here.
+else, nor does NATS's MQTT listener) and paho receives faster on it than on 5.0 here.
+
+Several brokers (the nodes of a cluster): ``url`` may list them, comma-separated. The link starts
+on one drawn at random and, whenever the connection drops or an attempt fails, moves to the next
+after a jittered wait (:class:`agent.core.reconnect.Failover`); paho's own reconnect loop does the
+waiting, with its delay set before each wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-__all__ = ["BrokerAddress", "MqttLink", "parse_broker_url"]
+from edgefleet.agent.contract.broker import BrokerAddress, parse_broker_url, parse_broker_urls
+from edgefleet.agent.core.reconnect import Failover
+
+__all__ = ["BrokerAddress", "MqttLink", "parse_broker_url", "parse_broker_urls"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(
-        host=parts.hostname,
-        port=parts.port or (8883 if tls else 1883),
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
 
 
 Handler = Callable[[str, bytes, bool], None]
@@ -58,7 +41,7 @@ class MqttLink:
     def __init__(
         self,
         *,
-        url: str,
+        url: str | Sequence[str],
         client_id: str,
         subscriptions: Sequence[tuple[str, int]],
         on_message: Handler,
@@ -73,8 +56,11 @@ class MqttLink:
         clean_session: bool = True,
         keepalive: int = 30,
         max_inflight: int = 100,
+        rng: random.Random | None = None,
     ) -> None:
-        self.address = parse_broker_url(url)
+        self.addresses = parse_broker_urls(url)
+        self.failover = Failover(len(self.addresses), rng=rng)
+        self._explicit_credentials = bool(username)
         self._subs = list(subscriptions)
         self._on_message = on_message
         self._on_connect_cb = on_connect
@@ -89,7 +75,7 @@ class MqttLink:
         )
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=1, max_delay=1)  # replaced before every wait: _next_broker
         # Credentials given apart from the URL (read from a 0600 file) win over the URL's.
         if username:
             c.username_pw_set(username, password)
@@ -102,10 +88,31 @@ class MqttLink:
             c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
+        c.on_connect_fail = self._handle_connect_fail
         c.on_message = self._handle_message
         if on_publish is not None:
             c.on_publish = self._handle_publish
         self.client = c
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker this link is connected to, or tries next."""
+        return self.addresses[self.failover.index]
+
+    def _next_broker(self) -> None:
+        """The connection (or an attempt) failed: point paho at the next broker and set the wait
+        its reconnect loop makes before trying it (paho calls this on its network thread, with
+        the socket closed or closing)."""
+        _, delay = self.failover.failed()
+        addr = self.address
+        c = self.client
+        # paho's host/port setters refuse while its reconnect loop runs (the state is "connection
+        # lost", not "disconnected"), and it has no other way to move a client to another
+        # broker: its reconnect() reads these two attributes (tests/agent/test_failover.py checks).
+        c._host, c._port = addr.host, addr.port
+        if not self._explicit_credentials and addr.username:
+            c.username_pw_set(addr.username, addr.password)
+        c.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 
     # paho callbacks: never raise, never block.
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
@@ -113,6 +120,7 @@ class MqttLink:
             if getattr(rc, "is_failure", False):
                 log.warning("broker %s:%s refused the connection: %s", self.address.host, self.address.port, rc)
                 return
+            self.failover.connected()
             for topic, qos in self._subs:
                 client.subscribe(topic, qos)
             self.connected.set()
@@ -123,6 +131,17 @@ class MqttLink:
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
         self.connected.clear()
+        try:
+            self._next_broker()
+        except Exception:
+            log.exception("error choosing the next broker")
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        try:
+            log.warning("cannot reach broker %s:%s", self.address.host, self.address.port)
+            self._next_broker()
+        except Exception:
+            log.exception("error choosing the next broker")
 
     def _handle_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -27,8 +27,10 @@ What is shared, because 1,000 devices do not fit in one process otherwise:
   after ``RESEND_SECONDS`` and on every reconnect, as the real agent's spool does.
 
 Reconnects: an agent whose connection drops (broker restart, network cut, missed keepalive)
-reconnects with a jittered backoff of 0.5 s doubling to 10 s; its socket leaves and re-enters
-``sim-net``'s selector through paho's socket open/close callbacks.
+reconnects as the real agent does (:class:`~agent.core.reconnect.Failover`: to the next node
+when the broker URL lists several, after a jittered wait), with waits of 0.5 s doubling to 10 s
+per failed round; its socket leaves and re-enters ``sim-net``'s selector through paho's socket
+open/close callbacks.
 
 Thread rules: paho callbacks (on ``sim-net``) only enqueue; agents publish through an outbox that
 ``sim-net`` drains, so a paho client is only ever touched by one thread.
@@ -46,6 +48,7 @@ import heapq
 import logging
 import os
 import queue
+import random
 import selectors
 import threading
 import time
@@ -59,8 +62,8 @@ import paho.mqtt.client as mqtt
 
 from edgefleet.agent import __version__
 from edgefleet.agent.adapters.fetch import Fetcher, HttpFetcher
-from edgefleet.agent.adapters.mqttlink import parse_broker_url
 from edgefleet.agent.adapters.store import Store
+from edgefleet.agent.contract.broker import parse_broker_urls
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
 from edgefleet.agent.contract.wire import (
@@ -74,6 +77,7 @@ from edgefleet.agent.contract.wire import (
     Topics,
     parse_json_object,
 )
+from edgefleet.agent.core.reconnect import Failover
 from edgefleet.agent.core.telemetry import Snapshot, fold
 from edgefleet.agent.core.trust import NoKeyring, TrustedState, VerifiedDesired
 from edgefleet.agent.core.update import Step, UpdateCore
@@ -295,7 +299,11 @@ class SimFleet:
                  keepalive: int = 60, telemetry_every: float | None = None) -> None:
         self.agents = agents
         self._first_every = telemetry_every  # the schedule start() begins with
-        self.address = parse_broker_url(broker_url)
+        self.addresses = parse_broker_urls(broker_url)
+        # per agent, seeded by its id: a run is repeatable, and the fleet spreads over the nodes
+        self._failover = {a: Failover(len(self.addresses), base=0.5, cap=10.0, floor=0.05,
+                                      rng=random.Random(zlib.crc32(a.device.encode())))
+                          for a in agents}
         self.keepalive = keepalive
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-work")
         self._outbox: queue.SimpleQueue[tuple[SimAgent, str, bytes, bool]] = queue.SimpleQueue()
@@ -311,7 +319,7 @@ class SimFleet:
         self.connected = 0
         self.reconnects = 0
         self._lock = threading.Lock()
-        self._down: dict[SimAgent, tuple[float, float]] = {}  # agent -> (retry at, backoff); sim-net only
+        self._down: dict[SimAgent, float] = {}  # agent -> when to retry; sim-net only
         self._online: set[SimAgent] = set()
 
     def _client(self, agent: SimAgent) -> mqtt.Client:
@@ -328,6 +336,7 @@ class SimFleet:
         def on_connect(cl: mqtt.Client, u: object, f: object, rc: object, p: object = None) -> None:
             if getattr(rc, "is_failure", False):
                 return
+            self._failover[agent].connected()
             cl.subscribe([(agent.topics.keyring, 1), (agent.topics.desired(agent.device), 1),
                           (acked, 1)])
             with self._lock:
@@ -342,7 +351,7 @@ class SimFleet:
                     self._online.discard(agent)
                     self.connected -= 1
             if not self._stop.is_set():
-                self._down[agent] = (time.monotonic() + self._jitter(agent, 0.5), 0.5)
+                self._retry_later(agent, time.monotonic())
 
         acked = agent.topics.device(agent.device, "acked")
 
@@ -378,7 +387,12 @@ class SimFleet:
         for agent in self.agents:
             c = self._client(agent)
             agent.client = c
-            c.connect(self.address.host, self.address.port, keepalive=self.keepalive)  # on_socket_open registers it
+            addr = self.addresses[self._failover[agent].index]
+            c.connect_async(addr.host, addr.port, keepalive=self.keepalive)
+            try:
+                c.reconnect()  # blocking TCP connect; on_socket_open registers the socket
+            except OSError:  # that node is down: the next one, later
+                self._retry_later(agent, time.monotonic())
         self.start_telemetry(self._first_every)
         self._thread = threading.Thread(target=self._loop, name="sim-net", daemon=True)
         self._thread.start()
@@ -444,21 +458,23 @@ class SimFleet:
         with contextlib.suppress(RuntimeError):
             self._pool.submit(fn, *args)
 
-    @staticmethod
-    def _jitter(agent: SimAgent, base: float) -> float:
-        return base * (0.5 + (zlib.crc32(agent.device.encode()) % 1000) / 1000)
+    def _retry_later(self, agent: SimAgent, now: float) -> None:
+        """The agent's connection (or attempt) failed: point it at the next node, retry later."""
+        _, delay = self._failover[agent].failed()
+        addr = self.addresses[self._failover[agent].index]
+        if agent.client is not None:
+            agent.client._host, agent.client._port = addr.host, addr.port  # as MqttLink._next_broker does
+        self._down[agent] = now + delay
 
     def _reconnect_due(self, now: float) -> None:
-        """Reconnect the agents whose retry time has come (sim-net only); a refused connect
-        doubles that agent's backoff, up to 10 s."""
-        for agent, (at, backoff) in list(self._down.items()):
+        """Reconnect the agents whose retry time has come (sim-net only)."""
+        for agent, at in list(self._down.items()):
             if at > now or agent.client is None:
                 continue
             try:
                 agent.client.reconnect()
             except OSError:
-                later = min(backoff * 2, 10.0)
-                self._down[agent] = (now + self._jitter(agent, later), later)
+                self._retry_later(agent, now)
                 continue
             del self._down[agent]
             self.reconnects += 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgefleet.agent.contract.broker import parse_broker_urls
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
 
@@ -191,7 +192,7 @@ def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Devi
 class AgentConfig:
     fleet: str
     device: str
-    broker_url: str
+    broker_url: str  # one URL, or the nodes of a cluster comma-separated (the agent fails over)
     blob_url: str
     root_public_key: str
     state_dir: Path
@@ -237,7 +238,7 @@ class AgentConfig:
         ``broker_url``); blobs from any other store are verified with the system CAs."""
         if self.ca_file is None:
             return {}
-        hosts = {urlsplit(u).hostname for u in (self.blob_url, self.broker_url)}
+        hosts = {urlsplit(self.blob_url).hostname} | {a.host for a in parse_broker_urls(self.broker_url)}
         return {"pinned_ca": self.ca_file, "pinned_hosts": sorted(h for h in hosts if h)}
 
     def with_profile(self, **changes: Any) -> AgentConfig:
@@ -284,9 +285,19 @@ def load_agent_config(path: Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from exc
     _check_keys(doc, _AGENT_KEYS, str(path))
+    doc = dict(doc)
+    urls = doc.get("broker_url")
+    if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+        doc["broker_url"] = ",".join(urls)  # the nodes of a cluster, as a TOML array
     for key in ("fleet", "device", "broker_url", "blob_url", "root_public_key", "profile"):
         if not isinstance(doc.get(key), str):
-            raise ConfigError(f"{path}: {key!r} is required and must be a string")
+            raise ConfigError(f"{path}: {key!r} is required and must be a string"
+                              f"{' (or, for broker_url, a list of them)' if key == 'broker_url' else ''}, "
+                              f"got {doc.get(key)!r}")
+    try:
+        parse_broker_urls(doc["broker_url"])
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     base = path.parent
     overrides = doc.get("overrides", {})
     if not isinstance(overrides, dict):

@@ -13,7 +13,7 @@ acknowledged only once it is in the hub's inbox (paho's order too). When the inb
 
 It does only what the hub's ingest needs: CONNECT (user/password, TLS with a pinned CA or the
 system's, persistent session), SUBSCRIBE at QoS ≤ 1, PUBLISH at QoS 0/1 in, PUBACK and
-PINGREQ out, reconnect with backoff. Anything else from the broker (QoS 2 flow, a packet a
+PINGREQ out, reconnect with jittered backoff (to the next node when ``url`` lists several). Anything else from the broker (QoS 2 flow, a packet a
 client never gets) is a protocol error: the connection is dropped and made again. One thread
 does all socket I/O (an ``ssl`` socket must not be read and written from two threads).
 """
@@ -29,7 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from edgefleet.agent.adapters.mqttlink import parse_broker_url
+from edgefleet.agent.contract.broker import BrokerAddress, parse_broker_urls
+from edgefleet.agent.core.reconnect import Failover
 
 __all__ = ["IngestLink", "ProtocolError", "connect_packet", "split_packets"]
 
@@ -137,13 +138,13 @@ class IngestLink:
     ) -> None:
         if any(q not in (0, 1) for _, q in subscriptions):
             raise ValueError(f"IngestLink subscribes at QoS 0 or 1 only, got {list(subscriptions)}")
-        self.address = parse_broker_url(url)
+        self.addresses = parse_broker_urls(url)
+        self._failover = Failover(len(self.addresses))
         self.client_id = client_id
         self._subs = list(subscriptions)
         self._on_batch = on_batch
         self._ca_file = ca_file
-        self._username = username if username else self.address.username
-        self._password = password if username else self.address.password
+        self._username, self._password = username, password  # None: the URL's
         self._clean = clean_session
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
@@ -152,6 +153,11 @@ class IngestLink:
         self._thread: threading.Thread | None = None
         self.received = 0  # PUBLISH packets handed to on_batch
         self.connections = 0  # CONNACKs accepted
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker node connected to, or tried next."""
+        return self.addresses[self._failover.index]
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -166,26 +172,28 @@ class IngestLink:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        delay = 1.0
         while not self._stop.is_set():
             sock: socket.socket | None = None
+            addr = self.address
             try:
                 sock, pending = self._open()
-                delay = 1.0
+                self._failover.connected()
                 self._serve(sock, pending)
             except (OSError, ProtocolError) as exc:
                 if not self._stop.is_set():
-                    log.warning("ingest link %s to %s:%s: %s; reconnecting in %.0f s", self.client_id,
-                                self.address.host, self.address.port, exc, delay)
+                    log.warning("ingest link %s to %s:%s: %s", self.client_id, addr.host, addr.port, exc)
             except Exception:  # on_batch raised: the broker resends what was not acknowledged
-                log.exception("ingest link %s: delivery failed; reconnecting in %.0f s", self.client_id, delay)
+                log.exception("ingest link %s: delivery failed", self.client_id)
             finally:
                 self.connected.clear()
                 if sock is not None:
                     sock.close()
+            _, delay = self._failover.failed()
+            if not self._stop.is_set():
+                log.info("ingest link %s: reconnecting to %s:%s in %.1f s", self.client_id,
+                         self.address.host, self.address.port, delay)
             if self._stop.wait(delay):
                 break
-            delay = min(delay * 2, 30.0)
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -199,8 +207,9 @@ class IngestLink:
             if addr.tls:
                 ctx = ssl.create_default_context(cafile=self._ca_file)  # hostname checked
                 sock = ctx.wrap_socket(sock, server_hostname=addr.host)
+            user, password = (self._username, self._password) if self._username else (addr.username, addr.password)
             sock.sendall(connect_packet(self.client_id, keepalive=self._keepalive, clean_session=self._clean,
-                                        username=self._username, password=self._password))
+                                        username=user, password=password))
             buf = bytearray()
             while True:
                 packets, _ = split_packets(buf)
