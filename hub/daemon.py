@@ -2,7 +2,7 @@
 
 Threads: ``hub-http`` (admin API and blob server), paho's network thread (publishes: keyring,
 desired states, alerts), ``mqtt-ingest-*`` (:class:`hub.adapters.ingestlink.IngestLink`: receives device
-messages and enqueues them), ``hub-ingest`` (drains the queue and writes batches in one
+messages and enqueues them; on NATS ``jetstream-ingest-*``, :mod:`hub.adapters.jetstream`), ``hub-ingest`` (drains the queue and writes batches in one
 transaction each), ``hub-main`` (re-signs desired states before they expire), ``hub-rollouts``
 (judges running rollouts, see :mod:`hub.services.rollout_manager`). Every write goes through :mod:`hub.db`.
 """
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent import __version__
 from edgefleet.agent.adapters.capture import parse_batch
@@ -49,6 +49,9 @@ from edgefleet.agent.contract.wire import (
 from edgefleet.hub.adapters.fastjson import loads_object
 from edgefleet.hub.adapters.home import HubHome, create_private, keyring_path
 from edgefleet.hub.adapters.ingestlink import IngestLink
+
+if TYPE_CHECKING:
+    from edgefleet.hub.adapters.jetstream import JetStreamIngest
 from edgefleet.hub.adapters.modelfile import validate_onnx
 from edgefleet.hub.adapters.preflight import accept as accept_preflight
 from edgefleet.hub.adapters.tokens import TokenStore
@@ -111,6 +114,16 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _jetstream() -> Any:
+    """hub.adapters.jetstream, which needs nats-py (the ``nats`` extra): only a hub on NATS imports it."""
+    try:
+        from edgefleet.hub.adapters import jetstream
+    except ImportError as exc:
+        raise ConfigError(f"hub.toml sets jetstream_url (a NATS broker) but nats-py is not installed ({exc}); "
+                          "pip install 'edgefleet[hub,nats]'") from exc
+    return jetstream
+
+
 class Hub:
     def __init__(
         self,
@@ -141,7 +154,7 @@ class Hub:
         self.ingest_workers = ingest_workers
         self._known: frozenset[str] | None = None  # registered device ids (see _known_devices)
         self._known_at = 0.0
-        self._ingest_links: list[IngestLink] = []
+        self._ingest_links: list[IngestLink | JetStreamIngest] = []
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -235,9 +248,19 @@ class Hub:
         # Receiving device messages: persistent sessions (with a persistent broker, telemetry
         # published while the hub is away, or the broker restarts, is queued for it instead of
         # dropped), the first under the hub's own client id.
+        # On NATS (hub.toml jetstream_url), from the fleet's JetStream stream through the durable
+        # consumer every replica shares (hub.adapters.jetstream) instead.
         for i in range(self.ingest_workers):
-            link = IngestLink(url=self.broker_url, client_id=self._client_id + (f"-ingest{i}" if i else ""),
-                              subscriptions=subs, on_batch=self._on_batch, clean_session=False, **opts)
+            client_id = self._client_id + (f"-ingest{i}" if i else "")
+            link: IngestLink | JetStreamIngest
+            if self.config.jetstream_url:
+                link = _jetstream().JetStreamIngest(url=self.config.jetstream_url, client_id=client_id, fleet=self.config.fleet,
+                                       on_batch=self._on_batch, ca_file=opts.get("ca_file"),
+                                       cert_file=opts.get("cert_file"), key_file=opts.get("key_file"))
+            else:
+                link = IngestLink(url=self.broker_url, client_id=client_id, subscriptions=subs,
+                                  on_batch=self._on_batch, clean_session=False,
+                                  **{k: v for k, v in opts.items() if k not in ("cert_file", "key_file")})
             link.start()
             self._ingest_links.append(link)
         self.controller.start()  # elected (or not) before the controller's threads first look

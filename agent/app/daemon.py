@@ -44,6 +44,7 @@ from edgefleet.agent.contract.config import AgentConfig
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, StoreFailed
 from edgefleet.agent.contract.wire import (
+    SUBSCRIBE_QOS,
     Event,
     ModelReport,
     ModelWindow,
@@ -192,9 +193,9 @@ class Agent:
         self.link = MqttLink(
             url=self.config.broker_url,
             client_id=f"edgefleet-agent-{self.config.fleet}-{self.config.device}",
-            subscriptions=[(self.topics.roots, 1), (self.topics.keyring, 1),
-                           (self.topics.desired(self.config.device), 1),
-                           (self.topics.device(self.config.device, "acked"), 1)],
+            subscriptions=[(t, SUBSCRIBE_QOS) for t in (self.topics.roots, self.topics.keyring,
+                                                          self.topics.desired(self.config.device),
+                                                          self.topics.device(self.config.device, "acked"))],
             on_message=self._on_message,
             on_connect=self._on_connect,
             on_publish=self._on_publish,

@@ -67,6 +67,7 @@ from edgefleet.agent.contract.broker import parse_broker_urls
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
 from edgefleet.agent.contract.wire import (
+    SUBSCRIBE_QOS,
     TOPIC_PREFIX,
     ModelEntry,
     ModelReport,
@@ -337,8 +338,8 @@ class SimFleet:
             if getattr(rc, "is_failure", False):
                 return
             self._failover[agent].connected()
-            cl.subscribe([(agent.topics.keyring, 1), (agent.topics.desired(agent.device), 1),
-                          (acked, 1)])
+            cl.subscribe([(t, SUBSCRIBE_QOS) for t in (agent.topics.keyring, agent.topics.desired(agent.device),
+                                                       acked)])
             with self._lock:
                 if agent not in self._online:
                     self._online.add(agent)

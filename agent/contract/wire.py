@@ -50,6 +50,15 @@ __all__ = [
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TOPIC_PREFIX = "edgefleet/v1/"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The QoS agents subscribe at (desired, acked, keyring, roots). Every one of these is state, the
+# latest message all that counts: desired, keyring and roots are retained (a reconnect brings them
+# again), and a lost ``acked`` only means the window is re-sent and acknowledged again. Agents keep
+# clean sessions, so QoS 1 would buy nothing a reconnect does not — and on NATS's MQTT layer each
+# QoS 1 subscription is a JetStream consumer, which cannot be created while a node of the cluster
+# is down (seen here: SUBACKs 5 s late or refused for over a minute), so devices that reconnect
+# after a node died would get no desired state. QoS 0 subscriptions take retained messages from any
+# surviving node at once. Devices still publish at QoS 1.
+SUBSCRIBE_QOS = 0
 
 
 def check_name(value: object, what: str = "name") -> str:

@@ -47,7 +47,8 @@ __all__ = ["HubConfig", "HubHome", "create_private", "keyring_path", "load_priva
            "read_optional_toml"]
 
 _SECURITY_KEYS = ("device_broker_url", "device_password_broker_url", "broker_ca_file", "broker_username",
-                  "broker_password_file", "http_cert_file", "http_key_file")
+                  "broker_password_file", "broker_cert_file", "broker_key_file", "jetstream_url",
+                  "http_cert_file", "http_key_file")
 
 
 
@@ -82,6 +83,12 @@ class HubConfig:
     broker_ca_file: str = ""  # CA the hub pins for the broker's certificate
     broker_username: str = ""
     broker_password_file: str = ""
+    # A broker that takes certificates only (NATS): the hub's own client certificate and key
+    broker_cert_file: str = ""
+    broker_key_file: str = ""
+    # NATS: the cluster's client URLs (tls://HOST:PORT, comma-separated); set, the hub reads device
+    # channels from a JetStream stream (hub.adapters.jetstream) instead of MQTT subscriptions
+    jetstream_url: str = ""
     # HTTPS for the blob server and admin API, written by `edgefleet-hub https-config` (hub.tls):
     # a server certificate from the device CA and its key; empty = plain HTTP
     http_cert_file: str = ""

@@ -220,7 +220,7 @@ class DevicePki:
         return self.ca_path.read_bytes()
 
     def _issue(
-        self, cn: str, now: float, days: int, *, server_names: Iterable[str] = ()
+        self, cn: str, now: float, days: int, *, server_names: Iterable[str] = (), both: bool = False
     ) -> tuple[x509.Certificate, bytes]:
         ca_key, ca_cert = self._ca()
         key = ec.generate_private_key(ec.SECP256R1())
@@ -257,6 +257,7 @@ class DevicePki:
             )
             .add_extension(
                 x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if both else
                     [ExtendedKeyUsageOID.SERVER_AUTH if names else ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),
                 critical=False,
@@ -290,6 +291,7 @@ class DevicePki:
                 "not_after": not_after,
                 "revoked_at": None,
             }
+        self._sync()  # a NATS cluster admits the device by name (natsconf.users_conf_text)
         return IssuedCert(
             device,
             cert.serial_number,
@@ -299,14 +301,15 @@ class DevicePki:
         )
 
     def issue_server(
-        self, hostnames: Iterable[str], now: float, *, days: int = SERVER_DAYS
+        self, hostnames: Iterable[str], now: float, *, days: int = SERVER_DAYS, cluster: bool = False
     ) -> tuple[bytes, bytes]:
-        """The broker's certificate, valid for every name in ``hostnames`` (DNS names or IPs)."""
+        """The broker's certificate, valid for every name in ``hostnames`` (DNS names or IPs);
+        ``cluster``: also a client certificate, for the TLS routes between the nodes of a cluster."""
         names = list(hostnames)
         if not names:
             raise ConfigError("the broker certificate needs at least one host name or IP address")
         with self._locked() as index:
-            cert, key_pem = self._issue(names[0], now, days, server_names=names)
+            cert, key_pem = self._issue(names[0], now, days, server_names=names, both=cluster)
             index["certs"][format(cert.serial_number, "x")] = {
                 "device": None,
                 "server": names,
@@ -315,6 +318,18 @@ class DevicePki:
                 "revoked_at": None,
             }
         return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+    def issue_hub_client(self, now: float, *, days: int = SERVER_DAYS) -> IssuedCert:
+        """The hub's own client certificate (CN = :func:`hub_username`), for a broker that takes
+        certificates only (NATS maps every MQTT client of its one listener to a user that way)."""
+        with self._locked() as index:
+            user = hub_username(self.fleet)
+            cert, key_pem = self._issue(user, now, days)
+            not_after = cert.not_valid_after_utc.timestamp()
+            index["certs"][format(cert.serial_number, "x")] = {
+                "device": None, "hub": user, "issued_at": now, "not_after": not_after, "revoked_at": None,
+            }
+        return IssuedCert(user, cert.serial_number, cert.public_bytes(serialization.Encoding.PEM), key_pem, not_after)
 
     # -- passwords -------------------------------------------------------------------------------
 
@@ -355,8 +370,7 @@ class DevicePki:
                     del index["certs"][s]
             if password:
                 index["passwords"].pop(device, None)
-        if password:
-            self._sync()
+        self._sync()
 
     # -- revocation ------------------------------------------------------------------------------
 
@@ -418,9 +432,17 @@ class DevicePki:
         # The broker's: devices on the password listener, the hub on its own (hub.brokerconf).
         devices, hub = self.password_file_text(hub=False).encode(), self.password_file_text(hub=True).encode()
         crl = self.crl_path.read_bytes() if self.crl_path.exists() else None
+        users = None
         for target in self.exports():
             folder = Path(target)
             if not folder.is_dir():
+                continue
+            if (folder / "nats-cluster.json").exists():  # a NATS cluster's folder: its users file
+                from edgefleet.hub.adapters import natsconf
+
+                users = users or natsconf.users_conf_text(self.fleet, natsconf.admitted_devices(
+                    self.device_credentials())).encode()
+                _write_keeping_group(folder / "users.conf", users, 0o640)
                 continue
             _write_keeping_group(folder / "passwd", devices, 0o640)
             _write_keeping_group(folder / "hub-passwd", hub, 0o640)

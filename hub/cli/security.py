@@ -14,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.adapters.store import atomic_write
+from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name, format_time
 from edgefleet.hub.adapters.brokerconf import BrokerLayout, default_hostnames, write_broker_config
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
+from edgefleet.hub.adapters.natsconf import NatsLayout, write_nats_config
 from edgefleet.hub.adapters.pki import hub_username
 from edgefleet.hub.cli.commands import emit, safe
 from edgefleet.hub.services.enrol import pki_for
@@ -60,6 +63,10 @@ def cmd_device_list(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
+    if args.kind == "nats":
+        return _nats_config(args)
+    if args.nodes != 1 or args.node_host:
+        raise ConfigError(f"--nodes and --node-host are for --kind nats; Mosquitto is one node, got --nodes {args.nodes}")
     home = HubHome(Path(args.home))
     cfg = home.config()
     layout = BrokerLayout(
@@ -107,6 +114,43 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_config(args: argparse.Namespace) -> int:
+    home = HubHome(Path(args.home))
+    cfg = home.config()
+    pki = pki_for(home, cfg.fleet)
+    node_hosts = tuple(args.node_host or [args.public_host or (args.hostname or ["127.0.0.1"])[0]])
+    layout = NatsLayout(folder=Path(args.out), nodes=args.nodes, hosts=node_hosts, bind=args.bind,
+                        mqtt_port=args.port, client_port=args.client_port, cluster_port=args.cluster_port,
+                        monitor_port=args.monitor_port)
+    now = time.time()
+    hosts = args.hostname or default_hostnames()
+    files = write_nats_config(pki, layout, hostnames=hosts, now=now)
+    # the hub's own certificate: NATS's listeners take certificates only
+    issued = pki.issue_hub_client(now)
+    atomic_write(home.pki_path / "hub.pem", issued.cert_pem, mode=0o644)
+    atomic_write(home.pki_path / "hub.key", issued.key_pem, mode=0o600)
+    mqtt_urls, nats_urls = ",".join(layout.urls("mqtt")), ",".join(layout.urls("nats"))
+    if not args.no_hub_config:
+        home.update_config(broker_url=mqtt_urls, device_broker_url=mqtt_urls, device_password_broker_url="",
+                           broker_ca_file="pki/ca.pem", broker_username="", broker_password_file="",
+                           broker_cert_file="pki/hub.pem", broker_key_file="pki/hub.key", jetstream_url=nats_urls)
+    updated = "" if args.no_hub_config else f"  {home.config_path} updated: restart the hub\n"
+    starts = "\n".join(f"              nats-server -c {files[f'node-{i + 1}.conf']}" for i in range(layout.nodes))
+    emit(
+        args,
+        {"files": files, "kind": "nats", "nodes": layout.nodes, "device_broker_url": mqtt_urls,
+         "jetstream_url": nats_urls},
+        f"NATS cluster configuration ({layout.nodes} nodes) for fleet {cfg.fleet} in {layout.folder}\n"
+        f"  start it:\n{starts}\n"
+        f"  devices:    {mqtt_urls} (MQTT, client certificate, subject = user)\n"
+        f"  hub:        publishes there with {home.pki_path / 'hub.pem'}; reads devices from JetStream on {nats_urls}\n"
+        f"{updated}"
+        "  enrol devices with: edgefleet-hub device add ID --out DIR (certificates only on NATS),\n"
+        "  then reload every node: nats-server --signal reload=PID (users.conf changed)",
+    )
+    return 0
+
+
 def cmd_https_config(args: argparse.Namespace) -> int:
     from edgefleet.hub.adapters.tls import issue_http_certificate
 
@@ -140,9 +184,18 @@ def add_security_commands(sub: Any, dev: Any, cmd: Cmd, client: Callable[[Any], 
     sp = cmd(
         "broker-config",
         cmd_broker_config,
-        "write a Mosquitto config (TLS, client certificates, CRL, passwords, ACL) for this fleet",
+        "write a broker config (TLS, client certificates, CRL, passwords, ACL) for this fleet: "
+        "Mosquitto, or a NATS cluster with --kind nats",
         sub,
     )
+    sp.add_argument("--kind", choices=("mosquitto", "nats"), default="mosquitto",
+                    help="the broker: one Mosquitto (default) or a NATS cluster with JetStream")
+    sp.add_argument("--nodes", type=int, default=1, help="NATS: cluster nodes (3 survives one node's loss)")
+    sp.add_argument("--node-host", action="append",
+                    help="NATS: each node's host, in order (repeatable; one host for all: ports step by node)")
+    sp.add_argument("--client-port", type=int, default=4222, help="NATS: client (JetStream) port (4222)")
+    sp.add_argument("--cluster-port", type=int, default=6222, help="NATS: route port between nodes (6222)")
+    sp.add_argument("--monitor-port", type=int, default=8222, help="NATS: monitoring port on 127.0.0.1 (8222)")
     sp.add_argument(
         "--out", required=True, help="folder for mosquitto.conf, acl, certs, CRL, passwd"
     )

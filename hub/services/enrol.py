@@ -49,6 +49,8 @@ def hub_link_options(home: HubHome, config: HubConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if config.broker_ca_file:
         opts["ca_file"] = config.broker_ca_file
+    if config.broker_cert_file:
+        opts["cert_file"], opts["key_file"] = config.broker_cert_file, config.broker_key_file
     if config.broker_username:
         opts["username"] = config.broker_username
         if config.broker_password_file:
@@ -72,6 +74,9 @@ def issue_credentials(home: HubHome, config: HubConfig, broker_url: str, device:
     if kind == "auto":
         kind = "cert" if config.device_broker_url and pki.ca_path.exists() else "none"
     out: dict[str, Any] = {"kind": kind}
+    if kind in ("password", "both") and config.jetstream_url:
+        raise BadRequest(f"this fleet's broker is a NATS cluster, which takes client certificates only "
+                         f"(one MQTT listener, verify_and_map); enrol with --credentials cert, got {kind!r}")
     if kind == "none":
         if config.http_tls and pki.ca_path.exists():
             out["ca_pem"] = pki.ca_pem().decode()  # https blobs: the device pins the CA (hub.tls)
