@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.agent import __version__
 from edgefleet.agent.adapters.capture import parse_batch
 from edgefleet.agent.adapters.mqttlink import MqttLink
+from edgefleet.agent.contract.broker import client_id
 from edgefleet.agent.contract.envelope import open_envelope
 from edgefleet.agent.contract.errors import ConfigError, EdgefleetError, MalformedMessage
 from edgefleet.agent.contract.wire import (
@@ -224,8 +225,9 @@ class Hub:
         """With a broker user (``broker-config``: ``hub@FLEET``) the id starts with it: the
         broker's hub listener leaves client ids to the hub, and no device id contains ``@``, so
         no device can take the hub's id (and its session) over. Without one, the fleet's name."""
-        base = self.config.broker_username or f"edgefleet-hub-{self.config.fleet}"
-        return base + (f"-{self.replica}" if self.replica else "")
+        if self.config.broker_username:
+            return self.config.broker_username + (f"-{self.replica}" if self.replica else "")
+        return client_id("hub", self.config.fleet, self.replica or "")
 
     def start(self) -> None:
         from edgefleet.hub.adapters.api import HubHttpServer, MetricsHttpServer, split_listen

@@ -40,6 +40,7 @@ from edgefleet.agent.adapters.sysstat import (
 from edgefleet.agent.app.heartbeat import Heartbeat
 from edgefleet.agent.app.serving import ModelServer
 from edgefleet.agent.app.updater import StepHook, Updater
+from edgefleet.agent.contract.broker import client_id
 from edgefleet.agent.contract.config import AgentConfig
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, StoreFailed
@@ -192,7 +193,7 @@ class Agent:
         self._notify(f"READY=1\nSTATUS={self.status_line()}")
         self.link = MqttLink(
             url=self.config.broker_url,
-            client_id=f"edgefleet-agent-{self.config.fleet}-{self.config.device}",
+            client_id=client_id("agent", self.config.fleet, self.config.device),
             subscriptions=[(t, SUBSCRIBE_QOS) for t in (self.topics.roots, self.topics.keyring,
                                                           self.topics.desired(self.config.device),
                                                           self.topics.device(self.config.device, "acked"))],

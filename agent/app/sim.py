@@ -63,7 +63,7 @@ import paho.mqtt.client as mqtt
 from edgefleet.agent import __version__
 from edgefleet.agent.adapters.fetch import Fetcher, HttpFetcher
 from edgefleet.agent.adapters.store import Store
-from edgefleet.agent.contract.broker import parse_broker_urls
+from edgefleet.agent.contract.broker import client_id, parse_broker_urls
 from edgefleet.agent.contract.envelope import public_key_from_b64
 from edgefleet.agent.contract.errors import EdgefleetError, Refused, Unavailable
 from edgefleet.agent.contract.wire import (
@@ -326,7 +326,7 @@ class SimFleet:
     def _client(self, agent: SimAgent) -> mqtt.Client:
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
-            client_id=f"edgefleet-agent-{agent.fleet}-{agent.device}",
+            client_id=client_id("agent", agent.fleet, agent.device),
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )

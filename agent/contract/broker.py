@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["BrokerAddress", "parse_broker_url", "parse_broker_urls"]
+__all__ = ["BrokerAddress", "client_id", "parse_broker_url", "parse_broker_urls"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,12 @@ def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
     if len({a.tls for a in addresses}) > 1:
         raise ValueError(f"broker URLs must all be mqtt:// or all mqtts:// (one broker, several nodes), got {urls!r}")
     return addresses
+
+
+def client_id(kind: str, fleet: str, name: str = "") -> str:
+    """An MQTT client id every broker takes: ``edgefleet-{kind}-{fleet}[-{name}]`` with ``_``
+    written ``__`` and ``.`` written ``_d`` (NATS refuses a ``.`` in a client id; fleet and device
+    names may hold one). The escape is one to one, so two devices never share an id."""
+    def esc(part: str) -> str:
+        return part.replace("_", "__").replace(".", "_d")
+    return f"edgefleet-{kind}-{esc(fleet)}" + (f"-{esc(name)}" if name else "")

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
 from edgefleet.agent.contract.wire import TOPIC_PREFIX
@@ -144,7 +145,7 @@ class JetStreamIngest:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    async def _bind(self, nc: nats.NATS) -> object:
+    async def _bind(self, nc: NatsClient) -> object:
         """Make sure the stream and the shared durable consumer exist (first replica creates them,
         later ones find them), then bind a pull subscription to the consumer."""
         js = nc.jetstream(timeout=10)
