@@ -104,7 +104,7 @@ def test_generated_cluster_is_tls_only_with_certificate_users_and_a_large_enough
         assert "max_payload: 4259840" in conf and "jetstream" in conf and "verify: true" in conf  # routes: TLS
     users = (folder / "users.conf").read_text()
     assert "password" not in users  # certificates only
-    assert f'"CN=dev.b,O=edgefleet {env.fleet}"' in users and f"devices.dev//b.telemetry" in users
+    assert f'"CN=dev.b,O=edgefleet {env.fleet}"' in users and "devices.dev//b.telemetry" in users
     cfg = (env.home / "hub.toml").read_text()
     assert "jetstream_url" in cfg and cfg.count("mqtts://127.0.0.1:") >= 6
 
