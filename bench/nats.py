@@ -30,7 +30,17 @@ from typing import Any
 
 import psycopg
 
-from bench.common import REPO, Mosquitto, Result, Row, free_port, raise_nofile, relabelled, train_models, wait_until
+from bench.common import (
+    REPO,
+    Mosquitto,
+    Result,
+    Row,
+    free_port,
+    raise_nofile,
+    relabelled,
+    train_models,
+    wait_until,
+)
 from bench.ingest import _payloads, _replica_home
 from bench.replicas import _drain, _homes
 from bench.simproc import SimProcs
