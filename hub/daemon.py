@@ -202,10 +202,10 @@ class Hub:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+    def _publish(self, topic: str, payload: bytes, retain: bool, qos: int = 1) -> None:
         """QoS 1 on the broker link (the drift monitor's alerts); nothing without one."""
         if self.link is not None:
-            self.link.publish(topic, payload, qos=1, retain=retain)
+            self.link.publish(topic, payload, qos=qos, retain=retain)
 
     def _load_keyring(self) -> bytes:
         """The root-signed keyring (written by ``init`` and the key ceremonies): the daemon never
@@ -481,11 +481,16 @@ class Hub:
 
     def _ack_telemetry(self, acks: dict[str, list[int]]) -> None:
         """Tell each device which of its windows are stored (wire.TelemetryAck), so its spool lets
-        them go; until then it re-sends them. Duplicates are acknowledged too."""
+        them go; until then it re-sends them. Duplicates are acknowledged too.
+
+        QoS 0: an acknowledgement is state, not an order. Agents subscribe at QoS 0
+        (wire.SUBSCRIBE_QOS), so QoS 1 would only cover the hub-to-broker leg, and a lost one costs a
+        re-sent window that is acknowledged again; at QoS 1 every one was a broker round trip (and on
+        NATS a write to a replicated stream) per stored window batch per device."""
         for device, seqs in acks.items():
             for i in range(0, len(seqs), TelemetryAck.MAX_SEQS):
                 ack = TelemetryAck(fleet=self.config.fleet, device=device, seqs=tuple(seqs[i:i + TelemetryAck.MAX_SEQS]))
-                self._publish(self.topics.device(device, "acked"), ack.to_json(), False)
+                self._publish(self.topics.device(device, "acked"), ack.to_json(), False, qos=0)
 
     def _parse(self, device: str, channel: str, payload: bytes) -> TelemetryWindow | Reported | Status | Event:
         """One device message, checked against the contract (raises on anything malformed)."""

@@ -23,7 +23,8 @@ What each node's file says, and why:
 * ``users.conf`` (included): one user per enrolled device with an unrevoked certificate, and the
   hub's. The hub rewrites it whenever a device is enrolled or revoked (as it does Mosquitto's
   ``passwd``); then reload every node (``nats-server --signal reload=PID`` or SIGHUP): a revoked
-  device is cut off at once, a new one admitted. The permissions are today's Mosquitto ACL in
+  device is cut off at once, a new one admitted. ``nats-reload.path`` (written beside) makes
+  systemd do that reload whenever the file changes. The permissions are today's Mosquitto ACL in
   NATS subjects: a device subscribes to its own ``desired`` and ``acked``, the keyring and the
   roots, and publishes only its own ``reported``, ``telemetry``, ``events`` and ``status``. NATS
   answers a refused subscription with SUBACK 0x80 and drops a refused publish (after a PUBACK).
@@ -46,7 +47,7 @@ from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Topic
 from edgefleet.hub.adapters.brokerconf import DEVICE_READS, DEVICE_WRITES, MAX_PACKET_BYTES
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
 
-__all__ = ["NatsLayout", "node_conf_text", "subject_to_topic", "topic_to_subject", "user_dn",
+__all__ = ["NatsLayout", "node_conf_text", "reload_units", "subject_to_topic", "topic_to_subject", "user_dn",
            "users_conf_text", "write_nats_config"]
 
 CLUSTER_FILE = "nats-cluster.json"  # what the hub and the tests read back: nodes and their URLs
@@ -129,6 +130,7 @@ def node_conf_text(layout: NatsLayout, fleet: str, i: int) -> str:
         f"server_name: {_q(name)}",
         f"listen: {_q(f'{layout.bind}:{layout.port(layout.client_port, i)}')}",
         f"http: {_q(f'127.0.0.1:{layout.port(layout.monitor_port, i)}')}  # monitoring, this machine only",
+        f"pid_file: {_q(str(d / f'node-{i + 1}.pid'))}  # nats-server --signal reload=THIS (nats-reload.service)",
         "",
         f"# No message is larger than {MAX_MESSAGE_BYTES} bytes (telemetry windows, desired states, keyrings);",
         "# NATS's default of 1 MiB would disconnect a device that sends a bigger one.",
@@ -163,6 +165,39 @@ def node_conf_text(layout: NatsLayout, fleet: str, i: int) -> str:
         lines += [f"  tls {{ {tls}, verify_and_map: true }}  # the certificate's subject is the user"]
     lines += ["}", ""]
     return "\n".join(lines)
+
+
+def reload_units(layout: NatsLayout) -> dict[str, str]:
+    """systemd units that reload the nodes of this host whenever the hub rewrites users.conf (an
+    enrolment admits a device, a revocation cuts it off): install both, enable the path unit."""
+    d = layout.folder.resolve()
+    path = "\n".join([
+        "# Written by `edgefleet-hub broker-config --kind nats`: reload the NATS nodes of this host when",
+        "# the hub rewrites users.conf. install -m 644 nats-reload.path nats-reload.service /etc/systemd/system/",
+        "#   systemctl daemon-reload && systemctl enable --now nats-reload.path",
+        "[Unit]",
+        "Description=Reload the edgefleet NATS nodes when their users change",
+        "",
+        "[Path]",
+        f"PathChanged={d / 'users.conf'}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
+    service = "\n".join([
+        "# Written by `edgefleet-hub broker-config --kind nats` (started by nats-reload.path).",
+        "[Unit]",
+        "Description=Reload the edgefleet NATS nodes of this host (users.conf changed)",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        # every node of this host that runs: its pid file names it (a node that is down reads the
+        # new file when it starts)
+        f"ExecStart=/bin/sh -c 'for p in {d}/node-*.pid; do [ -e \"$p\" ] && nats-server --signal reload=\"$p\"; done; true'",
+        "",
+    ])
+    return {"nats-reload.path": path, "nats-reload.service": service}
 
 
 def users_conf_text(fleet: str, devices: Iterable[str], prefix: str = TOPIC_PREFIX) -> str:
@@ -219,6 +254,8 @@ def write_nats_config(
                "mqtt": layout.urls("mqtt"), "nats": layout.urls("nats"),
                "monitor": [f"http://127.0.0.1:{layout.port(layout.monitor_port, i)}" for i in range(layout.nodes)]}
     files[CLUSTER_FILE] = (json.dumps(cluster, indent=2).encode(), 0o644)
+    if layout.tls:
+        files |= {name: (text.encode(), 0o644) for name, text in reload_units(layout).items()}
     for name, (data, mode) in files.items():
         atomic_write(folder / name, data, mode=mode)
     (folder / "data").mkdir(exist_ok=True)

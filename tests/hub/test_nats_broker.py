@@ -10,6 +10,9 @@ attacker with its own credentials); dev-r is enrolled and later revoked.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 
 from edgefleet.agent.contract.wire import TelemetryWindow, Topics
-from tests._nats import NatsCluster, free_port_block
+from tests._nats import NatsCluster, free_port_block, nats_bin
 from tests._securebroker import TlsClient
 from tests.conftest import Procs, free_port, hub_up, run_cli, wait_for
 from tests.hub.test_broker_security import _tiny_model
@@ -107,6 +110,7 @@ def test_generated_cluster_is_tls_only_with_certificate_users_and_a_large_enough
     assert f'"CN=dev.b,O=edgefleet {env.fleet}"' in users and "devices.dev//b.telemetry" in users
     cfg = (env.home / "hub.toml").read_text()
     assert "jetstream_url" in cfg and cfg.count("mqtts://127.0.0.1:") >= 6
+    assert f"PathChanged={folder.resolve() / 'users.conf'}" in (folder / "nats-reload.path").read_text()
 
 
 def test_agents_get_the_model_and_their_telemetry_reaches_the_hub_through_jetstream(env: Env) -> None:
@@ -166,7 +170,11 @@ def test_revoked_device_is_cut_off_at_the_reload(env: Env) -> None:
         assert p.connect() == "connected"
         run_cli(CLI, "device", "revoke", "dev-r", "--home", str(env.home))
         assert '"CN=dev-r,' not in (env.cluster.folder / "users.conf").read_text()
-        env.cluster.reload()
+        # what systemd runs when users.conf changes (nats-reload.path): the generated command itself
+        unit = (env.cluster.folder / "nats-reload.service").read_text()
+        command = next(x for x in unit.splitlines() if x.startswith("ExecStart="))[len("ExecStart="):]
+        subprocess.run(shlex.split(command), check=True, timeout=30,
+                       env={**os.environ, "PATH": f"{Path(nats_bin()).parent}:{os.environ['PATH']}"})
         wait_for(lambda: not p.client.is_connected(), 10, "the revoked device's connection cut")
     finally:
         p.close()
@@ -175,3 +183,17 @@ def test_revoked_device_is_cut_off_at_the_reload(env: Env) -> None:
         assert again.connect() != "connected"
     finally:
         again.close()
+
+
+def test_a_message_above_natss_default_1_mib_passes(env: Env) -> None:
+    """NATS's default max_payload (1 MiB) would disconnect a device sending a bigger telemetry
+    window; the generated cluster takes up to the contract's 4 MiB."""
+    topics = Topics(env.fleet)
+    p = env.client("dev-x", node=0)
+    try:
+        assert p.connect() == "connected"
+        info = p.client.publish(topics.device("dev-x", "events"), b"x" * (3 << 20), qos=1)
+        info.wait_for_publish(20)
+        assert info.is_published() and p.client.is_connected()
+    finally:
+        p.close()
