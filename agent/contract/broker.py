@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["BrokerAddress", "client_id", "parse_broker_url", "parse_broker_urls"]
+__all__ = ["BrokerAddress", "client_id", "escape_name", "parse_broker_url", "parse_broker_urls"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,13 @@ def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
     return addresses
 
 
+def escape_name(name: str) -> str:
+    """A fleet, device or replica name without ``.``: ``_`` written ``__`` and ``.`` written
+    ``_d``, one to one (NATS takes no ``.`` in MQTT client ids nor in stream names)."""
+    return name.replace("_", "__").replace(".", "_d")
+
+
 def client_id(kind: str, fleet: str, name: str = "") -> str:
-    """An MQTT client id every broker takes: ``edgefleet-{kind}-{fleet}[-{name}]`` with ``_``
-    written ``__`` and ``.`` written ``_d`` (NATS refuses a ``.`` in a client id; fleet and device
-    names may hold one). The escape is one to one, so two devices never share an id."""
-    def esc(part: str) -> str:
-        return part.replace("_", "__").replace(".", "_d")
-    return f"edgefleet-{kind}-{esc(fleet)}" + (f"-{esc(name)}" if name else "")
+    """An MQTT client id every broker takes: ``edgefleet-{kind}-{fleet}[-{name}]``, the names
+    escaped (:func:`escape_name`), so two devices never share an id."""
+    return f"edgefleet-{kind}-{escape_name(fleet)}" + (f"-{escape_name(name)}" if name else "")

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -40,6 +39,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
+from edgefleet.agent.contract.broker import escape_name
 from edgefleet.agent.contract.wire import TOPIC_PREFIX
 from edgefleet.hub.adapters.natsconf import subject_to_topic, topic_to_subject
 
@@ -58,8 +58,8 @@ FETCHERS = 2  # pull subscriptions per link, each with a fetch in flight
 
 
 def stream_name(fleet: str) -> str:
-    """A stream name from a fleet name (stream names take no ``.``, ``*``, ``>`` or spaces)."""
-    return "EDGEFLEET_" + re.sub(r"[^A-Za-z0-9_-]", "_", fleet)
+    """The fleet's stream (stream names take no ``.``: :func:`escape_name`, one to one)."""
+    return "EDGEFLEET_" + escape_name(fleet)
 
 
 def parse_nats_urls(urls: str) -> list[str]:

@@ -160,6 +160,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _broker_lines(urls: str) -> list[str]:
+    """``broker_url``: one URL as a string, the nodes of a cluster as a TOML array (the agent
+    starts on one at random and fails over between them)."""
+    nodes = [u.strip() for u in urls.split(",")]
+    if len(nodes) == 1:
+        return [f"broker_url = {toml_string(nodes[0])}"]
+    return ["# the broker's nodes: the agent starts on one drawn at random and fails over between them",
+            f"broker_url = [{', '.join(toml_string(u) for u in nodes)}]"]
+
 def write_agent_bundle(
     out: Path, info: dict[str, Any], *, profile_path: Path, listen: str, state_dir: str,
     overrides: dict[str, Any] | None = None, extra_lines: list[str] | None = None,
@@ -175,7 +185,7 @@ def write_agent_bundle(
         "# edgefleet agent configuration, written by `edgefleet-hub device add`",
         f"fleet = {toml_string(info['fleet'])}",
         f"device = {toml_string(info['device'])}",
-        f"broker_url = {toml_string(info['broker_url'])}",
+        *_broker_lines(str(info["broker_url"])),
         f"blob_url = {toml_string(info['blob_url'])}",
         "# the fleet root public key (Ed25519, base64): the device's trust anchor",
         f"root_public_key = {toml_string(info['root_public_key'])}",

@@ -73,7 +73,8 @@ def test_layout_ports_step_per_node_on_one_host_only(tmp_path: Path) -> None:
 
 
 def test_stream_names_and_nats_urls() -> None:
-    assert stream_name("fleet.eu-1") == "EDGEFLEET_fleet_eu-1"
+    assert stream_name("fleet.eu-1") == "EDGEFLEET_fleet_deu-1"
+    assert stream_name("a.b") != stream_name("a_b")
     assert parse_nats_urls("tls://a:4222, tls://b:4223") == ["tls://a:4222", "tls://b:4223"]
     with pytest.raises(ValueError, match="nats://HOST:PORT or tls://HOST:PORT"):
         parse_nats_urls("mqtt://a:1883")
