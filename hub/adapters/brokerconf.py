@@ -39,6 +39,7 @@ from pathlib import Path
 from edgefleet.agent.adapters.store import atomic_write
 from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Topics
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
+from edgefleet.hub.core.brokeracl import DEVICE_READS, DEVICE_WRITES
 
 __all__ = ["MAX_PACKET_BYTES", "BrokerLayout", "acl_text", "mosquitto_conf_text", "write_broker_config"]
 
@@ -48,8 +49,6 @@ __all__ = ["MAX_PACKET_BYTES", "BrokerLayout", "acl_text", "mosquitto_conf_text"
 PACKET_HEADROOM = 64 * 1024
 MAX_PACKET_BYTES = MAX_MESSAGE_BYTES + PACKET_HEADROOM
 
-DEVICE_READS = ("desired", "acked")
-DEVICE_WRITES = ("reported", "telemetry", "events", "status")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 
 from edgefleet.agent.contract.broker import escape_name
 from edgefleet.agent.contract.wire import TOPIC_PREFIX
-from edgefleet.hub.adapters.natsconf import subject_to_topic, topic_to_subject
+from edgefleet.hub.core.brokeracl import subject_to_topic, topic_to_subject
 
 __all__ = ["DURABLE", "JetStreamIngest", "parse_nats_urls", "stream_name"]
 

@@ -30,7 +30,7 @@ What each node's file says, and why:
   answers a refused subscription with SUBACK 0x80 and drops a refused publish (after a PUBACK).
 
 Topic levels map to subjects: ``/`` becomes ``.``, a ``.`` inside a level becomes ``//``
-(device ids may contain dots), see :func:`topic_to_subject` and :func:`subject_to_topic`.
+(device ids may contain dots), see :func:`hub.core.brokeracl.topic_to_subject` and its inverse.
 
 The text builders are pure; :func:`write_nats_config` does the files.
 """
@@ -38,42 +38,19 @@ The text builders are pure; :func:`write_nats_config` does the files.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.agent.adapters.store import atomic_write
-from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Topics
-from edgefleet.hub.adapters.brokerconf import DEVICE_READS, DEVICE_WRITES, MAX_PACKET_BYTES
+from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX
+from edgefleet.hub.adapters.brokerconf import MAX_PACKET_BYTES
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
+from edgefleet.hub.core.brokeracl import admitted_devices, users_conf_text
 
-__all__ = ["NatsLayout", "node_conf_text", "reload_units", "subject_to_topic", "topic_to_subject", "user_dn",
-           "users_conf_text", "write_nats_config"]
+__all__ = ["NatsLayout", "node_conf_text", "reload_units", "write_nats_config"]
 
 CLUSTER_FILE = "nats-cluster.json"  # what the hub and the tests read back: nodes and their URLs
-
-
-def topic_to_subject(topic: str) -> str:
-    """The NATS subject NATS's MQTT layer gives an MQTT topic (no empty levels in ours)."""
-    return ".".join(level.replace(".", "//") for level in topic.split("/"))
-
-
-def subject_to_topic(subject: str) -> str:
-    """The MQTT topic back from a NATS subject: exact for every topic :func:`topic_to_subject` maps."""
-    return "/".join(token.replace("//", ".") for token in subject.split("."))
-
-
-def user_dn(fleet: str, cn: str) -> str:
-    """The user NATS's ``verify_and_map`` finds for a certificate of ours: its subject in RFC 4514
-    form (:meth:`DevicePki._issue` writes O = ``edgefleet {fleet}`` then CN)."""
-    return f"CN={_dn_escape(cn)},O={_dn_escape(f'edgefleet {fleet}')}"
-
-
-def _dn_escape(value: str) -> str:
-    out = "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
-    if out.startswith(("#", " ")):
-        out = "\\" + out
-    return out[:-1] + "\\ " if out.endswith(" ") else out
 
 
 def _q(value: str) -> str:
@@ -200,36 +177,6 @@ def reload_units(layout: NatsLayout) -> dict[str, str]:
     return {"nats-reload.path": path, "nats-reload.service": service}
 
 
-def users_conf_text(fleet: str, devices: Iterable[str], prefix: str = TOPIC_PREFIX) -> str:
-    """The ``authorization`` block: the hub (everything) and each device (its own channels)."""
-    topics = Topics(fleet, prefix)
-    root = f"{prefix}{fleet}/"
-    lines = [
-        f"# edgefleet users for fleet {fleet}, written by the hub: do not edit, it is rewritten at every",
-        "# enrolment and revocation. Users are certificate subjects (verify_and_map).",
-        "authorization {",
-        "  users = [",
-        f"    {{ user: {_q(user_dn(fleet, hub_username(fleet)))}, permissions: {{ publish: \">\", subscribe: \">\" }} }}",
-    ]
-    for device in sorted(set(devices)):
-        subs = [topic_to_subject(f"{root}devices/{device}/{c}") for c in DEVICE_READS]
-        subs += [topic_to_subject(t) for t in (topics.keyring, topics.roots)]
-        pubs = [topic_to_subject(f"{root}devices/{device}/{c}") for c in DEVICE_WRITES]
-        lines.append(
-            f"    {{ user: {_q(user_dn(fleet, device))}, permissions: {{ "
-            f"publish: {{ allow: {json.dumps(pubs)} }}, subscribe: {{ allow: {json.dumps(subs)} }} }} }}"
-        )
-    lines += ["  ]", "}", ""]
-    return "\n".join(lines)
-
-
-def admitted_devices(credentials: dict[str, dict[str, object]]) -> list[str]:
-    """Devices with an unrevoked certificate (:meth:`DevicePki.device_credentials`); an expired
-    one is refused by TLS itself."""
-    return sorted(d for d, c in credentials.items()
-                  if not c["revoked_at"] and any(not x["revoked_at"] for x in c["certs"]))  # type: ignore[attr-defined]
-
-
 def write_nats_config(
     pki: DevicePki,
     layout: NatsLayout,
@@ -260,7 +207,7 @@ def write_nats_config(
         atomic_write(folder / name, data, mode=mode)
     (folder / "data").mkdir(exist_ok=True)
     if layout.tls:
-        atomic_write(folder / "users.conf", users_conf_text(pki.fleet, admitted_devices(pki.device_credentials()), prefix).encode(),
+        atomic_write(folder / "users.conf", users_conf_text(pki.fleet, admitted_devices(pki.device_credentials()), hub_username(pki.fleet), prefix).encode(),
                      mode=0o640)
         pki.add_export(folder)  # rewrites users.conf after every enrolment and revocation
     return {name: str(folder / name) for name in [*files, *(["users.conf"] if layout.tls else [])]}

@@ -45,6 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgefleet.agent.adapters.store import atomic_write
 from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import check_name
+from edgefleet.hub.core.brokeracl import admitted_devices, users_conf_text
 
 __all__ = [
     "DevicePki",
@@ -438,10 +439,8 @@ class DevicePki:
             if not folder.is_dir():
                 continue
             if (folder / "nats-cluster.json").exists():  # a NATS cluster's folder: its users file
-                from edgefleet.hub.adapters import natsconf
-
-                users = users or natsconf.users_conf_text(self.fleet, natsconf.admitted_devices(
-                    self.device_credentials())).encode()
+                users = users or users_conf_text(self.fleet, admitted_devices(self.device_credentials()),
+                                                 hub_username(self.fleet)).encode()
                 _write_keeping_group(folder / "users.conf", users, 0o640)
                 continue
             _write_keeping_group(folder / "passwd", devices, 0o640)

@@ -10,14 +10,8 @@ import pytest
 from edgefleet.agent.contract.broker import client_id
 from edgefleet.agent.contract.wire import Topics
 from edgefleet.hub.adapters.jetstream import parse_nats_urls, stream_name
-from edgefleet.hub.adapters.natsconf import (
-    NatsLayout,
-    node_conf_text,
-    subject_to_topic,
-    topic_to_subject,
-    user_dn,
-    users_conf_text,
-)
+from edgefleet.hub.adapters.natsconf import NatsLayout, node_conf_text
+from edgefleet.hub.core.brokeracl import subject_to_topic, topic_to_subject, user_dn, users_conf_text
 
 
 @pytest.mark.parametrize("topic, subject", [
@@ -46,7 +40,7 @@ def test_client_ids_have_no_dot_and_never_collide() -> None:
 
 
 def test_users_file_gives_each_device_its_own_channels_only() -> None:
-    text = users_conf_text("f", ["d.1", "d2"])
+    text = users_conf_text("f", ["d.1", "d2"], "hub@f")
     t = Topics("f")
     line = next(x for x in text.splitlines() if '"CN=d.1,' in x)
     for c in ("reported", "telemetry", "events", "status"):
