@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -240,3 +243,24 @@ def s3(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def infer_load(ports: Callable[[], Iterable[int]], x: np.ndarray, stop: threading.Event, *, rows: int, seed: int,
+               every: float = 0.05, model: str = "clf") -> threading.Thread:
+    """A started thread that posts ``rows`` random rows of ``x`` to every agent in ``ports()`` (their
+    OIP endpoints) every ``every`` seconds until ``stop`` is set; refused requests (an agent being
+    killed or restarted) are ignored."""
+    def run() -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(timeout=5) as c:
+            while not stop.is_set():
+                for port in ports():
+                    batch = x[rng.integers(0, len(x), rows)]
+                    body = {"inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                                        "data": batch.reshape(-1).tolist()}]}
+                    with contextlib.suppress(httpx.HTTPError):
+                        c.post(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json=body)
+                stop.wait(every)
+    t = threading.Thread(target=run, daemon=True, name="infer-load")
+    t.start()
+    return t

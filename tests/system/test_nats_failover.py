@@ -19,7 +19,6 @@ connections is SIGKILLed. Then:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import pickle
 import sqlite3
@@ -42,7 +41,7 @@ from edgefleet.hub.adapters.jetstream import stream_name
 from edgefleet.hub.adapters.natsconf import NatsLayout, write_nats_config
 from edgefleet.hub.adapters.pki import DevicePki
 from tests._nats import NatsCluster, free_port_block
-from tests.conftest import Procs, free_port, http_ok, run_cli, wait_for
+from tests.conftest import Procs, free_port, http_ok, infer_load, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 CLI = "edgefleet.hub.cli.main"
@@ -138,20 +137,7 @@ def test_a_node_killed_mid_rollout_every_agent_moves_the_rollout_finishes_nothin
         spread = _connections(cluster)
         assert sum(v > 0 for v in spread.values()) >= 2, spread  # the fleet is spread over the nodes
 
-        def traffic() -> None:
-            rng = np.random.default_rng(1)
-            with httpx.Client(timeout=5) as c:
-                while not stop.is_set():
-                    for dev in REAL:
-                        rows = x[rng.integers(0, len(x), 10)]
-                        body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
-                                            "data": rows.reshape(-1).tolist()}]}
-                        with contextlib.suppress(httpx.HTTPError):
-                            c.post(f"http://127.0.0.1:{agents[dev]['port']}/v2/models/clf/infer", json=body)
-                    stop.wait(0.05)
-
-        pump = threading.Thread(target=traffic, daemon=True)
-        pump.start()
+        pump = infer_load(lambda: [agents[d]["port"] for d in REAL], x, stop, rows=10, seed=1)
         ro = json.loads(run_cli(CLI, "rollout", "start", "clf", "2", "--steps", "50,100", "--fraction", "1.0",
                                 "--json", *h).stdout)
         assert any(d in ro["members"] for d in REAL) and any(d in ro["members"] for d in names), ro["members"]

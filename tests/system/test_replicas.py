@@ -9,7 +9,6 @@ verifies."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -27,7 +26,18 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 from tests._lb import FailoverLB
-from tests.conftest import REPO, S3_KEY, S3_SECRET, Broker, Procs, free_port, http_ok, run_cli, wait_for
+from tests.conftest import (
+    REPO,
+    S3_KEY,
+    S3_SECRET,
+    Broker,
+    Procs,
+    free_port,
+    http_ok,
+    infer_load,
+    run_cli,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 CLI = "edgefleet.hub.cli.main"
@@ -124,21 +134,7 @@ def test_a_rollout_survives_the_controller_killed_and_paused(broker: Broker, pro
     wait_for(lambda: runs("1"), 60, "every agent on clf 1 (blobs through the load balancer and the object store)")
 
     stop_load = threading.Event()
-
-    def load() -> None:  # ~20 requests/s per agent
-        rng = np.random.default_rng(5)
-        with httpx.Client(timeout=5) as c:
-            while not stop_load.is_set():
-                for port in agents.values():
-                    rows = x[rng.integers(0, len(x), 2)]
-                    body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
-                                        "data": rows.reshape(-1).tolist()}]}
-                    with contextlib.suppress(httpx.HTTPError):
-                        c.post(f"http://127.0.0.1:{port}/v2/models/clf/infer", json=body)
-                time.sleep(0.05)
-
-    loader = threading.Thread(target=load, daemon=True)
-    loader.start()
+    loader = infer_load(agents.values, x, stop_load, rows=2, seed=5)  # ~20 requests/s per agent
 
     def rollout(rid: str) -> dict[str, Any]:
         return dict(hubs.cli("rollout", "status", rid)["rollouts"][0])
