@@ -963,14 +963,30 @@ class Hub:
                             drift=self.drift.last_reports(), rollouts=self.rollouts.status(),
                             controller=self.controller.describe())
 
-    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
-        return self.db.audit_entries(since)
+    def audit_entries(self, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        if limit is not None and not 1 <= limit <= 100_000:
+            raise BadRequest(f"limit must be 1-100000 entries, got {limit}")
+        return self.db.audit_entries(since, limit)
 
     def verify_audit(self) -> list[str]:
         return self.db.verify_audit()
 
     def drift_snapshot(self, model: str | None = None) -> dict[str, Any]:
         return self.drift.snapshot(model)
+
+    def drift_view(self, model: str, version: str | None = None) -> dict[str, Any]:
+        return self.drift.view(model, version)
+
+    def device_telemetry(self, device: str, limit: int) -> dict[str, Any]:
+        """The device's newest *limit* (1-1000) windows, oldest first, for the device page."""
+        if not 1 <= limit <= 1000:
+            raise BadRequest(f"limit must be 1-1000 windows, got {limit}")
+        if device not in self.db.device_ids():
+            raise NotFound(f"no device {device!r}")
+        windows = self.db.recent_telemetry(device, limit)
+        for w in windows:
+            w["window_start"], w["window_end"] = format_time(w["window_start"]), format_time(w["window_end"])
+        return {"device": device, "windows": windows}
 
     def list_devices(self) -> list[dict[str, Any]]:
         return list_devices(self.db, self.home, self.config)

@@ -888,6 +888,21 @@ class Database:
                           "WHERE device=? ORDER BY seq DESC LIMIT 1", (device,))
         return {**rows[0], "metrics": json.loads(rows[0]["metrics"])} if rows else None
 
+    def recent_telemetry(self, device: str, limit: int) -> list[dict[str, Any]]:
+        """*device*'s newest *limit* windows, oldest first: ``seq, window_start, window_end,
+        metrics, system`` (decoded) and per model ``version, requests, errors, latency``."""
+        wins = self.query("SELECT seq, window_start, window_end, metrics, system FROM telemetry WHERE device=? "
+                          "ORDER BY seq DESC LIMIT ?", (device, limit))
+        if not wins:
+            return []
+        models: dict[int, dict[str, Any]] = {}
+        for r in self.query("SELECT seq, model, version, requests, errors, latency FROM telemetry_models "
+                            "WHERE device=? AND seq >= ? AND seq <= ?", (device, wins[-1]["seq"], wins[0]["seq"])):
+            models.setdefault(r["seq"], {})[r["model"]] = {"version": r["version"], "requests": r["requests"],
+                                                          "errors": r["errors"], "latency": json.loads(r["latency"])}
+        return [{**w, "metrics": json.loads(w["metrics"]), "system": json.loads(w["system"]),
+                 "models": models.get(w["seq"], {})} for w in reversed(wins)]
+
     def telemetry_totals(self, device: str) -> list[dict[str, Any]]:
         """``model, version, requests, errors, windows`` summed over *device*'s stored windows."""
         return self.query(
@@ -1093,12 +1108,16 @@ class Database:
         )
         return entry_id
 
-    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]:
+    def audit_entries(self, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Entries from ``since`` on, by id; with ``limit``, only the newest ``limit`` of them."""
         sql, args = "SELECT * FROM audit", []
         if since is not None:
             sql += " WHERE time >= ?"
             args.append(since)
-        rows = self.query(sql + " ORDER BY id", args)
+        if limit is not None:
+            rows = self.query(sql + " ORDER BY id DESC LIMIT ?", [*args, limit])[::-1]
+        else:
+            rows = self.query(sql + " ORDER BY id", args)
         for r in rows:
             r["details"] = json.loads(r["details"])
         return rows

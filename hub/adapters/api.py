@@ -16,9 +16,14 @@ rollouts and rollback, admin for devices and tokens.
     GET  /api/v1/models/{name}[/versions/{version}]   one version, with reference and lineage
     GET  /api/v1/models/{name}/diff?a=&b=             signature, metrics, lineage, reference PSI
     GET  /api/v1/trace?device=&request=               a captured prediction, lineage, decision
-    GET  /api/v1/audit?since=EPOCH    the hash-chained audit log
+    GET  /api/v1/audit?since=EPOCH&limit=N   the hash-chained audit log (the newest N)
     GET  /api/v1/audit/verify         walk the chain: {"ok", "problems"}
     GET  /api/v1/drift?model=NAME     drift scores per model version, fleet and device
+    GET  /api/v1/drift/view?model=&version=   per feature: live and reference histograms, scores,
+                                      their history per bucket, the devices that drift most
+    GET  /api/v1/devices/{id}/telemetry?limit=   the device's newest windows (latency, system)
+    GET  /api/v1/whoami               the calling token's name and role (what the page may show)
+    GET  /ui                          the fleet page (static; it calls the API with a token)
     POST /api/v1/models               publish {name, version, model_b64, reference?, lineage?}
     GET  /api/v1/devices              enrolled devices with their credentials' state
     POST /api/v1/devices              register {device, profile, credentials?}
@@ -68,6 +73,7 @@ from edgefleet.agent.adapters.httpserver import BoundedHTTPServer, HttpError, Qu
 from edgefleet.agent.contract.errors import ConfigError, EdgefleetError
 from edgefleet.hub.adapters.tls import handshake, server_context
 from edgefleet.hub.adapters.tokens import TokenStore
+from edgefleet.hub.adapters.web import WEB_CSP, web_file
 from edgefleet.hub.core.access import Token, allows
 from edgefleet.hub.errors import BadRequest, Forbidden, HubRefused, NotFound
 from edgefleet.hub.services.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -129,11 +135,15 @@ class Admin(Protocol):
 
     def trace(self, device: str, request_id: str) -> dict[str, Any]: ...
 
-    def audit_entries(self, since: float | None = None) -> list[dict[str, Any]]: ...
+    def audit_entries(self, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]: ...
 
     def verify_audit(self) -> list[str]: ...
 
     def drift_snapshot(self, model: str | None = None) -> dict[str, Any]: ...
+
+    def drift_view(self, model: str, version: str | None = None) -> dict[str, Any]: ...
+
+    def device_telemetry(self, device: str, limit: int) -> dict[str, Any]: ...
 
     def list_devices(self) -> list[dict[str, Any]]: ...
 
@@ -196,6 +206,25 @@ class _Handler(QuietHandler):
             return False
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
+    def _ui(self, path: str) -> None:
+        """The fleet page (hub.adapters.web): static files, no data and no secret in them. The page
+        asks for a token and sends it as a Bearer header to the API like the CLI; it is kept in
+        the tab's sessionStorage, never in a URL."""
+        name = path[len("/ui/"):] if path.startswith("/ui/") else ""
+        page = web_file(name or "index.html")
+        if page is None:
+            raise NotFound(f"no such page: {path}")
+        body, content_type = page
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Security-Policy", WEB_CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        self.wfile.write(body)
+
     def _auth(self, need: str) -> Token:
         """The request's token (401 without a valid one), if its role allows ``need`` (403)."""
         token = self.server.admin.tokens.authenticate(self.headers.get("Authorization", ""))
@@ -228,8 +257,13 @@ class _Handler(QuietHandler):
                 return self._json(200, {"ok": True, "fleet": hub.config.fleet})
             if url.path.startswith("/blobs/"):
                 return self._blob(url.path[len("/blobs/"):])
+            if url.path == "/ui" or url.path.startswith("/ui/"):
+                return self._ui(url.path)
             # everything else names devices, their states and what they run
-            self._auth(GET_ROLES.get(url.path, "viewer"))
+            token = self._auth(GET_ROLES.get(url.path, "viewer"))
+            if url.path == "/api/v1/whoami":
+                return self._json(200, {"name": token.name, "role": token.role, "fleet": hub.config.fleet,
+                                        "can_operate": allows(token.role, "operator")})
             if url.path == "/metrics":
                 return self._text(200, hub.metrics(), METRICS_CONTENT_TYPE)
             q = parse_qs(url.query)
@@ -248,10 +282,17 @@ class _Handler(QuietHandler):
             if url.path == "/api/v1/devices":
                 return self._json(200, {"devices": hub.list_devices()})
             if url.path == "/api/v1/audit":
-                since = q.get("since", [None])[0]
-                return self._json(200, {"entries": hub.audit_entries(float(since) if since else None)})
+                since, newest = q.get("since", [None])[0], q.get("limit", [None])[0]
+                return self._json(200, {"entries": hub.audit_entries(float(since) if since else None,
+                                                                     int(newest) if newest else None)})
             if url.path == "/api/v1/drift":
                 return self._json(200, hub.drift_snapshot(q.get("model", [None])[0]))
+            if url.path == "/api/v1/drift/view" and "model" in q:
+                return self._json(200, hub.drift_view(q["model"][0], q.get("version", [None])[0]))
+            if url.path.startswith("/api/v1/devices/") and url.path.endswith("/telemetry"):
+                device = unquote(url.path[len("/api/v1/devices/"):-len("/telemetry")])
+                limit = int(q.get("limit", ["60"])[0])
+                return self._json(200, hub.device_telemetry(device, limit))
             if url.path.startswith("/api/v1/models/"):
                 parts = [unquote(p) for p in url.path[len("/api/v1/models/"):].split("/")]
                 if len(parts) == 1:

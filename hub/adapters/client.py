@@ -10,8 +10,10 @@ a request that may have reached a replica is never sent to a second one.
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +26,24 @@ from edgefleet.hub.errors import BY_STATUS, HubNotRunning, HubRefused, HubTlsFai
 __all__ = ["TOKEN_ENV", "HubClient"]
 
 TOKEN_ENV = "EDGEFLEET_TOKEN"  # noqa: S105 - the name of an environment variable
+
+
+class UploadBody:
+    """A request body sent in chunks, calling ``on_progress(sent, total)`` after each: httpx
+    streams it (the caller sets Content-Length, which the hub requires). Iterable more than once,
+    so a request that never left (a refused connection moved to the next replica) starts over."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, data: bytes, on_progress: Callable[[int, int], None]) -> None:
+        self.data, self.on_progress = data, on_progress
+
+    def __iter__(self) -> Iterator[bytes]:
+        total = len(self.data)
+        for start in range(0, total, self.CHUNK):
+            chunk = self.data[start:start + self.CHUNK]
+            yield chunk
+            self.on_progress(start + len(chunk), total)
 
 
 class HubClient:
@@ -133,9 +153,17 @@ class HubClient:
                                               params={"device": device, "request": request_id})
         return result
 
-    def publish(self, body: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
-        return result
+    def publish(self, body: dict[str, Any],
+                on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """``on_progress(sent, total)``: called as the request body goes out (large models)."""
+        if on_progress is None:
+            result: dict[str, Any] = self.request("POST", "/api/v1/models", json=body)
+            return result
+        data = json.dumps(body).encode()
+        sent: dict[str, Any] = self.request("POST", "/api/v1/models", content=UploadBody(data, on_progress),
+                                            headers={"Content-Type": "application/json",
+                                                     "Content-Length": str(len(data))})
+        return sent
 
     def add_device(self, device: str, profile: str, credentials: str = "auto",
                    group: str | None = None) -> dict[str, Any]:

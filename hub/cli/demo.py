@@ -86,6 +86,10 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
         hub.start()
         print(f"[demo] hub serving on {hub.public_url}, home {hub_home.path}")
         client = HubClient.for_home(hub_home)
+        # The demo's hub lives in a temporary folder that goes when the demo stops: its token may be
+        # printed. An operator token, so the page's pause / resume / abort / promote buttons work.
+        login = client.add_token("demo-operator", "operator")["token"]
+        print(f"[demo] fleet page: {hub.public_url}/ui  (log in with the token {login})")
 
         ports = {}
         for dev in DEVICES:
@@ -173,6 +177,11 @@ def run_demo(*, seconds: float | None, broker_url: str | None, home: str | None 
             if decision:
                 e = decision[-1]
                 print(f"[demo] audit #{e['id']}: {e['action']} by {e['actor']}, devices {e['details'].get('devices')}")
+            if seconds is not None:  # as long again, so a fleet page left open shows the outcome
+                linger = time.monotonic() + seconds
+                while not stop.is_set() and time.monotonic() < linger:
+                    traffic_round(quiet=True)
+                    stop.wait(0.5)
         if seconds is None and not stop.is_set():
             print("[demo] serving on; Ctrl-C stops")
             while not stop.is_set():

@@ -34,6 +34,7 @@ from edgefleet.hub.cli.commands import (
     safe_lines,
     write_agent_bundle,
 )
+from edgefleet.hub.cli.progress import upload_progress, wait_for_version
 from edgefleet.hub.errors import BadRequest
 
 __all__ = ["main"]
@@ -90,7 +91,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     check_name(args.name, "model name")
     req = build_publish_request(args)
     progress(f"uploading {args.name} {args.version} to the hub")
-    res = HubClient.for_home(home, args.hub).publish(req)
+    res = HubClient.for_home(home, args.hub).publish(req, on_progress=upload_progress(sys.stderr))
     note = " (already published: same bytes, nothing changed)" if res.get("already_published") else ""
     emit(args, res, f"published {res['name']} {res['version']} sha256 {res['sha256'][:16]}… "
                     f"{res['size']} bytes{note}")
@@ -117,8 +118,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                                                      args.group)
     lines = [f"deployed {safe(args.model)} {safe(args.version)}:"]
     lines += [f"  {safe(d)}: seq {v['seq']} (was {safe(v['previous'] or 'none')})" for d, v in res["devices"].items()]
-    emit(args, res, "\n".join(lines))
-    return 0
+    if not args.wait:
+        emit(args, res, "\n".join(lines))
+        return 0
+    if not args.json:
+        print(safe_lines("\n".join(lines)), flush=True)
+    return wait_for_version(HubClient.for_home(home, args.hub), args.model, args.version, sorted(res["devices"]),
+                            timeout=args.timeout, interval=args.interval, json_lines=args.json)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -418,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", action="append", help="device id (repeatable)")
     sp.add_argument("--group", action="append", help="every device of this group (repeatable; "
                     "with --device: the union)")
+    sp.add_argument("--wait", action="store_true",
+                    help="wait until every targeted device runs the version (progress; exit 1 at --timeout)")
+    sp.add_argument("--timeout", type=float, default=600.0, help="--wait: give up after this many seconds (600)")
+    sp.add_argument("--interval", type=float, default=1.0, help="--wait: seconds between looks (1)")
 
     client(cmd("status", cmd_status, "devices, what they run, online/offline, last telemetry"))
     sp = cmd("events", cmd_events, "recent device events (updates, refusals, errors)")

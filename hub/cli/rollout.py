@@ -16,7 +16,9 @@ from typing import Any
 from edgefleet.hub.adapters.client import HubClient
 from edgefleet.hub.adapters.home import HubHome
 from edgefleet.hub.cli.commands import emit, safe
+from edgefleet.hub.cli.progress import watch_rollout
 from edgefleet.hub.core.rollout import MODES, Policy, load_policy, parse_steps
+from edgefleet.hub.errors import BadRequest
 
 __all__ = ["add_rollout_commands", "format_rollout"]
 
@@ -62,15 +64,33 @@ def cmd_start(args: argparse.Namespace) -> int:
         body["policy"] = tomllib.loads(Path(args.policy).read_text(encoding="utf-8"))
     if args.devices:
         body["devices"] = [d for item in args.devices for d in item.split(",") if d]
-    r = _client(args).rollout_start(body)
+    client = _client(args)
+    r = client.rollout_start(body)
+    if args.watch:
+        return watch_rollout(client, r["id"], format_rollout, timeout=args.timeout, interval=args.interval,
+                             json_lines=args.json)
     emit(args, r, f"started {format_rollout(r)}\n  cohort: {safe(', '.join(r['members']))}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rs = _client(args).rollouts(args.rollout)
+    client = _client(args)
+    if args.watch:
+        if not args.rollout:
+            raise BadRequest("--watch follows one rollout: name it (rollout id or model name)")
+        return watch_rollout(client, args.rollout, format_rollout, timeout=args.timeout, interval=args.interval,
+                             json_lines=args.json)
+    rs = client.rollouts(args.rollout)
     emit(args, {"rollouts": rs}, "\n".join(format_rollout(r) for r in rs) or "no rollouts")
     return 0
+
+
+def _watch_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--watch", action="store_true",
+                    help="redraw steps, evidence and the estimate until a decision (exit 0 promoted, "
+                         "1 rolled back or aborted, 2 at --timeout); with --json one JSON line per change")
+    sp.add_argument("--timeout", type=float, default=None, help="--watch: give up after this many seconds")
+    sp.add_argument("--interval", type=float, default=1.0, help="--watch: seconds between looks (1)")
 
 
 def _action(action: str) -> Callable[[argparse.Namespace], int]:
@@ -116,8 +136,10 @@ def add_rollout_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) 
     sp.add_argument("--devices", action="append", help="target devices (repeatable or comma-separated; "
                                                        "default: every device running the model)")
     sp.add_argument("--dry-run", action="store_true", help="evaluate and log every gate, enforce none")
+    _watch_args(sp)
     sp = client(cmd("status", cmd_status, "rollouts with progress and evidence against thresholds", rsub))
     sp.add_argument("rollout", nargs="?", help="rollout id or model name (default: the 50 newest)")
+    _watch_args(sp)
     for action, help_ in (("pause", "hold a running rollout at its step"),
                           ("resume", "resume a paused rollout (the step deadline starts again)"),
                           ("abort", "stop a rollout: every target returns to the previous version"),

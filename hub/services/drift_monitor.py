@@ -78,6 +78,7 @@ from edgefleet.hub.core.drift import (
     score_report,
 )
 from edgefleet.hub.db import Database
+from edgefleet.hub.errors import NotFound
 
 __all__ = ["ALERT_KIND", "DriftConfig", "DriftMonitor", "Staged", "load_drift_config"]
 
@@ -418,6 +419,54 @@ class DriftMonitor:
                 out.append(d)
         return {"reports": out, "config": {"window_seconds": self.config.window_seconds,
                                            "bucket_seconds": self.config.bucket_seconds}}
+
+    def view(self, model: str, version: str | None = None, *, history_buckets: int = 60) -> dict[str, Any]:
+        """What the fleet page's drift view draws for one model version (the newest with telemetry
+        unless ``version``): per reference feature the live histogram (the fleet's newest
+        ``window_seconds``) beside the reference, its scores, their history per bucket (each
+        bucket scored on its own, newest ``history_buckets``), and the devices that drift most."""
+        versions = [v for n, v in self.db.telemetry_agg_versions() if n == model]
+        if not versions:
+            raise NotFound(f"no telemetry for model {model!r} yet; `edgefleet-hub status` shows what devices run")
+        if version is None:
+            version = max(versions, key=lambda v: max(
+                (r["last_end"] for r in self.db.telemetry_agg_window(model, v, self.config.bucket_seconds)), default=0.0))
+        elif version not in versions:
+            raise NotFound(f"no telemetry for {model} {version}; versions with telemetry: {', '.join(versions)}")
+        ref = self._reference(model, version)
+        policy = self.config.policy(model)
+        reports = self.reports(model, version)
+        rows = self.db.telemetry_agg_window(model, version, self.config.window_seconds)
+        live = merge_feature_lists(list(json.loads(r["inputs"]).values()) for r in rows)
+        history_rows = self.db.telemetry_agg_window(model, version, self.config.bucket_seconds * history_buckets)
+        buckets: dict[float, list[dict[str, Any]]] = {}
+        for r in history_rows:
+            buckets.setdefault(r["bucket"], []).append(r)
+        history = []
+        for bucket in sorted(buckets)[-history_buckets:]:
+            rs = buckets[bucket]
+            rep = score_report(model=model, version=version, scope="fleet", reference=ref,
+                               inputs=merge_feature_lists(list(json.loads(r["inputs"]).values()) for r in rs),
+                               classes={}, policy=policy, window_start=bucket,
+                               window_end=max(r["last_end"] for r in rs), windows=sum(r["windows"] for r in rs))
+            history.append({"time": format_time(bucket), "features": {f.feature: {"psi": f.psi, "js": f.js, "ks": f.ks}
+                                                                     for f in rep.features}})
+        fleet = reports[0] if reports else None
+        scores = {f.feature: f.to_dict() for f in fleet.features} if fleet else {}
+        worst = sorted(((max(rep.features, key=lambda f: f.psi), rep) for rep in reports[1:] if rep.features),
+                       key=lambda fr: -fr[0].psi)[:10]
+        devices = [{"device": rep.scope.split(":", 1)[1], "psi": f.psi, "feature": f.feature, "state": rep.state}
+                   for f, rep in worst]
+        features = []
+        for feat in ref.features if ref is not None else ():
+            h = live.get(feat.name, {})
+            features.append({"name": feat.name, "edges": list(feat.edges), "reference": list(feat.freqs),
+                             "live": h.get("counts", []), "below": h.get("below", 0), "above": h.get("above", 0),
+                             "nan": h.get("nan", 0), "score": scores.get(feat.name)})
+        return {"model": model, "version": version, "versions": versions,
+                "state": self.tracker.state(model, version), "thresholds": {"warn": policy.warn, "alarm": policy.alarm},
+                "window_seconds": self.config.window_seconds, "features": features, "history": history,
+                "devices": devices}
 
     # -- acting ----------------------------------------------------------------------------------
 
