@@ -189,8 +189,13 @@ async function viewFleet() {
   text.addEventListener("input", () => { f.text = text.value; render(); });
   const sel = el("select", { "aria-label": "status" }, ["", "online", "offline", "never seen"].map((s) => el("option", { value: s, selected: s === f.status }, s || "any status")));
   sel.addEventListener("change", () => { f.status = sel.value; render(); });
+  const versions = [...new Set(devs.flatMap((d) => Object.entries(d.models).map(([m, v]) => `${m} ${v}`)))].sort();
+  const vsel = el("select", { "aria-label": "version" }, ["", ...versions].map((v) => el("option", { value: v, selected: v === f.version }, v || "any version")));
+  vsel.addEventListener("change", () => { f.version = vsel.value; render(); });
   const shown = devs.filter((d) => (!f.status || d.status === f.status)
+    && (!f.version || Object.entries(d.models).some(([m, v]) => `${m} ${v}` === f.version))
     && (!f.text || [d.device, d.profile, d.group || ""].some((x) => x.includes(f.text))));
+  const countTable = (label, counts) => table([label, "devices"], Object.entries(counts).sort().map(([k, n]) => [k, n]));
   const rows = shown.slice(0, 500).map((d) => [
     link(`#/device/${encodeURIComponent(d.device)}`, d.device), pill(d.status, d.status === "never seen" ? "" : d.status),
     d.profile, d.group || "—",
@@ -202,12 +207,13 @@ async function viewFleet() {
   return [
     el("h1", {}, `Fleet ${st.fleet}`), cards,
     el("div", { class: "grid2" },
-      panel("Versions in the fleet", versionBars.length ? versionBars : el("p", { class: "muted" }, "no device reports a model yet")),
+      panel("Versions in the fleet", versionBars.length ? versionBars : el("p", { class: "muted" }, "no device reports a model yet"),
+        el("div", { class: "grid2" }, countTable("profile", by((d) => d.profile)), countTable("group", by((d) => d.group || "—")))),
       panel("Recent alerts", alerts.length ? table(["time", "action", "by", "what"], alerts.map((e) => [
         new Date(e.time * 1000).toISOString().slice(0, 19) + "Z", pill(e.action, /rollback|alarm/.test(e.action) ? "alarm" : "warn"),
         e.actor, summary(e.details)])) : el("p", { class: "muted" }, "none"))),
     panel(`Devices (${shown.length} of ${devs.length}${shown.length > 500 ? ", first 500 shown" : ""})`,
-      el("div", { class: "filters" }, text, sel),
+      el("div", { class: "filters" }, text, sel, vsel),
       table(["device", "status", "profile", "group", "runs", "should run", "last window"], rows, { id: "devices" })),
   ];
 }
@@ -379,17 +385,33 @@ async function viewModel(name) {
   let diff = null;
   if (pick[0] !== pick[1]) {
     const dd = await api(`/api/v1/models/${encodeURIComponent(name)}/diff?a=${encodeURIComponent(pick[0])}&b=${encodeURIComponent(pick[1])}`);
-    diff = el("pre", { id: "diff" }, JSON.stringify(dd, null, 2));
+    const show = (v) => (v === null || v === undefined ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v));
+    const rows = [["sha256", dd.sha256.a.slice(0, 16), dd.sha256.b.slice(0, 16), ""],
+      ["signature", show(dd.signature.a.inputs.map((i) => `${i.name} ${i.dtype} ${JSON.stringify(i.shape)}`)),
+        show(dd.signature.b.inputs.map((i) => `${i.name} ${i.dtype} ${JSON.stringify(i.shape)}`)), dd.signature.same ? "same" : "differs"]];
+    for (const [k, m] of Object.entries(dd.metrics)) rows.push([`metric ${k}`, show(m.a), show(m.b), m.delta === null ? "" : `Δ ${fmt(m.delta, 4)}`]);
+    for (const [k, l] of Object.entries(dd.lineage)) rows.push([k, show(l.a), show(l.b), ""]);
+    const ref = dd.reference;
+    if (ref.available) {
+      rows.push(["training data, PSI of B against A", "", "", `max ${fmt(ref.max_psi)}`]);
+      for (const f of ref.features) rows.push([`  ${f.feature}`, "", "", `PSI ${fmt(f.psi)}`]);
+    } else rows.push(["training data", "", "", ref.reason]);
+    diff = table(["", pick[0], pick[1], "difference"], rows, { id: "diff" });
   }
+  const data = (l) => String(l.training_data_sha256 || l.data_digest || "").slice(0, 16) || "—";
   return [
     el("h1", {}, `Model ${name}`),
-    panel("Versions", table(["version", "created", "sha256", "size", "runs on", "parent", "data digest", "metrics", "source"], vs.map((m) => {
+    panel("Versions and lineage", table(["version", "created", "sha256", "size", "runs on", "parent", "training data", "metrics",
+      "source", "author", "tags"], vs.map((m) => {
       const l = m.lineage || {};
       return [m.version, m.created_at, m.sha256.slice(0, 12), m.size, `${runs(m.version)} devices`, l.parent || "—",
-        l.data_digest ? String(l.data_digest).slice(0, 16) : (l.data && l.data.sha256 ? String(l.data.sha256).slice(0, 16) : "—"),
-        l.metrics ? JSON.stringify(l.metrics) : "—", l.source || l.git || "—"];
+        `${data(l)}${l.training_rows ? ` (${l.training_rows} rows)` : ""}`,
+        Object.keys(l.metrics || {}).length ? Object.entries(l.metrics).map(([k, v]) => `${k}=${v}`).join(", ") : "—",
+        [l.source, l.converted_from].filter(Boolean).join(" · ") || "—", l.author || "—",
+        Object.keys(l.tags || {}).length ? Object.entries(l.tags).map(([k, v]) => `${k}=${v}`).join(", ") : "—"];
     }), { id: "versions" })),
-    panel("Side by side", el("div", { class: "filters" }, sel(0), " vs ", sel(1)), diff || el("p", { class: "muted" }, "pick two different versions")),
+    panel("Side by side (models diff)", el("div", { class: "filters" }, sel(0), " vs ", sel(1)),
+      diff || el("p", { class: "muted" }, "pick two different versions")),
   ];
 }
 

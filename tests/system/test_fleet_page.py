@@ -4,7 +4,8 @@ driven by Selenium) against a real hub process with two real agents serving traf
 An operator logs in with a token, sees the fleet, opens a running rollout, presses Pause and sees
 the state change on the page and in the audit log under its token's name. A viewer sees no
 buttons and is refused by the API when it tries anyway. The drift page draws a chart for each
-feature. Screenshots of every page go to test-artifacts/ui/ for a person to look at.
+feature. Screenshots of every page go to test-artifacts/ui/ for a person to look at. The demo's
+page is tested in tests/system/test_demo.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
-import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,58 +26,11 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
+from tests._browser import Page, browser
 from tests.conftest import REPO, Procs, free_port, http_ok, infer_load, run_cli, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 CLI = "edgefleet.hub.cli.main"
-SHOTS = REPO / "test-artifacts" / "ui"
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _browser() -> Any:
-    assert CHROMIUM and DRIVER, "apt-get install -y chromium chromium-driver (Debian's, no browser download)"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1360,1000"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(options=opts, service=Service(DRIVER))
-
-
-class Page:
-    def __init__(self, driver: Any, base: str) -> None:
-        self.d, self.base = driver, base
-
-    def css(self, selector: str) -> list[Any]:
-        from selenium.webdriver.common.by import By
-
-        return list(self.d.find_elements(By.CSS_SELECTOR, selector))
-
-    def text(self) -> str:
-        return str(self.d.find_element("tag name", "body").text)
-
-    def go(self, hash_: str) -> None:
-        self.d.execute_script("location.hash = arguments[0]", hash_)
-
-    def login(self, token: str) -> None:
-        self.d.get(f"{self.base}/ui")
-        wait_for(lambda: (self.css("#token") and self.css("#token")[0].is_displayed()) or (self.css("#logout")
-                 and self.css("#logout")[0].is_displayed()), 20, "the page")
-        if self.css("#logout") and self.css("#logout")[0].is_displayed():
-            self.css("#logout")[0].click()
-        self.css("#token")[0].send_keys(token)
-        self.css("#login-button")[0].click()
-        wait_for(lambda: "fleet" in (self.css("#who")[0].text or ""), 20, "logged in")
-
-    def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        self.d.save_screenshot(str(SHOTS / f"{name}.png"))
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from tests.conftest import Broker
@@ -105,7 +57,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for version, c in (("1", 1.0), ("2", 0.3)):
             (tmp / f"v{version}.pkl").write_bytes(pickle.dumps(LogisticRegression(C=c, max_iter=300).fit(x, y)))
             run_cli(CLI, "publish", str(tmp / f"v{version}.pkl"), "--name", "clf", "--version", version,
-                    "--reference", str(tmp / "train.npy"), *h)
+                    "--reference", str(tmp / "train.npy"), "--metric", f"accuracy=0.9{version}",
+                    *(["--parent", "1"] if version == "2" else []), *h)
         ports = {}
         for dev in ("cam-01", "cam-02"):
             ports[dev] = free_port()
@@ -124,7 +77,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ro = json.loads(run_cli(CLI, "rollout", "start", "clf", "2", "--steps", "50,100", "--fraction", "1.0",
                                 "--json", *h).stdout)
         viewer = json.loads(run_cli(CLI, "token", "add", "watcher", "--role", "viewer", "--json", *h).stdout)
-        driver = _browser()
+        driver = browser()
         try:
             yield {"base": base, "token": token, "viewer": viewer["token"], "rollout": ro["id"], "home": home,
                    "page": Page(driver, base), "x": x}
@@ -144,38 +97,43 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def test_operator_sees_the_fleet_and_pauses_a_rollout_from_the_page(env: dict[str, Any]) -> None:
     p: Page = env["page"]
     p.login(env["token"])
-    wait_for(lambda: len(p.css("#devices tbody tr")) == 2, 20, "two devices in the fleet table")
+    wait_for(lambda: p.count("#devices tbody tr") == 2, 20, "two devices in the fleet table")
+    p.css("input[aria-label='filter']")[0].send_keys("cam-02")
+    wait_for(lambda: p.count("#devices tbody tr") == 1, 10, "the filter to leave one device")
+    p.d.execute_script("const i = document.querySelector(\"input[aria-label='filter']\"); i.value = '';"
+                       "i.dispatchEvent(new Event('input'))")
+    wait_for(lambda: p.count("#devices tbody tr") == 2, 10, "both devices again")
     body = p.text()
     assert "cam-01" in body and "cam-02" in body and "line-1" in body
     wait_for(lambda: "clf 1" in p.text() or "clf 2" in p.text(), 20, "what the devices run")
-    assert p.css("svg[aria-label='versions of clf']")  # the versions bar
+    assert p.count("svg[aria-label='versions of clf']")  # the versions bar
     p.shot("fleet")
     p.go(f"#/rollout/{env['rollout']}")
-    wait_for(lambda: p.css("#pause"), 20, "the Pause button on a running rollout")
-    assert p.css("#gates tbody tr") and p.css("#steps rect")
-    cohort = [a.text for a in p.css("#view a[href^='#/device/']")]
+    wait_for(lambda: p.count("#pause"), 20, "the Pause button on a running rollout")
+    assert p.count("#gates tbody tr") and p.count("#steps rect")
+    cohort = p.d.execute_script("return [...document.querySelectorAll(\"#view a[href^='#/device/']\")].map(a => a.textContent)")
     assert cohort and set(cohort) <= {"cam-01", "cam-02"}, cohort  # the cohort, as links to the device pages
     p.shot("rollout-running")
-    p.css("#pause")[0].click()
-    wait_for(lambda: "Rollout" in p.text() and p.css("#resume"), 20, "the page to show the rollout paused")
-    assert "paused" in p.css("#view h1")[0].text
+    p.click("#pause")
+    wait_for(lambda: p.count("#resume"), 20, "the page to show the rollout paused")
+    assert "paused" in p.text_of("#view h1")
     p.shot("rollout-paused")
     audit = httpx.get(f"{env['base']}/api/v1/audit?limit=50", headers={"Authorization": f"Bearer {env['token']}"},
                       timeout=5).json()["entries"]
     paused = [e for e in audit if e["action"] == "rollout_pause"]
     assert paused and paused[-1]["actor"] == "admin", paused  # the token's name, not something the page said
-    wait_for(lambda: p.css("#history tbody tr") and "rollout_pause" in p.text(), 20, "the pause in the history")
-    p.css("#resume")[0].click()
-    wait_for(lambda: p.css("#pause"), 20, "running again")
+    wait_for(lambda: "rollout_pause" in p.text_of("#history"), 20, "the pause in the history")
+    p.click("#resume")
+    wait_for(lambda: p.count("#pause"), 20, "running again")
 
 
 def test_a_viewer_sees_no_buttons_and_the_api_refuses_it(env: dict[str, Any]) -> None:
     p: Page = env["page"]
     p.login(env["viewer"])
-    assert "watcher (viewer)" in p.css("#who")[0].text
+    assert "watcher (viewer)" in p.text_of("#who")
     p.go(f"#/rollout/{env['rollout']}")
-    wait_for(lambda: p.css("#gates"), 20, "the rollout page")
-    assert not p.css("#pause, #resume, #promote, #abort")
+    wait_for(lambda: p.count("#gates"), 20, "the rollout page")
+    assert p.count("#pause, #resume, #promote, #abort") == 0
     p.shot("rollout-viewer")
     r = httpx.post(f"{env['base']}/api/v1/rollouts/action", json={"action": "abort", "rollout": env["rollout"]},
                    headers={"Authorization": f"Bearer {env['viewer']}"}, timeout=5)
@@ -186,10 +144,12 @@ def test_the_drift_page_draws_a_chart_for_each_feature(env: dict[str, Any]) -> N
     p: Page = env["page"]
     p.login(env["token"])
     p.go("#/drift/clf")
-    wait_for(lambda: len(p.css("#features .feature")) == 4, 40, "a panel per feature")
-    for f in p.css("#features .feature"):
-        assert f.find_elements("css selector", "svg rect"), f.text  # the histogram's bars
-        assert f.find_elements("css selector", "svg polyline") or "PSI" in f.text
+    wait_for(lambda: p.count("#features .feature") == 4, 40, "a panel per feature")
+    per_feature = p.d.execute_script(
+        "return [...document.querySelectorAll('#features .feature')].map(f => [f.dataset.feature,"
+        " f.querySelectorAll('svg[aria-label^=\"histogram\"] rect').length, f.querySelectorAll('svg polyline').length])")
+    assert [f[0] for f in per_feature] == ["f0", "f1", "f2", "f3"]
+    assert all(bars >= 10 for _, bars, _ in per_feature), per_feature  # reference and live bars per bin
     p.shot("drift")
 
 
@@ -197,15 +157,16 @@ def test_device_model_and_audit_pages(env: dict[str, Any]) -> None:
     p: Page = env["page"]
     p.login(env["token"])
     p.go("#/device/cam-01")
-    wait_for(lambda: p.css("#runs tbody tr") and p.css("svg[aria-label='latency histogram'] rect"), 30,
+    wait_for(lambda: p.count("#runs tbody tr") and p.count("svg[aria-label='latency histogram'] rect"), 30,
              "the device page with its latency histogram")
-    assert "cam-01" in p.css("#view h1")[0].text
+    assert "cam-01" in p.text_of("#view h1")
     p.shot("device")
     p.go("#/model/clf")
-    wait_for(lambda: len(p.css("#versions tbody tr")) == 2 and p.css("#diff"), 20, "both versions and their diff")
+    wait_for(lambda: p.count("#versions tbody tr") == 2 and p.count("#diff"), 20, "both versions and their diff")
+    assert "accuracy=0.92" in p.text() and "metric accuracy" in p.text_of("#diff")
     p.shot("model")
     p.go("#/audit")
-    wait_for(lambda: p.css("#audit tbody tr") and "chain verified" in p.text(), 20, "the verified audit log")
+    wait_for(lambda: p.count("#audit tbody tr") and "chain verified" in p.text(), 20, "the verified audit log")
     p.shot("audit")
     # the token never appears in a URL the page made
     assert env["token"] not in p.d.current_url
@@ -235,33 +196,3 @@ def test_cli_watches_a_rollout_to_its_decision_and_waits_for_a_deploy(env: dict[
     assert late.returncode == 1
     assert "1 of 1 device(s) do not run clf 2 yet" in late.stderr and "cam-03: never seen" in late.stderr
 
-
-def test_the_demo_prints_its_page_and_the_page_shows_the_rollback_as_it_happens() -> None:
-    demo = subprocess.Popen([sys.executable, "-m", CLI, "demo", "--seconds", "6"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    driver = None
-    try:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.append(line)
-            if "fleet page:" in line:
-                break
-        m = re.search(r"fleet page: (http://\S+)/ui\s+\(log in with the token (\S+)\)", "".join(lines))
-        assert m, "".join(lines)
-        driver = _browser()
-        p = Page(driver, m.group(1))
-        p.login(m.group(2))
-        assert "demo-operator (operator)" in p.css("#who")[0].text
-        p.go("#/rollouts")
-        wait_for(lambda: "r-1" in p.text(), 60, "the demo's rollout on the page")
-        p.go("#/rollout/r-1")
-        wait_for(lambda: "rolled_back" in p.css("#view h1")[0].text if p.css("#view h1") else False, 60,
-                 "the rollback on the page as it happens")
-        wait_for(lambda: "rollout_rollback" in p.text(), 20, "the rollback in the decision history")
-        p.shot("demo-rollback")
-    finally:
-        if driver is not None:
-            driver.quit()
-        out, _ = demo.communicate(timeout=120)
-    assert demo.returncode == 0, "".join(lines) + out
