@@ -23,7 +23,8 @@ READ_ENDPOINTS = [
     "/metrics", "/api/v1/status", "/api/v1/events", "/api/v1/events?device=d1&limit=5", "/api/v1/models",
     "/api/v1/models/m", "/api/v1/models/m/versions/1", "/api/v1/models/m/diff?a=1&b=1",
     "/api/v1/trace?device=d1&request=r1", "/api/v1/audit", "/api/v1/audit/verify", "/api/v1/drift",
-    "/api/v1/devices", "/api/v1/rollouts", "/api/v1/no-such-endpoint",
+    "/api/v1/devices", "/api/v1/rollouts", "/api/v1/no-such-endpoint", "/api/v1/whoami",
+    "/api/v1/devices/d1/telemetry", "/api/v1/drift/view?model=m", "/api/v1/audit?limit=5",
 ]
 
 
