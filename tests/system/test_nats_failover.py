@@ -3,7 +3,7 @@
 Real parts: three nats-server processes (the node files ``broker-config --kind nats`` writes, here
 without TLS so the simulated fleet can join: the TLS cluster is tests/hub/test_nats_broker.py),
 the hub as a process reading device channels from its JetStream stream, two real agents (their
-own device profile, so each step's cohort holds one) and 30 simulated agents, every one given the
+own device profile, so each step's cohort holds one) and 24 simulated agents, every one given the
 list of the three nodes and starting on one of its own drawing. A rollout of a retrained model
 starts in shadow mode; two seconds into its first step the node holding the most device
 connections is SIGKILLed. Then:
@@ -45,7 +45,7 @@ from tests.conftest import Procs, free_port, http_ok, infer_load, run_cli, wait_
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 CLI = "edgefleet.hub.cli.main"
-SIMS = 30
+SIMS = 24
 REAL = ("dev-a", "dev-b")
 
 
@@ -89,7 +89,7 @@ def test_a_node_killed_mid_rollout_every_agent_moves_the_rollout_finishes_nothin
     home.update_config(jetstream_url=",".join(cluster.nats_urls))
     (home_dir / "rollout.toml").write_text(
         "evaluate_seconds = 0.3\n[policy]\nmin_inferences = 30\nmin_device_windows = 2\n"
-        "min_step_seconds = 8\nstep_deadline_seconds = 120\n")
+        "min_step_seconds = 6\nstep_deadline_seconds = 120\n")
     sim: SimFleet | None = None
     stop = threading.Event()
     try:
