@@ -64,6 +64,7 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
     """Load, convert and describe a model on the publisher's machine; the hub validates again."""
     from edgefleet.hub.adapters.modelfile import (
         compute_reference,
+        first_input_name,
         load_estimator,
         load_model_file,
         load_reference_data,
@@ -77,7 +78,8 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
         data, digest = load_reference_data(Path(args.reference))
     progress(f"loading model {args.model}")
     estimator = load_estimator(Path(args.model))  # None for an .onnx file; read once, used twice
-    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None,
+    table = data is not None and data.ndim == 2  # else N-D samples (images): tensor statistics
+    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if table and data is not None else None,
                                               estimator)
     reference = None
     if data is not None:
@@ -86,7 +88,8 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             outputs = run_first_output(onnx_bytes, data)
         except Exception as exc:  # reference output distribution is optional
             progress(f"warning: could not run the model on the reference data: {exc}")
-        reference = compute_reference(data, bins=args.bins, outputs=outputs).to_dict()
+        reference = compute_reference(data, bins=args.bins, outputs=outputs,
+                                      input_name=first_input_name(onnx_bytes)).to_dict()
     import base64
 
     preflight = None

@@ -262,7 +262,7 @@ def score_report(
     scores: list[FeatureScore] = []
     problems: list[str] = []
     if reference is not None:
-        for feat in reference.features:
+        for feat in reference.all_features:
             hist = inputs.get(feat.name)
             if hist is None:
                 continue
