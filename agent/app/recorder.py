@@ -42,6 +42,7 @@ class Recorder:
         self._sampled_rows = 0
         self._sampled_bytes = 0
         self._inputs: list[npt.NDArray[Any]] = []
+        self._others: dict[str, list[npt.NDArray[Any]]] = {}
         self._outputs: list[npt.NDArray[Any]] = []
 
     def record(
@@ -51,7 +52,10 @@ class Recorder:
         output: npt.NDArray[Any] | None = None,
         *,
         error: bool = False,
+        others: dict[str, npt.NDArray[Any]] | None = None,
     ) -> None:
+        """``rows``: the model's first input; ``others``: its other inputs by name (references to
+        the request's arrays, kept with ``rows`` while the window samples)."""
         with self._lock:
             self._requests += 1
             if error:
@@ -68,6 +72,9 @@ class Recorder:
                         self._outputs.append(output)
                     self._sampled_rows += n
                     self._sampled_bytes += rows.nbytes
+                    for iname, value in (others or {}).items():
+                        self._others.setdefault(iname, []).append(value)
+                        self._sampled_bytes += value.nbytes
 
     def swap(self) -> Snapshot:
         with self._lock:
@@ -81,6 +88,7 @@ class Recorder:
                 dropped_latencies=self._n - kept,
                 inputs=self._inputs,
                 outputs=self._outputs,
+                others=self._others,
             )
             self._reset()
         return snap

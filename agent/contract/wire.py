@@ -279,7 +279,7 @@ class Reference:
     ``features`` are the columns of a 2-D table input. ``tensors`` describe an N-D input (images,
     audio frames): each is a :class:`FeatureReference` whose ``extra`` says what it measures
     (``stat``: a channel's values, or each sample's mean, std or share of saturated values; see
-    :func:`agent.core.telemetry.tensor_stat`), with bins like any feature, so the hub scores both
+    :func:`agent.contract.histograms.tensor_stat`), with bins like any feature, so the hub scores both
     the same way. An agent from before tensors ignores the key (no histograms, no false alarms)."""
 
     features: tuple[FeatureReference, ...]
@@ -306,6 +306,12 @@ class Reference:
             tensors=tensors,
             extra=_extra(d, cls._known),
         )
+
+    @property
+    def first_input(self) -> str:
+        """The input that features without an ``input`` of their own describe (the model's first:
+        references from before several inputs name none). Stored as ``extra["first_input"]``."""
+        return str(self.extra.get("first_input", ""))
 
     @property
     def all_features(self) -> tuple[FeatureReference, ...]:

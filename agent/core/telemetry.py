@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgefleet.agent.contract.histograms import feature_histogram, tensor_stat
 from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference
 
 __all__ = [
@@ -35,28 +36,9 @@ class Snapshot:
     rows: int
     latencies_s: npt.NDArray[np.float64]
     dropped_latencies: int
-    inputs: list[npt.NDArray[Any]] = field(default_factory=list)
+    inputs: list[npt.NDArray[Any]] = field(default_factory=list)  # the model's first input
     outputs: list[npt.NDArray[Any]] = field(default_factory=list)
-
-
-def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dict[str, Any]:
-    """Counts of ``values`` on the bins ``[e0,e1), ..., [e_{n-1}, e_n]`` plus out-of-range and NaN."""
-    v = np.asarray(values, dtype=np.float64)
-    nan = np.isnan(v)
-    v = v[~nan]
-    e = np.asarray(edges, dtype=np.float64)
-    below = int(np.count_nonzero(v < e[0]))
-    above = int(np.count_nonzero(v > e[-1]))
-    inside = v[(v >= e[0]) & (v <= e[-1])]
-    idx = np.searchsorted(e, inside, side="right") - 1
-    idx = np.clip(idx, 0, len(e) - 2)
-    counts = np.bincount(idx, minlength=len(e) - 1)
-    return {
-        "counts": [int(c) for c in counts],
-        "below": below,
-        "above": above,
-        "nan": int(np.count_nonzero(nan)),
-    }
+    others: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)  # its other inputs, by name
 
 
 def latency_summary(ms: Any) -> dict[str, Any]:
@@ -80,52 +62,16 @@ def latency_summary(ms: Any) -> dict[str, Any]:
 
 
 TENSOR_SAMPLES = 64  # images (samples) of a window folded into tensor statistics, at most
-TENSOR_VALUES = 1 << 18  # values per channel histogram, at most (a stride through the samples)
-
-
-def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.float64]:
-    """The values a tensor feature bins, from samples ``x`` (``[N, ...]``, one sample per row):
-
-    * ``channel``: every value of channel ``channel`` on axis ``axis`` (1: NCHW, -1: NHWC), strided
-      down to :data:`TENSOR_VALUES`;
-    * ``mean`` / ``std``: each sample's mean and standard deviation over all its values;
-    * ``saturated``: each sample's share of values at or beyond the reference's range
-      (``lo``/``hi``: the smallest and largest training values), i.e. clipped or blown-out pixels.
-
-    Cheap on purpose (a few passes over at most :data:`TENSOR_SAMPLES` samples) and the same on
-    the device and at publish (:func:`hub.adapters.modelfile.compute_tensor_reference`)."""
-    x = np.asarray(x, dtype=np.float64)
-    stat = feat.extra.get("stat")
-    out: npt.NDArray[np.float64]
-    if stat == "channel":
-        axis = int(feat.extra.get("axis", 1))
-        v = np.take(x, int(feat.extra["channel"]), axis=axis).reshape(-1)
-        out = v[:: max(1, len(v) // TENSOR_VALUES)]
-        return out
-    flat = x.reshape(len(x), -1)
-    if stat == "mean":
-        out = flat.mean(axis=1)
-        return out
-    if stat == "std":
-        out = flat.std(axis=1)
-        return out
-    if stat == "saturated":
-        lo, hi = float(feat.extra.get("lo", 0.0)), float(feat.extra.get("hi", 1.0))
-        out = ((flat <= lo) | (flat >= hi)).mean(axis=1)
-        return out
-    raise ValueError(f"unknown tensor statistic {stat!r}")
-
-
-def _tensor_inputs(inputs: list[npt.NDArray[Any]], reference: Reference) -> list[dict[str, Any]]:
+def _tensor_inputs(inputs: list[npt.NDArray[Any]], feats: list[FeatureReference]) -> list[dict[str, Any]]:
     batches = [np.asarray(x) for x in inputs if np.asarray(x).ndim >= 2]
-    if not batches or not reference.tensors:
+    if not batches or not feats:
         return []
     shape = batches[0].shape[1:]
     x = np.concatenate([b for b in batches if b.shape[1:] == shape])  # samples of one shape only
     if len(x) > TENSOR_SAMPLES:
         x = x[np.linspace(0, len(x) - 1, TENSOR_SAMPLES).astype(np.int64)]
     out = []
-    for feat in reference.tensors:
+    for feat in feats:
         try:
             values = tensor_stat(x, feat)
         except (IndexError, ValueError, KeyError):  # a reference for another shape: nothing to say
@@ -141,13 +87,25 @@ def _latency(lat_s: npt.NDArray[np.float64]) -> dict[str, Any]:
 def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
     """Turn a closed window into its wire form. Runs off the request path."""
     inputs: list[dict[str, Any]] = []
-    if reference is not None and reference.features and snap.inputs:
-        rows = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in snap.inputs])
+    if reference is not None and snap.inputs:
+        first = reference.first_input
+        tables: dict[str, npt.NDArray[Any]] = {}
         for i, feat in enumerate(reference.features):
-            if i < rows.shape[1]:
-                inputs.append({"name": feat.name, **feature_histogram(rows[:, i], feat.edges)})
-    if reference is not None and reference.tensors and snap.inputs:
-        inputs += _tensor_inputs(snap.inputs, reference)
+            name = str(feat.extra.get("input", first))
+            batches = snap.inputs if name == first else snap.others.get(name, [])
+            if not batches:
+                continue
+            if name not in tables:
+                tables[name] = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in batches])
+            column = int(feat.extra.get("column", i))
+            if column < tables[name].shape[1]:
+                inputs.append({"name": feat.name, **feature_histogram(tables[name][:, column], feat.edges)})
+        by_input: dict[str, list[FeatureReference]] = {}
+        for feat in reference.tensors:
+            by_input.setdefault(str(feat.extra.get("input", first)), []).append(feat)
+        for name, feats in by_input.items():
+            batches = snap.inputs if name == first else snap.others.get(name, [])
+            inputs += _tensor_inputs(batches, feats)
     outputs: dict[str, Any] | None = None
     if snap.outputs:
         out = np.concatenate([np.asarray(o).reshape(-1) for o in snap.outputs])

@@ -9,8 +9,8 @@ import pytest
 from edgefleet.agent.contract.errors import MalformedMessage
 from edgefleet.agent.contract.wire import Reference
 from edgefleet.agent.core.telemetry import TENSOR_SAMPLES, Snapshot, fold
-from edgefleet.hub.adapters.modelfile import channel_axis, compute_reference
 from edgefleet.hub.core.drift import Policy, merge_feature_lists, score_report
+from edgefleet.hub.core.reference import channel_axis, compute_reference
 
 
 def _images(rng: np.random.Generator, n: int, shift: float = 0.0, channel: int | None = None) -> np.ndarray:
