@@ -44,7 +44,9 @@ def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.f
       down to :data:`TENSOR_VALUES`;
     * ``mean`` / ``std``: each sample's mean and standard deviation over all its values;
     * ``saturated``: each sample's share of values at or beyond the reference's range
-      (``lo``/``hi``: the smallest and largest training values), i.e. clipped or blown-out pixels.
+      (``lo``/``hi``: the smallest and largest training values), i.e. clipped or blown-out pixels;
+    * ``confidence`` / ``value`` (on the model's first output): each sample's top-class probability,
+      or every regression value.
 
     Cheap on purpose (a few passes over at most :data:`TENSOR_SAMPLES` samples) and the same on
     the device and at publish (:func:`hub.adapters.modelfile.compute_tensor_reference`)."""
@@ -62,6 +64,12 @@ def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.f
         return out
     if stat == "std":
         out = flat.std(axis=1)
+        return out
+    if stat == "confidence":  # an output of class probabilities: the top class's
+        out = x.reshape(len(x), -1).max(axis=1)
+        return out
+    if stat == "value":  # a regression output: every value
+        out = x.reshape(-1)
         return out
     if stat == "saturated":
         lo, hi = float(feat.extra.get("lo", 0.0)), float(feat.extra.get("hi", 1.0))

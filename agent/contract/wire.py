@@ -269,7 +269,7 @@ class FeatureReference:
         }
 
 
-TENSOR_STATS = ("channel", "mean", "std", "saturated")  # what a tensor feature measures (TensorFeature)
+TENSOR_STATS = ("channel", "mean", "std", "saturated", "confidence", "value")  # what a tensor feature measures
 
 
 @dataclass(frozen=True)

@@ -62,14 +62,15 @@ def latency_summary(ms: Any) -> dict[str, Any]:
 
 
 TENSOR_SAMPLES = 64  # images (samples) of a window folded into tensor statistics, at most
-def _tensor_inputs(inputs: list[npt.NDArray[Any]], feats: list[FeatureReference]) -> list[dict[str, Any]]:
-    batches = [np.asarray(x) for x in inputs if np.asarray(x).ndim >= 2]
+def _tensor_inputs(inputs: list[npt.NDArray[Any]], feats: list[FeatureReference], *,
+                   cap: int | None = TENSOR_SAMPLES) -> list[dict[str, Any]]:
+    batches = [np.asarray(x) for x in inputs if np.asarray(x).ndim >= 1 and np.asarray(x).dtype.kind in "fiub"]
     if not batches or not feats:
         return []
     shape = batches[0].shape[1:]
     x = np.concatenate([b for b in batches if b.shape[1:] == shape])  # samples of one shape only
-    if len(x) > TENSOR_SAMPLES:
-        x = x[np.linspace(0, len(x) - 1, TENSOR_SAMPLES).astype(np.int64)]
+    if cap is not None and len(x) > cap:  # images: a bounded sample; outputs are small, all of them count
+        x = x[np.linspace(0, len(x) - 1, cap).astype(np.int64)]
     out = []
     for feat in feats:
         try:
@@ -102,10 +103,13 @@ def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
                 inputs.append({"name": feat.name, **feature_histogram(tables[name][:, column], feat.edges)})
         by_input: dict[str, list[FeatureReference]] = {}
         for feat in reference.tensors:
-            by_input.setdefault(str(feat.extra.get("input", first)), []).append(feat)
+            if not feat.extra.get("output"):
+                by_input.setdefault(str(feat.extra.get("input", first)), []).append(feat)
         for name, feats in by_input.items():
             batches = snap.inputs if name == first else snap.others.get(name, [])
             inputs += _tensor_inputs(batches, feats)
+    if reference is not None and snap.outputs:
+        inputs += _tensor_inputs(snap.outputs, [f for f in reference.tensors if f.extra.get("output")], cap=None)
     outputs: dict[str, Any] | None = None
     if snap.outputs:
         out = np.concatenate([np.asarray(o).reshape(-1) for o in snap.outputs])

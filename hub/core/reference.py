@@ -14,7 +14,7 @@ from edgefleet.agent.contract.histograms import feature_histogram, tensor_stat
 from edgefleet.agent.contract.wire import FeatureReference, Reference
 
 __all__ = ["SATURATED_EDGES", "channel_axis", "compute_inputs_reference", "compute_reference",
-           "compute_tensor_reference"]
+           "compute_tensor_reference", "output_features"]
 
 
 SATURATED_EDGES = (0.0, 0.001, 0.01, 0.05, 0.2, 1.0)  # share of a sample's values at the range's ends
@@ -72,7 +72,8 @@ def compute_reference(
     """Quantile bins per feature (deduplicated for discrete features) and their frequencies; for
     N-D samples (images) the tensor statistics of :func:`compute_tensor_reference` instead."""
     if data.ndim > 2:
-        return Reference(features=(), tensors=compute_tensor_reference(data, input_name=input_name, bins=bins),
+        return Reference(features=(), tensors=compute_tensor_reference(data, input_name=input_name, bins=bins)
+                         + output_features(outputs, bins=bins),
                          rows=int(data.shape[0]), output=_output_reference(outputs),
                          extra={"first_input": input_name})
     feats = []
@@ -90,7 +91,27 @@ def compute_reference(
             edges=tuple(float(e) for e in edges),
             freqs=tuple(round(float(f), 6) for f in freqs),
         ))
-    return Reference(features=tuple(feats), rows=int(data.shape[0]), output=_output_reference(outputs))
+    return Reference(features=tuple(feats), rows=int(data.shape[0]), output=_output_reference(outputs),
+                     tensors=output_features(outputs, bins=bins))
+
+
+def output_features(outputs: npt.NDArray[Any] | None, *, bins: int = 10) -> tuple[FeatureReference, ...]:
+    """The first output's distribution when it is not class labels: the top class's probability
+    per sample (``output.confidence``) for a probability vector, every value (``output.value``)
+    for a regression. Scored like input features, so drift in what a model answers shows."""
+    if outputs is None:
+        return ()
+    out = np.asarray(outputs)
+    if out.dtype.kind != "f" or len(out) < 2:
+        return ()
+    stat = "confidence" if out.ndim == 2 and out.shape[1] > 1 else "value"
+    probe = FeatureReference(name=f"output.{stat}", edges=(0.0, 1.0), freqs=(1.0,), extra={"stat": stat, "output": True})
+    values = tensor_stat(out.astype(np.float64), probe)
+    edges = _quantile_bins(values, bins)
+    hist = feature_histogram(values, edges)
+    total = max(1, sum(hist["counts"]))
+    return (FeatureReference(name=probe.name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
+                             extra=probe.extra),)
 
 
 def _output_reference(outputs: npt.NDArray[Any] | None) -> dict[str, Any] | None:
@@ -119,5 +140,6 @@ def compute_inputs_reference(inputs: dict[str, npt.NDArray[np.float64]], *, bins
             j = int(f.name[1:])
             features.append(FeatureReference(name=f"{name}.f{j}", edges=f.edges, freqs=f.freqs,
                                              extra={"input": name, "column": j}))
-    return Reference(features=tuple(features), tensors=tuple(tensors), rows=len(inputs[names[0]]),
+    return Reference(features=tuple(features), tensors=(*tensors, *output_features(outputs, bins=bins)),
+                     rows=len(inputs[names[0]]),
                      output=_output_reference(outputs), extra={"first_input": names[0]})

@@ -79,3 +79,31 @@ def test_a_table_reference_and_a_malformed_tensor_feature() -> None:
     bad = ref.to_dict() | {"tensors": [{"name": "x", "edges": [0, 1], "freqs": [1.0], "stat": "median"}]}
     with pytest.raises(MalformedMessage, match="needs stat in"):
         Reference.from_dict(bad)
+
+
+def _fold_outputs(ref: Reference, outputs: list[np.ndarray]) -> dict[str, dict[str, object]]:
+    snap = Snapshot(version="1", requests=len(outputs), errors=0, rows=sum(len(o) for o in outputs),
+                    latencies_s=np.zeros(len(outputs)), dropped_latencies=0,
+                    inputs=[np.zeros((len(o), 2)) for o in outputs], outputs=outputs)
+    return {h["name"]: h for h in fold(snap, ref).inputs}
+
+
+def test_regression_values_and_class_confidence_have_a_reference_and_drift_when_they_move() -> None:
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(800, 2))
+    reg = compute_reference(table, outputs=(table[:, :1] * 2.0).astype(np.float32))
+    assert [t.name for t in reg.tensors] == ["output.value"] and reg.output is None
+    same = _scores(reg, _fold_outputs(reg, [(rng.normal(size=(50, 1)) * 2).astype(np.float32) for _ in range(16)]))
+    moved = _scores(reg, _fold_outputs(reg, [(rng.normal(size=(50, 1)) * 2 + 3).astype(np.float32) for _ in range(16)]))
+    assert same["output.value"] < 0.1 < 0.25 < moved["output.value"], (same, moved)
+
+    def probs(n: int, sharp: float) -> np.ndarray:
+        z = rng.normal(size=(n, 3)) * sharp
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    clf = compute_reference(table, outputs=probs(800, 3.0))
+    assert [t.name for t in clf.tensors] == ["output.confidence"]
+    same = _scores(clf, _fold_outputs(clf, [probs(50, 3.0) for _ in range(16)]))
+    unsure = _scores(clf, _fold_outputs(clf, [probs(50, 0.5) for _ in range(16)]))  # a model losing confidence
+    assert same["output.confidence"] < 0.1 and unsure["output.confidence"] > 0.25, (same, unsure)
