@@ -1,4 +1,5 @@
-"""11. What image statistics cost, beside the model: a small CNN (tests/system/test_image_model_e2e.py's:
+"""11. What image statistics cost, beside the model: a small CNN (tests/_modelenv.cnn_model, the one
+tests/system/test_image_model_e2e.py serves:
 Conv 3→4 3x3, Relu, GlobalAveragePool, MatMul, Softmax, ArgMax) in ONNX Runtime, one request of
 4 images per call, at 8x8 and at 64x64 pixels.
 
@@ -14,40 +15,20 @@ Run: ``python -m bench.image_stats [--smoke]``.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from bench.common import Result, Row, interleaved_min_median, us
 from edgefleet.agent.app.recorder import Recorder
 from edgefleet.agent.core.telemetry import fold
-from edgefleet.hub.adapters.modelfile import compute_reference
+from edgefleet.hub.core.reference import compute_reference
+from tests._modelenv import cnn_model
 
 
 def _cnn(size: int) -> bytes:
-    rng = np.random.default_rng(0)
-    init = [helper.make_tensor("w1", TensorProto.FLOAT, [4, 3, 3, 3], rng.normal(size=108).astype(np.float32)),
-            helper.make_tensor("b1", TensorProto.FLOAT, [4], np.zeros(4, np.float32)),
-            helper.make_tensor("w2", TensorProto.FLOAT, [4, 3], rng.normal(size=12).astype(np.float32))]
-    nodes = [helper.make_node("Conv", ["image", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "w2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-             helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                                           [None, 3, size, size])],
-                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-                               helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 3])], init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    with tempfile.TemporaryDirectory() as d:
-        onnx.save(model, Path(d) / "m.onnx")
-        return (Path(d) / "m.onnx").read_bytes()
+    return cnn_model(size).SerializeToString()  # type: ignore[no-any-return]
 
 
 def run(smoke: bool = False) -> Result:
