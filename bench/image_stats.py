@@ -1,5 +1,5 @@
 """11. What image statistics cost, beside the model: a small CNN (tests/_modelenv.cnn_model, the one
-tests/system/test_image_model_e2e.py serves:
+tests/system/test_model_families_e2e.py serves:
 Conv 3→4 3x3, Relu, GlobalAveragePool, MatMul, Softmax, ArgMax) in ONNX Runtime, one request of
 4 images per call, at 8x8 and at 64x64 pixels.
 

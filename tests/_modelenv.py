@@ -1,6 +1,6 @@
-"""One model family end to end: Mosquitto, the hub and one agent as processes, a model published
-with a reference and deployed, quick drift windows; and what the family tests read back (drift
-alarms from the audit log, the drift view)."""
+"""Model families end to end: Mosquitto, the hub and one agent as processes, models published with
+their references and deployed to the agent, quick drift windows; and what the family tests read
+back (drift alarms from the audit log, the drift view)."""
 
 from __future__ import annotations
 
@@ -28,50 +28,57 @@ class ModelEnv:
     base: str
     home: Path
     agent: int  # the agent's OIP port
-    model: str
 
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {(self.home / 'admin.token').read_text().strip()}"}
 
-    def reference(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.base}/api/v1/models/{self.model}", headers=self.auth, timeout=10).json()["reference"])
+    def reference(self, model: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.base}/api/v1/models/{model}", headers=self.auth, timeout=10).json()["reference"])
 
-    def view(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.base}/api/v1/drift/view?model={self.model}", headers=self.auth, timeout=10)
+    def view(self, model: str) -> dict[str, Any]:
+        r = httpx.get(f"{self.base}/api/v1/drift/view?model={model}", headers=self.auth, timeout=10)
         return dict(r.json()) if r.status_code == 200 else {}
 
-    def alarms(self) -> list[dict[str, Any]]:
+    def alarms(self, model: str) -> list[dict[str, Any]]:
         db = sqlite3.connect(f"file:{self.home / 'hub.db'}?mode=ro", uri=True, timeout=10)
         try:
-            return [json.loads(r[0]) for r in db.execute(
-                "SELECT details FROM audit WHERE action='drift_alarm' ORDER BY id").fetchall()]
+            return [d for d in (json.loads(r[0]) for r in db.execute(
+                "SELECT details FROM audit WHERE action='drift_alarm' ORDER BY id").fetchall()) if d["model"] == model]
         finally:
             db.close()
 
+    def infer(self, model: str, inputs: dict[str, np.ndarray], client: httpx.Client) -> None:
+        body = {"inputs": [{"name": n, "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+                           for n, x in inputs.items()]}
+        r = client.post(f"http://127.0.0.1:{self.agent}/v2/models/{model}/infer", json=body)
+        assert r.status_code == 200, r.text
+
 
 @contextmanager
-def model_env(tmp: Path, procs: Procs, *, model: Path, reference: Path, name: str) -> Iterator[ModelEnv]:
-    """Publish ``model`` as ``name`` 1 with ``reference``, deploy it to one real agent, wait until
-    the agent runs it."""
+def model_env(tmp: Path, procs: Procs, models: list[tuple[str, Path, Path]]) -> Iterator[ModelEnv]:
+    """Publish each ``(name, model file, reference)`` as ``name`` 1, deploy them all to one real
+    agent, wait until it runs them."""
     (tmp / "broker").mkdir()
     broker = Broker(tmp / "broker")
     broker.start()
     home, port = tmp / "hub", free_port()
     h = ("--home", str(home))
     try:
-        run_cli(CLI, "init", *h, "--fleet", name, "--broker", broker.url, "--http", f"127.0.0.1:{port}")
+        run_cli(CLI, "init", *h, "--fleet", "families", "--broker", broker.url, "--http", f"127.0.0.1:{port}")
         (home / "drift.toml").write_text(DRIFT)
         procs.start("hub", CLI, "serve", *h)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base}/healthz"), 30, "hub HTTP")
-        run_cli(CLI, "publish", str(model), "--name", name, "--version", "1", "--reference", str(reference), *h)
+        for name, model, reference in models:
+            run_cli(CLI, "publish", str(model), "--name", name, "--version", "1", "--reference", str(reference), *h)
         agent = free_port()
         run_cli(CLI, "device", "add", "dev-1", *h, "--out", str(tmp / "dev-1"), "--listen", f"127.0.0.1:{agent}",
                 "--window", "0.5")
         procs.start("agent", "edgefleet.agent.app.cli", "run", "--config", str(tmp / "dev-1" / "agent.toml"))
-        run_cli(CLI, "deploy", name, "1", "--device", "dev-1", "--wait", "--timeout", "60", *h)
-        yield ModelEnv(base, home, agent, name)
+        for name, _, _ in models:
+            run_cli(CLI, "deploy", name, "1", "--device", "dev-1", "--wait", "--timeout", "60", *h)
+        yield ModelEnv(base, home, agent)
     finally:
         procs.stop_all()
         broker.stop()
