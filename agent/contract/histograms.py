@@ -48,15 +48,15 @@ def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.f
     * ``confidence`` / ``value`` (on the model's first output): each sample's top-class probability,
       or every regression value.
 
-    Cheap on purpose (a few passes over at most :data:`TENSOR_SAMPLES` samples) and the same on
-    the device and at publish (:func:`hub.adapters.modelfile.compute_tensor_reference`)."""
+    Cheap on purpose (a few passes over at most ``agent.core.telemetry.TENSOR_SAMPLES`` samples a
+    window) and the same on the device and at publish (:func:`hub.core.reference.compute_tensor_reference`)."""
     x = np.asarray(x, dtype=np.float64)
     stat = feat.extra.get("stat")
     out: npt.NDArray[np.float64]
     if stat == "channel":
         axis = int(feat.extra.get("axis", 1))
         v = np.take(x, int(feat.extra["channel"]), axis=axis).reshape(-1)
-        out = v[:: max(1, len(v) // TENSOR_VALUES)]
+        out = v[:: max(1, -(-len(v) // TENSOR_VALUES))]  # a stride that keeps at most TENSOR_VALUES
         return out
     flat = x.reshape(len(x), -1)
     if stat == "mean":
