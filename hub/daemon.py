@@ -156,6 +156,7 @@ class Hub:
         self._known: frozenset[str] | None = None  # registered device ids (see _known_devices)
         self._known_at = 0.0
         self._ingest_links: list[IngestLink | JetStreamIngest] = []
+        self._desired_publish = threading.Lock()  # desired states: read from the database and published as one step
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -338,8 +339,13 @@ class Hub:
         if roots.exists():  # root rotations first: the keyring may be signed by the newest root
             self.link.publish(self.topics.roots, roots.read_bytes(), qos=1, retain=True)
         self.link.publish(self.topics.keyring, self._keyring, qos=1, retain=True)
-        for device, envelope in self.db.desired_envelopes():
-            self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
+        # Read and publish under the lock every desired-state publish takes: a state signed while
+        # this runs is then published after the older one read here, never before it, so the
+        # broker's retained copy is never left at an older seq (seen in a soak: devices and the
+        # soak's monitor received a re-published older state after its successor).
+        with self._desired_publish:
+            for device, envelope in self.db.desired_envelopes():
+                self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
 
     @property
     def ingest_connected(self) -> bool:
@@ -773,9 +779,10 @@ class Hub:
 
     def publish_desired(self, device: str) -> None:
         """Publish the stored desired state of *device* (retained); nothing without a broker link."""
-        envelope = self.db.desired_envelope(device)
-        if envelope is not None and self.link is not None:
-            self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
+        with self._desired_publish:  # read and publish as one step (see _on_connect)
+            envelope = self.db.desired_envelope(device)
+            if envelope is not None and self.link is not None:
+                self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
         """Publish an alert on ``{root}hub/alerts`` (a stream: QoS 1, not retained)."""

@@ -22,10 +22,14 @@ __all__ = ["Recorder"]
 class Recorder:
     """Per model version. ``record`` is the hot path; ``swap`` closes the window."""
 
-    def __init__(self, version: str, *, capacity: int = 65536, max_rows: int = 4096) -> None:
+    def __init__(self, version: str, *, capacity: int = 65536, max_rows: int = 4096,
+                 max_bytes: int = 16 << 20) -> None:
+        """``max_rows`` and ``max_bytes`` bound the inputs kept per window (references to the
+        request's arrays, no copy): an image model's 4,096 rows could be gigabytes."""
         self.version = version
         self._capacity = capacity
         self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._reset()
 
@@ -36,7 +40,9 @@ class Recorder:
         self._errors = 0
         self._rows = 0
         self._sampled_rows = 0
+        self._sampled_bytes = 0
         self._inputs: list[npt.NDArray[Any]] = []
+        self._others: dict[str, list[npt.NDArray[Any]]] = {}
         self._outputs: list[npt.NDArray[Any]] = []
 
     def record(
@@ -46,7 +52,10 @@ class Recorder:
         output: npt.NDArray[Any] | None = None,
         *,
         error: bool = False,
+        others: dict[str, npt.NDArray[Any]] | None = None,
     ) -> None:
+        """``rows``: the model's first input; ``others``: its other inputs by name (references to
+        the request's arrays, kept with ``rows`` while the window samples)."""
         with self._lock:
             self._requests += 1
             if error:
@@ -57,11 +66,15 @@ class Recorder:
             if rows is not None:
                 n = len(rows)
                 self._rows += n
-                if self._sampled_rows < self._max_rows:
+                if self._sampled_rows < self._max_rows and self._sampled_bytes < self._max_bytes:
                     self._inputs.append(rows)
                     if output is not None:
                         self._outputs.append(output)
                     self._sampled_rows += n
+                    self._sampled_bytes += rows.nbytes
+                    for iname, value in (others or {}).items():
+                        self._others.setdefault(iname, []).append(value)
+                        self._sampled_bytes += value.nbytes
 
     def swap(self) -> Snapshot:
         with self._lock:
@@ -75,6 +88,7 @@ class Recorder:
                 dropped_latencies=self._n - kept,
                 inputs=self._inputs,
                 outputs=self._outputs,
+                others=self._others,
             )
             self._reset()
         return snap

@@ -326,7 +326,8 @@ class ModelServer:
                 raise
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
         elapsed = time.perf_counter() - t0
-        model.recorder.record(elapsed, first, values[0] if values else None)
+        others = {n: feeds[n] for n in model.input_names[1:]} if len(model.input_names) > 1 else None
+        model.recorder.record(elapsed, first, values[0] if values else None, others=others)
         rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
         outputs = dict(zip(model.output_names, values))  # noqa: B905 - ORT returns one per name
         if self.capture is not None:

@@ -269,25 +269,54 @@ class FeatureReference:
         }
 
 
+TENSOR_STATS = ("channel", "mean", "std", "saturated", "confidence", "value")  # what a tensor feature measures
+
+
 @dataclass(frozen=True)
 class Reference:
-    """The training reference captured at publish: per-feature bins and the output distribution."""
+    """The training reference captured at publish: per-feature bins and the output distribution.
+
+    ``features`` are the columns of a 2-D table input. ``tensors`` describe an N-D input (images,
+    audio frames): each is a :class:`FeatureReference` whose ``extra`` says what it measures
+    (``stat``: a channel's values, or each sample's mean, std or share of saturated values; see
+    :func:`agent.contract.histograms.tensor_stat`), with bins like any feature, so the hub scores both
+    the same way. An agent from before tensors ignores the key (no histograms, no false alarms)."""
 
     features: tuple[FeatureReference, ...]
     rows: int = 0
     output: Mapping[str, Any] | None = None
+    tensors: tuple[FeatureReference, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
-    _known: ClassVar[frozenset[str]] = frozenset({"features", "rows", "output"})
+    _known: ClassVar[frozenset[str]] = frozenset({"features", "rows", "output", "tensors"})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], ctx: str = "reference") -> Self:
+        tensors = tuple(_list(d, "tensors", ctx, FeatureReference.from_dict)) if "tensors" in d else ()
+        for t in tensors:
+            stat = t.extra.get("stat")
+            if stat not in TENSOR_STATS:
+                raise MalformedMessage(f"{ctx}: tensor feature {t.name!r} needs stat in {TENSOR_STATS}, got {stat!r}")
+            if stat == "channel" and not isinstance(t.extra.get("channel"), int):
+                raise MalformedMessage(f"{ctx}: tensor feature {t.name!r} (a channel) needs an integer channel")
         return cls(
             features=tuple(_list(d, "features", ctx, FeatureReference.from_dict)),
             rows=_int(d, "rows", ctx) if "rows" in d else 0,
             output=_opt(d, "output", dict, ctx),
+            tensors=tensors,
             extra=_extra(d, cls._known),
         )
+
+    @property
+    def first_input(self) -> str:
+        """The input that features without an ``input`` of their own describe (the model's first:
+        references from before several inputs name none). Stored as ``extra["first_input"]``."""
+        return str(self.extra.get("first_input", ""))
+
+    @property
+    def all_features(self) -> tuple[FeatureReference, ...]:
+        """Table columns and tensor features: everything the drift monitor scores."""
+        return self.features + self.tensors
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -295,6 +324,8 @@ class Reference:
             "features": [f.to_dict() for f in self.features],
             "rows": self.rows,
         }
+        if self.tensors:
+            out["tensors"] = [t.to_dict() for t in self.tensors]
         if self.output is not None:
             out["output"] = dict(self.output)
         return out

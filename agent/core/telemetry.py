@@ -2,7 +2,8 @@
 
 :func:`fold` turns a closed window's :class:`Snapshot` (what :class:`agent.app.recorder.Recorder`
 collected on the request path) into the wire :class:`~agent.contract.wire.ModelWindow`:
-percentiles, fixed latency buckets, per-feature histograms on the reference bins. Pure: no lock,
+percentiles, fixed latency buckets, per-feature histograms on the reference bins (table columns,
+and for N-D inputs such as images the reference's tensor statistics). Pure: no lock,
 no clock, no I/O.
 """
 
@@ -14,10 +15,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.agent.contract.wire import ModelWindow, Reference
+from edgefleet.agent.contract.histograms import feature_histogram, tensor_stat
+from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference
 
 __all__ = [
-    "LATENCY_BUCKETS_MS", "Snapshot", "feature_histogram", "fold", "latency_summary",
+    "LATENCY_BUCKETS_MS", "Snapshot", "feature_histogram", "fold", "latency_summary", "tensor_stat",
 ]
 
 # Upper bounds (ms) of the fixed latency buckets; one more count is kept for everything above.
@@ -34,28 +36,9 @@ class Snapshot:
     rows: int
     latencies_s: npt.NDArray[np.float64]
     dropped_latencies: int
-    inputs: list[npt.NDArray[Any]] = field(default_factory=list)
+    inputs: list[npt.NDArray[Any]] = field(default_factory=list)  # the model's first input
     outputs: list[npt.NDArray[Any]] = field(default_factory=list)
-
-
-def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dict[str, Any]:
-    """Counts of ``values`` on the bins ``[e0,e1), ..., [e_{n-1}, e_n]`` plus out-of-range and NaN."""
-    v = np.asarray(values, dtype=np.float64)
-    nan = np.isnan(v)
-    v = v[~nan]
-    e = np.asarray(edges, dtype=np.float64)
-    below = int(np.count_nonzero(v < e[0]))
-    above = int(np.count_nonzero(v > e[-1]))
-    inside = v[(v >= e[0]) & (v <= e[-1])]
-    idx = np.searchsorted(e, inside, side="right") - 1
-    idx = np.clip(idx, 0, len(e) - 2)
-    counts = np.bincount(idx, minlength=len(e) - 1)
-    return {
-        "counts": [int(c) for c in counts],
-        "below": below,
-        "above": above,
-        "nan": int(np.count_nonzero(nan)),
-    }
+    others: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)  # its other inputs, by name
 
 
 def latency_summary(ms: Any) -> dict[str, Any]:
@@ -78,6 +61,26 @@ def latency_summary(ms: Any) -> dict[str, Any]:
     return out
 
 
+TENSOR_SAMPLES = 64  # images (samples) of a window folded into tensor statistics, at most
+def _tensor_inputs(inputs: list[npt.NDArray[Any]], feats: list[FeatureReference], *,
+                   cap: int | None = TENSOR_SAMPLES) -> list[dict[str, Any]]:
+    batches = [np.asarray(x) for x in inputs if np.asarray(x).ndim >= 1 and np.asarray(x).dtype.kind in "fiub"]
+    if not batches or not feats:
+        return []
+    shape = batches[0].shape[1:]
+    x = np.concatenate([b for b in batches if b.shape[1:] == shape])  # samples of one shape only
+    if cap is not None and len(x) > cap:  # images: a bounded sample; outputs are small, all of them count
+        x = x[np.linspace(0, len(x) - 1, cap).astype(np.int64)]
+    out = []
+    for feat in feats:
+        try:
+            values = tensor_stat(x, feat)
+        except (IndexError, ValueError, KeyError):  # a reference for another shape: nothing to say
+            continue
+        out.append({"name": feat.name, **feature_histogram(values, feat.edges)})
+    return out
+
+
 def _latency(lat_s: npt.NDArray[np.float64]) -> dict[str, Any]:
     return latency_summary(lat_s * 1000.0)
 
@@ -85,11 +88,28 @@ def _latency(lat_s: npt.NDArray[np.float64]) -> dict[str, Any]:
 def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
     """Turn a closed window into its wire form. Runs off the request path."""
     inputs: list[dict[str, Any]] = []
-    if reference is not None and reference.features and snap.inputs:
-        rows = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in snap.inputs])
+    if reference is not None and snap.inputs:
+        first = reference.first_input
+        tables: dict[str, npt.NDArray[Any]] = {}
         for i, feat in enumerate(reference.features):
-            if i < rows.shape[1]:
-                inputs.append({"name": feat.name, **feature_histogram(rows[:, i], feat.edges)})
+            name = str(feat.extra.get("input", first))
+            batches = snap.inputs if name == first else snap.others.get(name, [])
+            if not batches:
+                continue
+            if name not in tables:
+                tables[name] = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in batches])
+            column = int(feat.extra.get("column", i))
+            if column < tables[name].shape[1]:
+                inputs.append({"name": feat.name, **feature_histogram(tables[name][:, column], feat.edges)})
+        by_input: dict[str, list[FeatureReference]] = {}
+        for feat in reference.tensors:
+            if not feat.extra.get("output"):
+                by_input.setdefault(str(feat.extra.get("input", first)), []).append(feat)
+        for name, feats in by_input.items():
+            batches = snap.inputs if name == first else snap.others.get(name, [])
+            inputs += _tensor_inputs(batches, feats)
+    if reference is not None and snap.outputs:
+        inputs += _tensor_inputs(snap.outputs, [f for f in reference.tensors if f.extra.get("output")], cap=None)
     outputs: dict[str, Any] | None = None
     if snap.outputs:
         out = np.concatenate([np.asarray(o).reshape(-1) for o in snap.outputs])

@@ -25,14 +25,27 @@ import onnxruntime as ort
 
 from edgefleet.agent.adapters.modelcheck import check_model_bytes
 from edgefleet.agent.contract.errors import ModelRejected
-from edgefleet.agent.contract.wire import FeatureReference, Reference, TensorSpec
+from edgefleet.agent.contract.wire import TensorSpec
+from edgefleet.hub.core.reference import (  # re-exported: the publish path's names
+    channel_axis,
+    compute_inputs_reference,
+    compute_reference,
+    compute_tensor_reference,
+)
 from edgefleet.hub.errors import BadRequest
 
 __all__ = [
+    "channel_axis",
+    "compute_inputs_reference",
     "compute_reference",
+    "compute_tensor_reference",
+    "first_input_name",
+    "input_names",
     "load_estimator",
     "load_model_file",
     "load_reference_data",
+    "load_reference_inputs",
+    "run_outputs",
     "sklearn_to_onnx",
     "validate_onnx",
 ]
@@ -132,6 +145,38 @@ def validate_onnx(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     return specs(sess.get_inputs(), "input"), specs(sess.get_outputs(), "output")
 
 
+def load_reference_inputs(path: Path, input_names: list[str]) -> tuple[dict[str, npt.NDArray[np.float64]], str]:
+    """Training inputs of a model with several inputs: an ``.npz`` with one array per input, named
+    as the model names them (each a table or N-D samples, all with the same number of samples)."""
+    try:
+        raw = path.read_bytes()
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"cannot read {path.name} as .npz (one array per model input): {exc}") from exc
+    missing = [n for n in input_names if n not in arrays]
+    if missing or set(arrays) - set(input_names):
+        raise BadRequest(f"{path.name}: expected one array per model input {input_names}, got {sorted(arrays)}")
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or min(sizes.values()) < 2:
+        raise BadRequest(f"{path.name}: every input needs the same number of samples (at least 2), got {sizes}")
+    return {n: (arrays[n].reshape(-1, 1) if arrays[n].ndim == 1 else arrays[n]) for n in input_names}, \
+        hashlib.sha256(raw).hexdigest()
+
+
+def input_names(data: bytes) -> list[str]:
+    return [i.name for i in ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()]
+
+
+def run_outputs(data: bytes, inputs: dict[str, npt.NDArray[np.float64]]) -> npt.NDArray[Any]:
+    """The first output for a model with several inputs."""
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feeds = {i.name: inputs[i.name].astype(np.float64 if i.type == "tensor(double)" else np.float32)
+             for i in sess.get_inputs()}
+    result: npt.NDArray[Any] = sess.run(None, feeds)[0]
+    return result
+
+
 def load_reference_data(path: Path) -> tuple[npt.NDArray[np.float64], str]:
     """Training inputs as a 2-D float array, and the sha256 of the file."""
     try:
@@ -159,41 +204,15 @@ def load_reference_data(path: Path) -> tuple[npt.NDArray[np.float64], str]:
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
-    if arr.ndim != 2 or arr.shape[0] < 2:
-        raise BadRequest(f"{path.name}: expected a 2-D table with at least 2 rows, got shape {arr.shape}")
+    if arr.ndim < 2 or arr.shape[0] < 2:
+        raise BadRequest(f"{path.name}: expected a 2-D table with at least 2 rows, or at least 2 samples of an "
+                         f"N-D input ([N, C, H, W] images and the like), got shape {arr.shape}")
     return arr, hashlib.sha256(raw).hexdigest()
 
 
-def compute_reference(
-    data: npt.NDArray[np.float64],
-    *,
-    bins: int = 10,
-    names: list[str] | None = None,
-    outputs: npt.NDArray[Any] | None = None,
-) -> Reference:
-    """Quantile bins per feature (deduplicated for discrete features) and their frequencies."""
-    feats = []
-    for j in range(data.shape[1]):
-        col = data[:, j]
-        col = col[~np.isnan(col)]
-        edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)))
-        if len(edges) < 2:
-            edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
-        idx = np.clip(np.searchsorted(edges, col, side="right") - 1, 0, len(edges) - 2)
-        counts = np.bincount(idx, minlength=len(edges) - 1)
-        freqs = counts / max(1, counts.sum())
-        feats.append(FeatureReference(
-            name=names[j] if names else f"f{j}",
-            edges=tuple(float(e) for e in edges),
-            freqs=tuple(round(float(f), 6) for f in freqs),
-        ))
-    output = None
-    if outputs is not None:
-        out = np.asarray(outputs).reshape(-1)
-        if out.dtype.kind in "iub":
-            labels, counts = np.unique(out, return_counts=True)
-            output = {"classes": {str(k): round(float(c) / len(out), 6) for k, c in zip(labels, counts, strict=True)}}
-    return Reference(features=tuple(feats), rows=int(data.shape[0]), output=output)
+def first_input_name(data: bytes) -> str:
+    """The model's first input, whose name the tensor statistics carry (``image[c0]``)."""
+    return str(ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()[0].name)
 
 
 def run_first_output(data: bytes, rows: npt.NDArray[np.float64]) -> npt.NDArray[Any]:

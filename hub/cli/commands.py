@@ -64,6 +64,7 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
     """Load, convert and describe a model on the publisher's machine; the hub validates again."""
     from edgefleet.hub.adapters.modelfile import (
         compute_reference,
+        first_input_name,
         load_estimator,
         load_model_file,
         load_reference_data,
@@ -72,12 +73,15 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
 
     data = None
     digest = None
+    if args.reference and Path(args.reference).suffix == ".npz":
+        return _publish_several_inputs(args)
     if args.reference:
         progress(f"reading reference data {args.reference}")
         data, digest = load_reference_data(Path(args.reference))
     progress(f"loading model {args.model}")
     estimator = load_estimator(Path(args.model))  # None for an .onnx file; read once, used twice
-    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if data is not None else None,
+    table = data is not None and data.ndim == 2  # else N-D samples (images): tensor statistics
+    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if table and data is not None else None,
                                               estimator)
     reference = None
     if data is not None:
@@ -86,7 +90,8 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             outputs = run_first_output(onnx_bytes, data)
         except Exception as exc:  # reference output distribution is optional
             progress(f"warning: could not run the model on the reference data: {exc}")
-        reference = compute_reference(data, bins=args.bins, outputs=outputs).to_dict()
+        reference = compute_reference(data, bins=args.bins, outputs=outputs,
+                                      input_name=first_input_name(onnx_bytes)).to_dict()
     import base64
 
     preflight = None
@@ -112,6 +117,42 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "author": args.author or getpass.getuser(),
             **lineage_options(args),
         },
+    }
+
+
+def _publish_several_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """``publish MODEL.onnx --reference DATA.npz``: one reference array per model input."""
+    import base64
+
+    from edgefleet.hub.adapters.modelfile import (
+        compute_inputs_reference,
+        input_names,
+        load_model_file,
+        load_reference_inputs,
+        run_outputs,
+    )
+
+    if Path(args.model).suffix != ".onnx":
+        raise BadRequest(f"--reference {Path(args.reference).name} (an .npz, one array per input) goes with an "
+                         f".onnx model, got {Path(args.model).name}")
+    if getattr(args, "preflight", None):
+        raise BadRequest("--preflight takes a table (.npy/.csv) today; models with several inputs publish without it")
+    progress(f"loading model {args.model}")
+    onnx_bytes, source_kind = load_model_file(Path(args.model), None, None)
+    progress(f"reading reference data {args.reference}")
+    inputs, digest = load_reference_inputs(Path(args.reference), input_names(onnx_bytes))
+    outputs = None
+    try:
+        outputs = run_outputs(onnx_bytes, inputs)
+    except Exception as exc:  # reference output distribution is optional
+        progress(f"warning: could not run the model on the reference data: {exc}")
+    return {
+        "preflight": None, "name": args.name, "version": args.version,
+        "model_b64": base64.b64encode(onnx_bytes).decode(),
+        "reference": compute_inputs_reference(inputs, bins=args.bins, outputs=outputs).to_dict(),
+        "lineage": {"source": args.source or "", "converted_from": source_kind, "training_data_sha256": digest,
+                    "training_rows": len(next(iter(inputs.values()))), "author": args.author or getpass.getuser(),
+                    **lineage_options(args)},
     }
 
 

@@ -3,7 +3,7 @@
 No I/O, no clock: histograms, references and policies in, scores and decisions out. The adapter
 that feeds it from the database and acts on its decisions is :mod:`hub.services.drift_monitor`.
 
-Histograms are the agent's window form (``agent.core.telemetry.feature_histogram``): ``counts`` on the
+Histograms are the agent's window form (``agent.contract.histograms.feature_histogram``): ``counts`` on the
 reference bins plus ``below``, ``above`` and ``nan``. They are *mergeable*: summing counts over
 devices and windows gives the histogram of the union, so the fleet view, a device's view and any
 time range come from the same stored aggregates.
@@ -262,7 +262,7 @@ def score_report(
     scores: list[FeatureScore] = []
     problems: list[str] = []
     if reference is not None:
-        for feat in reference.features:
+        for feat in reference.all_features:
             hist = inputs.get(feat.name)
             if hist is None:
                 continue

@@ -458,7 +458,7 @@ class DriftMonitor:
         devices = [{"device": rep.scope.split(":", 1)[1], "psi": f.psi, "feature": f.feature, "state": rep.state}
                    for f, rep in worst]
         features = []
-        for feat in ref.features if ref is not None else ():
+        for feat in ref.all_features if ref is not None else ():
             h = live.get(feat.name, {})
             features.append({"name": feat.name, "edges": list(feat.edges), "reference": list(feat.freqs),
                              "live": h.get("counts", []), "below": h.get("below", 0), "above": h.get("above", 0),

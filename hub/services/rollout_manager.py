@@ -297,7 +297,7 @@ class RolloutManager:
         the step's windows, is at the fleet's drift alarm level (``drift.toml``): name -> PSI."""
         m = self.db.get_model(r.model, r.from_version)
         ref = Reference.from_dict(m["reference"]) if m and m.get("reference") else None
-        if ref is None or not ref.features:
+        if ref is None or not ref.all_features:
             return {}
         merged = merge_feature_lists(self.db.rollout_stable_inputs(r.id, r.step, r.model, r.from_version))
         report = score_report(model=r.model, version=r.from_version, scope="rollout", reference=ref, inputs=merged,

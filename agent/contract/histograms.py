@@ -1,0 +1,78 @@
+"""How both sides of the wire bin values: a feature's histogram on reference bins, and the
+statistic a tensor feature measures. The device folds its windows with these
+(:mod:`agent.core.telemetry`) and the publisher computes the training reference with them
+(:mod:`hub.core.reference`), so the hub always compares like with like."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgefleet.agent.contract.wire import FeatureReference
+
+__all__ = ["TENSOR_VALUES", "feature_histogram", "tensor_stat"]
+
+TENSOR_VALUES = 1 << 18  # values per channel histogram, at most (a stride through the samples)
+
+
+def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dict[str, Any]:
+    """Counts of ``values`` on the bins ``[e0,e1), ..., [e_{n-1}, e_n]`` plus out-of-range and NaN."""
+    v = np.asarray(values, dtype=np.float64)
+    nan = np.isnan(v)
+    v = v[~nan]
+    e = np.asarray(edges, dtype=np.float64)
+    below = int(np.count_nonzero(v < e[0]))
+    above = int(np.count_nonzero(v > e[-1]))
+    inside = v[(v >= e[0]) & (v <= e[-1])]
+    idx = np.searchsorted(e, inside, side="right") - 1
+    idx = np.clip(idx, 0, len(e) - 2)
+    counts = np.bincount(idx, minlength=len(e) - 1)
+    return {
+        "counts": [int(c) for c in counts],
+        "below": below,
+        "above": above,
+        "nan": int(np.count_nonzero(nan)),
+    }
+
+
+def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.float64]:
+    """The values a tensor feature bins, from samples ``x`` (``[N, ...]``, one sample per row):
+
+    * ``channel``: every value of channel ``channel`` on axis ``axis`` (1: NCHW, -1: NHWC), strided
+      down to :data:`TENSOR_VALUES`;
+    * ``mean`` / ``std``: each sample's mean and standard deviation over all its values;
+    * ``saturated``: each sample's share of values at or beyond the reference's range
+      (``lo``/``hi``: the smallest and largest training values), i.e. clipped or blown-out pixels;
+    * ``confidence`` / ``value`` (on the model's first output): each sample's top-class probability,
+      or every regression value.
+
+    Cheap on purpose (a few passes over at most ``agent.core.telemetry.TENSOR_SAMPLES`` samples a
+    window) and the same on the device and at publish (:func:`hub.core.reference.compute_tensor_reference`)."""
+    x = np.asarray(x, dtype=np.float64)
+    stat = feat.extra.get("stat")
+    out: npt.NDArray[np.float64]
+    if stat == "channel":
+        axis = int(feat.extra.get("axis", 1))
+        v = np.take(x, int(feat.extra["channel"]), axis=axis).reshape(-1)
+        out = v[:: max(1, -(-len(v) // TENSOR_VALUES))]  # a stride that keeps at most TENSOR_VALUES
+        return out
+    flat = x.reshape(len(x), -1)
+    if stat == "mean":
+        out = flat.mean(axis=1)
+        return out
+    if stat == "std":
+        out = flat.std(axis=1)
+        return out
+    if stat == "confidence":  # an output of class probabilities: the top class's
+        out = x.reshape(len(x), -1).max(axis=1)
+        return out
+    if stat == "value":  # a regression output: every value
+        out = x.reshape(-1)
+        return out
+    if stat == "saturated":
+        lo, hi = float(feat.extra.get("lo", 0.0)), float(feat.extra.get("hi", 1.0))
+        out = ((flat <= lo) | (flat >= hi)).mean(axis=1)
+        return out
+    raise ValueError(f"unknown tensor statistic {stat!r}")

@@ -1,0 +1,137 @@
+"""Models beyond one float table, end to end on real parts: one hub and one real agent serving
+three models through the OIP v2 API, each published with its reference.
+
+* ``cnn``: a small CNN built with onnx.helper (``image`` [N, 3, 8, 8]) with 400 reference images;
+  its reference holds per-channel histograms and per-image mean, std and saturated share;
+* ``two``: a model with two inputs (``a`` [N, 3], ``b`` [N, 2]) and an .npz reference, one array
+  per input, each input its own reference;
+* ``reg``: a scikit-learn LinearRegression with a table reference; its continuous output is
+  binned on reference bins (``output.value``).
+
+Training-like traffic to all three raises no drift alarm. Then each family's input moves in turn
+(brighter images, one column of ``b``, the column the regression depends on), and each alarm
+names the input, channel or column that moved."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from sklearn.linear_model import LinearRegression
+
+from tests._modelenv import ModelEnv, cnn_model, model_env
+from tests.conftest import Procs, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def images(rng: np.random.Generator, n: int, brighter: float = 0.0) -> np.ndarray:
+    return np.clip(rng.beta(2.0, 3.0, size=(n, 3, 8, 8)) + brighter, 0.0, 1.0).astype(np.float32)
+
+
+def two_inputs() -> onnx.ModelProto:
+    w = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["ab"], axis=1), helper.make_node("MatMul", ["ab", "w"], ["logits"]),
+         helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0)],
+        "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 3]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [5, 2], w.reshape(-1))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("families")
+    rng = np.random.default_rng(1)
+    onnx.save(cnn_model(8), tmp / "cnn.onnx")
+    np.save(tmp / "imgs.npy", images(rng, 400))
+    onnx.save(two_inputs(), tmp / "two.onnx")
+    np.savez(tmp / "ref.npz", a=rng.normal(size=(600, 3)), b=rng.normal(size=(600, 2)))
+    x = rng.normal(size=(800, 3)).astype(np.float32)
+    (tmp / "reg.pkl").write_bytes(pickle.dumps(LinearRegression().fit(x, 3.0 * x[:, 1] + 0.1 * rng.normal(size=800))))
+    np.save(tmp / "train.npy", x)
+    procs = Procs(tmp)
+    shift = {"cnn": 0.0, "two": 0.0, "reg": 0.0}
+    stop = threading.Event()
+    with model_env(tmp, procs, [("cnn", tmp / "cnn.onnx", tmp / "imgs.npy"), ("two", tmp / "two.onnx", tmp / "ref.npz"),
+                                ("reg", tmp / "reg.pkl", tmp / "train.npy")]) as env:
+        def traffic() -> None:
+            r = np.random.default_rng(2)
+            with httpx.Client(timeout=5) as c:
+                while not stop.is_set():
+                    b, rows = r.normal(size=(8, 2)), r.normal(size=(8, 3))
+                    b[:, 1] += shift["two"]
+                    rows[:, 1] += shift["reg"]
+                    with contextlib.suppress(httpx.HTTPError):
+                        env.infer("cnn", {"image": images(r, 4, shift["cnn"])}, c)
+                        env.infer("two", {"a": r.normal(size=(8, 3)), "b": b}, c)
+                        env.infer("reg", {"input": rows}, c)
+                    stop.wait(0.02)
+
+        pump = threading.Thread(target=traffic, daemon=True)
+        pump.start()
+        try:
+            for m in shift:
+                wait_for(lambda m=m: env.view(m).get("features") and all(sum(f["live"]) > 0 for f in env.view(m)["features"]),
+                         40, f"windows with every statistic of {m} at the hub")
+            time.sleep(7)  # a drift window (6 s) of training-like traffic to all three
+            yield {"env": env, "shift": shift}
+        except BaseException:
+            print(procs.logs())
+            raise
+        finally:
+            stop.set()
+            pump.join(5)
+
+
+def _in_alarm(env: ModelEnv, model: str) -> set[str]:
+    return {f["name"] for f in env.view(model)["features"] if (f["score"] or {}).get("state") == "alarm"}
+
+
+def test_training_like_traffic_raises_no_alarm_and_each_reference_fits_its_signature(fam: dict[str, Any]) -> None:
+    env: ModelEnv = fam["env"]
+    for m in ("cnn", "two", "reg"):
+        assert env.alarms(m) == [], (m, env.alarms(m))
+        assert all(f["score"]["state"] == "ok" for f in env.view(m)["features"]), env.view(m)["features"]
+    assert [t["name"] for t in env.reference("cnn")["tensors"]] == [
+        "image[c0]", "image[c1]", "image[c2]", "image.mean", "image.std", "image.saturated"]
+    assert [f["name"] for f in env.reference("two")["features"]] == ["a.f0", "a.f1", "a.f2", "b.f0", "b.f1"]
+    assert [t["name"] for t in env.reference("reg")["tensors"]] == ["output.value"]
+
+
+def test_brighter_images_alarm_on_the_image_and_its_channels(fam: dict[str, Any]) -> None:
+    env: ModelEnv = fam["env"]
+    fam["shift"]["cnn"] = 0.3
+    found = wait_for(lambda: env.alarms("cnn"), 30, "a drift alarm on brighter images")
+    named = set(found[0]["features"]) - {"output"}
+    assert named and all(n.startswith("image") for n in named), found[0]  # the input that moved
+    wait_for(lambda: {"image[c0]", "image[c1]", "image[c2]", "image.mean"} <= _in_alarm(env, "cnn"), 30,
+             "every channel and the image mean in alarm")
+
+
+def test_one_column_of_the_second_input_moves_and_the_alarm_names_it(fam: dict[str, Any]) -> None:
+    env: ModelEnv = fam["env"]
+    fam["shift"]["two"] = 3.0
+    found = wait_for(lambda: env.alarms("two"), 30, "a drift alarm on the moved column")
+    assert set(found[0]["features"]) - {"output"} == {"b.f1"}, found[0]
+
+
+def test_a_regressors_output_drifts_with_the_input_it_depends_on(fam: dict[str, Any]) -> None:
+    env: ModelEnv = fam["env"]
+    fam["shift"]["reg"] = 2.0
+    found = wait_for(lambda: env.alarms("reg"), 30, "a drift alarm on the shifted input")
+    assert set(found[0]["features"]) & {"f1", "output.value"}, found[0]
+    wait_for(lambda: {"f1", "output.value"} <= _in_alarm(env, "reg"), 30, "the input column and the output in alarm")
