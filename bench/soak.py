@@ -73,7 +73,7 @@ from bench.canary_matrix import AGENT, GOOD, HUB, Models, booby_trapped, request
 from bench.common import REPO, free_port, relabelled, wait_until
 from bench.simproc import SimProcs
 from edgefleet.agent.contract.envelope import public_key_from_b64
-from edgefleet.agent.contract.errors import EdgefleetError
+from edgefleet.agent.contract.errors import EdgefleetError, StaleSequence
 from edgefleet.agent.contract.wire import Reported, Topics
 from edgefleet.agent.core.trust import NoKeyring, TrustedState
 
@@ -251,6 +251,7 @@ class Monitor:
         self.reported: dict[str, dict[str, tuple[str, str]]] = {}
         self.unsigned_seen: list[str] = []  # reported pairs not (yet) signed when seen
         self.unverifiable = 0
+        self.stale = 0  # older desired states seen after a newer one (replay protection refused them)
         self.pending: dict[str, bytes] = {}
         self.desired_count: dict[str, int] = {}  # new desired states seen per device
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="soak-monitor", clean_session=True)  # type: ignore[attr-defined]
@@ -290,6 +291,8 @@ class Monitor:
                 self._desired(device, payload)
             except NoKeyring:
                 self.pending[device] = payload
+            except StaleSequence:  # an older state redelivered (retained, re-published): refused by
+                self.stale += 1    # design, as a device refuses it; counted, not a signing failure
             except EdgefleetError:
                 self.unverifiable += 1
         elif channel == "reported":
@@ -762,7 +765,8 @@ class Soak:
                               f"{sum(len(s) for s in self.monitor.signed.values())} signed (device, version) pairs; "
                               f"{len(bad)} reported pairs never signed for their device"
                               f"{': ' + '; '.join(bad[:3]) if bad else ''}; {self.monitor.unverifiable} desired "
-                              "states that failed the device's checks")
+                              f"states that failed the device's checks; {self.monitor.stale} older states "
+                              "redelivered after a newer one (refused as stale, as devices do)")
         with self.monitor.lock:
             ends = {d: (self.monitor.last_desired.get(d, {}).get("clf"),
                         self.monitor.reported.get(d, {}).get("clf", ("?", ""))[0]) for d in DEVICES}
