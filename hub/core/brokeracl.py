@@ -11,15 +11,16 @@ from typing import Any
 
 from edgefleet.agent.contract.wire import TOPIC_PREFIX, Topics
 
-__all__ = ["DEVICE_READS", "DEVICE_WRITES", "admitted_devices", "subject_to_topic", "topic_to_subject", "user_dn",
+__all__ = ["DEVICE_READS", "DEVICE_WRITES", "admitted_devices", "nats_quote", "subject_to_topic", "topic_to_subject", "user_dn",
            "users_conf_text"]
 
 DEVICE_READS = ("desired", "acked")  # a device's own channels it reads (plus the keyring and roots)
 DEVICE_WRITES = ("reported", "telemetry", "events", "status")  # ... and those it writes
 
 
-def _q(value: str) -> str:
-    return json.dumps(value)  # a quoted NATS config string
+def nats_quote(value: str) -> str:
+    """A quoted NATS config string (its syntax takes JSON's)."""
+    return json.dumps(value)
 
 
 def topic_to_subject(topic: str) -> str:
@@ -54,14 +55,14 @@ def users_conf_text(fleet: str, devices: Iterable[str], hub_user: str, prefix: s
         "# enrolment and revocation. Users are certificate subjects (verify_and_map).",
         "authorization {",
         "  users = [",
-        f"    {{ user: {_q(user_dn(fleet, hub_user))}, permissions: {{ publish: \">\", subscribe: \">\" }} }}",
+        f"    {{ user: {nats_quote(user_dn(fleet, hub_user))}, permissions: {{ publish: \">\", subscribe: \">\" }} }}",
     ]
     for device in sorted(set(devices)):
         subs = [topic_to_subject(f"{root}devices/{device}/{c}") for c in DEVICE_READS]
         subs += [topic_to_subject(t) for t in (topics.keyring, topics.roots)]
         pubs = [topic_to_subject(f"{root}devices/{device}/{c}") for c in DEVICE_WRITES]
         lines.append(
-            f"    {{ user: {_q(user_dn(fleet, device))}, permissions: {{ "
+            f"    {{ user: {nats_quote(user_dn(fleet, device))}, permissions: {{ "
             f"publish: {{ allow: {json.dumps(pubs)} }}, subscribe: {{ allow: {json.dumps(subs)} }} }} }}"
         )
     lines += ["  ]", "}", ""]
