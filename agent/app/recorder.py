@@ -23,10 +23,12 @@ class Recorder:
     """Per model version. ``record`` is the hot path; ``swap`` closes the window."""
 
     def __init__(self, version: str, *, capacity: int = 65536, max_rows: int = 4096,
-                 max_bytes: int = 16 << 20) -> None:
+                 max_bytes: int = 16 << 20, output_names: tuple[str, ...] = ()) -> None:
         """``max_rows`` and ``max_bytes`` bound the inputs kept per window (references to the
-        request's arrays, no copy): an image model's 4,096 rows could be gigabytes."""
+        request's arrays, no copy): an image model's 4,096 rows could be gigabytes.
+        ``output_names``: the model's outputs in order, naming what ``record(outputs=...)`` keeps."""
         self.version = version
+        self._output_names = output_names
         self._capacity = capacity
         self._max_rows = max_rows
         self._max_bytes = max_bytes
@@ -44,6 +46,7 @@ class Recorder:
         self._inputs: list[npt.NDArray[Any]] = []
         self._others: dict[str, list[npt.NDArray[Any]]] = {}
         self._outputs: list[npt.NDArray[Any]] = []
+        self._more: list[list[Any]] = []  # every output of a sampled request, when it has several
 
     def record(
         self,
@@ -53,9 +56,11 @@ class Recorder:
         *,
         error: bool = False,
         others: dict[str, npt.NDArray[Any]] | None = None,
+        outputs: list[Any] | None = None,
     ) -> None:
-        """``rows``: the model's first input; ``others``: its other inputs by name (references to
-        the request's arrays, kept with ``rows`` while the window samples)."""
+        """``rows``: the model's first input; ``others``: its other inputs by name; ``outputs``:
+        all its outputs when it has more than one (references to the request's arrays, kept with
+        ``rows`` while the window samples)."""
         with self._lock:
             self._requests += 1
             if error:
@@ -70,6 +75,8 @@ class Recorder:
                     self._inputs.append(rows)
                     if output is not None:
                         self._outputs.append(output)
+                    if outputs is not None:
+                        self._more.append(outputs)
                     self._sampled_rows += n
                     self._sampled_bytes += rows.nbytes
                     for iname, value in (others or {}).items():
@@ -79,6 +86,10 @@ class Recorder:
     def swap(self) -> Snapshot:
         with self._lock:
             kept = min(self._n, self._capacity)
+            more: dict[str, list[Any]] = {}
+            for values in self._more:
+                for oname, value in zip(self._output_names[1:], values[1:], strict=False):
+                    more.setdefault(oname, []).append(value)
             snap = Snapshot(
                 version=self.version,
                 requests=self._requests,
@@ -89,6 +100,7 @@ class Recorder:
                 inputs=self._inputs,
                 outputs=self._outputs,
                 others=self._others,
+                more_outputs=more,
             )
             self._reset()
         return snap

@@ -179,7 +179,8 @@ def load(name: str, entry: ModelEntry, path: Path, profile: DeviceProfile) -> Lo
         name=name,
         entry=entry,
         session=sess,
-        recorder=Recorder(entry.version, max_rows=profile.max_sampled_rows),
+        recorder=Recorder(entry.version, max_rows=profile.max_sampled_rows,
+                          output_names=tuple(o.name for o in sess.get_outputs())),
         input_names=tuple(i.name for i in inputs),
         input_types=tuple(i.type for i in inputs),
         output_names=tuple(o.name for o in sess.get_outputs()),
@@ -327,7 +328,8 @@ class ModelServer:
             raise InferenceError(f"model {name} {model.version} failed: {exc}") from exc
         elapsed = time.perf_counter() - t0
         others = {n: feeds[n] for n in model.input_names[1:]} if len(model.input_names) > 1 else None
-        model.recorder.record(elapsed, first, values[0] if values else None, others=others)
+        model.recorder.record(elapsed, first, values[0] if values else None, others=others,
+                              outputs=values if len(values) > 1 else None)
         rid = request_id or f"{self._id_prefix}-{next(self._ids):x}"
         outputs = dict(zip(model.output_names, values))  # noqa: B905 - ORT returns one per name
         if self.capture is not None:

@@ -12,9 +12,12 @@ import numpy.typing as npt
 
 from edgefleet.agent.contract.wire import FeatureReference
 
-__all__ = ["TENSOR_VALUES", "feature_histogram", "tensor_stat"]
+__all__ = ["TENSOR_VALUES", "UNSEEN_CHARS", "UNSEEN_NAMES", "category_histogram", "category_text",
+           "feature_histogram", "tensor_stat"]
 
 TENSOR_VALUES = 1 << 18  # values per channel histogram, at most (a stride through the samples)
+UNSEEN_NAMES = 8  # unseen categories a histogram names (the most frequent), at most
+UNSEEN_CHARS = 64  # characters of an unseen category kept in its name
 
 
 def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dict[str, Any]:
@@ -76,3 +79,62 @@ def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.f
         out = ((flat <= lo) | (flat >= hi)).mean(axis=1)
         return out
     raise ValueError(f"unknown tensor statistic {stat!r}")
+
+
+def category_text(value: Any) -> str | None:
+    """A categorical value as the text both sides compare: ``str`` as it is, ``bytes`` decoded as
+    UTF-8 (OIP v2 ``BYTES``), numbers through ``str``; ``None``, ``""`` and NaN are missing."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | np.bytes_):
+        value = bytes(value).decode("utf-8", "replace")
+    elif isinstance(value, float | np.floating) and value != value:  # NaN  # noqa: PLR0124
+        return None
+    text = str(value)
+    return text or None
+
+
+def category_histogram(values: npt.NDArray[Any], feat: FeatureReference) -> dict[str, Any]:
+    """Counts of categorical ``values`` on a category feature's bins: one per named training
+    category (``extra["categories"]``), then "other" for the remaining training categories
+    (``extra["known"]``). A value training never saw lands in no bin but in ``above``, and the
+    :data:`UNSEEN_NAMES` most frequent of them are named in ``unseen`` (text cut to
+    :data:`UNSEEN_CHARS`); missing values count in ``nan``. When the reference could not list every
+    training category (``extra["complete"]`` false) an unlisted value counts as "other": it may be
+    one of those. Counts distinct values first, so a window costs one ``np.unique`` and a loop
+    over the categories it holds, not over its rows."""
+    names: list[str] = list(feat.extra.get("categories") or [])
+    index = {c: i for i, c in enumerate(names)}
+    known = set(feat.extra.get("known") or ())
+    complete = bool(feat.extra.get("complete", True))
+    counts = [0] * (len(names) + 1)
+    missing = unseen = 0
+    new: dict[str, int] = {}
+    flat = np.asarray(values, dtype=object).reshape(-1)
+    if flat.size:
+        tally: dict[Any, int] = {}
+        try:
+            distinct, freq = np.unique(flat, return_counts=True)
+            tally = dict(zip(distinct.tolist(), freq.tolist(), strict=True))
+        except TypeError:  # values numpy cannot order (mixed types): count them one by one
+            for v in flat.tolist():
+                tally[v] = tally.get(v, 0) + 1
+        merged: dict[str | None, int] = {}
+        for v, c in tally.items():
+            text = category_text(v)
+            merged[text] = merged.get(text, 0) + int(c)
+        for text, c in merged.items():
+            if text is None:
+                missing += c
+            elif text in index:
+                counts[index[text]] += c
+            elif text in known or not complete:
+                counts[-1] += c
+            else:
+                unseen += c
+                new[text[:UNSEEN_CHARS]] = new.get(text[:UNSEEN_CHARS], 0) + c
+    out: dict[str, Any] = {"counts": counts, "below": 0, "above": unseen, "nan": missing}
+    if new:
+        top = sorted(new.items(), key=lambda kv: (-kv[1], kv[0]))[:UNSEEN_NAMES]
+        out["unseen"] = dict(top)
+    return out

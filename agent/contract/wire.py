@@ -270,6 +270,21 @@ class FeatureReference:
 
 
 TENSOR_STATS = ("channel", "mean", "std", "saturated", "confidence", "value")  # what a tensor feature measures
+MAX_CATEGORIES = 64  # named categories (bins) of one categorical feature, at most
+MAX_KNOWN = 1024  # further training categories a reference lists, so devices tell "other" from unseen
+
+
+def _check_categories(c: FeatureReference, ctx: str) -> None:
+    names, known = c.extra.get("categories"), c.extra.get("known", [])
+    if (not isinstance(names, list) or not all(isinstance(x, str) for x in names)
+            or not isinstance(known, list) or not all(isinstance(x, str) for x in known)):
+        raise MalformedMessage(f"{ctx}: category feature {c.name!r} needs categories (and known) as lists of strings")
+    if len(names) > MAX_CATEGORIES or len(known) > MAX_KNOWN:
+        raise MalformedMessage(f"{ctx}: category feature {c.name!r} names {len(names)} categories and {len(known)} "
+                               f"known ones, at most {MAX_CATEGORIES} and {MAX_KNOWN}")
+    if len(c.freqs) != len(names) + 1:
+        raise MalformedMessage(f"{ctx}: category feature {c.name!r} needs one share per category and one for "
+                               f"'other' ({len(names) + 1}), got {len(c.freqs)}")
 
 
 @dataclass(frozen=True)
@@ -280,15 +295,31 @@ class Reference:
     audio frames): each is a :class:`FeatureReference` whose ``extra`` says what it measures
     (``stat``: a channel's values, or each sample's mean, std or share of saturated values; see
     :func:`agent.contract.histograms.tensor_stat`), with bins like any feature, so the hub scores both
-    the same way. An agent from before tensors ignores the key (no histograms, no false alarms)."""
+    the same way. An agent from before tensors ignores the key (no histograms, no false alarms).
+
+    ``categories`` describe string (categorical) columns: each a :class:`FeatureReference` whose
+    ``extra["categories"]`` names its top training categories, bin ``i`` for category ``i`` and one
+    last bin, "other", for every other training category (``extra["known"]`` lists those, up to
+    :data:`MAX_KNOWN`). ``edges`` are the bin indices ``0..k+1``. A device counts a value in no
+    bin at all, ``above``, when training never saw it (an unseen category), and names the most
+    frequent unseen values in its histogram's ``unseen`` (see
+    :func:`agent.contract.histograms.category_histogram`).
+
+    The first output's float statistics (``confidence``/``value``) are tensor features with
+    ``extra["output"]`` true. Those of the outputs after it (a classifier's probabilities after its
+    labels) are in ``more_outputs``, each with ``extra["output"]`` the output's name: a key agents
+    from before several outputs ignore, rather than fold the first output in their place."""
 
     features: tuple[FeatureReference, ...]
     rows: int = 0
     output: Mapping[str, Any] | None = None
     tensors: tuple[FeatureReference, ...] = ()
+    categories: tuple[FeatureReference, ...] = ()
+    more_outputs: tuple[FeatureReference, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
-    _known: ClassVar[frozenset[str]] = frozenset({"features", "rows", "output", "tensors"})
+    _known: ClassVar[frozenset[str]] = frozenset({"features", "rows", "output", "tensors", "categories",
+                                                  "more_outputs"})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], ctx: str = "reference") -> Self:
@@ -299,11 +330,22 @@ class Reference:
                 raise MalformedMessage(f"{ctx}: tensor feature {t.name!r} needs stat in {TENSOR_STATS}, got {stat!r}")
             if stat == "channel" and not isinstance(t.extra.get("channel"), int):
                 raise MalformedMessage(f"{ctx}: tensor feature {t.name!r} (a channel) needs an integer channel")
+        categories = tuple(_list(d, "categories", ctx, FeatureReference.from_dict)) if "categories" in d else ()
+        for c in categories:
+            _check_categories(c, ctx)
+        more = tuple(_list(d, "more_outputs", ctx, FeatureReference.from_dict)) if "more_outputs" in d else ()
+        for t in more:
+            if t.extra.get("stat") not in ("confidence", "value") or not isinstance(t.extra.get("output"), str):
+                raise MalformedMessage(f"{ctx}: output feature {t.name!r} needs stat 'confidence' or 'value' and "
+                                       f"the output's name in 'output', got {t.extra.get('stat')!r}, "
+                                       f"{t.extra.get('output')!r}")
         return cls(
             features=tuple(_list(d, "features", ctx, FeatureReference.from_dict)),
             rows=_int(d, "rows", ctx) if "rows" in d else 0,
             output=_opt(d, "output", dict, ctx),
             tensors=tensors,
+            categories=categories,
+            more_outputs=more,
             extra=_extra(d, cls._known),
         )
 
@@ -315,8 +357,8 @@ class Reference:
 
     @property
     def all_features(self) -> tuple[FeatureReference, ...]:
-        """Table columns and tensor features: everything the drift monitor scores."""
-        return self.features + self.tensors
+        """Table columns, tensor and category features: everything the drift monitor scores."""
+        return self.features + self.tensors + self.categories + self.more_outputs
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -326,6 +368,10 @@ class Reference:
         }
         if self.tensors:
             out["tensors"] = [t.to_dict() for t in self.tensors]
+        if self.categories:
+            out["categories"] = [c.to_dict() for c in self.categories]
+        if self.more_outputs:
+            out["more_outputs"] = [c.to_dict() for c in self.more_outputs]
         if self.output is not None:
             out["output"] = dict(self.output)
         return out

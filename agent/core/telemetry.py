@@ -3,8 +3,9 @@
 :func:`fold` turns a closed window's :class:`Snapshot` (what :class:`agent.app.recorder.Recorder`
 collected on the request path) into the wire :class:`~agent.contract.wire.ModelWindow`:
 percentiles, fixed latency buckets, per-feature histograms on the reference bins (table columns,
-and for N-D inputs such as images the reference's tensor statistics). Pure: no lock,
-no clock, no I/O.
+for N-D inputs such as images the reference's tensor statistics, for string columns the category
+counts with unseen categories named, and for float outputs their confidence or values). Pure: no
+lock, no clock, no I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.agent.contract.histograms import feature_histogram, tensor_stat
+from edgefleet.agent.contract.histograms import category_histogram, feature_histogram, tensor_stat
 from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference
 
 __all__ = [
@@ -39,6 +40,7 @@ class Snapshot:
     inputs: list[npt.NDArray[Any]] = field(default_factory=list)  # the model's first input
     outputs: list[npt.NDArray[Any]] = field(default_factory=list)
     others: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)  # its other inputs, by name
+    more_outputs: dict[str, list[npt.NDArray[Any]]] = field(default_factory=dict)  # outputs after the first, by name
 
 
 def latency_summary(ms: Any) -> dict[str, Any]:
@@ -90,17 +92,24 @@ def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
     inputs: list[dict[str, Any]] = []
     if reference is not None and snap.inputs:
         first = reference.first_input
-        tables: dict[str, npt.NDArray[Any]] = {}
-        for i, feat in enumerate(reference.features):
+        tables: dict[str, npt.NDArray[Any] | None] = {}
+
+        def column(feat: FeatureReference, i: int) -> npt.NDArray[Any] | None:
             name = str(feat.extra.get("input", first))
-            batches = snap.inputs if name == first else snap.others.get(name, [])
-            if not batches:
-                continue
             if name not in tables:
-                tables[name] = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in batches])
-            column = int(feat.extra.get("column", i))
-            if column < tables[name].shape[1]:
-                inputs.append({"name": feat.name, **feature_histogram(tables[name][:, column], feat.edges)})
+                batches = snap.inputs if name == first else snap.others.get(name, [])
+                tables[name] = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in batches]) if batches else None
+            table, j = tables[name], int(feat.extra.get("column", i))
+            return table[:, j] if table is not None and j < table.shape[1] else None
+
+        for i, feat in enumerate(reference.features):
+            values = column(feat, i)
+            if values is not None and values.dtype.kind in "fiub":
+                inputs.append({"name": feat.name, **feature_histogram(values, feat.edges)})
+        for i, feat in enumerate(reference.categories):
+            values = column(feat, i)
+            if values is not None:
+                inputs.append({"name": feat.name, **category_histogram(values, feat)})
         by_input: dict[str, list[FeatureReference]] = {}
         for feat in reference.tensors:
             if not feat.extra.get("output"):
@@ -109,7 +118,14 @@ def fold(snap: Snapshot, reference: Reference | None) -> ModelWindow:
             batches = snap.inputs if name == first else snap.others.get(name, [])
             inputs += _tensor_inputs(batches, feats)
     if reference is not None and snap.outputs:
-        inputs += _tensor_inputs(snap.outputs, [f for f in reference.tensors if f.extra.get("output")], cap=None)
+        by_output: dict[str, list[FeatureReference]] = {}
+        for feat in (*reference.tensors, *reference.more_outputs):
+            which = feat.extra.get("output")
+            if which:  # True: the first output (references from before several outputs)
+                by_output.setdefault("" if which is True else str(which), []).append(feat)
+        for oname, feats in by_output.items():
+            batches = snap.outputs if not oname else snap.more_outputs.get(oname, [])
+            inputs += _tensor_inputs(batches, feats, cap=None)
     outputs: dict[str, Any] | None = None
     if snap.outputs:
         out = np.concatenate([np.asarray(o).reshape(-1) for o in snap.outputs])

@@ -22,6 +22,15 @@ Scores, per feature, against the version's signed training reference:
 
 Output drift is scored the same way on class counts against the reference class shares, as a
 pseudo-feature named ``output``.
+
+Category features (string columns) are scored on their bins (the named training categories,
+"other", and as extra bins with reference share 0 the unseen categories, ``above``, and missing
+values, ``nan``) with PSI and JS as above, plus **Pearson's chi-square** goodness-of-fit test of the
+observed counts against the reference shares (:func:`chi_square`). Their state needs both: PSI past
+the threshold (the size of the move) and a p-value below :data:`CHI2_ALPHA` (that it is not noise),
+so a small sample never alarms on a category that came up a few times by chance. The score names
+the bin that moved most (:attr:`FeatureScore.detail`): a category, "other", or the unseen
+categories with the most frequent of them by name.
 """
 
 from __future__ import annotations
@@ -34,26 +43,33 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.contract.wire import Reference
+from edgefleet.agent.contract.histograms import UNSEEN_CHARS
+from edgefleet.agent.contract.wire import FeatureReference, Reference
 
 __all__ = [
+    "CHI2_ALPHA",
     "EPS",
     "STATES",
     "AlarmTracker",
     "DriftReport",
     "FeatureScore",
     "Policy",
+    "chi_square",
     "js_distance",
     "ks_statistic",
     "merge_classes",
     "merge_feature_lists",
     "merge_histograms",
+    "merge_unseen",
     "psi",
     "psi_bounds",
+    "score_categories",
     "score_report",
 ]
 
 EPS = 1e-4
+CHI2_ALPHA = 0.01  # a category feature warns or alarms only when chi-square's p-value is below this
+UNSEEN_KEPT = 16  # unseen categories a merged histogram names, at most (the most frequent)
 STATES = ("insufficient", "ok", "warn", "alarm")
 ACTIONS = ("alert", "rollback", "hook")
 
@@ -101,7 +117,20 @@ def merge_histograms(hists: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             out["counts"] = [a + b for a, b in zip(out["counts"], counts, strict=True)]
         for k in ("below", "above", "nan"):
             out[k] += int(h.get(k, 0))
+        if h.get("unseen"):
+            out["unseen"] = merge_unseen([out.get("unseen") or {}, h["unseen"]])
     return out
+
+
+def merge_unseen(named: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Sum the named unseen categories of several histograms; keep the :data:`UNSEEN_KEPT` most
+    frequent (the total of unseen values is ``above``, which stays exact)."""
+    out: dict[str, int] = {}
+    for d in named:
+        for k, v in d.items():
+            key = str(k)[:UNSEEN_CHARS]  # a device's text: never longer than devices cut it
+            out[key] = out.get(key, 0) + int(v)
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:UNSEEN_KEPT])
 
 
 def merge_feature_lists(windows: Iterable[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -179,6 +208,59 @@ def ks_statistic(p: Sequence[float], q: Sequence[float]) -> float:
     return float(gap)
 
 
+def _gamma_q(a: float, x: float) -> float:
+    """The regularized upper incomplete gamma function Q(a, x): a series below ``a + 1``, Lentz's
+    continued fraction above (Numerical Recipes' ``gammq``), to about 1e-14."""
+    if x <= 0:
+        return 1.0
+    log_front = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1:
+        ap, term = a, 1.0 / a
+        total = term
+        for _ in range(10_000):
+            ap += 1
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        step = d * c
+        h *= step
+        if abs(step - 1) < 1e-15:
+            break
+    return min(1.0, h * math.exp(log_front))
+
+
+def chi_square(expected: Sequence[float], observed: Sequence[float]) -> tuple[float, int, float]:
+    """Pearson's chi-square goodness-of-fit of ``observed`` counts against ``expected`` shares (or
+    counts) on the same bins: ``(statistic, degrees of freedom, p-value)``. A bin the reference
+    never saw gets the share :data:`EPS`, so a new category that comes up often is a huge
+    statistic rather than a division by zero. The degrees of freedom are the bins either side
+    uses, less one (at least 1)."""
+    obs = [float(o) for o in observed]
+    n = sum(obs)
+    if n <= 0:
+        return 0.0, 1, 1.0
+    shares = [max(e, EPS) for e in _shares(expected)]
+    total = sum(shares)
+    stat = sum((o - n * e / total) ** 2 / (n * e / total) for o, e in zip(obs, shares, strict=True))
+    used = sum(1 for o, e in zip(obs, _shares(expected), strict=True) if o > 0 or e > 0)
+    df = max(1, used - 1)
+    return float(stat), df, _gamma_q(df / 2, stat / 2)
+
+
 @dataclass(frozen=True)
 class FeatureScore:
     feature: str
@@ -188,11 +270,18 @@ class FeatureScore:
     ks: float
     state: str
     out_of_range: int = 0
+    p_value: float | None = None  # chi-square's, for category features
+    detail: str = ""  # what moved most, for category features
 
     def to_dict(self) -> dict[str, Any]:
-        return {"feature": self.feature, "rows": self.rows, "psi": round(self.psi, 6),
-                "js": round(self.js, 6), "ks": round(self.ks, 6), "state": self.state,
-                "out_of_range": self.out_of_range}
+        out: dict[str, Any] = {"feature": self.feature, "rows": self.rows, "psi": round(self.psi, 6),
+                               "js": round(self.js, 6), "ks": round(self.ks, 6), "state": self.state,
+                               "out_of_range": self.out_of_range}
+        if self.p_value is not None:
+            out["p_value"] = float(f"{self.p_value:.4g}")
+        if self.detail:
+            out["detail"] = self.detail
+        return out
 
 
 def score_histogram(name: str, ref_freqs: Sequence[float], hist: Mapping[str, Any], policy: Policy) -> FeatureScore:
@@ -210,6 +299,44 @@ def score_histogram(name: str, ref_freqs: Sequence[float], hist: Mapping[str, An
         ks=ks_statistic(ordered_ref, ordered_obs), state=policy.state(p, rows),
         out_of_range=below + above + nan,
     )
+
+
+def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Policy) -> FeatureScore:
+    """Score a category feature's merged histogram (``feat``: its
+    :class:`~agent.contract.wire.FeatureReference`): PSI and JS on the category bins plus unseen
+    and missing, chi-square's p-value, and the bin that moved most in ``detail``."""
+    names = [str(c) for c in feat.extra.get("categories") or []]
+    counts = [int(c) for c in hist.get("counts", [])]
+    if len(counts) != len(feat.freqs):
+        raise ValueError(f"feature {feat.name}: {len(counts)} observed bins, reference has {len(feat.freqs)}")
+    unseen, missing = int(hist.get("above", 0)) + int(hist.get("below", 0)), int(hist.get("nan", 0))
+    ref = [*feat.freqs, 0.0, 0.0]
+    obs = [*counts, unseen, missing]
+    rows = sum(obs)
+    p = psi(ref, obs)
+    _, _, p_value = chi_square(ref, obs)
+    state = policy.state(p, rows)
+    if state in ("warn", "alarm") and p_value >= CHI2_ALPHA:
+        state = "ok"  # a move this sample cannot tell from chance
+    detail = ""
+    if rows:
+        e = [max(x, EPS) for x in _shares(ref)]
+        a = [max(x, EPS) for x in _shares(obs)]
+        moved = max(range(len(obs)), key=lambda i: (a[i] - e[i]) * math.log(a[i] / e[i]))
+        share = obs[moved] / rows
+        was = ref[moved] / (sum(ref) or 1.0)
+        if moved < len(names):
+            detail = f"{feat.name} = {names[moved]!r}: {was:.1%} in training, {share:.1%} now"
+        elif moved == len(names):
+            detail = f"{feat.name}: other training categories {was:.1%} in training, {share:.1%} now"
+        elif moved == len(names) + 1:
+            top = ", ".join(repr(k) for k in list(hist.get("unseen") or {})[:3])
+            detail = (f"{feat.name}: categories never seen in training {share:.1%} now"
+                      + (f" (most often {top})" if top else ""))
+        else:
+            detail = f"{feat.name}: missing values {share:.1%} now"
+    return FeatureScore(feature=feat.name, rows=rows, psi=p, js=js_distance(ref, obs), ks=ks_statistic(ref, obs),
+                        state=state, out_of_range=unseen + missing, p_value=p_value, detail=detail)
 
 
 def score_classes(ref_classes: Mapping[str, float], observed: Mapping[str, int], policy: Policy) -> FeatureScore:
@@ -267,7 +394,10 @@ def score_report(
             if hist is None:
                 continue
             try:
-                scores.append(score_histogram(feat.name, feat.freqs, hist, policy))
+                if "categories" in feat.extra:
+                    scores.append(score_categories(feat, hist, policy))
+                else:
+                    scores.append(score_histogram(feat.name, feat.freqs, hist, policy))
             except ValueError as exc:
                 problems.append(str(exc))
         ref_classes = (reference.output or {}).get("classes")

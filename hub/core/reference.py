@@ -1,20 +1,32 @@
 """The training reference a version is published with, computed from training inputs: quantile
-bins per table column, tensor statistics for N-D inputs (images), one reference per input for
-models with several, and the output class shares. Pure (numpy): the publish CLI and the hub's
-tests use it; the device computes the same statistics with the same :func:`agent.contract.histograms.tensor_stat`."""
+bins per table column, tensor statistics for N-D inputs (images), category frequencies for
+string columns, one reference per input for models with several, and per output the class shares
+(labels), the top class's probability (probability vectors) or the values (regression). Pure
+(numpy): the publish CLI and the hub's tests use it; the device computes the same statistics with
+the same :func:`agent.contract.histograms.tensor_stat` and
+:func:`agent.contract.histograms.category_histogram`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edgefleet.agent.contract.histograms import feature_histogram, tensor_stat
-from edgefleet.agent.contract.wire import FeatureReference, Reference
+from edgefleet.agent.contract.histograms import (
+    category_histogram,
+    category_text,
+    feature_histogram,
+    tensor_stat,
+)
+from edgefleet.agent.contract.wire import MAX_CATEGORIES, MAX_KNOWN, FeatureReference, Reference
 
-__all__ = ["SATURATED_EDGES", "channel_axis", "compute_inputs_reference", "compute_reference",
-           "compute_tensor_reference", "output_features"]
+__all__ = ["SATURATED_EDGES", "TOP_CATEGORIES", "channel_axis", "compute_category_reference",
+           "compute_inputs_reference", "compute_reference", "compute_tensor_reference", "is_categorical",
+           "output_features"]
+
+TOP_CATEGORIES = 20  # categories a string column's reference names; the rest share "other"
 
 
 SATURATED_EDGES = (0.0, 0.001, 0.01, 0.05, 0.2, 1.0)  # share of a sample's values at the range's ends
@@ -66,14 +78,15 @@ def compute_reference(
     *,
     bins: int = 10,
     names: list[str] | None = None,
-    outputs: npt.NDArray[Any] | None = None,
+    outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None = None,
     input_name: str = "input",
 ) -> Reference:
     """Quantile bins per feature (deduplicated for discrete features) and their frequencies; for
     N-D samples (images) the tensor statistics of :func:`compute_tensor_reference` instead."""
     if data.ndim > 2:
+        outs = output_features(outputs, bins=bins)
         return Reference(features=(), tensors=compute_tensor_reference(data, input_name=input_name, bins=bins)
-                         + output_features(outputs, bins=bins),
+                         + _first(outs), more_outputs=_later(outs),
                          rows=int(data.shape[0]), output=_output_reference(outputs),
                          extra={"first_input": input_name})
     feats = []
@@ -91,55 +104,123 @@ def compute_reference(
             edges=tuple(float(e) for e in edges),
             freqs=tuple(round(float(f), 6) for f in freqs),
         ))
+    outs = output_features(outputs, bins=bins)
     return Reference(features=tuple(feats), rows=int(data.shape[0]), output=_output_reference(outputs),
-                     tensors=output_features(outputs, bins=bins))
+                     tensors=_first(outs), more_outputs=_later(outs))
 
 
-def output_features(outputs: npt.NDArray[Any] | None, *, bins: int = 10) -> tuple[FeatureReference, ...]:
-    """The first output's distribution when it is not class labels: the top class's probability
-    per sample (``output.confidence``) for a probability vector, every value (``output.value``)
-    for a regression. Scored like input features, so drift in what a model answers shows."""
+def output_features(outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None, *,
+                    bins: int = 10) -> tuple[FeatureReference, ...]:
+    """The distribution of every float output: the top class's probability per sample
+    (``confidence``) for a probability vector, every value (``value``) for a regression. Scored
+    like input features, so drift in what a model answers shows. ``outputs`` is the first output
+    (named ``output.confidence`` / ``output.value``, as before several outputs) or every output by
+    name in the model's order: the first is named as before, the others ``output.{name}.{stat}``
+    with ``extra["output"]`` the output's name, so the device folds the right one."""
     if outputs is None:
         return ()
-    out = np.asarray(outputs)
-    if out.dtype.kind != "f" or len(out) < 2:
-        return ()
-    stat = "confidence" if out.ndim == 2 and out.shape[1] > 1 else "value"
-    probe = FeatureReference(name=f"output.{stat}", edges=(0.0, 1.0), freqs=(1.0,), extra={"stat": stat, "output": True})
-    values = tensor_stat(out.astype(np.float64), probe)
-    edges = _quantile_bins(values, bins)
-    hist = feature_histogram(values, edges)
+    items = list(outputs.items()) if isinstance(outputs, Mapping) else [("", outputs)]
+    feats: list[FeatureReference] = []
+    for i, (oname, value) in enumerate(items):
+        out = np.asarray(value)
+        if out.dtype.kind != "f" or len(out) < 2:
+            continue
+        stat = "confidence" if out.ndim == 2 and out.shape[1] > 1 else "value"
+        name = f"output.{stat}" if i == 0 else f"output.{oname}.{stat}"
+        probe = FeatureReference(name=name, edges=(0.0, 1.0), freqs=(1.0,),
+                                 extra={"stat": stat, "output": True if i == 0 else oname})
+        values = tensor_stat(out.astype(np.float64), probe)
+        edges = _quantile_bins(values, bins)
+        hist = feature_histogram(values, edges)
+        total = max(1, sum(hist["counts"]))
+        feats.append(FeatureReference(name=name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
+                                      extra=probe.extra))
+    return tuple(feats)
+
+
+def is_categorical(data: npt.NDArray[Any]) -> bool:
+    """Strings (or Python objects, as text) rather than numbers: a categorical input."""
+    return np.asarray(data).dtype.kind in "OUS"
+
+
+def compute_category_reference(values: npt.NDArray[Any], *, name: str, input_name: str, column: int,
+                               top: int = TOP_CATEGORIES) -> FeatureReference:
+    """A string column's reference: the ``top`` most frequent training categories by name (ties by
+    name), one bin "other" for the rest, which are listed in ``known`` (up to
+    :data:`~agent.contract.wire.MAX_KNOWN`; ``complete`` says whether that is all of them) so a device
+    tells a rare training category from one training never saw. Frequencies come from
+    :func:`agent.contract.histograms.category_histogram`, the device's own binning."""
+    if not 1 <= top <= MAX_CATEGORIES:
+        raise ValueError(f"top categories must be in 1..{MAX_CATEGORIES}, got {top}")
+    tally: dict[str, int] = {}
+    for v in np.asarray(values, dtype=object).reshape(-1).tolist():
+        text = category_text(v)
+        if text is not None:
+            tally[text] = tally.get(text, 0) + 1
+    if not tally:
+        raise ValueError(f"column {name!r} has no values, only missing ones")
+    ranked = sorted(tally, key=lambda k: (-tally[k], k))
+    named, rest = ranked[:top], sorted(ranked[top:])
+    extra: dict[str, Any] = {"input": input_name, "column": column, "categories": named,
+                             "known": rest[:MAX_KNOWN], "complete": len(rest) <= MAX_KNOWN}
+    probe = FeatureReference(name=name, edges=tuple(float(i) for i in range(len(named) + 2)),
+                             freqs=(1.0,) * (len(named) + 1), extra=extra)
+    hist = category_histogram(values, probe)
     total = max(1, sum(hist["counts"]))
-    return (FeatureReference(name=probe.name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
-                             extra=probe.extra),)
+    return FeatureReference(name=name, edges=probe.edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
+                            extra=extra)
 
 
-def _output_reference(outputs: npt.NDArray[Any] | None) -> dict[str, Any] | None:
+def _output_reference(outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None) -> dict[str, Any] | None:
+    """Class shares of the first output when it holds labels (integers or strings)."""
+    if isinstance(outputs, Mapping):
+        outputs = next(iter(outputs.values()), None)
     if outputs is None:
         return None
     out = np.asarray(outputs).reshape(-1)
-    if out.dtype.kind in "iub":
+    if out.dtype.kind in "iubUSO":
         labels, counts = np.unique(out, return_counts=True)
         return {"classes": {str(k): round(float(c) / len(out), 6) for k, c in zip(labels, counts, strict=True)}}
     return None
 
 
-def compute_inputs_reference(inputs: dict[str, npt.NDArray[np.float64]], *, bins: int = 10,
-                             outputs: npt.NDArray[Any] | None = None) -> Reference:
-    """A reference for several inputs, each its own: table columns named ``{input}.f{j}`` (with
-    ``input`` and ``column`` so the device bins the right array) and the tensor statistics of
-    N-D ones. The first input's features are those older agents read."""
+def compute_inputs_reference(inputs: Mapping[str, npt.NDArray[Any]], *, bins: int = 10,
+                             outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None = None,
+                             top: int = TOP_CATEGORIES) -> Reference:
+    """A reference for a model's inputs by name, each its own: numeric table columns, the tensor
+    statistics of N-D inputs, the category frequencies of string columns. A column is named
+    ``{input}.f{j}``, or ``{input}`` alone when the input has one column (a model converted from a
+    DataFrame has one input per column), and carries ``input`` and ``column`` so the device bins
+    the right array. The first input's features are those older agents read."""
     names = list(inputs)
     features: list[FeatureReference] = []
     tensors: list[FeatureReference] = []
+    categories: list[FeatureReference] = []
     for name, data in inputs.items():
-        if data.ndim > 2:
-            tensors += compute_tensor_reference(data, input_name=name, bins=bins)
+        table = data.reshape(-1, 1) if data.ndim == 1 else data
+        if is_categorical(table) and table.ndim == 2:
+            for j in range(table.shape[1]):
+                fname = name if table.shape[1] == 1 else f"{name}.f{j}"
+                categories.append(compute_category_reference(table[:, j], name=fname, input_name=name, column=j,
+                                                             top=top))
             continue
-        for f in compute_reference(data, bins=bins).features:
+        if table.ndim > 2:
+            tensors += compute_tensor_reference(table.astype(np.float64), input_name=name, bins=bins)
+            continue
+        for f in compute_reference(table.astype(np.float64), bins=bins).features:
             j = int(f.name[1:])
-            features.append(FeatureReference(name=f"{name}.f{j}", edges=f.edges, freqs=f.freqs,
+            fname = name if table.shape[1] == 1 else f"{name}.f{j}"
+            features.append(FeatureReference(name=fname, edges=f.edges, freqs=f.freqs,
                                              extra={"input": name, "column": j}))
-    return Reference(features=tuple(features), tensors=(*tensors, *output_features(outputs, bins=bins)),
-                     rows=len(inputs[names[0]]),
+    outs = output_features(outputs, bins=bins)
+    return Reference(features=tuple(features), tensors=(*tensors, *_first(outs)), more_outputs=_later(outs),
+                     categories=tuple(categories), rows=len(inputs[names[0]]),
                      output=_output_reference(outputs), extra={"first_input": names[0]})
+
+
+def _first(outs: tuple[FeatureReference, ...]) -> tuple[FeatureReference, ...]:
+    return tuple(f for f in outs if f.extra.get("output") is True)
+
+
+def _later(outs: tuple[FeatureReference, ...]) -> tuple[FeatureReference, ...]:
+    return tuple(f for f in outs if f.extra.get("output") is not True)

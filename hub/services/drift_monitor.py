@@ -75,6 +75,7 @@ from edgefleet.hub.core.drift import (
     Policy,
     merge_classes,
     merge_feature_lists,
+    merge_unseen,
     score_report,
 )
 from edgefleet.hub.db import Database
@@ -156,6 +157,7 @@ class _Acc:
     inputs: dict[str, _Hist] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)
     last_end: float = 0.0
+    unseen: dict[str, dict[str, int]] = field(default_factory=dict)  # category features' unseen names
 
     def add_inputs(self, hists: Iterable[Mapping[str, Any]]) -> None:
         """Add feature histograms by name; a feature whose bin count changed (a new reference
@@ -170,6 +172,9 @@ class _Acc:
             name = str(get("name"))
             counts = tuple(map(int, get("counts", ())))
             below, above, nan = int(get("below", 0)), int(get("above", 0)), int(get("nan", 0))
+            named = get("unseen")
+            if named:  # category features only: the unseen categories by name
+                self.unseen[name] = merge_unseen([self.unseen.get(name, {}), named])
             cur = inputs.get(name)
             if cur is not None and cur[0] and len(cur[0]) != len(counts):
                 log.warning("feature %s: %d bins after %d; keeping the newest only", name, len(counts), len(cur[0]))
@@ -190,15 +195,19 @@ class _Acc:
         self.errors += other.errors
         self.rows += other.rows
         self.latency = tuple([a + b for a, b in zip(self.latency, other.latency, strict=True)])
-        self.add_inputs({"name": n, "counts": c, "below": b, "above": a, "nan": x}
-                        for n, (c, b, a, x) in other.inputs.items())
+        self.add_inputs({"name": n, "counts": c, "below": b, "above": a, "nan": x,
+                         "unseen": other.unseen.get(n)} for n, (c, b, a, x) in other.inputs.items())
         self.add_classes({"classes": other.classes})
         self.last_end = max(self.last_end, other.last_end)
 
     def histograms(self) -> dict[str, dict[str, Any]]:
         """The input sums in :func:`hub.core.drift.merge_feature_lists`' shape."""
-        return {n: {"counts": list(c), "below": b, "above": a, "nan": x, "name": n}
-                for n, (c, b, a, x) in self.inputs.items()}
+        out: dict[str, dict[str, Any]] = {n: {"counts": list(c), "below": b, "above": a, "nan": x, "name": n}
+                                          for n, (c, b, a, x) in self.inputs.items()}
+        for n, named in self.unseen.items():
+            if n in out:
+                out[n]["unseen"] = named
+        return out
 
 
 Staged = dict[tuple[str, str, str, float], _Acc]  # (model, version, device, bucket) -> sums
@@ -462,7 +471,9 @@ class DriftMonitor:
             h = live.get(feat.name, {})
             features.append({"name": feat.name, "edges": list(feat.edges), "reference": list(feat.freqs),
                              "live": h.get("counts", []), "below": h.get("below", 0), "above": h.get("above", 0),
-                             "nan": h.get("nan", 0), "score": scores.get(feat.name)})
+                             "nan": h.get("nan", 0), "score": scores.get(feat.name),
+                             **({"labels": [*feat.extra["categories"], "other"], "unseen": h.get("unseen") or {}}
+                                if "categories" in feat.extra else {})})
         return {"model": model, "version": version, "versions": versions,
                 "state": self.tracker.state(model, version), "thresholds": {"warn": policy.warn, "alarm": policy.alarm},
                 "window_seconds": self.config.window_seconds, "features": features, "history": history,
