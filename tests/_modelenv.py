@@ -49,7 +49,8 @@ class ModelEnv:
             db.close()
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], client: httpx.Client) -> None:
-        body = {"inputs": [{"name": n, "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+        body = {"inputs": [{"name": n, "shape": list(x.shape), "datatype": "BYTES" if x.dtype.kind in "OUS" else "FP32",
+                            "data": [str(v) for v in x.reshape(-1)] if x.dtype.kind in "OUS" else x.reshape(-1).tolist()}
                            for n, x in inputs.items()]}
         r = client.post(f"http://127.0.0.1:{self.agent}/v2/models/{model}/infer", json=body)
         assert r.status_code == 200, r.text

@@ -5,17 +5,22 @@
   can serve over OIP v2).
 * :func:`validate_onnx` is the gate before anything is stored: the agent's structural guard,
   ``onnx.checker``, a real ONNX Runtime session, and tensor-only inputs and outputs.
-* :func:`load_reference_data` and :func:`compute_reference` turn training inputs (``.npy`` or
-  ``.csv``) into the per-feature bins and frequencies that telemetry and drift use.
+* :func:`read_data` reads training (or preflight) data: ``.npy``, ``.npz`` (one array per
+  input), ``.csv`` or ``.parquet`` (named columns, numbers and text); :func:`match_inputs` lines
+  it up with the model's inputs; :func:`compute_inputs_reference` turns it into the reference
+  that telemetry and drift use.
 
 Unpickling runs code: only pass model files you trust (your own training output).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import math
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +44,14 @@ __all__ = [
     "compute_inputs_reference",
     "compute_reference",
     "compute_tensor_reference",
-    "first_input_name",
-    "input_names",
+    "estimator_columns",
+    "feeds_for",
+    "is_text",
     "load_estimator",
     "load_model_file",
-    "load_reference_data",
-    "load_reference_inputs",
+    "match_inputs",
+    "model_inputs",
+    "read_data",
     "run_outputs",
     "sklearn_to_onnx",
     "validate_onnx",
@@ -56,20 +63,24 @@ _ORT_DTYPES = {
 }  # fmt: skip
 
 
-def sklearn_to_onnx(estimator: Any, n_features: int) -> bytes:
-    """Convert a fitted scikit-learn estimator to ONNX bytes (float32 input ``input``)."""
+def sklearn_to_onnx(estimator: Any, n_features: int, columns: dict[str, bool] | None = None) -> bytes:
+    """Convert a fitted scikit-learn estimator to ONNX bytes: one float32 input ``input`` of
+    ``[N, n_features]``, or with ``columns`` (name -> is text) one ``[N, 1]`` input per column, a
+    string tensor for text and float32 for numbers, as a pipeline fitted on a DataFrame with
+    string columns needs (its ``ColumnTransformer`` selects the columns by these names)."""
     from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     options: dict[Any, Any] = {}
-    if hasattr(estimator, "predict_proba"):
-        options = {id(estimator): {"zipmap": False}}
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    if hasattr(final, "predict_proba"):
+        options = {id(final): {"zipmap": False}}
+    initial: list[tuple[str, Any]] = [("input", FloatTensorType([None, n_features]))]
+    if columns:
+        initial = [(name, StringTensorType([None, 1]) if text else FloatTensorType([None, 1]))
+                   for name, text in columns.items()]
     try:
-        onx = to_onnx(
-            estimator,
-            initial_types=[("input", FloatTensorType([None, n_features]))],
-            options=options or None,
-        )
+        onx = to_onnx(estimator, initial_types=initial, options=options or None)
     except Exception as exc:
         raise BadRequest(
             f"skl2onnx cannot convert {type(estimator).__name__}: {exc}. Convert it yourself "
@@ -106,19 +117,45 @@ def load_estimator(path: Path) -> Any | None:
     return est
 
 
-def load_model_file(path: Path, n_features: int | None = None, estimator: Any | None = None) -> tuple[bytes, str]:
-    """Return ``(onnx_bytes, source_description)`` for an .onnx or pickled sklearn file
-    (``estimator``: the one :func:`load_estimator` already read from ``path``)."""
+def load_model_file(path: Path, n_features: int | None = None, estimator: Any | None = None,
+                    columns: dict[str, bool] | None = None) -> tuple[bytes, str]:
+    """Return ``(onnx_bytes, source_description)`` for an .onnx or pickled model file
+    (``estimator``: the one :func:`load_estimator` already read from ``path``). LightGBM and
+    XGBoost models go through onnxmltools (:mod:`hub.adapters.gbm`), everything else through
+    skl2onnx; ``columns`` (name -> is text) asks for one input per column (:func:`sklearn_to_onnx`)."""
+    from edgefleet.hub.adapters.gbm import gbm_to_onnx
+
     est = estimator if estimator is not None else load_estimator(path)
     if est is None:
         try:
             return path.read_bytes(), "onnx"
         except OSError as exc:
             raise BadRequest(f"cannot read model file {path}: {exc}") from exc
+    source = f"sklearn:{type(est).__module__}.{type(est).__name__}"
+    if columns:
+        return sklearn_to_onnx(est, len(columns), columns), source
     n = n_features or getattr(est, "n_features_in_", None)
     if not n:
         raise BadRequest(f"cannot tell how many features {type(est).__name__} takes; pass --reference")
-    return sklearn_to_onnx(est, int(n)), f"sklearn:{type(est).__module__}.{type(est).__name__}"
+    converted = gbm_to_onnx(est, int(n))
+    if converted is not None:
+        return converted, f"onnxmltools:{type(est).__module__}.{type(est).__name__}"
+    return sklearn_to_onnx(est, int(n)), source
+
+
+def estimator_columns(estimator: Any, arrays: dict[str, npt.NDArray[Any]], named: bool,
+                      fname: str) -> dict[str, bool] | None:
+    """The columns to convert ``estimator`` with, one input each (name -> is text), when its data
+    has text columns: the estimator's own ``feature_names_in_`` (a DataFrame's columns at fit) in
+    their order, else the file's. None for all-numeric data (one float input, as before)."""
+    if not named or not any(is_text(a) for a in arrays.values()):
+        return None
+    fitted = getattr(estimator, "feature_names_in_", None)
+    names = [str(n) for n in fitted] if fitted is not None else list(arrays)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BadRequest(f"{fname}: {type(estimator).__name__} was fitted on columns {names}; the file lacks {missing}")
+    return {n: is_text(arrays[n]) for n in names}
 
 
 def validate_onnx(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -145,79 +182,157 @@ def validate_onnx(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec
     return specs(sess.get_inputs(), "input"), specs(sess.get_outputs(), "output")
 
 
-def load_reference_inputs(path: Path, input_names: list[str]) -> tuple[dict[str, npt.NDArray[np.float64]], str]:
-    """Training inputs of a model with several inputs: an ``.npz`` with one array per input, named
-    as the model names them (each a table or N-D samples, all with the same number of samples)."""
-    try:
-        raw = path.read_bytes()
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise BadRequest(f"cannot read {path.name} as .npz (one array per model input): {exc}") from exc
-    missing = [n for n in input_names if n not in arrays]
-    if missing or set(arrays) - set(input_names):
-        raise BadRequest(f"{path.name}: expected one array per model input {input_names}, got {sorted(arrays)}")
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1 or min(sizes.values()) < 2:
-        raise BadRequest(f"{path.name}: every input needs the same number of samples (at least 2), got {sizes}")
-    return {n: (arrays[n].reshape(-1, 1) if arrays[n].ndim == 1 else arrays[n]) for n in input_names}, \
-        hashlib.sha256(raw).hexdigest()
+def read_data(path: Path) -> tuple[dict[str, npt.NDArray[Any]], str, bool]:
+    """Training (or preflight) data as ``(arrays, sha256 of the file, named)``:
 
+    * ``.npy``: one array, ``{"": array}`` (not named): a table, or N-D samples such as images;
+    * ``.npz``: one array per model input, by name (numbers or strings);
+    * ``.csv``: a header row of names makes a table of named columns, numbers where every
+      non-empty value is one (empty: NaN) and text otherwise (empty: missing); without a header,
+      a numeric table as one array;
+    * ``.parquet`` (needs pyarrow): named columns, numbers as float64 (nulls NaN), everything else
+      as text (nulls missing).
 
-def input_names(data: bytes) -> list[str]:
-    return [i.name for i in ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()]
-
-
-def run_outputs(data: bytes, inputs: dict[str, npt.NDArray[np.float64]]) -> npt.NDArray[Any]:
-    """The first output for a model with several inputs."""
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    feeds = {i.name: inputs[i.name].astype(np.float64 if i.type == "tensor(double)" else np.float32)
-             for i in sess.get_inputs()}
-    result: npt.NDArray[Any] = sess.run(None, feeds)[0]
-    return result
-
-
-def load_reference_data(path: Path) -> tuple[npt.NDArray[np.float64], str]:
-    """Training inputs as a 2-D float array, and the sha256 of the file."""
+    Raises :class:`BadRequest` naming the file and what it expected."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise BadRequest(f"cannot read reference data {path}: {exc}") from exc
+        raise BadRequest(f"cannot read data file {path}: {exc}") from exc
+    digest = hashlib.sha256(raw).hexdigest()
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".npy":
-            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-        elif path.suffix == ".csv":
-            text = raw.decode("utf-8").splitlines()
-            first = text[0].split(",") if text else []
-            try:
-                [float(x) for x in first]
-                skip = 0
-            except ValueError:
-                skip = 1  # a header row
-            arr = np.loadtxt(io.StringIO("\n".join(text)), delimiter=",", skiprows=skip, ndmin=2)
-        else:
-            raise BadRequest(f"{path.name}: reference data must be .npy or .csv, got {path.suffix!r}")
+        if suffix == ".npy":
+            return {"": np.load(io.BytesIO(raw), allow_pickle=False)}, digest, False
+        if suffix == ".npz":
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                return {k: np.asarray(z[k]) for k in z.files}, digest, True
+        if suffix == ".csv":
+            columns, named = _read_csv(raw.decode("utf-8-sig"), path.name)
+            return columns, digest, named
+        if suffix == ".parquet":
+            return _read_parquet(raw, path.name), digest, True
     except BadRequest:
         raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"{path.name} is not a numeric table: {exc}") from exc
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim == 1:
-        arr = arr.reshape(-1, 1)
-    if arr.ndim < 2 or arr.shape[0] < 2:
-        raise BadRequest(f"{path.name}: expected a 2-D table with at least 2 rows, or at least 2 samples of an "
-                         f"N-D input ([N, C, H, W] images and the like), got shape {arr.shape}")
-    return arr, hashlib.sha256(raw).hexdigest()
+    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadRequest(f"cannot read {path.name} as {suffix} data: {exc}") from exc
+    raise BadRequest(f"{path.name}: data must be .npy, .npz, .csv or .parquet, got {path.suffix!r}")
+def _read_csv(text: str, fname: str) -> tuple[dict[str, npt.NDArray[Any]], bool]:
+    rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    if not rows:
+        raise BadRequest(f"{fname} is empty")
+    width = len(rows[0])
+    short = next((i for i, r in enumerate(rows) if len(r) != width), None)
+    if short is not None:
+        raise BadRequest(f"{fname}: line {short + 1} has {len(rows[short])} fields, the first line has {width}")
+    header = not all(_number(x) is not None for x in rows[0])
+    body = rows[1:] if header else rows
+    if not header:
+        return {"": np.asarray([[float(x) for x in r] for r in body], dtype=np.float64)}, False
+    names = [h.strip() for h in rows[0]]
+    if len(set(names)) != len(names) or not all(names):
+        raise BadRequest(f"{fname}: the header row needs distinct, non-empty column names, got {names}")
+    columns: dict[str, npt.NDArray[Any]] = {}
+    for j, name in enumerate(names):
+        cells = [r[j].strip() for r in body]
+        numbers = [_number(c) if c else math.nan for c in cells]
+        if all(v is not None for v in numbers):
+            columns[name] = np.asarray(numbers, dtype=np.float64)
+        else:
+            columns[name] = np.asarray([c or None for c in cells], dtype=object)
+    return columns, True
 
 
-def first_input_name(data: bytes) -> str:
-    """The model's first input, whose name the tensor statistics carry (``image[c0]``)."""
-    return str(ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()[0].name)
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
-def run_first_output(data: bytes, rows: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
+def _read_parquet(raw: bytes, fname: str) -> dict[str, npt.NDArray[Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise BadRequest(f"{fname}: reading .parquet needs pyarrow (pip install 'edgefleet[parquet]'), "
+                         "or give the data as .csv") from exc
+    table = pq.read_table(pa.BufferReader(raw))
+    columns: dict[str, npt.NDArray[Any]] = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        kind = col.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            columns[name] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+        else:
+            columns[name] = np.asarray([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
+    return columns
+
+
+def is_text(a: npt.NDArray[Any]) -> bool:
+    return np.asarray(a).dtype.kind in "OUS"
+
+
+def model_inputs(data: bytes) -> list[tuple[str, str]]:
+    """The model's inputs as ``(name, ONNX Runtime type)``, in order."""
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    dtype = np.float64 if inp.type == "tensor(double)" else np.float32
-    result: npt.NDArray[Any] = sess.run(None, {inp.name: rows.astype(dtype)})[0]
-    return result
+    return [(i.name, str(i.type)) for i in sess.get_inputs()]
+
+
+def match_inputs(arrays: dict[str, npt.NDArray[Any]], named: bool, inputs: list[tuple[str, str]],
+                 fname: str) -> dict[str, npt.NDArray[Any]]:
+    """The data as one array per model input, by name:
+
+    * one unnamed array (``.npy``, a CSV without header) feeds a model with one input;
+    * named arrays whose names include every model input feed them by name (a model converted
+      from a DataFrame has one ``[N, 1]`` input per column; 1-D columns become ``[N, 1]``);
+      an ``.npz`` must hold exactly the model's inputs;
+    * named numeric columns feed a model with one input as a table, in the file's order.
+
+    Every input needs the same number of samples, at least 2."""
+    names = [n for n, _ in inputs]
+    if not named:
+        if len(names) != 1:
+            raise BadRequest(f"{fname} holds one array; the model has inputs {names}: give an .npz with one "
+                             "array per input, or a table with a column per input")
+        out = {names[0]: arrays[""]}
+    elif set(names) <= set(arrays) and (not fname.endswith(".npz") or set(arrays) == set(names)):
+        out = {n: arrays[n] for n in names}
+    elif len(names) == 1 and not fname.endswith(".npz") and not any(is_text(a) for a in arrays.values()):
+        out = {names[0]: np.column_stack([np.asarray(a, dtype=np.float64) for a in arrays.values()])}
+    else:
+        text = [k for k, a in arrays.items() if is_text(a)]
+        raise BadRequest(f"{fname}: expected {'exactly ' if fname.endswith('.npz') else ''}the model's inputs "
+                         f"{names} by name{'' if fname.endswith('.npz') else ', or numeric columns for its one input'}"
+                         f", got {sorted(arrays)}" + (f" (text columns: {text})" if text else ""))
+    out = {n: (a.reshape(-1, 1) if a.ndim == 1 else a) for n, a in out.items()}
+    sizes = {n: len(a) for n, a in out.items()}
+    if len(set(sizes.values())) != 1 or min(sizes.values()) < 2:
+        raise BadRequest(f"{fname}: every input needs the same number of samples, at least 2, got {sizes}")
+    for (n, kind), a in zip(inputs, out.values(), strict=True):
+        if (kind == "tensor(string)") != is_text(a):
+            raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is "
+                             f"{'text' if is_text(a) else 'numbers'}")
+    return out
+
+
+def feeds_for(inputs: list[tuple[str, str]], data: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """Data by input name in the dtype each input takes (strings as Python ``str`` objects, a
+    missing value as ``""``)."""
+    types = {"tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(bool)": np.bool_}
+    feeds = {}
+    for name, kind in inputs:
+        a = data[name]
+        if kind == "tensor(string)":
+            feeds[name] = np.asarray([["" if v is None else str(v) for v in row] for row in a.reshape(len(a), -1)],
+                                     dtype=object).reshape(a.shape)
+        else:
+            feeds[name] = np.asarray(a, dtype=types.get(kind, np.float32))
+    return feeds
+
+
+def run_outputs(data: bytes, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """Every output of the model on ``inputs`` (by input name), by output name, in order."""
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    spec = [(i.name, str(i.type)) for i in sess.get_inputs()]
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds_for(spec, inputs)), strict=True))

@@ -61,46 +61,78 @@ def progress(msg: str) -> None:
 
 
 def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, convert and describe a model on the publisher's machine; the hub validates again."""
-    from edgefleet.hub.adapters.modelfile import (
-        compute_reference,
-        first_input_name,
-        load_estimator,
-        load_model_file,
-        load_reference_data,
-        run_first_output,
-    )
+    """Load, convert and describe a model on the publisher's machine; the hub validates again.
 
-    data = None
-    digest = None
-    if args.reference and Path(args.reference).suffix == ".npz":
-        return _publish_several_inputs(args)
-    if args.reference:
-        progress(f"reading reference data {args.reference}")
-        data, digest = load_reference_data(Path(args.reference))
-    progress(f"loading model {args.model}")
-    estimator = load_estimator(Path(args.model))  # None for an .onnx file; read once, used twice
-    table = data is not None and data.ndim == 2  # else N-D samples (images): tensor statistics
-    onnx_bytes, source_kind = load_model_file(Path(args.model), data.shape[1] if table and data is not None else None,
-                                              estimator)
-    reference = None
-    if data is not None:
-        outputs = None
-        try:
-            outputs = run_first_output(onnx_bytes, data)
-        except Exception as exc:  # reference output distribution is optional
-            progress(f"warning: could not run the model on the reference data: {exc}")
-        reference = compute_reference(data, bins=args.bins, outputs=outputs,
-                                      input_name=first_input_name(onnx_bytes)).to_dict()
+    The reference (and the preflight set) may be any data :func:`hub.adapters.modelfile.read_data`
+    reads; it is lined up with the model's inputs by name (:func:`~hub.adapters.modelfile.match_inputs`).
+    A scikit-learn estimator whose data has text columns is converted with one input per column."""
     import base64
 
+    import numpy as np
+
+    from edgefleet.hub.adapters.modelfile import (
+        compute_inputs_reference,
+        compute_reference,
+        estimator_columns,
+        is_text,
+        load_estimator,
+        load_model_file,
+        match_inputs,
+        model_inputs,
+        read_data,
+        run_outputs,
+    )
+
+    model = Path(args.model)
+    data: dict[str, Any] | None = None
+    digest = None
+    named = False
+    if args.reference:
+        progress(f"reading reference data {args.reference}")
+        data, digest, named = read_data(Path(args.reference))
+        if Path(args.reference).suffix == ".npz" and model.suffix != ".onnx":
+            raise BadRequest(f"--reference {Path(args.reference).name} (an .npz, one array per input) goes with an "
+                             f".onnx model, got {model.name}")
+    progress(f"loading model {args.model}")
+    estimator = load_estimator(model)  # None for an .onnx file; read once, used twice
+    columns = estimator_columns(estimator, data, named, Path(args.reference).name) \
+        if estimator is not None and data is not None else None
+    n_features = None
+    if estimator is not None and data is not None and not columns:
+        only = next(iter(data.values())) if not named else np.column_stack(list(data.values()))
+        n_features = int(only.reshape(len(only), -1).shape[1])
+    onnx_bytes, source_kind = load_model_file(model, n_features, estimator, columns)
+    inputs_spec = model_inputs(onnx_bytes)
+    reference = None
+    inputs = None
+    if data is not None:
+        inputs = match_inputs(data, named, inputs_spec, Path(args.reference).name)
+        outputs = None
+        try:
+            outputs = run_outputs(onnx_bytes, inputs)
+        except Exception as exc:  # reference output distribution is optional
+            progress(f"warning: could not run the model on the reference data: {exc}")
+        first, only = next(iter(inputs.items()))
+        if len(inputs) == 1 and not is_text(only):  # one numeric input: columns f0.., as always
+            reference = compute_reference(np.asarray(only, dtype=np.float64), bins=args.bins, outputs=outputs,
+                                          input_name=first).to_dict()
+        else:
+            reference = compute_inputs_reference(inputs, bins=args.bins, outputs=outputs).to_dict()
     preflight = None
     if getattr(args, "preflight", None):
         from edgefleet.hub.adapters.preflight import build_preflight
 
         progress(f"building the preflight set from {args.preflight}")
-        pf_data, _ = load_reference_data(Path(args.preflight))
-        blob = build_preflight(onnx_bytes, pf_data, estimator, rows=args.preflight_rows)
+        pf_arrays, _, pf_named = read_data(Path(args.preflight))
+        pf_inputs = match_inputs(pf_arrays, pf_named, inputs_spec, Path(args.preflight).name)
+        pf_data: Any = pf_inputs
+        only = next(iter(pf_inputs.values()))
+        if len(pf_inputs) == 1 and only.ndim == 2 and not is_text(only):
+            pf_data = only  # one numeric table: the set's classic form, which every agent reads
+        # A raw LightGBM/XGBoost Booster predicts in its own terms (probabilities, a DMatrix): the
+        # expected outputs then come from ONNX Runtime, as for an .onnx file.
+        source_estimator = None if type(estimator).__name__ == "Booster" else estimator
+        blob = build_preflight(onnx_bytes, pf_data, source_estimator, rows=args.preflight_rows)
         preflight = {"blob_b64": base64.b64encode(blob).decode(), "atol": args.atol, "rtol": args.rtol,
                      "label_agreement": args.label_agreement}
     return {
@@ -113,46 +145,10 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             "source": args.source or "",
             "converted_from": source_kind,
             "training_data_sha256": digest,
-            "training_rows": int(data.shape[0]) if data is not None else None,
+            "training_rows": len(next(iter(inputs.values()))) if inputs else None,
             "author": args.author or getpass.getuser(),
             **lineage_options(args),
         },
-    }
-
-
-def _publish_several_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """``publish MODEL.onnx --reference DATA.npz``: one reference array per model input."""
-    import base64
-
-    from edgefleet.hub.adapters.modelfile import (
-        compute_inputs_reference,
-        input_names,
-        load_model_file,
-        load_reference_inputs,
-        run_outputs,
-    )
-
-    if Path(args.model).suffix != ".onnx":
-        raise BadRequest(f"--reference {Path(args.reference).name} (an .npz, one array per input) goes with an "
-                         f".onnx model, got {Path(args.model).name}")
-    if getattr(args, "preflight", None):
-        raise BadRequest("--preflight takes a table (.npy/.csv) today; models with several inputs publish without it")
-    progress(f"loading model {args.model}")
-    onnx_bytes, source_kind = load_model_file(Path(args.model), None, None)
-    progress(f"reading reference data {args.reference}")
-    inputs, digest = load_reference_inputs(Path(args.reference), input_names(onnx_bytes))
-    outputs = None
-    try:
-        outputs = run_outputs(onnx_bytes, inputs)
-    except Exception as exc:  # reference output distribution is optional
-        progress(f"warning: could not run the model on the reference data: {exc}")
-    return {
-        "preflight": None, "name": args.name, "version": args.version,
-        "model_b64": base64.b64encode(onnx_bytes).decode(),
-        "reference": compute_inputs_reference(inputs, bins=args.bins, outputs=outputs).to_dict(),
-        "lineage": {"source": args.source or "", "converted_from": source_kind, "training_data_sha256": digest,
-                    "training_rows": len(next(iter(inputs.values()))), "author": args.author or getpass.getuser(),
-                    **lineage_options(args)},
     }
 
 

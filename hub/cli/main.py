@@ -392,16 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="this replica's name, one per hub process sharing a --share group: its MQTT "
                          "client id and persistent session (the broker queues its share while it is away)")
 
-    sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx or sklearn pickle/joblib)")
+    sp = cmd("publish", cmd_publish, "validate and publish a model version (.onnx, or a scikit-learn, "
+             "LightGBM or XGBoost model as .pkl/.joblib)")
     client(sp)
     sp.add_argument("--name", required=True)
     sp.add_argument("--version", required=True, dest="version")
-    sp.add_argument("model", help="model file: .onnx, or a scikit-learn estimator .pkl/.joblib")
-    sp.add_argument("--reference", help="training inputs (.npy or .csv) for the reference distribution")
+    sp.add_argument("model", help="model file: .onnx, or a scikit-learn/LightGBM/XGBoost model .pkl/.joblib")
+    sp.add_argument("--reference", help="training inputs for the reference distribution: .npy (a table or "
+                    "N-D samples such as images), .npz (one array per model input), .csv or .parquet "
+                    "(named columns, numbers and text)")
     sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
     sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
     sp.add_argument("--author", help="who publishes (default: the current user)")
-    sp.add_argument("--preflight", metavar="DATA", help="inputs (.npy or .csv) for the preflight set a "
+    sp.add_argument("--preflight", metavar="DATA", help="inputs (any --reference format) for the preflight set a "
                     "candidate must reproduce on each device (expected outputs from the sklearn source if given)")
     sp.add_argument("--preflight-rows", type=int, default=64, help="rows of DATA in the preflight set (default 64)")
     sp.add_argument("--atol", type=float, default=1e-4, help="preflight absolute tolerance (default 1e-4)")

@@ -25,8 +25,10 @@ pseudo-feature named ``output``.
 
 Category features (string columns) are scored on their bins (the named training categories,
 "other", and as extra bins with reference share 0 the unseen categories, ``above``, and missing
-values, ``nan``) with PSI and JS as above, plus **Pearson's chi-square** goodness-of-fit test of the
-observed counts against the reference shares (:func:`chi_square`). Their state needs both: PSI past
+values, ``nan``) with PSI and JS as above, plus **Pearson's chi-square** test that the observed
+counts and the training counts come from one distribution (:func:`chi_square_samples`, a 2 x k
+table: the training reference is a sample too; references without their count fall back to a
+goodness-of-fit test against the shares, :func:`chi_square`). Their state needs both: PSI past
 the threshold (the size of the move) and a p-value below :data:`CHI2_ALPHA` (that it is not noise),
 so a small sample never alarms on a category that came up a few times by chance. The score names
 the bin that moved most (:attr:`FeatureScore.detail`): a category, "other", or the unseen
@@ -55,6 +57,7 @@ __all__ = [
     "FeatureScore",
     "Policy",
     "chi_square",
+    "chi_square_samples",
     "js_distance",
     "ks_statistic",
     "merge_classes",
@@ -243,6 +246,26 @@ def _gamma_q(a: float, x: float) -> float:
     return min(1.0, h * math.exp(log_front))
 
 
+def chi_square_samples(a: Sequence[float], b: Sequence[float]) -> tuple[float, int, float]:
+    """Pearson's chi-square test of homogeneity of two samples of counts on the same bins (a 2 x k
+    contingency table): ``(statistic, degrees of freedom, p-value)``. Both samples are noisy, so
+    a training reference of a few hundred rows is not mistaken for the truth, as a goodness-of-fit
+    test against its shares would. Bins empty on both sides are left out."""
+    na, nb = float(sum(a)), float(sum(b))
+    if na <= 0 or nb <= 0:
+        return 0.0, 1, 1.0
+    stat, used = 0.0, 0
+    for x, y in zip(a, b, strict=True):
+        pooled = (x + y) / (na + nb)
+        if pooled <= 0:
+            continue
+        used += 1
+        ea, eb = na * pooled, nb * pooled
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    df = max(1, used - 1)
+    return float(stat), df, _gamma_q(df / 2, stat / 2)
+
+
 def chi_square(expected: Sequence[float], observed: Sequence[float]) -> tuple[float, int, float]:
     """Pearson's chi-square goodness-of-fit of ``observed`` counts against ``expected`` shares (or
     counts) on the same bins: ``(statistic, degrees of freedom, p-value)``. A bin the reference
@@ -314,7 +337,11 @@ def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Po
     obs = [*counts, unseen, missing]
     rows = sum(obs)
     p = psi(ref, obs)
-    _, _, p_value = chi_square(ref, obs)
+    trained = feat.extra.get("count")  # training values the shares come from
+    if isinstance(trained, int) and trained > 0:
+        _, _, p_value = chi_square_samples([f * trained for f in ref], obs)
+    else:
+        _, _, p_value = chi_square(ref, obs)
     state = policy.state(p, rows)
     if state in ("warn", "alarm") and p_value >= CHI2_ALPHA:
         state = "ok"  # a move this sample cannot tell from chance

@@ -167,6 +167,7 @@ def compute_category_reference(values: npt.NDArray[Any], *, name: str, input_nam
                              freqs=(1.0,) * (len(named) + 1), extra=extra)
     hist = category_histogram(values, probe)
     total = max(1, sum(hist["counts"]))
+    extra["count"] = sum(hist["counts"])  # the sample size behind the shares, for the chi-square test
     return FeatureReference(name=name, edges=probe.edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
                             extra=extra)
 

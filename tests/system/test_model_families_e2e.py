@@ -6,11 +6,16 @@ three models through the OIP v2 API, each published with its reference.
 * ``two``: a model with two inputs (``a`` [N, 3], ``b`` [N, 2]) and an .npz reference, one array
   per input, each input its own reference;
 * ``reg``: a scikit-learn LinearRegression with a table reference; its continuous output is
-  binned on reference bins (``output.value``).
+  binned on reference bins (``output.value``);
+* ``pipe``: a scikit-learn Pipeline (OneHotEncoder on a string column ``city``, a scaler on two
+  numeric ones, LogisticRegression) fitted on a DataFrame, published from its pickle with a
+  ``.csv`` reference of mixed types, so skl2onnx makes one input per column (``city`` a string
+  tensor, served as OIP ``BYTES``); its reference counts categories, and its probabilities get a
+  confidence histogram.
 
-Training-like traffic to all three raises no drift alarm. Then each family's input moves in turn
-(brighter images, one column of ``b``, the column the regression depends on), and each alarm
-names the input, channel or column that moved."""
+Training-like traffic to all four raises no drift alarm. Then each family's input moves in turn
+(brighter images, one column of ``b``, the column the regression depends on, a city never seen in
+training), and each alarm names the input, channel, column or category that moved."""
 
 from __future__ import annotations
 
@@ -26,7 +31,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from sklearn.linear_model import LinearRegression
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from tests._modelenv import ModelEnv, cnn_model, model_env
 from tests.conftest import Procs, wait_for
@@ -52,6 +60,33 @@ def two_inputs() -> onnx.ModelProto:
     return model
 
 
+CITIES = np.array(["lyon", "oslo", "rome", "kyiv", "lima"])
+SHARES = np.array([0.4, 0.25, 0.15, 0.12, 0.08])
+
+
+def city_rows(rng: np.random.Generator, n: int, new_city: float = 0.0) -> dict[str, np.ndarray]:
+    """``n`` requests' worth of the pipeline's three inputs; ``new_city``: the share of rows from a
+    city training never saw."""
+    city = rng.choice(CITIES, size=n, p=SHARES).astype(object)
+    city[rng.random(n) < new_city] = "paris"
+    return {"city": city.reshape(-1, 1), "x": rng.normal(size=(n, 1)).astype(np.float32),
+            "y": rng.normal(size=(n, 1)).astype(np.float32)}
+
+
+def pipeline_files(tmp: Any, rng: np.random.Generator) -> None:
+    """A Pipeline with a string column fitted on a DataFrame, pickled, and its training data as CSV."""
+    import pandas as pd
+
+    cols = city_rows(rng, 1000)
+    df = pd.DataFrame({k: v.reshape(-1) for k, v in cols.items()})
+    target = ((df["city"] == "lyon") | (df["x"] > 0.5)).astype(int)
+    pipe = Pipeline([("cols", ColumnTransformer([("cat", OneHotEncoder(handle_unknown="ignore"), ["city"]),
+                                                 ("num", StandardScaler(), ["x", "y"])])),
+                     ("clf", LogisticRegression())]).fit(df, target)
+    (tmp / "pipe.pkl").write_bytes(pickle.dumps(pipe))
+    df.to_csv(tmp / "pipe.csv", index=False)
+
+
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("families")
@@ -63,11 +98,13 @@ def fam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     x = rng.normal(size=(800, 3)).astype(np.float32)
     (tmp / "reg.pkl").write_bytes(pickle.dumps(LinearRegression().fit(x, 3.0 * x[:, 1] + 0.1 * rng.normal(size=800))))
     np.save(tmp / "train.npy", x)
+    pipeline_files(tmp, rng)
     procs = Procs(tmp)
-    shift = {"cnn": 0.0, "two": 0.0, "reg": 0.0}
+    shift = {"cnn": 0.0, "two": 0.0, "reg": 0.0, "pipe": 0.0}
     stop = threading.Event()
     with model_env(tmp, procs, [("cnn", tmp / "cnn.onnx", tmp / "imgs.npy"), ("two", tmp / "two.onnx", tmp / "ref.npz"),
-                                ("reg", tmp / "reg.pkl", tmp / "train.npy")]) as env:
+                                ("reg", tmp / "reg.pkl", tmp / "train.npy"),
+                                ("pipe", tmp / "pipe.pkl", tmp / "pipe.csv")]) as env:
         def traffic() -> None:
             r = np.random.default_rng(2)
             with httpx.Client(timeout=5) as c:
@@ -79,6 +116,7 @@ def fam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                         env.infer("cnn", {"image": images(r, 4, shift["cnn"])}, c)
                         env.infer("two", {"a": r.normal(size=(8, 3)), "b": b}, c)
                         env.infer("reg", {"input": rows}, c)
+                        env.infer("pipe", city_rows(r, 8, shift["pipe"]), c)
                     stop.wait(0.02)
 
         pump = threading.Thread(target=traffic, daemon=True)
@@ -103,20 +141,27 @@ def _in_alarm(env: ModelEnv, model: str) -> set[str]:
 
 def test_training_like_traffic_raises_no_alarm_and_each_reference_fits_its_signature(fam: dict[str, Any]) -> None:
     env: ModelEnv = fam["env"]
-    for m in ("cnn", "two", "reg"):
+    for m in ("cnn", "two", "reg", "pipe"):
         assert env.alarms(m) == [], (m, env.alarms(m))
         assert all(f["score"]["state"] == "ok" for f in env.view(m)["features"]), env.view(m)["features"]
     assert [t["name"] for t in env.reference("cnn")["tensors"]] == [
         "image[c0]", "image[c1]", "image[c2]", "image.mean", "image.std", "image.saturated"]
     assert [f["name"] for f in env.reference("two")["features"]] == ["a.f0", "a.f1", "a.f2", "b.f0", "b.f1"]
     assert [t["name"] for t in env.reference("reg")["tensors"]] == ["output.value"]
+    pipe = env.reference("pipe")
+    assert [f["name"] for f in pipe["features"]] == ["x", "y"]
+    assert [(c["name"], c["categories"]) for c in pipe["categories"]] == [("city", list(CITIES))]
+    assert [f["name"] for f in pipe["more_outputs"]] == ["output.probabilities.confidence"]
+    city = next(f for f in env.view("pipe")["features"] if f["name"] == "city")
+    assert city["labels"] == [*CITIES, "other"] and city["live"][0] > city["live"][4] > 0  # lyon > lima
+    assert city["above"] == 0 and city["score"]["p_value"] > 0.001, (city["live"], city["reference"], city["score"])
 
 
 def test_brighter_images_alarm_on_the_image_and_its_channels(fam: dict[str, Any]) -> None:
     env: ModelEnv = fam["env"]
     fam["shift"]["cnn"] = 0.3
     found = wait_for(lambda: env.alarms("cnn"), 30, "a drift alarm on brighter images")
-    named = set(found[0]["features"]) - {"output"}
+    named = {n for n in found[0]["features"] if not n.startswith("output")}  # its answers may move too
     assert named and all(n.startswith("image") for n in named), found[0]  # the input that moved
     wait_for(lambda: {"image[c0]", "image[c1]", "image[c2]", "image.mean"} <= _in_alarm(env, "cnn"), 30,
              "every channel and the image mean in alarm")
@@ -126,7 +171,7 @@ def test_one_column_of_the_second_input_moves_and_the_alarm_names_it(fam: dict[s
     env: ModelEnv = fam["env"]
     fam["shift"]["two"] = 3.0
     found = wait_for(lambda: env.alarms("two"), 30, "a drift alarm on the moved column")
-    assert set(found[0]["features"]) - {"output"} == {"b.f1"}, found[0]
+    assert {n for n in found[0]["features"] if not n.startswith("output")} == {"b.f1"}, found[0]
 
 
 def test_a_regressors_output_drifts_with_the_input_it_depends_on(fam: dict[str, Any]) -> None:
@@ -135,3 +180,16 @@ def test_a_regressors_output_drifts_with_the_input_it_depends_on(fam: dict[str, 
     found = wait_for(lambda: env.alarms("reg"), 30, "a drift alarm on the shifted input")
     assert set(found[0]["features"]) & {"f1", "output.value"}, found[0]
     wait_for(lambda: {"f1", "output.value"} <= _in_alarm(env, "reg"), 30, "the input column and the output in alarm")
+
+
+def test_a_city_never_seen_in_training_alarms_and_the_alarm_names_it(fam: dict[str, Any]) -> None:
+    env: ModelEnv = fam["env"]
+    fam["shift"]["pipe"] = 0.3
+    found = wait_for(lambda: env.alarms("pipe"), 30, "a drift alarm on the new city")
+    assert "city" in found[0]["features"], found[0]
+    assert not {"x", "y"} & set(found[0]["features"]), found[0]  # the numeric columns did not move
+    city = found[0]["scores"]["city"]
+    assert "never seen in training" in city["detail"] and "'paris'" in city["detail"], city
+    assert city["p_value"] < 1e-6, city
+    view = next(f for f in env.view("pipe")["features"] if f["name"] == "city")
+    assert view["above"] > 0 and "paris" in view["unseen"], view
