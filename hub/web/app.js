@@ -340,18 +340,24 @@ async function viewDrift(model) {
   }
   const charts = v.features.map((f) => {
     const live = f.live.reduce((a, b) => a + b, 0) || 1;
-    const labels = f.edges.slice(0, -1).map((e) => fmt(e, 2));
+    const labels = f.labels || f.edges.slice(0, -1).map((e) => fmt(e, 2));  // a category feature names its bins
     const s = f.score;
+    const unseen = Object.entries(f.unseen || {}).map(([k, n]) => `${k} (${n})`).join(", ");
+    const outside = f.labels
+      ? (f.above || f.nan ? `never seen in training ${f.above}${unseen ? `: ${unseen}` : ""}, missing ${f.nan}` : null)
+      : (f.below || f.above || f.nan ? `below the reference range ${f.below}, above ${f.above}, NaN ${f.nan}` : null);
     const hist = v.history.map((h) => (h.features[f.name] ? h.features[f.name].psi : null));
     return el("div", { class: "panel feature", "data-feature": f.name },
-      el("h2", {}, `${f.name} `, s ? pill(s.state) : null, s ? el("span", { class: "muted" }, ` PSI ${fmt(s.psi)} · JS ${fmt(s.js)} · KS ${fmt(s.ks)}`) : null),
+      el("h2", {}, `${f.name} `, s ? pill(s.state) : null, s ? el("span", { class: "muted" }, ` PSI ${fmt(s.psi)} · JS ${fmt(s.js)} · ` +
+        (s.p_value !== undefined ? `χ² p ${fmt(s.p_value, 4)}` : `KS ${fmt(s.ks)}`)) : null),
+      s && s.detail ? el("p", { class: "muted" }, s.detail) : null,
       barChart(labels, [{ name: "reference", values: f.reference, color: "#9aa4b5" }, { name: "live", values: f.live.map((c) => c / live), color: "#2f6fde" }],
         { label: `histogram of ${f.name}` }),
       lineChart([{ name: "PSI per bucket", values: hist }, { name: "JS", values: v.history.map((h) => (h.features[f.name] ? h.features[f.name].js : null)) },
         { name: "KS", values: v.history.map((h) => (h.features[f.name] ? h.features[f.name].ks : null)) }],
       { thresholds: [{ value: v.thresholds.warn, color: "#d98b00" }, { value: v.thresholds.alarm, color: "#c9372c" }], min_max: v.thresholds.alarm * 1.2,
         xlabels: v.history.map((h) => h.time.slice(11, 19)), label: `scores of ${f.name}` }),
-      f.below || f.above || f.nan ? el("p", { class: "muted" }, `below the reference range ${f.below}, above ${f.above}, NaN ${f.nan}`) : null);
+      outside ? el("p", { class: "muted" }, outside) : null);
   });
   return [
     el("h1", {}, `Drift: ${v.model} ${v.version} `, pill(v.state || "ok")), picker,
