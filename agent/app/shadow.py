@@ -7,6 +7,12 @@
   on every request of the model (split choice, shadow offer) and the local guard that drops the
   candidate at once when it errors, returns NaN/inf or breaks its limits.
 
+Replays batch requests of any input signature: several named inputs, N-D inputs (images as
+N x C x H x W), and string inputs (``tensor(string)``, unicode arrays of any length). Requests
+whose inputs concatenate go to the candidate in one call; the others are grouped by signature
+(names, dtypes, trailing shapes). The stable's outputs are concatenated alike and compared by
+:func:`agent.core.canary.compare_outputs`, per output family.
+
 The statistics they feed and the verdicts they act on are the pure :mod:`agent.core.canary`.
 """
 
@@ -277,8 +283,10 @@ def _concat(values: list[Any]) -> Any:
 
 def _stack(group: list[_Item]) -> dict[str, Array] | None:
     """The group's inputs concatenated along the batch axis (one C call per input), or ``None``
-    when they do not concatenate as they are (other names or trailing shapes, or dtypes that
-    numpy would have to convert)."""
+    when they do not concatenate as they are (other names, ranks or trailing shapes, or dtypes
+    that numpy would have to convert). Strings of different lengths (``<U5`` and ``<U9``, as the
+    model server hands out ``tensor(string)`` inputs) are one type: they concatenate to the
+    longest, which changes no value."""
     first = group[0][0]
     if len(group) == 1:
         return first
@@ -286,13 +294,23 @@ def _stack(group: list[_Item]) -> dict[str, Array] | None:
         feeds = {k: np.concatenate([f[k] for f, _, _ in group]) for k in first}
     except (KeyError, ValueError, TypeError):
         return None
-    if any(feeds[k].dtype != v.dtype for k, v in first.items()):
-        return None
+    for k, v in first.items():
+        got = feeds[k].dtype
+        if got != v.dtype and not (got.kind == v.dtype.kind and got.kind in "US"):
+            return None
     return feeds
 
 
+def _dtype_key(a: Array) -> str:
+    """A dtype as a batch sees it: strings by kind (any length), everything else exactly."""
+    dt = np.asarray(a).dtype
+    return dt.kind if dt.kind in "US" else dt.str
+
+
 def _signature(it: _Item) -> tuple[Any, ...]:
-    return tuple((k, np.asarray(v).dtype.str, np.asarray(v).shape[1:]) for k, v in sorted(it[0].items()))
+    """What must match for requests to share one candidate call: the input names, each input's
+    dtype (:func:`_dtype_key`), rank and trailing shape (N-D inputs such as N x 3 x H x W too)."""
+    return tuple((k, _dtype_key(v), np.shape(v)[1:]) for k, v in sorted(it[0].items()))
 
 
 def _groups(items: list[_Item]) -> list[list[_Item]]:

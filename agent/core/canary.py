@@ -3,11 +3,17 @@
 Pure core (no threads, no wall clock; a clock is passed in where time is measured):
 
 * :func:`compare_outputs` - agreement and distance between the stable's and the candidate's
-  outputs on the same input rows.
+  outputs on the same input rows, per output family: labels by agreement, probability rows by
+  total variation, other floats (regression values, N-D outputs) by relative L1.
 * :class:`CanaryStats` - per-window counters (reset by :meth:`CanaryStats.window`) and bounded
   cumulative totals the local guard judges (:func:`local_verdict`).
 * :func:`load_preflight` / :func:`run_preflight` - the signed preflight set (an untrusted ``.npz``)
-  and the checks a candidate passes before it may shadow or serve.
+  and the checks a candidate passes before it may shadow or serve. The set holds its inputs as
+  one ``input`` table (float32 N x F, for a model whose only input is that table: what every
+  agent reads) or as one ``input:<onnx input name>`` array per model input (any rank; numbers in
+  the model's dtype, strings as unicode ``U`` arrays; the same N rows each), never both; and
+  its expected values as ``output:<onnx output name>`` arrays: labels (integers or strings) must
+  agree, floats must be ``allclose``. No object arrays, no pickles.
 
 Thin adapters around it (threads live only here):
 
@@ -46,10 +52,15 @@ from edgefleet.agent.core.telemetry import latency_summary
 
 __all__ = [
     "MODES",
+    "PREFLIGHT_DTYPES",
+    "PREFLIGHT_INPUT",
+    "PREFLIGHT_INPUT_PREFIX",
+    "PREFLIGHT_OUTPUT_PREFIX",
     "CanaryLimits",
     "CanarySpec",
     "CanaryStats",
     "PreflightFailed",
+    "PreflightMismatch",
     "PreflightParams",
     "PreflightRejected",
     "PreflightResult",
@@ -60,6 +71,8 @@ __all__ = [
     "latency_summary",
     "load_preflight",
     "local_verdict",
+    "preflight_feeds",
+    "preflight_rows",
     "quantile_bounds",
     "row_count",
     "run_preflight",
@@ -161,16 +174,47 @@ def row_count(a: Array) -> int:
     return int(a.shape[0]) if a.ndim else 1
 
 
-def _pick(outputs: Outputs) -> tuple[Array | None, Array | None]:
-    """The label output (integers or strings, one per row) and the score output (floats)."""
-    label = score = None
+_LABEL_KINDS = "iuUSOb"  # integers, bools and strings (ONNX Runtime returns strings as objects)
+
+
+def _pick(outputs: Outputs) -> tuple[list[Array], list[Array]]:
+    """Every output as per-row arrays, by family, in the outputs' order: labels (integers, bools
+    or strings: 1-D with one per row, or N x k when a row has several) and floats (N x k: ``[N]``
+    becomes N x 1 and an N-D output such as N x C x H x W is reshaped per row). Outputs of other
+    dtypes are left out."""
+    labels: list[Array] = []
+    floats: list[Array] = []
     for value in outputs.values():
         a = _as_array(value)
-        if label is None and a.dtype.kind in "iuUSOb" and (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):
-            label = a.reshape(-1)
-        elif score is None and a.dtype.kind == "f":
-            score = a.reshape(row_count(a), -1) if a.ndim else a.reshape(1, 1)
-    return label, score
+        kind = a.dtype.kind
+        if kind == "f":
+            floats.append(a.reshape(row_count(a), -1) if a.ndim != 2 else a)
+        elif kind in _LABEL_KINDS:
+            if a.ndim != 1:
+                a = a.reshape(row_count(a), -1)
+                if a.shape[1] == 1:
+                    a = a.reshape(-1)
+            labels.append(a)
+    return labels, floats
+
+
+def _scores(outputs: Outputs, picked: Array) -> bool:
+    """Whether ``picked`` (a float output read per row) is an ``[N, K]`` output as the model gave
+    it: class scores or logits (a classifier exported without a label output), judged by the
+    class they pick, not by their values. ``[N]``, ``[N, 1]`` and N-D outputs are values."""
+    for value in outputs.values():
+        a = value if isinstance(value, np.ndarray) else None
+        if a is not None and a.shape == picked.shape:
+            return a.ndim == 2
+    return False  # reshaped from N-D (or [N]): values
+
+
+def _class_label(labels: list[Array]) -> Array | None:
+    """The first output with one label per row: what the window counts classes of."""
+    for a in labels:
+        if a.ndim == 1:
+            return a
+    return None
 
 
 def _is_distribution(a: Array) -> bool:
@@ -184,7 +228,7 @@ def _is_distribution(a: Array) -> bool:
 
 
 def _equal(a: Array, b: Array) -> Array:
-    """Row-wise label equality across dtypes (int32 vs int64, bool vs int, str vs str)."""
+    """Element-wise label equality across dtypes (int32 vs int64, bool vs int, str vs str)."""
     if a.dtype == b.dtype:
         return np.asarray(a == b)
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
@@ -204,11 +248,27 @@ def has_nonfinite(outputs: Outputs) -> bool:
 def compare_outputs(stable: Outputs, cand: Outputs) -> tuple[int, int, float]:
     """Compare two answers on the same ``n`` input rows; return ``(agreed, n, distance_sum)``.
 
-    Agreement per row: equal labels when both have a label output, else equal argmax of a score
-    matrix with several columns, else (regressors) a relative distance of at most
-    :data:`REGRESSION_AGREEMENT`. Distance per row: total variation between probability rows,
-    ``|a-b| / (|a|+|b|)`` (L1) between other score rows, or 1 per disagreeing label when only
-    labels exist. Outputs of different shape count as n disagreeing rows at distance 1.
+    Outputs are paired by name when both answers have the same output names, else by family and
+    order (the i-th label output with the i-th label output, the i-th float with the i-th float).
+    Each output is read per row (:func:`_pick`) and judged by its family:
+
+    * labels (integers, bools, strings; several per row too): a row agrees when every value is equal;
+    * probability rows (floats in [0, 1] summing to 1, on both sides): distance is the total
+      variation ``sum|a-b| / 2``, a row agrees when the argmax is the same;
+    * any other float output (regression values ``[N]`` or ``[N, 1]``, N-D outputs reshaped per
+      row, scores that are not distributions): distance is the relative L1
+      ``sum|a-b| / (sum|a| + sum|b|)``, a row agrees when that is at most
+      :data:`REGRESSION_AGREEMENT` - except an ``[N, K]`` output (K > 1) of a model without
+      labels, class scores or logits (a classifier exported with no label output), whose row
+      agrees when the argmax is the same, as for probabilities: a retrained classifier's logits
+      always differ, its classes should not.
+
+    A row agrees when all its label outputs agree; a model without labels agrees when every float
+    output agrees. A row's distance is the largest over its float outputs (NaN distances are
+    ignored), or 1 per disagreeing row when there are only labels. Outputs whose row count is not
+    ``n`` (taken from the first label output, else the first float output) are left out. An output
+    whose shape differs between the two, or nothing comparable at all, counts as ``n``
+    disagreeing rows at distance 1.
     """
     agreed, n, dist, _ = _compare(stable, cand)
     return agreed, n, dist
@@ -217,29 +277,50 @@ def compare_outputs(stable: Outputs, cand: Outputs) -> tuple[int, int, float]:
 def _compare(stable: Outputs, cand: Outputs) -> tuple[int, int, float, Array | None]:
     """:func:`compare_outputs`, and the candidate's label output (kept for the window's class
     counts) so that the shadow thread picks the outputs apart once."""
-    s_label, s_score = _pick(stable)
-    c_label, c_score = _pick(cand)
-    n = len(s_label) if s_label is not None else (row_count(s_score) if s_score is not None else 0)
+    if len(stable) > 1 and stable.keys() == cand.keys() and list(stable) != list(cand):
+        cand = {k: cand[k] for k in stable}  # same names in another order: pair them by name
+    s_labels, s_floats = _pick(stable)
+    c_labels, c_floats = _pick(cand)
+    c_label = _class_label(c_labels) if c_labels else None
+    n = len(s_labels[0]) if s_labels else (len(s_floats[0]) if s_floats else 0)
     if n == 0:
         return 0, 0, 0.0, c_label
     agree: Array | None = None
-    if s_label is not None and c_label is not None:
-        if s_label.shape != c_label.shape:
-            return 0, n, float(n), c_label
-        agree = _equal(s_label, c_label)
+    if s_labels and c_labels:
+        for s, c in zip(s_labels, c_labels, strict=False):
+            if len(s) != n:
+                continue
+            if s.shape != c.shape:
+                return 0, n, float(n), c_label
+            eq = _equal(s, c)
+            if eq.ndim > 1:
+                eq = np.asarray(eq.all(axis=1))
+            agree = eq if agree is None else agree & eq
     dist: Array | None = None
-    if s_score is not None and c_score is not None:
-        if s_score.shape != c_score.shape:
-            return 0, n, float(n), c_label
-        a, b = s_score.astype(np.float64), c_score.astype(np.float64)
-        if _is_distribution(a) and _is_distribution(b):
-            dist = 0.5 * np.abs(a - b).sum(axis=1)
-        else:
-            denom = np.abs(a).sum(axis=1) + np.abs(b).sum(axis=1)
-            diff = np.abs(a - b).sum(axis=1)
-            dist = np.divide(diff, denom, out=np.zeros_like(diff), where=denom > 0)
-        if agree is None:
-            agree = a.argmax(axis=1) == b.argmax(axis=1) if a.shape[1] > 1 else dist <= REGRESSION_AGREEMENT
+    if s_floats and c_floats:
+        labelled = agree is not None
+        for s, c in zip(s_floats, c_floats, strict=False):
+            if len(s) != n:
+                continue
+            if s.shape != c.shape:
+                return 0, n, float(n), c_label
+            a, b = s.astype(np.float64), c.astype(np.float64)
+            if _is_distribution(a) and _is_distribution(b):
+                d = 0.5 * np.abs(a - b).sum(axis=1)
+                ok = None if labelled else a.argmax(axis=1) == b.argmax(axis=1)
+            else:
+                denom = np.abs(a).sum(axis=1) + np.abs(b).sum(axis=1)
+                diff = np.abs(a - b).sum(axis=1)
+                d = np.divide(diff, denom, out=np.zeros_like(diff), where=denom > 0)
+                if labelled:
+                    ok = None
+                elif a.shape[1] > 1 and _scores(stable, s):  # logits or scores of classes: the class
+                    ok = a.argmax(axis=1) == b.argmax(axis=1)
+                else:
+                    ok = d <= REGRESSION_AGREEMENT
+            dist = d if dist is None else np.fmax(dist, d)
+            if ok is not None:
+                agree = ok if agree is None else agree & ok
     if agree is None:
         return 0, n, float(n), c_label  # nothing comparable: the candidate answers in another shape
     if dist is None:
@@ -343,7 +424,7 @@ class CanaryStats:
         self._pair_logs: list[float] = []  # log(candidate / stable) per paired batch
 
     def _keep_labels(self, outputs: Outputs) -> None:
-        label, _ = _pick(outputs)
+        label = _class_label(_pick(outputs)[0])
         if label is not None and len(self._labels) < 4096:
             self._labels.append(label)
 
@@ -578,10 +659,42 @@ def local_verdict(t: Totals, limits: CanaryLimits) -> Verdict | None:
 # --- preflight ----------------------------------------------------------------------------------
 
 
+# The preflight set's arrays (the .npz's names; see :func:`load_preflight`).
+PREFLIGHT_INPUT = "input"  # the legacy form: float32 N x F, fed to the model's only input
+PREFLIGHT_INPUT_PREFIX = "input:"  # one per model input: ``input:<onnx input name>``
+PREFLIGHT_OUTPUT_PREFIX = "output:"  # expected values: ``output:<onnx output name>``
+
+# How a preflight set stores each ONNX Runtime input type (numpy dtypes; strings as unicode ``U``
+# arrays, which ``np.savez`` writes without pickles). :func:`preflight_feeds` feeds strings to
+# ONNX Runtime as object arrays of ``str``.
+PREFLIGHT_DTYPES: Mapping[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": np.str_,
+}
+
+
 class PreflightRejected(Refused):
     """The preflight blob is not a usable preflight set."""
 
     reason = "preflight_blob"
+
+
+class PreflightMismatch(Refused):
+    """The preflight set's inputs do not fit the model's: other names, or values that do not
+    convert to the model's input types."""
+
+    reason = "preflight_run"
 
 
 class PreflightFailed(Refused):
@@ -628,11 +741,24 @@ class Session(Protocol):
     def run(self, output_names: Any, input_feed: Any) -> Any: ...
 
 
-def load_preflight(data: bytes) -> dict[str, Array]:
-    """Read a preflight ``.npz`` (untrusted even though its hash is signed: no pickles).
+def _describe(a: Array) -> str:
+    return f"{a.dtype} {list(a.shape)}"
 
-    Returns ``input`` (2-D numeric) and every ``output:<name>`` array; raises
-    :class:`PreflightRejected` otherwise."""
+
+def load_preflight(data: bytes) -> dict[str, Array]:
+    """Read a preflight ``.npz`` (untrusted even though its hash is signed: no pickles, and at
+    most :data:`MAX_PREFLIGHT_BYTES` once expanded).
+
+    A set holds its inputs in one of two forms, never both:
+
+    * ``input``: a non-empty numeric N x F table for a model whose only input is that table (the
+      form every agent reads; it goes to the model's only input);
+    * ``input:<onnx input name>``, one per model input: any rank, numeric (integers, floats,
+      bools) or strings (unicode ``U`` arrays), all with the same number of rows N.
+
+    and its expected values as ``output:<onnx output name>`` arrays: one row per input row,
+    numbers, bools or strings. Returns the arrays by name; raises :class:`PreflightRejected`
+    saying what was expected and what came."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             expanded = sum(info.file_size for info in zf.infolist())
@@ -646,17 +772,85 @@ def load_preflight(data: bytes) -> dict[str, Array]:
             arrays = {k: np.asarray(z[k]) for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as exc:
         raise PreflightRejected(f"the preflight blob is not a readable .npz without pickles: {exc}") from exc
-    x = arrays.get("input")
-    if x is None:
-        raise PreflightRejected(f"the preflight set has no 'input' array (has {sorted(arrays)})")
-    if x.ndim != 2 or x.dtype.kind not in "fiu" or x.shape[0] < 1:
-        raise PreflightRejected(f"preflight 'input' must be a non-empty numeric N x F array, got {x.dtype} {x.shape}")
+    named = {k: v for k, v in arrays.items() if k.startswith(PREFLIGHT_INPUT_PREFIX)}
+    legacy = arrays.get(PREFLIGHT_INPUT)
+    if legacy is not None and named:
+        raise PreflightRejected(f"the preflight set has both 'input' and {sorted(named)}: expected either one "
+                                "'input' table or one 'input:<name>' array per model input")
+    if legacy is not None:
+        if legacy.ndim != 2 or legacy.dtype.kind not in "fiu" or legacy.shape[0] < 1:
+            raise PreflightRejected(f"preflight 'input' must be a non-empty numeric N x F array, "
+                                    f"got {_describe(legacy)}")
+        rows = legacy.shape[0]
+    elif named:
+        for k, v in named.items():
+            if k == PREFLIGHT_INPUT_PREFIX:
+                raise PreflightRejected("preflight input array 'input:' names no model input")
+            if v.ndim < 1 or v.shape[0] < 1 or v.dtype.kind not in "fiubU":
+                raise PreflightRejected(f"preflight {k!r} must be a non-empty array of numbers, bools or strings "
+                                        f"with one row per example, got {_describe(v)}")
+        counts = {k: int(v.shape[0]) for k, v in named.items()}
+        if len(set(counts.values())) > 1:
+            raise PreflightRejected(f"preflight inputs must all have the same number of rows, got {counts}")
+        rows = next(iter(counts.values()))
+    else:
+        raise PreflightRejected(f"the preflight set has no 'input' or 'input:<name>' array (has {sorted(arrays)})")
     for k, v in arrays.items():
-        if k != "input" and not k.startswith("output:"):
-            raise PreflightRejected(f"unexpected array {k!r} in the preflight set (expected input, output:<name>)")
-        if k != "input" and (v.shape[:1] != x.shape[:1] or v.dtype.kind not in "fiubU"):
-            raise PreflightRejected(f"preflight {k!r} must have one numeric row per input row, got {v.dtype} {v.shape}")
+        if k == PREFLIGHT_INPUT or k in named:
+            continue
+        if not k.startswith(PREFLIGHT_OUTPUT_PREFIX) or k == PREFLIGHT_OUTPUT_PREFIX:
+            raise PreflightRejected(f"unexpected array {k!r} in the preflight set "
+                                    "(expected input or input:<name>, and output:<name>)")
+        if v.shape[:1] != (rows,) or v.dtype.kind not in "fiubU":
+            raise PreflightRejected(f"preflight {k!r} must have one row of numbers, bools or strings per input "
+                                    f"row ({rows}), got {_describe(v)}")
     return arrays
+
+
+def preflight_rows(arrays: Mapping[str, Array]) -> int:
+    """The number of input rows in a set :func:`load_preflight` accepted."""
+    for k, v in arrays.items():
+        if k == PREFLIGHT_INPUT or k.startswith(PREFLIGHT_INPUT_PREFIX):
+            return row_count(np.asarray(v))
+    return 0
+
+
+def preflight_feeds(arrays: Mapping[str, Array], inputs: Sequence[Any], rows: int | None = None) -> dict[str, Array]:
+    """The set's inputs (first ``rows`` rows) by the model's input names, each converted to its
+    input's type. ``inputs`` is ``session.get_inputs()`` (objects with ``name`` and ``type``).
+    The legacy ``input`` table goes to the model's only input; ``input:<name>`` arrays must name
+    exactly the model's inputs. Strings are fed as object arrays of ``str`` (what ONNX Runtime
+    takes for ``tensor(string)``). Raises :class:`PreflightMismatch` saying what differs."""
+    wanted = [str(i.name) for i in inputs]
+    if PREFLIGHT_INPUT in arrays:
+        if len(wanted) != 1:
+            raise PreflightMismatch(f"the preflight set has one input table 'input' for a model with one input; "
+                                    f"the candidate takes inputs {wanted}")
+        given = {wanted[0]: np.asarray(arrays[PREFLIGHT_INPUT])}
+    else:
+        given = {k[len(PREFLIGHT_INPUT_PREFIX):]: np.asarray(v) for k, v in arrays.items()
+                 if k.startswith(PREFLIGHT_INPUT_PREFIX)}
+        if sorted(given) != sorted(wanted):
+            raise PreflightMismatch(f"the preflight set has inputs {sorted(given)}; the candidate takes inputs "
+                                    f"{sorted(wanted)}")
+    feeds: dict[str, Array] = {}
+    for spec in inputs:
+        name, kind = str(spec.name), str(spec.type)
+        value = given[name][:rows] if rows is not None else given[name]
+        dtype = PREFLIGHT_DTYPES.get(kind)
+        if dtype is np.str_:
+            if value.dtype.kind != "U":
+                raise PreflightMismatch(f"input {name!r} is {kind}; the preflight set has {_describe(value)}, "
+                                        "expected strings")
+            feeds[name] = value.astype(object)
+        elif dtype is None or value.dtype == dtype:
+            feeds[name] = value  # a type preflight sets do not convert: ONNX Runtime judges it
+        else:
+            if value.dtype.kind not in "fiub":
+                raise PreflightMismatch(f"input {name!r} is {kind}; the preflight set has {_describe(value)}, "
+                                        "expected numbers")
+            feeds[name] = value.astype(dtype)
+    return feeds
 
 
 def run_preflight(
@@ -668,22 +862,28 @@ def run_preflight(
     clock: Callable[[], float],
     memory_mb: float | None = None,
 ) -> PreflightResult:
-    """Run the candidate on the preflight set one row at a time and check, in order: it runs
-    (``preflight_run``), no NaN/inf (``preflight_nan``), expected outputs within tolerance
-    (``preflight_outputs``) and label agreement (``preflight_labels``), p95 latency per call within
-    the profile's SLO (``preflight_latency``), and ``memory_mb`` (the session's measured footprint,
-    if the caller measured it) within the profile's budget (``preflight_memory``)."""
-    x = np.asarray(arrays["input"])
-    n = min(len(x), params.rows or len(x), MAX_PREFLIGHT_ROWS)
-    x = x[:n].astype(np.float32)
+    """Run the candidate on the preflight set one row at a time, every input fed by name
+    (:func:`preflight_feeds`), and check, in order: its inputs fit and it runs
+    (``preflight_run``), no NaN/inf (``preflight_nan``), expected float outputs within tolerance
+    (``preflight_outputs``) and label agreement, numbers or strings (``preflight_labels``), p95
+    latency per call within the profile's SLO (``preflight_latency``), and ``memory_mb`` (the
+    session's measured footprint, if the caller measured it) within the profile's budget
+    (``preflight_memory``)."""
+    n = min(preflight_rows(arrays), params.rows or MAX_PREFLIGHT_ROWS, MAX_PREFLIGHT_ROWS)
     inputs = session.get_inputs()
+    try:
+        feeds = preflight_feeds(arrays, inputs, n)
+    except PreflightMismatch as exc:
+        return PreflightResult(False, "preflight_run", f"the candidate cannot take the preflight inputs: {exc}",
+                               {"inputs": [str(i.name) for i in inputs]})
     out_names = [o.name for o in session.get_outputs()]
     collected: list[list[Array]] = [[] for _ in out_names]
     lat_ms: list[float] = []
     try:
         for i in range(n):
+            row = {k: v[i : i + 1] for k, v in feeds.items()}
             t0 = clock()
-            values = session.run(None, {inputs[0].name: x[i : i + 1]})
+            values = session.run(None, row)
             lat_ms.append((clock() - t0) * 1000.0)
             for j, v in enumerate(values):
                 collected[j].append(_as_array(v))
@@ -696,9 +896,9 @@ def run_preflight(
                                {"rows": n})
     details: dict[str, Any] = {"rows": n}
     for key, expected in arrays.items():
-        if not key.startswith("output:"):
+        if not key.startswith(PREFLIGHT_OUTPUT_PREFIX):
             continue
-        name, want = key[len("output:") :], np.asarray(expected)[:n]
+        name, want = key[len(PREFLIGHT_OUTPUT_PREFIX) :], np.asarray(expected)[:n]
         if name not in actual:
             return PreflightResult(False, "preflight_outputs",
                                    f"the preflight set checks output {name!r}, the candidate has {out_names}",
@@ -720,9 +920,10 @@ def run_preflight(
                                         "label_agreement": params.label_agreement})
         else:
             got = got.reshape(want.shape) if got.size == want.size else got
-            if got.shape != want.shape:
+            if got.shape != want.shape or got.dtype.kind not in "fiub":
                 return PreflightResult(False, "preflight_outputs",
-                                       f"output {name!r} has shape {got.shape}, expected {want.shape}", {"output": name})
+                                       f"output {name!r} is {_describe(got)}, expected numbers of shape "
+                                       f"{list(want.shape)}", {"output": name})
             diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
             details[f"max_abs_diff:{name}"] = diff
             if not np.allclose(got, want, rtol=params.rtol, atol=params.atol):
