@@ -58,8 +58,9 @@ class ModelEnv:
 
 @contextmanager
 def model_env(tmp: Path, procs: Procs, models: list[tuple[str, Path, Path]]) -> Iterator[ModelEnv]:
-    """Publish each ``(name, model file, reference)`` as ``name`` 1, deploy them all to one real
-    agent, wait until it runs them."""
+    """Publish each ``(name, model file, reference)`` as ``name`` 1 with the reference as its
+    preflight set too, deploy them all to one real agent, wait until it runs them (after their
+    preflight on the agent)."""
     (tmp / "broker").mkdir()
     broker = Broker(tmp / "broker")
     broker.start()
@@ -72,7 +73,9 @@ def model_env(tmp: Path, procs: Procs, models: list[tuple[str, Path, Path]]) -> 
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base}/healthz"), 30, "hub HTTP")
         for name, model, reference in models:
-            run_cli(CLI, "publish", str(model), "--name", name, "--version", "1", "--reference", str(reference), *h)
+            # the reference doubles as the preflight set: each agent runs it before it serves the model
+            run_cli(CLI, "publish", str(model), "--name", name, "--version", "1", "--reference", str(reference),
+                    "--preflight", str(reference), *h)
         agent = free_port()
         run_cli(CLI, "device", "add", "dev-1", *h, "--out", str(tmp / "dev-1"), "--listen", f"127.0.0.1:{agent}",
                 "--window", "0.5")
