@@ -23,7 +23,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from bench.common import Result, Row, interleaved_min_median, us
+from bench.common import Result, Row, interleaved_min_median, median_seconds, us
 from edgefleet.agent.app.recorder import Recorder
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.hub.core.drift import Policy, score_categories, score_histogram
@@ -95,17 +95,12 @@ def run(smoke: bool = False) -> Result:
             out = sess.run(None, f)
             rec.record(1e-4, f["city"], out[0], others={"x": f["x"], "y": f["y"]}, outputs=out)
         snap = rec.swap()
-        folds = []
-        for _ in range(3 if smoke else 15):
-            t0 = time.perf_counter()
-            window = fold(snap, ref)
-            folds.append(time.perf_counter() - t0)
-        fl = float(np.median(folds))
+        fl = median_seconds(lambda: fold(snap, ref), 3 if smoke else 15)
         model_window = t["bare"] * per_window
         res.add(Row(f"{batch} row(s): fold a window of {per_window} requests (off the request path)",
                     f"{fl * 1000:.2f} ms", f"{model_window * 1000:.2f} ms of model time for those requests",
                     f"{fl / model_window:.2f}×", "", None))
-    hists = {h["name"]: h for h in window.inputs}
+    hists = {h["name"]: h for h in fold(snap, ref).inputs}
     city, x = ref.categories[0], ref.features[0]
     score = interleaved_min_median(
         {"category": lambda: score_categories(city, hists["city"], Policy()),

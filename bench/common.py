@@ -68,6 +68,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    """The median wall time of ``rounds`` calls of ``fn`` (one call per round: work that is done
+    once per telemetry window, such as folding it)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def interleaved_min_median(fns: dict[str, Callable[[], object]], *, calls: int, rounds: int) -> dict[str, float]:
     """Per-call time of each fn: median over ``rounds`` of (batch of ``calls`` calls).
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from bench.common import Result, Row, interleaved_min_median, us
+from bench.common import Result, Row, interleaved_min_median, median_seconds, us
 from edgefleet.agent.app.recorder import Recorder
 from edgefleet.agent.core.telemetry import fold
 from edgefleet.hub.core.reference import compute_reference
@@ -62,12 +62,7 @@ def run(smoke: bool = False) -> Result:
         for _ in range(per_window):
             rec.record(1e-4, x, np.zeros(4, np.int64))
         snap = rec.swap()
-        folds = []
-        for _ in range(3 if smoke else 15):
-            t0 = time.perf_counter()
-            fold(snap, ref)
-            folds.append(time.perf_counter() - t0)
-        f = float(np.median(folds))
+        f = median_seconds(lambda: fold(snap, ref), 3 if smoke else 15)
         model_window = t["bare"] * per_window
         res.add(Row(f"{size}×{size}×3: fold a window of {per_window} requests (off the request path)",
                     f"{f * 1000:.2f} ms", f"{model_window * 1000:.2f} ms of model time for those requests",
