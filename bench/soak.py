@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -772,8 +773,11 @@ class Soak:
                         self.monitor.reported.get(d, {}).get("clf", ("?", ""))[0]) for d in DEVICES}
             sim_off = [d for d in self.sim_ids if self.monitor.last_desired.get(d, {}).get("clf") !=
                        self.monitor.reported.get(d, {}).get("clf", ("?", ""))[0]]
-        inv["converged"] = (settled and all(w == h for w, h in ends.values()) and not sim_off,
+        behind = self._retained_behind()
+        inv["converged"] = (settled and all(w == h for w, h in ends.values()) and not sim_off and not behind,
                             ", ".join(f"{d} on {h} (desired {w})" for d, (w, h) in ends.items())
+                            + (f"; the broker retains an older desired state than the hub's for {behind}" if behind
+                               else "; the broker retains every device's newest desired state")
                             + (f"; {len(self.sim_ids) - len(sim_off)} of {len(self.sim_ids)} simulated agents on "
                                f"their desired version ({self.sim_deploys_done} deploys to them)" if self.sim_ids else "")
                             + (f", off: {', '.join(sim_off[:5])}" if sim_off else ""))
@@ -785,6 +789,40 @@ class Soak:
         inv["recovery"] = (len(rec) == len(report.faults) and bool(report.faults),
                            f"{len(rec)} of {len(report.faults)} faults recovered within {self.recovery_limit:.0f} s; "
                            f"worst {worst:.1f} s")
+
+    def _retained_behind(self) -> list[str]:
+        """Devices whose retained desired state (what a device connecting now receives) is older
+        than the one the hub stored; a few seconds for the hub to correct a stale copy."""
+        db = sqlite3.connect(f"file:{self.home / 'hub.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            stored = {r[0]: int(r[1]) for r in db.execute("SELECT device, seq FROM desired").fetchall()}
+        finally:
+            db.close()
+        behind: list[str] = []
+        for _ in range(10):
+            seen: dict[str, int] = {}
+            done = threading.Event()
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"soak-retained-{time.monotonic_ns()}")  # type: ignore[attr-defined]
+
+            def take(_c: object, _u: object, msg: Any, seen: dict[str, int] = seen) -> None:
+                with contextlib.suppress(Exception):
+                    body = json.loads(base64.b64decode(json.loads(msg.payload)["payload"]))
+                    seen[msg.topic.split("/")[-2]] = int(body["seq"])
+
+            c.on_message = take
+            c.on_subscribe = lambda *_a: done.set()
+            c.connect("127.0.0.1", self.broker.port)
+            c.loop_start()
+            c.subscribe(f"{self.monitor.topics.root}devices/+/desired", 0)
+            done.wait(5)
+            time.sleep(1.0)  # retained messages follow the SUBACK
+            c.loop_stop()
+            c.disconnect()
+            behind = sorted(d for d, seq in stored.items() if seen.get(d, 0) < seq)
+            if not behind:
+                return []
+            time.sleep(1.0)
+        return behind
 
     def _telemetry(self) -> tuple[bool, str]:
         # every spooled window delivered first: the agents' spools drain once the hub has acked them

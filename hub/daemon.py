@@ -125,6 +125,21 @@ def _jetstream() -> Any:
     return jetstream
 
 
+DESIRED_SEEN_LIMIT = 100_000  # desired states read back from the broker awaiting the guard, at most
+
+
+def _desired_seq_of(payload: bytes) -> int:
+    """The ``seq`` of a desired-state envelope as the broker holds it, no signature checked (the
+    stored state is the hub's truth; this only says whether the broker's copy is older). An empty
+    (cleared) or unreadable copy counts as 0: older than any stored state."""
+    try:
+        body = json.loads(open_envelope(payload).payload)
+        seq = body.get("seq") if isinstance(body, dict) else None
+    except (MalformedMessage, ValueError):
+        return 0
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+
+
 class Hub:
     def __init__(
         self,
@@ -157,6 +172,10 @@ class Hub:
         self._known_at = 0.0
         self._ingest_links: list[IngestLink | JetStreamIngest] = []
         self._desired_publish = threading.Lock()  # desired states: read from the database and published as one step
+        # Desired states as the broker delivers them back to the hub (its own subscription): the
+        # guard re-publishes any device whose copy there is older than the stored one.
+        self._desired_seen: queue.Queue[tuple[str, bytes]] = queue.Queue(DESIRED_SEEN_LIMIT)
+        self.stale_desired_fixed = 0  # devices whose broker copy was older and was published again
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -244,9 +263,11 @@ class Hub:
         if self.share_group:
             subs = [(f"$share/{self.share_group}/{t}", q) for t, q in subs]
         opts = hub_link_options(self.home, self.config)
-        # Publishing (keyring, desired states, alerts): paho, a clean session of its own.
-        self.link = MqttLink(url=self.broker_url, client_id=f"{self._client_id}-pub", subscriptions=[],
-                             on_message=lambda topic, payload, retain: None, on_connect=self._on_connect, **opts)
+        # Publishing (keyring, desired states, alerts): paho, a clean session of its own. It also
+        # reads the desired states back (QoS 0: they are retained state), see _guard_desired.
+        self.link = MqttLink(url=self.broker_url, client_id=f"{self._client_id}-pub",
+                             subscriptions=[(self.topics.all_devices("desired"), 0)], on_message=self._on_desired_seen,
+                             on_connect=self._on_connect, **opts)
         self.link.start()
         # Receiving device messages: persistent sessions (with a persistent broker, telemetry
         # published while the hub is away, or the broker restarts, is queued for it instead of
@@ -271,7 +292,7 @@ class Hub:
         if self.metrics_http is not None:
             self.metrics_http.start()
         workers = [(f"hub-ingest-{i}" if i else "hub-ingest", self._ingest_loop) for i in range(self.ingest_workers)]
-        for name, target in (*workers, ("hub-main", self._main_loop)):
+        for name, target in (*workers, ("hub-main", self._main_loop), ("hub-desired-guard", self._guard_desired)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -346,6 +367,59 @@ class Hub:
         with self._desired_publish:
             for device, envelope in self.db.desired_envelopes():
                 self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
+
+    def _on_desired_seen(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A desired state as the broker delivered it (paho's thread: queue it, never block; when
+        the queue is full the next reconnect's re-publish still covers it)."""
+        with contextlib.suppress(queue.Full):
+            self._desired_seen.put_nowait((topic, payload))
+
+    def _guard_desired(self) -> None:
+        """Keep the broker's retained desired state of every device at the stored (newest) one.
+
+        QoS 1 means paho re-sends a publish the broker did not acknowledge before a connection
+        dropped, and it does so right after the reconnect's own fresh publishes: an older state
+        then lands after its successor and stays retained, and a device that connects later
+        receives it (seen in the soak). A broker restoring an older retained copy from its
+        persistence file would do the same. The hub subscribes to the desired topics, so every
+        state the broker takes, retained at subscribe or published, comes back here; the last one
+        seen per device in a batch is what the broker retains, and if its seq is below the stored
+        one, the controller publishes the stored state again (after the stale one, so it wins)."""
+        while not self._stop.is_set():
+            try:
+                first = self._desired_seen.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 10_000:
+                    batch.append(self._desired_seen.get_nowait())
+            if not self.leading:
+                continue
+            try:
+                self._republish_stale(batch)
+            except Exception:
+                log.exception("checking the broker's desired states failed")
+
+    def _republish_stale(self, batch: list[tuple[str, bytes]]) -> list[str]:
+        """Publish again every device of ``batch`` whose last seen state is older than the stored
+        one (or empty: a cleared retained copy); the devices published."""
+        last: dict[str, int] = {}
+        for topic, payload in batch:
+            parsed = self.topics.parse(topic)
+            if parsed is None or parsed[1] != "desired":
+                continue
+            last[parsed[0]] = _desired_seq_of(payload)
+        stale = []
+        for device, seen in last.items():
+            stored = self.db.desired_seq(device)
+            if seen < stored:
+                stale.append(device)
+                log.warning("the broker holds desired state seq %d for %s, the hub seq %d: publishing it again",
+                            seen, device, stored)
+                self.publish_desired(device)
+        self.stale_desired_fixed += len(stale)
+        return stale
 
     @property
     def ingest_connected(self) -> bool:

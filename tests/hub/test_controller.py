@@ -19,15 +19,18 @@ from tests.conftest import use_db
 from tests.simulator import tiny_model
 
 
-def _pair(target: Path | str) -> tuple[Database, Database, Controller, Controller]:
+def _pair(target: Path | str, lease: float = 3.0) -> tuple[Database, Database, Controller, Controller]:
+    """Two replicas' controllers on one database. ``lease``: 3 s for the tests that wait one out;
+    the others take a long one, so a loaded machine's pause between two steps never reads as a
+    dead leader (seen once in CI: the second replica ended the first one's sessions)."""
     a_db, b_db = Database(target, name="edgefleet-hub a:1"), Database(target, name="edgefleet-hub b:2")
-    a = Controller(a_db, "edgefleet-hub a:1", lease_seconds=3.0, interval=1.0)
-    b = Controller(b_db, "edgefleet-hub b:2", lease_seconds=3.0, interval=1.0)
+    a = Controller(a_db, "edgefleet-hub a:1", lease_seconds=lease, interval=1.0)
+    b = Controller(b_db, "edgefleet-hub b:2", lease_seconds=lease, interval=1.0)
     return a_db, b_db, a, b
 
 
 def test_one_leader_and_a_deposed_leader_cannot_write(db_target: Path | str) -> None:
-    a_db, b_db, a, b = _pair(db_target)
+    a_db, b_db, a, b = _pair(db_target, lease=120.0)
     try:
         a.step()
         b.step()
