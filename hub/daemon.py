@@ -125,6 +125,7 @@ def _jetstream() -> Any:
     return jetstream
 
 
+MAX_REFERENCE_BYTES = 1 << 20  # a version's reference, as JSON: desired states carry it to every device
 DESIRED_SEEN_LIMIT = 100_000  # desired states read back from the broker awaiting the guard, at most
 
 
@@ -174,8 +175,9 @@ class Hub:
         self._desired_publish = threading.Lock()  # desired states: read from the database and published as one step
         # Desired states as the broker delivers them back to the hub (its own subscription): the
         # guard re-publishes any device whose copy there is older than the stored one.
-        self._desired_seen: queue.Queue[tuple[str, bytes]] = queue.Queue(DESIRED_SEEN_LIMIT)
+        self._desired_seen: queue.Queue[tuple[str, int]] = queue.Queue(DESIRED_SEEN_LIMIT)  # (device, seq)
         self.stale_desired_fixed = 0  # devices whose broker copy was older and was published again
+        self.desired_checked = 0  # desired states read back from the broker and compared
         self.home = home
         self.config = home.config()
         self.broker_url = broker_url or self.config.broker_url
@@ -369,10 +371,17 @@ class Hub:
                 self.link.publish(self.topics.desired(device), envelope.encode(), qos=1, retain=True)
 
     def _on_desired_seen(self, topic: str, payload: bytes, retain: bool) -> None:
-        """A desired state as the broker delivered it (paho's thread: queue it, never block; when
-        the queue is full the next reconnect's re-publish still covers it)."""
+        """A desired state as the broker delivered it (paho's thread: never block). Only the
+        controller acts on them, so the other replicas stop here; the controller queues the
+        device and seq, not the payload (a reconnect brings every device's). When the queue is
+        full the next take-over or reconnect re-publishes every state anyway."""
+        if not self.leading:
+            return
+        parsed = self.topics.parse(topic)
+        if parsed is None or parsed[1] != "desired":
+            return
         with contextlib.suppress(queue.Full):
-            self._desired_seen.put_nowait((topic, payload))
+            self._desired_seen.put_nowait((parsed[0], _desired_seq_of(payload)))
 
     def _guard_desired(self) -> None:
         """Keep the broker's retained desired state of every device at the stored (newest) one.
@@ -401,15 +410,10 @@ class Hub:
             except Exception:
                 log.exception("checking the broker's desired states failed")
 
-    def _republish_stale(self, batch: list[tuple[str, bytes]]) -> list[str]:
-        """Publish again every device of ``batch`` whose last seen state is older than the stored
-        one (or empty: a cleared retained copy); the devices published."""
-        last: dict[str, int] = {}
-        for topic, payload in batch:
-            parsed = self.topics.parse(topic)
-            if parsed is None or parsed[1] != "desired":
-                continue
-            last[parsed[0]] = _desired_seq_of(payload)
+    def _republish_stale(self, batch: list[tuple[str, int]]) -> list[str]:
+        """Publish again every device of ``batch`` (device, seq seen) whose last seen state is
+        older than the stored one (or empty: a cleared retained copy); the devices published."""
+        last = dict(batch)  # the last seen per device: what the broker retains
         stale = []
         for device, seen in last.items():
             stored = self.db.desired_seq(device)
@@ -419,6 +423,7 @@ class Hub:
                             seen, device, stored)
                 self.publish_desired(device)
         self.stale_desired_fixed += len(stale)
+        self.desired_checked += len(batch)
         return stale
 
     @property
@@ -671,6 +676,10 @@ class Hub:
             raise BadRequest("model_b64 is empty: expected the ONNX model bytes")
         inputs, outputs = validate_onnx(data)
         reference = req.get("reference")
+        if reference is not None and len(canonical_json(reference)) > MAX_REFERENCE_BYTES:
+            raise BadRequest(f"reference: {len(canonical_json(reference)):,} bytes, at most {MAX_REFERENCE_BYTES:,}: "
+                             "every desired state carries it (and a message is at most 4 MiB); fewer bins, or "
+                             "leave free-text columns out of the reference")
         if reference is not None:
             try:
                 reference = Reference.from_dict(reference).to_dict()

@@ -77,6 +77,7 @@ class Recorder:
                         self._outputs.append(output)
                     if outputs is not None:
                         self._more.append(outputs)
+                        self._sampled_bytes += sum(getattr(o, "nbytes", 0) for o in outputs)
                     self._sampled_rows += n
                     self._sampled_bytes += rows.nbytes
                     for iname, value in (others or {}).items():

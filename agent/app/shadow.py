@@ -281,18 +281,27 @@ def _concat(values: list[Any]) -> Any:
         return np.concatenate([np.atleast_1d(np.asarray(v)) for v in values])
 
 
+MAX_STRING_BATCH_BYTES = 4 << 20  # a batched string input, padded, at most (else requests replay one by one)
+
+
 def _stack(group: list[_Item]) -> dict[str, Array] | None:
     """The group's inputs concatenated along the batch axis (one C call per input), or ``None``
     when they do not concatenate as they are (other names, ranks or trailing shapes, or dtypes
     that numpy would have to convert). Strings of different lengths (``<U5`` and ``<U9``, as the
     model server hands out ``tensor(string)`` inputs) are one type: they concatenate to the
-    longest, which changes no value."""
+    longest, which changes no value, unless that padding would pass
+    :data:`MAX_STRING_BATCH_BYTES` (one long string among short ones): then ``None``."""
     first = group[0][0]
     if len(group) == 1:
         return first
+    for k in (k for k, v in first.items() if v.dtype.kind in "US"):
+        parts = [f[k] for f, _, _ in group if k in f]  # a U array holds every row at the longest's size
+        if len(parts) < len(group) or sum(p.size for p in parts) * max(p.dtype.itemsize for p in parts) > \
+                MAX_STRING_BATCH_BYTES:
+            return None
     try:
         feeds = {k: np.concatenate([f[k] for f, _, _ in group]) for k in first}
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, MemoryError):
         return None
     for k, v in first.items():
         got = feeds[k].dtype

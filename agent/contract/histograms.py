@@ -14,12 +14,13 @@ import numpy.typing as npt
 
 from edgefleet.agent.contract.wire import FeatureReference
 
-__all__ = ["TENSOR_VALUES", "UNSEEN_CHARS", "UNSEEN_NAMES", "category_histogram", "category_text",
-           "feature_histogram", "tensor_stat"]
+__all__ = ["CATEGORY_CHARS", "TENSOR_VALUES", "UNSEEN_CHARS", "UNSEEN_NAMES", "category_counts",
+           "category_histogram", "category_text", "feature_histogram", "tensor_stat"]
 
 TENSOR_VALUES = 1 << 18  # values per channel histogram, at most (a stride through the samples)
 UNSEEN_NAMES = 8  # unseen categories a histogram names (the most frequent), at most
 UNSEEN_CHARS = 64  # characters of an unseen category kept in its name
+CATEGORY_CHARS = 256  # characters of a category both sides compare (a longer text is cut: free text, not a category)
 
 
 def feature_histogram(values: npt.NDArray[Any], edges: tuple[float, ...]) -> dict[str, Any]:
@@ -85,15 +86,33 @@ def tensor_stat(x: npt.NDArray[Any], feat: FeatureReference) -> npt.NDArray[np.f
 
 def category_text(value: Any) -> str | None:
     """A categorical value as the text both sides compare: ``str`` as it is, ``bytes`` decoded as
-    UTF-8 (OIP v2 ``BYTES``), numbers through ``str``; ``None``, ``""`` and NaN are missing."""
+    UTF-8 (OIP v2 ``BYTES``), numbers through ``str``, cut to :data:`CATEGORY_CHARS`; ``None``,
+    ``""`` and NaN are missing."""
     if value is None:
         return None
     if isinstance(value, bytes | np.bytes_):
         value = bytes(value).decode("utf-8", "replace")
     elif isinstance(value, float | np.floating) and value != value:  # NaN  # noqa: PLR0124
         return None
-    text = str(value)
+    text = str(value)[:CATEGORY_CHARS]
     return text or None
+
+
+def category_counts(values: npt.NDArray[Any]) -> dict[str | None, int]:
+    """How often each category text (:func:`category_text`; ``None``: missing) occurs in
+    ``values``: what the device's windows and the publisher's reference both count with. Counts
+    distinct values first (a ``Counter``, hashing in C: ~9x ``np.unique``'s sort of Python
+    strings), then turns each distinct value into its text once."""
+    flat = np.asarray(values, dtype=object).reshape(-1).tolist()
+    try:
+        tally: Mapping[Any, int] = Counter(flat)
+    except TypeError:  # an unhashable value (a list in an object array): text first, then count
+        tally = Counter(category_text(v) for v in flat)
+    out: dict[str | None, int] = {}
+    for v, c in tally.items():
+        text = category_text(v)
+        out[text] = out.get(text, 0) + int(c)
+    return out
 
 
 def category_histogram(values: npt.NDArray[Any], feat: FeatureReference) -> dict[str, Any]:
@@ -103,34 +122,27 @@ def category_histogram(values: npt.NDArray[Any], feat: FeatureReference) -> dict
     :data:`UNSEEN_NAMES` most frequent of them are named in ``unseen`` (text cut to
     :data:`UNSEEN_CHARS`); missing values count in ``nan``. When the reference could not list every
     training category (``extra["complete"]`` false) an unlisted value counts as "other": it may be
-    one of those. Counts distinct values first (a ``Counter``), then looks up each distinct value
-    once, so the Python work grows with the categories a window holds, not with its rows."""
+    one of those. With ``extra["name_unseen"]`` false (a column whose values are personal data)
+    unseen values are counted, never named. Counted with :func:`category_counts`, so the Python
+    work grows with the categories a window holds, not with its rows."""
     names: list[str] = list(feat.extra.get("categories") or [])
     index = {c: i for i, c in enumerate(names)}
     known = set(feat.extra.get("known") or ())
     complete = bool(feat.extra.get("complete", True))
+    name_unseen = bool(feat.extra.get("name_unseen", True))
     counts = [0] * (len(names) + 1)
     missing = unseen = 0
     new: dict[str, int] = {}
-    flat = np.asarray(values, dtype=object).reshape(-1)
-    if flat.size:
-        try:
-            tally: Mapping[Any, int] = Counter(flat.tolist())  # hashing in C: ~9x np.unique's sort of objects
-        except TypeError:  # an unhashable value (a list in an object array): as text
-            tally = Counter(str(v) for v in flat.tolist())
-        merged: dict[str | None, int] = {}
-        for v, c in tally.items():
-            text = category_text(v)
-            merged[text] = merged.get(text, 0) + int(c)
-        for text, c in merged.items():
-            if text is None:
-                missing += c
-            elif text in index:
-                counts[index[text]] += c
-            elif text in known or not complete:
-                counts[-1] += c
-            else:
-                unseen += c
+    for text, c in category_counts(values).items():
+        if text is None:
+            missing += c
+        elif text in index:
+            counts[index[text]] += c
+        elif text in known or not complete:
+            counts[-1] += c
+        else:
+            unseen += c
+            if name_unseen:
                 new[text[:UNSEEN_CHARS]] = new.get(text[:UNSEEN_CHARS], 0) + c
     out: dict[str, Any] = {"counts": counts, "below": 0, "above": unseen, "nan": missing}
     if new:

@@ -47,17 +47,20 @@ def _pipeline_final(obj: Any) -> Any | None:
     return steps[-1][1] if steps else None
 
 
-def gbm_to_onnx(estimator: Any, n_features: int) -> bytes | None:
+def gbm_to_onnx(estimator: Any, n_features: int, columns: dict[str, bool] | None = None) -> bytes | None:
     """ONNX bytes for a fitted LightGBM or XGBoost model (or a Pipeline ending in one); None for
-    any other object, which is then someone else's to convert. Raises BadRequest as the module says."""
+    any other object, which is then someone else's to convert. ``columns`` (name -> is text): a
+    Pipeline fitted on a DataFrame with text columns gets one input per column, as
+    :func:`edgefleet.hub.adapters.modelfile.sklearn_to_onnx` gives it. Raises BadRequest as the
+    module says."""
     family = _family(estimator)
     if family is not None:
-        return _convert_plain(estimator, family, n_features)
+        return None if columns else _convert_plain(estimator, family, n_features)
     final = _pipeline_final(estimator)
     if final is not None:
         family = _family(final)
         if family is not None:
-            return _convert_pipeline(estimator, final, family, n_features)
+            return _convert_pipeline(estimator, final, family, n_features, columns)
     return None
 
 
@@ -100,13 +103,14 @@ def _convert_plain(estimator: Any, family: str, n_features: int) -> bytes:
     return data
 
 
-def _convert_pipeline(pipeline: Any, final: Any, family: str, n_features: int) -> bytes:
+def _convert_pipeline(pipeline: Any, final: Any, family: str, n_features: int,
+                      columns: dict[str, bool] | None = None) -> bytes:
     """skl2onnx converts the Pipeline; onnxmltools' converter is registered for the final step's
     class (skl2onnx's own recipe, its example "Convert a pipeline with a LightGBM classifier").
     The registration is process-wide and idempotent: the same class gets the same converter."""
     _onnxmltools(final)
     from skl2onnx import get_latest_tested_opset_version, to_onnx, update_registered_converter
-    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     from skl2onnx.common.shape_calculator import (
         calculate_linear_classifier_output_shapes,
         calculate_linear_regressor_output_shapes,
@@ -131,7 +135,11 @@ def _convert_pipeline(pipeline: Any, final: Any, family: str, n_features: int) -
         )
     try:
         # onnxmltools' tree converters write ai.onnx.ml up to version 3, skl2onnx would ask for 5
-        onx = to_onnx(pipeline, initial_types=[("input", FloatTensorType([None, n_features]))],
+        initial: list[tuple[str, Any]] = [("input", FloatTensorType([None, n_features]))]
+        if columns:
+            initial = [(name, StringTensorType([None, 1]) if text else FloatTensorType([None, 1]))
+                       for name, text in columns.items()]
+        onx = to_onnx(pipeline, initial_types=initial,
                       options=options or None,
                       target_opset={"": get_latest_tested_opset_version(), "ai.onnx.ml": 3})
     except Exception as exc:

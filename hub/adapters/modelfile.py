@@ -40,6 +40,7 @@ from edgefleet.hub.core.reference import (  # re-exported: the publish path's na
 from edgefleet.hub.errors import BadRequest
 
 __all__ = [
+    "as_numbers",
     "channel_axis",
     "compute_inputs_reference",
     "compute_reference",
@@ -133,6 +134,9 @@ def load_model_file(path: Path, n_features: int | None = None, estimator: Any | 
             raise BadRequest(f"cannot read model file {path}: {exc}") from exc
     source = f"sklearn:{type(est).__module__}.{type(est).__name__}"
     if columns:
+        converted = gbm_to_onnx(est, len(columns), columns)  # a Pipeline ending in LightGBM/XGBoost
+        if converted is not None:
+            return converted, f"onnxmltools:{type(est).__module__}.{type(est).__name__}"
         return sklearn_to_onnx(est, len(columns), columns), source
     n = n_features or getattr(est, "n_features_in_", None)
     if not n:
@@ -145,17 +149,19 @@ def load_model_file(path: Path, n_features: int | None = None, estimator: Any | 
 
 def estimator_columns(estimator: Any, arrays: dict[str, npt.NDArray[Any]], named: bool,
                       fname: str) -> dict[str, bool] | None:
-    """The columns to convert ``estimator`` with, one input each (name -> is text), when its data
-    has text columns: the estimator's own ``feature_names_in_`` (a DataFrame's columns at fit) in
-    their order, else the file's. None for all-numeric data (one float input, as before)."""
-    if not named or not any(is_text(a) for a in arrays.values()):
+    """The columns to convert ``estimator`` with, one input each (name -> is text), when the
+    columns it takes hold text (a column is text when some cell is not a number): the estimator's
+    own ``feature_names_in_`` (a DataFrame's columns at fit) in their order, else the file's. None
+    for all-numeric data (one float input, as before)."""
+    if not named:
         return None
     fitted = getattr(estimator, "feature_names_in_", None)
     names = [str(n) for n in fitted] if fitted is not None else list(arrays)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise BadRequest(f"{fname}: {type(estimator).__name__} was fitted on columns {names}; the file lacks {missing}")
-    return {n: is_text(arrays[n]) for n in names}
+    text = {n: as_numbers(arrays[n]) is None for n in names}
+    return text if any(text.values()) else None
 
 
 def validate_onnx(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -217,6 +223,9 @@ def read_data(path: Path) -> tuple[dict[str, npt.NDArray[Any]], str, bool]:
         raise BadRequest(f"cannot read {path.name} as {suffix} data: {exc}") from exc
     raise BadRequest(f"{path.name}: data must be .npy, .npz, .csv or .parquet, got {path.suffix!r}")
 def _read_csv(text: str, fname: str) -> tuple[dict[str, npt.NDArray[Any]], bool]:
+    """Named columns as text (``None`` for an empty cell), each cell as written: whether a column
+    is numbers or categories is the model's to say (``"02134"`` is a postcode to a string input,
+    2134.0 to a float one; see :func:`match_inputs`). Without a header, one numeric table."""
     rows = [r for r in csv.reader(io.StringIO(text)) if r]
     if not rows:
         raise BadRequest(f"{fname} is empty")
@@ -231,15 +240,31 @@ def _read_csv(text: str, fname: str) -> tuple[dict[str, npt.NDArray[Any]], bool]
     names = [h.strip() for h in rows[0]]
     if len(set(names)) != len(names) or not all(names):
         raise BadRequest(f"{fname}: the header row needs distinct, non-empty column names, got {names}")
-    columns: dict[str, npt.NDArray[Any]] = {}
-    for j, name in enumerate(names):
-        cells = [r[j].strip() for r in body]
-        numbers = [_number(c) if c else math.nan for c in cells]
-        if all(v is not None for v in numbers):
-            columns[name] = np.asarray(numbers, dtype=np.float64)
-        else:
-            columns[name] = np.asarray([c or None for c in cells], dtype=object)
-    return columns, True
+    return {name: np.asarray([r[j] or None for r in body], dtype=object) for j, name in enumerate(names)}, True
+
+
+def as_numbers(a: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
+    """A column as float64 (missing cells NaN), or None when some cell is not a number."""
+    if not is_text(a):
+        return np.asarray(a, dtype=np.float64)
+    out = np.empty(a.shape, dtype=np.float64)
+    flat = out.reshape(-1)
+    for i, v in enumerate(np.asarray(a, dtype=object).reshape(-1).tolist()):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            flat[i] = math.nan
+            continue
+        number = _number(v) if isinstance(v, str) else None
+        if number is None:
+            return None
+        flat[i] = number
+    return out
+
+
+def _first_text(a: npt.NDArray[Any]) -> str:
+    for v in np.asarray(a, dtype=object).reshape(-1).tolist():
+        if v is not None and (not isinstance(v, str) or _number(v) is None):
+            return repr(v)
+    return "?"
 
 
 def _number(text: str) -> float | None:
@@ -271,56 +296,80 @@ def is_text(a: npt.NDArray[Any]) -> bool:
     return np.asarray(a).dtype.kind in "OUS"
 
 
-def model_inputs(data: bytes) -> list[tuple[str, str]]:
-    """The model's inputs as ``(name, ONNX Runtime type)``, in order."""
+def model_inputs(data: bytes) -> list[tuple[str, str, int | None]]:
+    """The model's inputs as ``(name, ONNX Runtime type, width)`` in order; ``width`` is the
+    fixed second dimension of a 2-D input (a table's column count), else None."""
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return [(i.name, str(i.type)) for i in sess.get_inputs()]
+    return [(i.name, str(i.type), i.shape[1] if len(i.shape) == 2 and isinstance(i.shape[1], int) else None)
+            for i in sess.get_inputs()]
 
 
-def match_inputs(arrays: dict[str, npt.NDArray[Any]], named: bool, inputs: list[tuple[str, str]],
-                 fname: str) -> dict[str, npt.NDArray[Any]]:
-    """The data as one array per model input, by name:
+def match_inputs(arrays: dict[str, npt.NDArray[Any]], named: bool, inputs: list[tuple[str, str, int | None]],
+                 fname: str, order: list[str] | None = None) -> dict[str, npt.NDArray[Any]]:
+    """The data as one array per model input, by name, in the type each input takes:
 
     * one unnamed array (``.npy``, a CSV without header) feeds a model with one input;
     * named arrays whose names include every model input feed them by name (a model converted
       from a DataFrame has one ``[N, 1]`` input per column; 1-D columns become ``[N, 1]``);
       an ``.npz`` must hold exactly the model's inputs;
-    * named numeric columns feed a model with one input as a table, in the file's order.
+    * named numeric columns feed a model with one input as a table: the columns ``order`` names
+      (a scikit-learn estimator's ``feature_names_in_``) in that order, else every column of the
+      file in its order, which must then be as many as the input's width.
 
-    Every input needs the same number of samples, at least 2."""
-    names = [n for n, _ in inputs]
+    A string input takes the column's text; a numeric one its numbers (a CSV cell that is not a
+    number is refused, naming the column and the cell). Every input needs the same number of
+    samples, at least 2."""
+    names = [n for n, _, _ in inputs]
+    npz = fname.endswith(".npz")
     if not named:
         if len(names) != 1:
             raise BadRequest(f"{fname} holds one array; the model has inputs {names}: give an .npz with one "
                              "array per input, or a table with a column per input")
         out = {names[0]: arrays[""]}
-    elif set(names) <= set(arrays) and (not fname.endswith(".npz") or set(arrays) == set(names)):
+    elif set(names) <= set(arrays) and (not npz or set(arrays) == set(names)):
         out = {n: arrays[n] for n in names}
-    elif len(names) == 1 and not fname.endswith(".npz") and not any(is_text(a) for a in arrays.values()):
-        out = {names[0]: np.column_stack([np.asarray(a, dtype=np.float64) for a in arrays.values()])}
+    elif len(names) == 1 and not npz:
+        cols = order if order is not None else list(arrays)
+        missing = [c for c in cols if c not in arrays]
+        if missing:
+            raise BadRequest(f"{fname}: the model was fitted on columns {cols}; the file lacks {missing}")
+        width = inputs[0][2]
+        if width is not None and width != len(cols):
+            raise BadRequest(f"{fname}: the model's input {names[0]!r} takes {width} columns, the file has "
+                             f"{len(cols)}: {cols} (leave out the target and other columns)")
+        numbers = {c: as_numbers(arrays[c]) for c in cols}
+        text = [c for c, v in numbers.items() if v is None]
+        if text:
+            raise BadRequest(f"{fname}: the model's one input {names[0]!r} takes numbers; columns {text} hold text "
+                             f"such as {_first_text(arrays[text[0]])}")
+        out = {names[0]: np.column_stack([v for v in numbers.values() if v is not None])}
     else:
-        text = [k for k, a in arrays.items() if is_text(a)]
-        raise BadRequest(f"{fname}: expected {'exactly ' if fname.endswith('.npz') else ''}the model's inputs "
-                         f"{names} by name{'' if fname.endswith('.npz') else ', or numeric columns for its one input'}"
-                         f", got {sorted(arrays)}" + (f" (text columns: {text})" if text else ""))
+        raise BadRequest(f"{fname}: expected {'exactly ' if npz else ''}the model's inputs {names} by name"
+                         f"{'' if npz else ', or numeric columns for its one input'}, got {sorted(arrays)}")
     out = {n: (a.reshape(-1, 1) if a.ndim == 1 else a) for n, a in out.items()}
     sizes = {n: len(a) for n, a in out.items()}
     if len(set(sizes.values())) != 1 or min(sizes.values()) < 2:
         raise BadRequest(f"{fname}: every input needs the same number of samples, at least 2, got {sizes}")
-    for (n, kind), a in zip(inputs, out.values(), strict=True):
-        if (kind == "tensor(string)") != is_text(a):
-            raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is "
-                             f"{'text' if is_text(a) else 'numbers'}")
+    for n, kind, _ in inputs:
+        a = out[n]
+        if kind == "tensor(string)":
+            if not is_text(a):
+                raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is numbers")
+            continue
+        numeric = as_numbers(a)
+        if numeric is None:
+            raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is text such as {_first_text(a)}")
+        out[n] = numeric if is_text(a) else a
     return out
 
 
-def feeds_for(inputs: list[tuple[str, str]], data: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+def feeds_for(inputs: list[tuple[str, str, int | None]], data: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
     """Data by input name in the dtype each input takes (strings as Python ``str`` objects, a
     missing value as ``""``)."""
     types = {"tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
              "tensor(bool)": np.bool_}
     feeds = {}
-    for name, kind in inputs:
+    for name, kind, _ in inputs:
         a = data[name]
         if kind == "tensor(string)":
             feeds[name] = np.asarray([["" if v is None else str(v) for v in row] for row in a.reshape(len(a), -1)],
@@ -333,6 +382,6 @@ def feeds_for(inputs: list[tuple[str, str]], data: dict[str, npt.NDArray[Any]]) 
 def run_outputs(data: bytes, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
     """Every output of the model on ``inputs`` (by input name), by output name, in order."""
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    spec = [(i.name, str(i.type)) for i in sess.get_inputs()]
+    spec: list[tuple[str, str, int | None]] = [(i.name, str(i.type), None) for i in sess.get_inputs()]
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds_for(spec, inputs)), strict=True))

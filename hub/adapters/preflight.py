@@ -90,7 +90,12 @@ def _inputs(specs: Sequence[Any], data: Array | Mapping[str, npt.ArrayLike], row
             raise BadRequest(f"preflight sets carry inputs of types {sorted(PREFLIGHT_DTYPES)}; "
                              f"input {name!r} is {kind}")
         try:
-            a = a[:rows].astype(str) if dtype is np.str_ else a[:rows].astype(dtype)
+            if dtype is np.str_:  # a missing cell is what serving feeds for it (""), not the text "None"
+                a = np.asarray([["" if v is None or v != v else str(v) for v in row]  # noqa: PLR0124 (NaN)
+                                for row in np.asarray(a[:rows], dtype=object).reshape(min(rows, len(a)), -1)],
+                               dtype=np.str_).reshape(a[:rows].shape)
+            else:
+                a = a[:rows].astype(dtype)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"preflight input {name!r} ({_describe(a)}) does not convert to the model's {kind}: "
                              f"{exc}") from exc

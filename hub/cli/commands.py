@@ -98,15 +98,20 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
     columns = estimator_columns(estimator, data, named, Path(args.reference).name) \
         if estimator is not None and data is not None else None
     n_features = None
+    fitted = getattr(estimator, "feature_names_in_", None)
+    order = [str(c) for c in fitted] if fitted is not None and named and not columns else None
     if estimator is not None and data is not None and not columns:
-        only = next(iter(data.values())) if not named else np.column_stack(list(data.values()))
-        n_features = int(only.reshape(len(only), -1).shape[1])
+        if order is not None or named:
+            n_features = len(order) if order is not None else len(data)
+        else:
+            only = data[""]
+            n_features = int(only.reshape(len(only), -1).shape[1])
     onnx_bytes, source_kind = load_model_file(model, n_features, estimator, columns)
     inputs_spec = model_inputs(onnx_bytes)
     reference = None
     inputs = None
     if data is not None:
-        inputs = match_inputs(data, named, inputs_spec, Path(args.reference).name)
+        inputs = match_inputs(data, named, inputs_spec, Path(args.reference).name, order)
         outputs = None
         try:
             outputs = run_outputs(onnx_bytes, inputs)
@@ -117,14 +122,20 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             reference = compute_reference(np.asarray(only, dtype=np.float64), bins=args.bins, outputs=outputs,
                                           input_name=first).to_dict()
         else:
-            reference = compute_inputs_reference(inputs, bins=args.bins, outputs=outputs).to_dict()
+            hide = frozenset(getattr(args, "hide_unseen", None) or ())
+            ref = compute_inputs_reference(inputs, bins=args.bins, outputs=outputs, hide_unseen=hide)
+            unknown = sorted(hide - {c.name for c in ref.categories})
+            if unknown:
+                raise BadRequest(f"--hide-unseen {unknown}: not text columns of this model; its text columns are "
+                                 f"{[c.name for c in ref.categories]}")
+            reference = ref.to_dict()
     preflight = None
     if getattr(args, "preflight", None):
         from edgefleet.hub.adapters.preflight import build_preflight
 
         progress(f"building the preflight set from {args.preflight}")
         pf_arrays, _, pf_named = read_data(Path(args.preflight))
-        pf_inputs = match_inputs(pf_arrays, pf_named, inputs_spec, Path(args.preflight).name)
+        pf_inputs = match_inputs(pf_arrays, pf_named, inputs_spec, Path(args.preflight).name, order)
         pf_data: Any = pf_inputs
         only = next(iter(pf_inputs.values()))
         if len(pf_inputs) == 1 and only.ndim == 2 and not is_text(only):

@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "N-D samples such as images), .npz (one array per model input), .csv or .parquet "
                     "(named columns, numbers and text)")
     sp.add_argument("--bins", type=int, default=10, help="reference bins per feature (default 10)")
+    sp.add_argument("--hide-unseen", action="append", metavar="COLUMN",
+                    help="a text column whose values never seen in training devices count but never name "
+                         "(personal data: names, e-mail addresses); repeatable")
     sp.add_argument("--source", help="where the model comes from, e.g. a git commit")
     sp.add_argument("--author", help="who publishes (default: the current user)")
     sp.add_argument("--preflight", metavar="DATA", help="inputs (any --reference format) for the preflight set a "

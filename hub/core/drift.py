@@ -307,21 +307,31 @@ class FeatureScore:
         return out
 
 
-def score_histogram(name: str, ref_freqs: Sequence[float], hist: Mapping[str, Any], policy: Policy) -> FeatureScore:
-    """Score one merged feature histogram against its reference bin shares."""
+def score_histogram(name: str, ref_freqs: Sequence[float], hist: Mapping[str, Any], policy: Policy,
+                    missing: float = 0.0) -> FeatureScore:
+    """Score one merged feature histogram against its reference bin shares; ``missing``:
+    training's share of missing values (the reference's ``extra["missing"]``), the NaN bin's share."""
     counts = [int(c) for c in hist.get("counts", [])]
     if len(counts) != len(ref_freqs):
         raise ValueError(f"feature {name}: {len(counts)} observed bins, reference has {len(ref_freqs)}")
     below, above, nan = int(hist.get("below", 0)), int(hist.get("above", 0)), int(hist.get("nan", 0))
     rows = sum(counts) + below + above + nan
     ordered_obs = [below, *counts, above]
-    ordered_ref = [0.0, *ref_freqs, 0.0]
-    p = psi([*ordered_ref, 0.0], [*ordered_obs, nan])
+    m = _share(missing)
+    ordered_ref = [0.0, *(f * (1 - m) for f in ref_freqs), 0.0]
+    p = psi([*ordered_ref, m], [*ordered_obs, nan])
     return FeatureScore(
-        feature=name, rows=rows, psi=p, js=js_distance([*ordered_ref, 0.0], [*ordered_obs, nan]),
+        feature=name, rows=rows, psi=p, js=js_distance([*ordered_ref, m], [*ordered_obs, nan]),
         ks=ks_statistic(ordered_ref, ordered_obs), state=policy.state(p, rows),
         out_of_range=below + above + nan,
     )
+
+
+def _share(value: object) -> float:
+    """A reference's ``missing`` share as a number in [0, 0.999] (0 when absent or malformed)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:  # noqa: PLR0124
+        return min(max(float(value), 0.0), 0.999)
+    return 0.0
 
 
 def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Policy) -> FeatureScore:
@@ -333,13 +343,16 @@ def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Po
     if len(counts) != len(feat.freqs):
         raise ValueError(f"feature {feat.name}: {len(counts)} observed bins, reference has {len(feat.freqs)}")
     unseen, missing = int(hist.get("above", 0)) + int(hist.get("below", 0)), int(hist.get("nan", 0))
-    ref = [*feat.freqs, 0.0, 0.0]
+    m = _share(feat.extra.get("missing"))
+    ref = [*(f * (1 - m) for f in feat.freqs), 0.0, m]  # the bins, unseen (never in training), missing
     obs = [*counts, unseen, missing]
     rows = sum(obs)
+    if not rows:  # nothing observed: no score to plot, no state to decide
+        return FeatureScore(feature=feat.name, rows=0, psi=0.0, js=0.0, ks=0.0, state="insufficient")
     p = psi(ref, obs)
-    trained = feat.extra.get("count")  # training values the shares come from
-    if isinstance(trained, int) and trained > 0:
-        _, _, p_value = chi_square_samples([f * trained for f in ref], obs)
+    trained = feat.extra.get("count")  # training values the shares come from (missing ones apart)
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
+        _, _, p_value = chi_square_samples([f * trained / (1 - m) for f in ref], obs)
     else:
         _, _, p_value = chi_square(ref, obs)
     state = policy.state(p, rows)
@@ -361,7 +374,7 @@ def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Po
             detail = (f"{feat.name}: categories never seen in training {share:.1%} now"
                       + (f" (most often {top})" if top else ""))
         else:
-            detail = f"{feat.name}: missing values {share:.1%} now"
+            detail = f"{feat.name}: missing values {was:.1%} in training, {share:.1%} now"
     return FeatureScore(feature=feat.name, rows=rows, psi=p, js=js_distance(ref, obs), ks=ks_statistic(ref, obs),
                         state=state, out_of_range=unseen + missing, p_value=p_value, detail=detail)
 
@@ -424,7 +437,8 @@ def score_report(
                 if "categories" in feat.extra:
                     scores.append(score_categories(feat, hist, policy))
                 else:
-                    scores.append(score_histogram(feat.name, feat.freqs, hist, policy))
+                    scores.append(score_histogram(feat.name, feat.freqs, hist, policy,
+                                                  missing=_share(feat.extra.get("missing"))))
             except ValueError as exc:
                 problems.append(str(exc))
         ref_classes = (reference.output or {}).get("classes")

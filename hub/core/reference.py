@@ -15,8 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgefleet.agent.contract.histograms import (
-    category_histogram,
-    category_text,
+    category_counts,
     feature_histogram,
     tensor_stat,
 )
@@ -27,6 +26,7 @@ __all__ = ["SATURATED_EDGES", "TOP_CATEGORIES", "channel_axis", "compute_categor
            "output_features"]
 
 TOP_CATEGORIES = 20  # categories a string column's reference names; the rest share "other"
+KNOWN_CHARS = 64 * 1024  # characters of the further training categories a reference lists, at most
 
 
 SATURATED_EDGES = (0.0, 0.001, 0.01, 0.05, 0.2, 1.0)  # share of a sample's values at the range's ends
@@ -92,7 +92,11 @@ def compute_reference(
     feats = []
     for j in range(data.shape[1]):
         col = data[:, j]
-        col = col[~np.isnan(col)]
+        present = ~np.isnan(col)
+        missing = 1.0 - float(present.mean()) if len(col) else 0.0
+        col = col[present]
+        if not len(col):
+            raise ValueError(f"column {names[j] if names else f'f{j}'} has no values, only missing ones")
         edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)))
         if len(edges) < 2:
             edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
@@ -103,6 +107,8 @@ def compute_reference(
             name=names[j] if names else f"f{j}",
             edges=tuple(float(e) for e in edges),
             freqs=tuple(round(float(f), 6) for f in freqs),
+            # training's share of missing values (NaN): live NaN at that share is no drift
+            extra={"missing": round(missing, 6), "count": len(col)} if missing else {},
         ))
     outs = output_features(outputs, bins=bins)
     return Reference(features=tuple(feats), rows=int(data.shape[0]), output=_output_reference(outputs),
@@ -144,32 +150,40 @@ def is_categorical(data: npt.NDArray[Any]) -> bool:
 
 
 def compute_category_reference(values: npt.NDArray[Any], *, name: str, input_name: str, column: int,
-                               top: int = TOP_CATEGORIES) -> FeatureReference:
+                               top: int = TOP_CATEGORIES, name_unseen: bool = True) -> FeatureReference:
     """A string column's reference: the ``top`` most frequent training categories by name (ties by
-    name), one bin "other" for the rest, which are listed in ``known`` (up to
-    :data:`~agent.contract.wire.MAX_KNOWN`; ``complete`` says whether that is all of them) so a device
-    tells a rare training category from one training never saw. Frequencies come from
-    :func:`agent.contract.histograms.category_histogram`, the device's own binning."""
+    name), one bin "other" for the rest. The most frequent of the rest are listed in ``known`` (up
+    to :data:`~agent.contract.wire.MAX_KNOWN` and :data:`KNOWN_CHARS` characters in all;
+    ``complete`` says whether that is all of them) so a device tells a rare training category from
+    one training never saw: a column of free text or ids gets an incomplete list, and its unseen
+    values count as "other". ``missing`` is training's share of missing values, ``count`` the
+    values behind the shares (for the chi-square test). ``name_unseen`` false: devices count
+    unseen values without naming them (a column of personal data). Counted with
+    :func:`agent.contract.histograms.category_counts`, the device's own counting."""
     if not 1 <= top <= MAX_CATEGORIES:
         raise ValueError(f"top categories must be in 1..{MAX_CATEGORIES}, got {top}")
-    tally: dict[str, int] = {}
-    for v in np.asarray(values, dtype=object).reshape(-1).tolist():
-        text = category_text(v)
-        if text is not None:
-            tally[text] = tally.get(text, 0) + 1
+    tally = category_counts(values)
+    missing = tally.pop(None, 0)
     if not tally:
         raise ValueError(f"column {name!r} has no values, only missing ones")
-    ranked = sorted(tally, key=lambda k: (-tally[k], k))
-    named, rest = ranked[:top], sorted(ranked[top:])
-    extra: dict[str, Any] = {"input": input_name, "column": column, "categories": named,
-                             "known": rest[:MAX_KNOWN], "complete": len(rest) <= MAX_KNOWN}
-    probe = FeatureReference(name=name, edges=tuple(float(i) for i in range(len(named) + 2)),
-                             freqs=(1.0,) * (len(named) + 1), extra=extra)
-    hist = category_histogram(values, probe)
-    total = max(1, sum(hist["counts"]))
-    extra["count"] = sum(hist["counts"])  # the sample size behind the shares, for the chi-square test
-    return FeatureReference(name=name, edges=probe.edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
-                            extra=extra)
+    ranked = sorted(tally, key=lambda k: (-tally[k], str(k)))
+    named = [str(k) for k in ranked[:top]]
+    known: list[str] = []
+    chars = 0
+    for k in ranked[top:]:
+        if len(known) >= MAX_KNOWN or chars + len(str(k)) > KNOWN_CHARS:
+            break
+        known.append(str(k))
+        chars += len(str(k))
+    counted = sum(tally.values())
+    extra: dict[str, Any] = {"input": input_name, "column": column, "categories": named, "known": sorted(known),
+                             "complete": len(known) == len(ranked) - len(named), "count": counted,
+                             "missing": round(missing / (counted + missing), 6)}
+    if not name_unseen:
+        extra["name_unseen"] = False
+    counts = [tally[k] for k in ranked[:top]] + [counted - sum(tally[k] for k in ranked[:top])]
+    return FeatureReference(name=name, edges=tuple(float(i) for i in range(len(named) + 2)),
+                            freqs=tuple(round(c / counted, 6) for c in counts), extra=extra)
 
 
 def _output_reference(outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None) -> dict[str, Any] | None:
@@ -187,12 +201,13 @@ def _output_reference(outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]]
 
 def compute_inputs_reference(inputs: Mapping[str, npt.NDArray[Any]], *, bins: int = 10,
                              outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] | None = None,
-                             top: int = TOP_CATEGORIES) -> Reference:
+                             top: int = TOP_CATEGORIES, hide_unseen: frozenset[str] = frozenset()) -> Reference:
     """A reference for a model's inputs by name, each its own: numeric table columns, the tensor
     statistics of N-D inputs, the category frequencies of string columns. A column is named
     ``{input}.f{j}``, or ``{input}`` alone when the input has one column (a model converted from a
     DataFrame has one input per column), and carries ``input`` and ``column`` so the device bins
-    the right array. The first input's features are those older agents read."""
+    the right array. The first input's features are those older agents read. ``hide_unseen``:
+    text columns (feature names) whose unseen values devices count without naming them."""
     names = list(inputs)
     features: list[FeatureReference] = []
     tensors: list[FeatureReference] = []
@@ -203,7 +218,7 @@ def compute_inputs_reference(inputs: Mapping[str, npt.NDArray[Any]], *, bins: in
             for j in range(table.shape[1]):
                 fname = name if table.shape[1] == 1 else f"{name}.f{j}"
                 categories.append(compute_category_reference(table[:, j], name=fname, input_name=name, column=j,
-                                                             top=top))
+                                                             top=top, name_unseen=fname not in hide_unseen))
             continue
         if table.ndim > 2:
             tensors += compute_tensor_reference(table.astype(np.float64), input_name=name, bins=bins)
@@ -212,7 +227,7 @@ def compute_inputs_reference(inputs: Mapping[str, npt.NDArray[Any]], *, bins: in
             j = int(f.name[1:])
             fname = name if table.shape[1] == 1 else f"{name}.f{j}"
             features.append(FeatureReference(name=fname, edges=f.edges, freqs=f.freqs,
-                                             extra={"input": name, "column": j}))
+                                             extra={**f.extra, "input": name, "column": j}))
     outs = output_features(outputs, bins=bins)
     return Reference(features=tuple(features), tensors=(*tensors, *_first(outs)), more_outputs=_later(outs),
                      categories=tuple(categories), rows=len(inputs[names[0]]),

@@ -59,6 +59,7 @@ from typing import Any
 import orjson
 
 from edgefleet.agent.contract.errors import ConfigError
+from edgefleet.agent.contract.histograms import UNSEEN_CHARS, UNSEEN_NAMES
 from edgefleet.agent.contract.wire import (
     Reference,
     TelemetryWindow,
@@ -172,13 +173,16 @@ class _Acc:
             name = str(get("name"))
             counts = tuple(map(int, get("counts", ())))
             below, above, nan = int(get("below", 0)), int(get("above", 0)), int(get("nan", 0))
-            named = get("unseen")
-            if named:  # category features only: the unseen categories by name
-                self.unseen[name] = merge_unseen([self.unseen.get(name, {}), named])
+            if min(below, above, nan, *counts) < 0 or max(below, above, nan, *counts) > MAX_COUNT:
+                raise ValueError(f"feature {name}: counts must be in 0..{MAX_COUNT}")
             cur = inputs.get(name)
             if cur is not None and cur[0] and len(cur[0]) != len(counts):
                 log.warning("feature %s: %d bins after %d; keeping the newest only", name, len(counts), len(cur[0]))
                 cur = None
+                self.unseen.pop(name, None)  # new bins (a new reference): the names restart with them
+            named = get("unseen")
+            if named and _unseen_ok(named, above):  # category features only: unseen categories by name
+                self.unseen[name] = merge_unseen([self.unseen.get(name, {}), named])
             if cur is None:
                 inputs[name] = (counts, below, above, nan)
             else:  # same length (checked above), so map stops at neither's end early
@@ -208,6 +212,24 @@ class _Acc:
             if n in out:
                 out[n]["unseen"] = named
         return out
+
+
+MAX_COUNT = 2**53  # a histogram count above this is no window's (and would overflow the scores' floats)
+
+
+def _unseen_ok(named: object, above: int) -> bool:
+    """Whether a device's ``unseen`` names are what devices send (:func:`agent.contract.histograms.
+    category_histogram`): at most UNSEEN_NAMES texts of at most UNSEEN_CHARS characters, counts
+    that are non-negative integers adding up to at most ``above``. Anything else is dropped (the
+    window's counts still count; only the names are informational)."""
+    if not isinstance(named, dict) or len(named) > UNSEEN_NAMES:
+        return False
+    total = 0
+    for k, v in named.items():
+        if not isinstance(k, str) or len(k) > UNSEEN_CHARS or type(v) is not int or v < 0:
+            return False
+        total += v
+    return total <= above
 
 
 Staged = dict[tuple[str, str, str, float], _Acc]  # (model, version, device, bucket) -> sums
@@ -472,8 +494,8 @@ class DriftMonitor:
             features.append({"name": feat.name, "edges": list(feat.edges), "reference": list(feat.freqs),
                              "live": h.get("counts", []), "below": h.get("below", 0), "above": h.get("above", 0),
                              "nan": h.get("nan", 0), "score": scores.get(feat.name),
-                             **({"labels": [*feat.extra["categories"], "other"], "unseen": h.get("unseen") or {}}
-                                if "categories" in feat.extra else {})})
+                             **({"labels": [*feat.extra["categories"], "other"], "unseen": h.get("unseen") or {},
+                                 "missing": feat.extra.get("missing", 0.0)} if "categories" in feat.extra else {})})
         return {"model": model, "version": version, "versions": versions,
                 "state": self.tracker.state(model, version), "thresholds": {"warn": policy.warn, "alarm": policy.alarm},
                 "window_seconds": self.config.window_seconds, "features": features, "history": history,

@@ -339,19 +339,23 @@ async function viewDrift(model) {
     throw e;
   }
   const charts = v.features.map((f) => {
-    const live = f.live.reduce((a, b) => a + b, 0) || 1;
-    const labels = f.labels || f.edges.slice(0, -1).map((e) => fmt(e, 2));  // a category feature names its bins
+    // a category feature names its bins, and shows values never seen in training and missing ones as bars too
+    const cat = Boolean(f.labels);
+    const counts = cat ? [...f.live, f.above || 0, f.nan || 0] : f.live;
+    const refShares = cat ? [...f.reference.map((x) => x * (1 - (f.missing || 0))), 0, f.missing || 0] : f.reference;
+    const live = counts.reduce((a, b) => a + b, 0) || 1;
+    const labels = cat ? [...f.labels, "unseen", "missing"] : f.edges.slice(0, -1).map((e) => fmt(e, 2));
     const s = f.score;
     const unseen = Object.entries(f.unseen || {}).map(([k, n]) => `${k} (${n})`).join(", ");
-    const outside = f.labels
-      ? (f.above || f.nan ? `never seen in training ${f.above}${unseen ? `: ${unseen}` : ""}, missing ${f.nan}` : null)
+    const outside = cat
+      ? (unseen ? `never seen in training: ${unseen}` : null)
       : (f.below || f.above || f.nan ? `below the reference range ${f.below}, above ${f.above}, NaN ${f.nan}` : null);
     const hist = v.history.map((h) => (h.features[f.name] ? h.features[f.name].psi : null));
     return el("div", { class: "panel feature", "data-feature": f.name },
       el("h2", {}, `${f.name} `, s ? pill(s.state) : null, s ? el("span", { class: "muted" }, ` PSI ${fmt(s.psi)} · JS ${fmt(s.js)} · ` +
         (s.p_value !== undefined ? `χ² p ${fmt(s.p_value, 4)}` : `KS ${fmt(s.ks)}`)) : null),
       s && s.detail ? el("p", { class: "muted" }, s.detail) : null,
-      barChart(labels, [{ name: "reference", values: f.reference, color: "#9aa4b5" }, { name: "live", values: f.live.map((c) => c / live), color: "#2f6fde" }],
+      barChart(labels, [{ name: "reference", values: refShares, color: "#9aa4b5" }, { name: "live", values: counts.map((c) => c / live), color: "#2f6fde" }],
         { label: `histogram of ${f.name}` }),
       lineChart([{ name: "PSI per bucket", values: hist }, { name: "JS", values: v.history.map((h) => (h.features[f.name] ? h.features[f.name].js : null)) },
         { name: "KS", values: v.history.map((h) => (h.features[f.name] ? h.features[f.name].ks : null)) }],

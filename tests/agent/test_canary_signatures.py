@@ -485,3 +485,16 @@ def test_the_shadow_batches_and_compares_image_inputs(tmp_path: Path) -> None:
     assert (w["requests"], w["compared"], w["agreed"]) == (30, 30, int((s["label"] == c["label"]).sum()))
     assert w["output_distance_sum"] == pytest.approx(float(_tv(s["probabilities"], c["probabilities"]).sum()),
                                                      abs=1e-5)
+
+
+def test_one_long_string_does_not_pad_a_whole_shadow_batch() -> None:
+    """Short strings batch together; a request with one long string among them replays alone
+    rather than padding every row of the batch to its length."""
+    from edgefleet.agent.app.shadow import MAX_STRING_BATCH_BYTES, _stack
+
+    short = [({"city": np.array([["lyon"], ["oslo"]])}, None, 0.0) for _ in range(4)]
+    stacked = _stack(short)  # type: ignore[arg-type]
+    assert stacked is not None and stacked["city"].shape == (8, 1)
+    long_text = "x" * (MAX_STRING_BATCH_BYTES // 4)
+    mixed = [*short, ({"city": np.array([[long_text]] * 2)}, None, 0.0)]
+    assert _stack(mixed) is None  # type: ignore[arg-type]

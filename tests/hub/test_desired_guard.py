@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import queue
-import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -69,15 +68,15 @@ def test_an_older_desired_state_the_broker_takes_is_replaced_by_the_stored_one(t
         stale = _client(broker)
         stale.publish(topic, older.encode(), qos=1, retain=True).wait_for_publish(5)
         wait_for(lambda: hub.stale_desired_fixed >= 1, 10, "the hub noticing the older copy")
-        assert _retained_seq(broker, topic) == stored
+        wait_for(lambda: _retained_seq(broker, topic) == stored, 10, "the newest state retained again")
         # A cleared retained copy is put back too.
         stale.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         wait_for(lambda: hub.stale_desired_fixed >= 2, 10, "the hub noticing the cleared copy")
-        assert _retained_seq(broker, topic) == stored
-        # The hub's own publishes come back too, and change nothing.
-        fixed = hub.stale_desired_fixed
+        wait_for(lambda: _retained_seq(broker, topic) == stored, 10, "the newest state retained again")
+        # The hub's own publishes come back too, are compared, and change nothing.
+        fixed, checked = hub.stale_desired_fixed, hub.desired_checked
         hub.publish_desired("d1")
-        threading.Event().wait(1.0)
+        wait_for(lambda: hub.desired_checked > checked, 10, "the hub's own publish read back")
         assert hub.stale_desired_fixed == fixed
         stale.disconnect()
         stale.loop_stop()

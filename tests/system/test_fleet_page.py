@@ -144,12 +144,14 @@ def test_the_drift_page_draws_a_chart_for_each_feature(env: dict[str, Any]) -> N
     p: Page = env["page"]
     p.login(env["token"])
     p.go("#/drift/clf")
-    wait_for(lambda: p.count("#features .feature") == 4, 40, "a panel per feature")
+    wait_for(lambda: p.count("#features .feature") == 5, 40, "a panel per feature and one for the probabilities")
     per_feature = p.d.execute_script(
         "return [...document.querySelectorAll('#features .feature')].map(f => [f.dataset.feature,"
         " f.querySelectorAll('svg[aria-label^=\"histogram\"] rect').length, f.querySelectorAll('svg polyline').length])")
-    assert [f[0] for f in per_feature] == ["f0", "f1", "f2", "f3"]
-    assert all(bars >= 10 for _, bars, _ in per_feature), per_feature  # reference and live bars per bin
+    # the classifier's second output (probabilities) is described too: its top class's confidence
+    assert [f[0] for f in per_feature] == ["f0", "f1", "f2", "f3", "output.probabilities.confidence"]
+    assert all(bars >= 10 for name, bars, _ in per_feature if name.startswith("f")), per_feature  # both per bin
+    assert per_feature[-1][1] >= 2, per_feature
     p.shot("drift")
 
 
