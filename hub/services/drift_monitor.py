@@ -173,8 +173,6 @@ class _Acc:
             name = str(get("name"))
             counts = tuple(map(int, get("counts", ())))
             below, above, nan = int(get("below", 0)), int(get("above", 0)), int(get("nan", 0))
-            if min(below, above, nan, *counts) < 0 or max(below, above, nan, *counts) > MAX_COUNT:
-                raise ValueError(f"feature {name}: counts must be in 0..{MAX_COUNT}")
             cur = inputs.get(name)
             if cur is not None and cur[0] and len(cur[0]) != len(counts):
                 log.warning("feature %s: %d bins after %d; keeping the newest only", name, len(counts), len(cur[0]))
@@ -207,7 +205,7 @@ class _Acc:
     def histograms(self) -> dict[str, dict[str, Any]]:
         """The input sums in :func:`hub.core.drift.merge_feature_lists`' shape."""
         out: dict[str, dict[str, Any]] = {n: {"counts": list(c), "below": b, "above": a, "nan": x, "name": n}
-                                          for n, (c, b, a, x) in self.inputs.items()}
+                                          for n, (c, b, a, x) in self.inputs.items() if _counts_ok(n, c, b, a, x)}
         for n, named in self.unseen.items():
             if n in out:
                 out[n]["unseen"] = named
@@ -215,6 +213,17 @@ class _Acc:
 
 
 MAX_COUNT = 2**53  # a histogram count above this is no window's (and would overflow the scores' floats)
+
+
+def _counts_ok(name: str, counts: tuple[int, ...], below: int, above: int, nan: int) -> bool:
+    """Whether one feature's sums are counts (0..MAX_COUNT): a device that sent negative or absurd
+    ones loses that feature's sums of its own bucket, nothing else. Checked once per flush of a
+    (model, version, device, bucket), not per window: the ingest thread adds up every window."""
+    if min(below, above, nan, *counts) < 0 or max(below, above, nan, *counts) > MAX_COUNT:
+        log.warning("feature %s: counts outside 0..%d from one device; its sums of this bucket are dropped",
+                    name, MAX_COUNT)
+        return False
+    return True
 
 
 def _unseen_ok(named: object, above: int) -> bool:
