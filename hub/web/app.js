@@ -353,7 +353,7 @@ async function viewDrift(model) {
     const hist = v.history.map((h) => (h.features[f.name] ? h.features[f.name].psi : null));
     return el("div", { class: "panel feature", "data-feature": f.name },
       el("h2", {}, `${f.name} `, s ? pill(s.state) : null, s ? el("span", { class: "muted" }, ` PSI ${fmt(s.psi)} · JS ${fmt(s.js)} · ` +
-        (s.p_value !== undefined ? `χ² p ${fmt(s.p_value, 4)}` : `KS ${fmt(s.ks)}`)) : null),
+        (s.p_value !== undefined ? `χ² p ${s.p_value < 1e-4 ? "< 0.0001" : fmt(s.p_value, 4)}` : `KS ${fmt(s.ks)}`)) : null),
       s && s.detail ? el("p", { class: "muted" }, s.detail) : null,
       barChart(labels, [{ name: "reference", values: refShares, color: "#9aa4b5" }, { name: "live", values: counts.map((c) => c / live), color: "#2f6fde" }],
         { label: `histogram of ${f.name}` }),

@@ -193,3 +193,31 @@ def test_a_city_never_seen_in_training_alarms_and_the_alarm_names_it(fam: dict[s
     assert city["p_value"] < 1e-6, city
     view = next(f for f in env.view("pipe")["features"] if f["name"] == "city")
     assert view["above"] > 0 and "paris" in view["unseen"], view
+
+
+def test_the_drift_page_names_the_city_bars_and_the_new_city(fam: dict[str, Any]) -> None:
+    """After the new city's alarm: the fleet page's drift view of the pipeline labels the city's
+    bars with the training cities, adds unseen and missing bars, and names 'paris'."""
+    from tests._browser import Page, browser
+
+    env: ModelEnv = fam["env"]
+    fam["shift"]["pipe"] = 0.3
+    wait_for(lambda: "city" in _in_alarm(env, "pipe"), 30, "the city in alarm")
+    driver = browser()
+    try:
+        p = Page(driver, env.base)
+        p.login((env.home / "admin.token").read_text().strip())
+        p.go("#/drift/pipe")
+        panel = '#features .feature[data-feature="city"]'
+        wait_for(lambda: "paris" in p.text_of(panel), 30, "the city's panel naming paris")
+        bars = p.d.execute_script(  # each bar's title: "<series> <label>: <share>"
+            "return [...document.querySelectorAll(arguments[0] + ' svg[aria-label^=\"histogram\"] title')]"
+            ".map(t => t.textContent)", panel)
+        labels = {b.split(" ", 1)[1].rsplit(":", 1)[0] for b in bars}
+        assert {"lyon", "lima", "other", "unseen", "missing"} <= labels, bars
+        unseen_live = next(float(b.rsplit(":", 1)[1]) for b in bars if b.startswith("live unseen"))
+        assert unseen_live > 0.1, bars  # 30 % of the new traffic is paris
+        assert "never seen in training" in p.text_of(panel) and "χ² p" in p.text_of(panel)
+        p.shot("drift-categories")
+    finally:
+        driver.quit()
