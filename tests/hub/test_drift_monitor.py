@@ -14,7 +14,7 @@ from edgefleet.agent.contract.errors import ConfigError
 from edgefleet.agent.contract.wire import FeatureReference, ModelWindow, Reference, TelemetryWindow, Topics
 from edgefleet.agent.core.telemetry import feature_histogram
 from edgefleet.hub.db import Database
-from edgefleet.hub.services.drift_monitor import DriftConfig, DriftMonitor
+from edgefleet.hub.services.drift_monitor import DriftConfig, DriftMonitor, _Acc
 
 EDGES = (0.0, 1.0, 2.0, 3.0, 4.0)
 REF = Reference(features=(FeatureReference(name="x", edges=EDGES, freqs=(0.25, 0.25, 0.25, 0.25)),
@@ -175,3 +175,21 @@ def test_a_window_with_histogram_counts_that_are_not_numbers_is_refused_alone(db
         w.mon.flush(conn, force=True)
     (row,) = _agg(w)
     assert row[1] == 1 and row[6]["x"]["counts"] == [1, 1, 1, 1]
+
+
+def test_the_hub_keeps_the_names_devices_send_and_drops_malformed_ones() -> None:
+    """The ingest sums (drift_monitor._Acc): a first window's unseen names are kept; names that are
+    not what devices send are dropped while the window's counts still count; a feature whose sums
+    are negative or huge is left out of its bucket when the sums are written."""
+    acc = _Acc()
+    acc.add_inputs([{"name": "city", "counts": [3, 1], "above": 2, "nan": 0, "unseen": {"paris": 2}}])
+    acc.add_inputs([{"name": "city", "counts": [1, 1], "above": 5, "nan": 0, "unseen": ["paris"]}])
+    acc.add_inputs([{"name": "city", "counts": [1, 1], "above": 1, "nan": 0, "unseen": {"x" * 65: 1}}])
+    acc.add_inputs([{"name": "city", "counts": [1, 1], "above": 1, "nan": 0, "unseen": {"berlin": 9}}])
+    acc.add_inputs([{"name": "city", "counts": [1, 1], "above": 1, "nan": 0, "unseen": {"rome": True}}])
+    h = acc.histograms()["city"]
+    assert h["counts"] == [7, 5] and h["above"] == 10 and h["unseen"] == {"paris": 2}
+    for bad in ({"counts": [-1, 0]}, {"counts": [2**60, 0]}, {"counts": [0, 0], "nan": -3}):
+        acc = _Acc()  # one device's bucket: the feature with counts that are no counts is left out
+        acc.add_inputs([{"name": "city", "above": 0, **bad}, {"name": "x", "counts": [1, 2]}])
+        assert list(acc.histograms()) == ["x"], bad
