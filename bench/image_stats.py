@@ -41,8 +41,10 @@ def run(smoke: bool = False) -> Result:
         sess = ort.InferenceSession(_cnn(size), opts, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(1)
         x = rng.beta(2.0, 3.0, size=(4, 3, size, size)).astype(np.float32)
-        ref = compute_reference(rng.beta(2.0, 3.0, size=(200, 3, size, size)), input_name="image")
-        rec = Recorder("1")
+        train = rng.beta(2.0, 3.0, size=(200, 3, size, size)).astype(np.float32)
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": train}), strict=True))
+        ref = compute_reference(train.astype(np.float64), input_name="image", outputs=outs)
+        rec = Recorder("1", output_names=tuple(o.name for o in sess.get_outputs()))
 
         def bare() -> None:
             sess.run(None, {"image": x})
@@ -50,7 +52,7 @@ def run(smoke: bool = False) -> Result:
         def recorded() -> None:
             t0 = time.perf_counter()
             out = sess.run(None, {"image": x})
-            rec.record(time.perf_counter() - t0, x, out[0])
+            rec.record(time.perf_counter() - t0, x, out[0], outputs=out)  # as serving records: every output
 
         t = interleaved_min_median({"bare": bare, "recorded": recorded}, calls=calls, rounds=rounds)
         rec.swap()
@@ -60,7 +62,7 @@ def run(smoke: bool = False) -> Result:
                     added < t["bare"]))
         per_window = 100  # requests in a window: 400 images, of which 64 are folded
         for _ in range(per_window):
-            rec.record(1e-4, x, np.zeros(4, np.int64))
+            rec.record(1e-4, x, np.zeros(4, np.int64), outputs=[np.zeros(4, np.int64), np.full((4, 3), 1 / 3, np.float32)])
         snap = rec.swap()
         f = median_seconds(lambda: fold(snap, ref), 3 if smoke else 15)
         model_window = t["bare"] * per_window
