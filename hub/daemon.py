@@ -676,8 +676,9 @@ class Hub:
             raise BadRequest("model_b64 is empty: expected the ONNX model bytes")
         inputs, outputs = validate_onnx(data)
         reference = req.get("reference")
-        if reference is not None and len(canonical_json(reference)) > MAX_REFERENCE_BYTES:
-            raise BadRequest(f"reference: {len(canonical_json(reference)):,} bytes, at most {MAX_REFERENCE_BYTES:,}: "
+        size = len(canonical_json(reference)) if reference is not None else 0
+        if size > MAX_REFERENCE_BYTES:
+            raise BadRequest(f"reference: {size:,} bytes, at most {MAX_REFERENCE_BYTES:,}: "
                              "every desired state carries it (and a message is at most 4 MiB); fewer bins, or "
                              "leave free-text columns out of the reference")
         if reference is not None:

@@ -87,10 +87,7 @@ class Recorder:
     def swap(self) -> Snapshot:
         with self._lock:
             kept = min(self._n, self._capacity)
-            more: dict[str, list[Any]] = {}
-            for values in self._more:
-                for oname, value in zip(self._output_names[1:], values[1:], strict=False):
-                    more.setdefault(oname, []).append(value)
+            sampled = self._more
             snap = Snapshot(
                 version=self.version,
                 requests=self._requests,
@@ -101,7 +98,9 @@ class Recorder:
                 inputs=self._inputs,
                 outputs=self._outputs,
                 others=self._others,
-                more_outputs=more,
             )
             self._reset()
+        for values in sampled:  # by output name, outside the lock the request path takes
+            for oname, value in zip(self._output_names[1:], values[1:], strict=False):
+                snap.more_outputs.setdefault(oname, []).append(value)
         return snap

@@ -22,7 +22,7 @@ from typing import Any
 
 from edgefleet.hub.errors import BadRequest
 
-__all__ = ["gbm_to_onnx"]
+__all__ = ["gbm_to_onnx", "is_raw_booster"]
 
 _KNOWN = {
     "lightgbm": frozenset({"LGBMClassifier", "LGBMRegressor", "Booster"}),
@@ -37,6 +37,13 @@ def _family(obj: Any) -> str | None:
         if klass.__name__ in _KNOWN.get(root, ()):
             return root
     return None
+
+
+def is_raw_booster(obj: Any) -> bool:
+    """A LightGBM or XGBoost ``Booster`` itself (not the scikit-learn wrapper): its ``predict``
+    speaks its own terms (probabilities for a classifier, a DMatrix for XGBoost), so expected
+    outputs for it come from ONNX Runtime, not from calling it."""
+    return _family(obj) is not None and type(obj).__name__ == "Booster"
 
 
 def _pipeline_final(obj: Any) -> Any | None:

@@ -36,6 +36,7 @@ from edgefleet.hub.core.reference import (  # re-exported: the publish path's na
     compute_inputs_reference,
     compute_reference,
     compute_tensor_reference,
+    is_categorical,
 )
 from edgefleet.hub.errors import BadRequest
 
@@ -47,7 +48,7 @@ __all__ = [
     "compute_tensor_reference",
     "estimator_columns",
     "feeds_for",
-    "is_text",
+    "is_categorical",
     "load_estimator",
     "load_model_file",
     "match_inputs",
@@ -55,6 +56,7 @@ __all__ = [
     "read_data",
     "run_outputs",
     "sklearn_to_onnx",
+    "text_cells",
     "validate_onnx",
 ]
 
@@ -193,9 +195,9 @@ def read_data(path: Path) -> tuple[dict[str, npt.NDArray[Any]], str, bool]:
 
     * ``.npy``: one array, ``{"": array}`` (not named): a table, or N-D samples such as images;
     * ``.npz``: one array per model input, by name (numbers or strings);
-    * ``.csv``: a header row of names makes a table of named columns, numbers where every
-      non-empty value is one (empty: NaN) and text otherwise (empty: missing); without a header,
-      a numeric table as one array;
+    * ``.csv``: a header row of names makes named columns of text as written (an empty cell
+      ``None``), numbers or categories as the model's inputs say (:func:`match_inputs`); without
+      a header, a numeric table as one array;
     * ``.parquet`` (needs pyarrow): named columns, numbers as float64 (nulls NaN), everything else
       as text (nulls missing).
 
@@ -245,7 +247,7 @@ def _read_csv(text: str, fname: str) -> tuple[dict[str, npt.NDArray[Any]], bool]
 
 def as_numbers(a: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:
     """A column as float64 (missing cells NaN), or None when some cell is not a number."""
-    if not is_text(a):
+    if not is_categorical(a):
         return np.asarray(a, dtype=np.float64)
     out = np.empty(a.shape, dtype=np.float64)
     flat = out.reshape(-1)
@@ -290,10 +292,6 @@ def _read_parquet(raw: bytes, fname: str) -> dict[str, npt.NDArray[Any]]:
         else:
             columns[name] = np.asarray([None if v is None else str(v) for v in col.to_pylist()], dtype=object)
     return columns
-
-
-def is_text(a: npt.NDArray[Any]) -> bool:
-    return np.asarray(a).dtype.kind in "OUS"
 
 
 def model_inputs(data: bytes) -> list[tuple[str, str, int | None]]:
@@ -353,14 +351,21 @@ def match_inputs(arrays: dict[str, npt.NDArray[Any]], named: bool, inputs: list[
     for n, kind, _ in inputs:
         a = out[n]
         if kind == "tensor(string)":
-            if not is_text(a):
+            if not is_categorical(a):
                 raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is numbers")
             continue
         numeric = as_numbers(a)
         if numeric is None:
             raise BadRequest(f"{fname}: input {n!r} is {kind}, the data for it is text such as {_first_text(a)}")
-        out[n] = numeric if is_text(a) else a
+        out[n] = numeric if is_categorical(a) else a
     return out
+
+
+def text_cells(a: npt.ArrayLike) -> npt.NDArray[Any]:
+    """Text cells as serving feeds them to a ``tensor(string)`` input: an object array of ``str``
+    of the same shape, a missing cell (``None``, NaN) as ``""``."""
+    flat = [("" if v is None or v != v else str(v)) for v in np.asarray(a, dtype=object).reshape(-1).tolist()]  # noqa: PLR0124 (NaN)
+    return np.asarray(flat, dtype=object).reshape(np.shape(a))
 
 
 def feeds_for(inputs: list[tuple[str, str, int | None]], data: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
@@ -372,8 +377,7 @@ def feeds_for(inputs: list[tuple[str, str, int | None]], data: dict[str, npt.NDA
     for name, kind, _ in inputs:
         a = data[name]
         if kind == "tensor(string)":
-            feeds[name] = np.asarray([["" if v is None else str(v) for v in row] for row in a.reshape(len(a), -1)],
-                                     dtype=object).reshape(a.shape)
+            feeds[name] = text_cells(a)
         else:
             feeds[name] = np.asarray(a, dtype=types.get(kind, np.float32))
     return feeds

@@ -47,6 +47,7 @@ from edgefleet.agent.core.canary import (
     preflight_feeds,
     preflight_rows,
 )
+from edgefleet.hub.adapters.modelfile import text_cells
 from edgefleet.hub.errors import BadRequest
 
 __all__ = ["DEFAULT_TOLERANCE", "accept", "build_preflight", "check_preflight"]
@@ -90,12 +91,8 @@ def _inputs(specs: Sequence[Any], data: Array | Mapping[str, npt.ArrayLike], row
             raise BadRequest(f"preflight sets carry inputs of types {sorted(PREFLIGHT_DTYPES)}; "
                              f"input {name!r} is {kind}")
         try:
-            if dtype is np.str_:  # a missing cell is what serving feeds for it (""), not the text "None"
-                a = np.asarray([["" if v is None or v != v else str(v) for v in row]  # noqa: PLR0124 (NaN)
-                                for row in np.asarray(a[:rows], dtype=object).reshape(min(rows, len(a)), -1)],
-                               dtype=np.str_).reshape(a[:rows].shape)
-            else:
-                a = a[:rows].astype(dtype)
+            # a missing text cell is what serving feeds for it (""), not the text "None"
+            a = text_cells(a[:rows]).astype(np.str_) if dtype is np.str_ else a[:rows].astype(dtype)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"preflight input {name!r} ({_describe(a)}) does not convert to the model's {kind}: "
                              f"{exc}") from exc

@@ -74,7 +74,7 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
         compute_inputs_reference,
         compute_reference,
         estimator_columns,
-        is_text,
+        is_categorical,
         load_estimator,
         load_model_file,
         match_inputs,
@@ -97,15 +97,14 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
     estimator = load_estimator(model)  # None for an .onnx file; read once, used twice
     columns = estimator_columns(estimator, data, named, Path(args.reference).name) \
         if estimator is not None and data is not None else None
-    n_features = None
     fitted = getattr(estimator, "feature_names_in_", None)
     order = [str(c) for c in fitted] if fitted is not None and named and not columns else None
+    n_features = None  # for one float input: the estimator's columns, else the file's, else the array's width
     if estimator is not None and data is not None and not columns:
-        if order is not None or named:
+        if named:
             n_features = len(order) if order is not None else len(data)
         else:
-            only = data[""]
-            n_features = int(only.reshape(len(only), -1).shape[1])
+            n_features = int(np.prod(data[""].shape[1:]))
     onnx_bytes, source_kind = load_model_file(model, n_features, estimator, columns)
     inputs_spec = model_inputs(onnx_bytes)
     reference = None
@@ -118,7 +117,7 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # reference output distribution is optional
             progress(f"warning: could not run the model on the reference data: {exc}")
         first, only = next(iter(inputs.items()))
-        if len(inputs) == 1 and not is_text(only):  # one numeric input: columns f0.., as always
+        if len(inputs) == 1 and not is_categorical(only):  # one numeric input: columns f0.., as always
             reference = compute_reference(np.asarray(only, dtype=np.float64), bins=args.bins, outputs=outputs,
                                           input_name=first).to_dict()
         else:
@@ -131,19 +130,14 @@ def build_publish_request(args: argparse.Namespace) -> dict[str, Any]:
             reference = ref.to_dict()
     preflight = None
     if getattr(args, "preflight", None):
+        from edgefleet.hub.adapters.gbm import is_raw_booster
         from edgefleet.hub.adapters.preflight import build_preflight
 
         progress(f"building the preflight set from {args.preflight}")
         pf_arrays, _, pf_named = read_data(Path(args.preflight))
         pf_inputs = match_inputs(pf_arrays, pf_named, inputs_spec, Path(args.preflight).name, order)
-        pf_data: Any = pf_inputs
-        only = next(iter(pf_inputs.values()))
-        if len(pf_inputs) == 1 and only.ndim == 2 and not is_text(only):
-            pf_data = only  # one numeric table: the set's classic form, which every agent reads
-        # A raw LightGBM/XGBoost Booster predicts in its own terms (probabilities, a DMatrix): the
-        # expected outputs then come from ONNX Runtime, as for an .onnx file.
-        source_estimator = None if type(estimator).__name__ == "Booster" else estimator
-        blob = build_preflight(onnx_bytes, pf_data, source_estimator, rows=args.preflight_rows)
+        source = None if is_raw_booster(estimator) else estimator  # its outputs from ONNX Runtime then
+        blob = build_preflight(onnx_bytes, pf_inputs, source, rows=args.preflight_rows)
         preflight = {"blob_b64": base64.b64encode(blob).decode(), "atol": args.atol, "rtol": args.rtol,
                      "label_agreement": args.label_agreement}
     return {

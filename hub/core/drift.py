@@ -358,23 +358,21 @@ def score_categories(feat: FeatureReference, hist: Mapping[str, Any], policy: Po
     state = policy.state(p, rows)
     if state in ("warn", "alarm") and p_value >= CHI2_ALPHA:
         state = "ok"  # a move this sample cannot tell from chance
-    detail = ""
-    if rows:
-        e = [max(x, EPS) for x in _shares(ref)]
-        a = [max(x, EPS) for x in _shares(obs)]
-        moved = max(range(len(obs)), key=lambda i: (a[i] - e[i]) * math.log(a[i] / e[i]))
-        share = obs[moved] / rows
-        was = ref[moved] / (sum(ref) or 1.0)
-        if moved < len(names):
-            detail = f"{feat.name} = {names[moved]!r}: {was:.1%} in training, {share:.1%} now"
-        elif moved == len(names):
-            detail = f"{feat.name}: other training categories {was:.1%} in training, {share:.1%} now"
-        elif moved == len(names) + 1:
-            top = ", ".join(repr(k) for k in list(hist.get("unseen") or {})[:3])
-            detail = (f"{feat.name}: categories never seen in training {share:.1%} now"
-                      + (f" (most often {top})" if top else ""))
-        else:
-            detail = f"{feat.name}: missing values {was:.1%} in training, {share:.1%} now"
+    e = [max(x, EPS) for x in _shares(ref)]
+    a = [max(x, EPS) for x in _shares(obs)]
+    moved = max(range(len(obs)), key=lambda i: (a[i] - e[i]) * math.log(a[i] / e[i]))
+    share = obs[moved] / rows
+    was = ref[moved] / (sum(ref) or 1.0)
+    if moved < len(names):
+        detail = f"{feat.name} = {names[moved]!r}: {was:.1%} in training, {share:.1%} now"
+    elif moved == len(names):
+        detail = f"{feat.name}: other training categories {was:.1%} in training, {share:.1%} now"
+    elif moved == len(names) + 1:
+        top = ", ".join(repr(k) for k in list(hist.get("unseen") or {})[:3])
+        detail = (f"{feat.name}: categories never seen in training {share:.1%} now"
+                  + (f" (most often {top})" if top else ""))
+    else:
+        detail = f"{feat.name}: missing values {was:.1%} in training, {share:.1%} now"
     return FeatureScore(feature=feat.name, rows=rows, psi=p, js=js_distance(ref, obs), ks=ks_statistic(ref, obs),
                         state=state, out_of_range=unseen + missing, p_value=p_value, detail=detail)
 

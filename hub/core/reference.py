@@ -61,16 +61,21 @@ def compute_tensor_reference(data: npt.NDArray[np.float64], *, input_name: str, 
         (f"{input_name}[c{k}]", {"stat": "channel", "channel": k, "axis": axis}) for k in range(min(channels, 16))]
     specs += [(f"{input_name}.{stat}", {"stat": stat}) for stat in ("mean", "std")]
     specs.append((f"{input_name}.saturated", {"stat": "saturated", "lo": lo, "hi": hi}))
-    out = []
-    for name, extra in specs:
-        probe = FeatureReference(name=name, edges=(0.0, 1.0), freqs=(1.0,), extra={"input": input_name, **extra})
-        values = tensor_stat(data, probe)
-        edges = SATURATED_EDGES if extra["stat"] == "saturated" else _quantile_bins(values, bins)
-        hist = feature_histogram(values, edges)
-        total = max(1, sum(hist["counts"]))
-        out.append(FeatureReference(name=name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
-                                    extra=probe.extra))
-    return tuple(out)
+    return tuple(_stat_feature(name, data, {"input": input_name, **extra}, bins,
+                               SATURATED_EDGES if extra["stat"] == "saturated" else None) for name, extra in specs)
+
+
+def _stat_feature(name: str, data: npt.NDArray[Any], extra: dict[str, Any], bins: int,
+                  edges: tuple[float, ...] | None = None) -> FeatureReference:
+    """A tensor feature (``extra["stat"]``, see :func:`agent.contract.histograms.tensor_stat`) of
+    ``data``: its values binned on ``edges``, or on quantile bins of them, as the device bins them."""
+    probe = FeatureReference(name=name, edges=(0.0, 1.0), freqs=(1.0,), extra=extra)
+    values = tensor_stat(data, probe)
+    edges = edges if edges is not None else _quantile_bins(values, bins)
+    hist = feature_histogram(values, edges)
+    total = max(1, sum(hist["counts"]))
+    return FeatureReference(name=name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
+                            extra=extra)
 
 
 def compute_reference(
@@ -133,14 +138,8 @@ def output_features(outputs: npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]] |
             continue
         stat = "confidence" if out.ndim == 2 and out.shape[1] > 1 else "value"
         name = f"output.{stat}" if i == 0 else f"output.{oname}.{stat}"
-        probe = FeatureReference(name=name, edges=(0.0, 1.0), freqs=(1.0,),
-                                 extra={"stat": stat, "output": True if i == 0 else oname})
-        values = tensor_stat(out.astype(np.float64), probe)
-        edges = _quantile_bins(values, bins)
-        hist = feature_histogram(values, edges)
-        total = max(1, sum(hist["counts"]))
-        feats.append(FeatureReference(name=name, edges=edges, freqs=tuple(round(c / total, 6) for c in hist["counts"]),
-                                      extra=probe.extra))
+        feats.append(_stat_feature(name, out.astype(np.float64), {"stat": stat, "output": True if i == 0 else oname},
+                                   bins))
     return tuple(feats)
 
 
